@@ -1,0 +1,48 @@
+"""The `phatgoose` command: one subcommand family per module of this package.
+
+Each module listed in `_COMMAND_MODULES` exposes `register(subparsers)`, which adds its subcommands and
+sets `func` (called with the parsed arguments, returning an exit code) on each of them.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+_COMMAND_MODULES = (
+    "phatgoose_jax.cli.model",
+    "phatgoose_jax.cli.library",
+    "phatgoose_jax.cli.tasks",
+    "phatgoose_jax.cli.pipeline",
+)
+
+
+class UsageError(Exception):
+  """A user-facing error: printed as one line on stderr, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="phatgoose", description=__doc__.splitlines()[0])
+  subparsers = parser.add_subparsers(dest="command", required=True)
+  for name in _COMMAND_MODULES:
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name != name:
+        raise
+      continue
+    module.register(subparsers)
+  return parser
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  args = build_parser().parse_args(argv)
+  try:
+    return int(args.func(args) or 0)
+  except UsageError as e:
+    print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
