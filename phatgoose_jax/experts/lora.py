@@ -1,0 +1,100 @@
+"""The linear layer that carries experts: a frozen kernel plus LoRA, gated LoRA, or routed LoRAs.
+
+Every linear layer of the T5 (attention q, k, v, o and FFN wi_0, wi_1, wo) is an `ExpertDense`. Its
+base kernel lives in the `params` collection at t5x's path (`.../query/kernel`), so a stock checkpoint
+loads unchanged. Expert state lives in collections of its own beside it:
+
+  lora     `lora_a` <f32>[d_in, r], `lora_b` <f32>[r, d_out]                   one expert (SPEC §2)
+  gates    `gate` <f32>[d_in]                                                  its gate (SPEC §3)
+  experts  `lora_a` [E, d_in, r], `lora_b` [E, r, d_out], `router` [E, d_in]   routed experts (SPEC §4)
+
+so "train only LoRA" / "train only gates" is a choice of collection. Two sown collections report what
+happened: `activations` (each target layer's input `u`, for average-activation routers) and
+`intermediates` (`route_index`, `route_weights`: the chosen experts, for routing statistics). Our `lora_a` is the paper's A
+transposed and `lora_b` its B transposed: `B A u` is `(u @ lora_a) @ lora_b`.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phatgoose_jax.experts import routing
+from phatgoose_jax.t5.config import ExpertConfig
+
+LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (SPEC §2)
+
+
+def lora_update(u: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
+  """(B A u) * scale for one expert; `u` <float>[..., d_in]."""
+  return (u @ lora_a.astype(u.dtype)) @ lora_b.astype(u.dtype) * scale
+
+
+def gate_value(u: jax.Array, gate: jax.Array) -> jax.Array:
+  """sigmoid(v . u), the post-hoc gate of SPEC §3, in float32. Returns [..., 1]."""
+  return jax.nn.sigmoid(jnp.einsum("...i,i->...", u.astype(jnp.float32), gate.astype(jnp.float32)))[..., None]
+
+
+class ExpertDense(nn.Module):
+  """y = u @ W plus the expert update selected by `experts.mode` (see ExpertConfig).
+
+  Attributes:
+    features: output width d_out.
+    kernel_axes: logical names of W's (input, output) axes, e.g. ('embed', 'joined_kv').
+    experts: where and how experts apply; this layer is a target when its name is in `experts.targets`.
+    dtype: compute dtype; all variables are stored in float32.
+  """
+  features: int
+  kernel_axes: tuple[str, str]
+  experts: ExpertConfig
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  def _expert_var(self, collection, name, init, shape, axes):
+    boxed = nn.with_logical_partitioning(init, axes)
+    return self.variable(collection, name, lambda: boxed(self.make_rng("params"), shape, jnp.float32)).value
+
+  def _lora(self, collection, d_in, lead=(), lead_axes=()):
+    r = self.experts.rank
+    in_axis, out_axis = self.kernel_axes
+    lora_a = self._expert_var(collection, "lora_a", nn.initializers.normal(LORA_A_STDDEV),
+                              (*lead, d_in, r), (*lead_axes, in_axis, "rank"))
+    lora_b = self._expert_var(collection, "lora_b", nn.initializers.zeros, (*lead, r, self.features),
+                              (*lead_axes, "rank", out_axis))
+    return lora_a, lora_b
+
+  @nn.compact
+  def __call__(self, u: jax.Array, expert_weights: Optional[jax.Array] = None) -> jax.Array:
+    """u: <float>[batch, length, d_in]; expert_weights: optional <float>[batch, E] fixed per-example mix."""
+    d_in = u.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (d_in, self.features), jnp.float32)
+    u = u.astype(self.dtype)
+    y = u @ kernel.astype(self.dtype)
+    if not self.experts.applies_to(self.name):
+      return y
+    self.sow("activations", "inputs", u)
+    scale = self.experts.lora_scale
+    mode = self.experts.mode
+    if mode in ("lora", "gated"):
+      update = lora_update(u, *self._lora("lora", d_in), scale)
+      if mode == "gated":
+        gate = self._expert_var("gates", "gate", nn.initializers.zeros, (d_in,), (self.kernel_axes[0],))
+        update = update * gate_value(u, gate).astype(self.dtype)
+      return y + update
+    return y + self._routed(u, expert_weights, scale).astype(self.dtype)
+
+  def _routed(self, u, expert_weights, scale):
+    num = self.experts.num_experts
+    lora_a, lora_b = self._lora("experts", u.shape[-1], (num,), ("expert",))
+    router = self._expert_var("experts", "router", nn.initializers.zeros, (num, u.shape[-1]),
+                              ("expert", self.kernel_axes[0]))
+    if expert_weights is not None:
+      weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
+      return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),
+                               scale)
+    update, weights, index = routing.route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
+                                           score=self.experts.score, impl=self.experts.impl)
+    self.sow("intermediates", "route_index", index)
+    self.sow("intermediates", "route_weights", weights)
+    return update

@@ -1,0 +1,112 @@
+"""Per-token routing among E LoRA experts (SPEC §4, §5): scores, top-k weights, and output mixing.
+
+Each formula is written once here. Shapes: `u` <float>[..., d_in] token activations; `router`
+<float>[E, d_in] one vector per expert; `lora_a` <float>[E, d_in, r]; `lora_b` <float>[E, r, d_out].
+
+Three mixing implementations share one contract, `mix(u, lora_a, lora_b, weights, index, scale)`:
+  * `mix_dense`  computes every expert and masks: the numerical reference;
+  * `mix_gather` gathers only the chosen experts' weights per token (fast on CPU);
+  * `mix_ragged` groups token-expert pairs by expert and runs `jax.lax.ragged_dot` (grouped matmul,
+    the accelerator path).
+All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
+never their parameters.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+STANDARDIZE_EPS = 1e-5
+RENORM_EPS = 1e-6
+ARROW_TEMPERATURE = 10.0
+
+
+def standardize(x: jax.Array) -> jax.Array:
+  """LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) over the last axis, no scale or bias (SPEC §4)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.var(x, axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + STANDARDIZE_EPS)
+
+
+def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
+  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (SPEC §4). Returns <float32>[..., E]."""
+  d_in = u.shape[-1]
+  return jnp.einsum("...i,ei->...e", standardize(u), standardize(router)) / math.sqrt(d_in)
+
+
+def arrow_scores(u: jax.Array, router: jax.Array) -> jax.Array:
+  """s_e = |u . e_e| / (10 sqrt(d_in)) on the raw activation (SPEC §5, Arrow). Returns <float32>[..., E]."""
+  d_in = u.shape[-1]
+  dots = jnp.einsum("...i,ei->...e", u.astype(jnp.float32), router.astype(jnp.float32))
+  return jnp.abs(dots) / (ARROW_TEMPERATURE * math.sqrt(d_in))
+
+
+SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores}
+
+
+def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """p = softmax(s); keep the top k; w = p_topk / (sum p_topk + 1e-6)  (SPEC §4).
+
+  Returns (weights <float32>[..., k], index <int32>[..., k]).
+  """
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  top_p, index = jax.lax.top_k(probs, k)
+  return top_p / (jnp.sum(top_p, axis=-1, keepdims=True) + RENORM_EPS), index
+
+
+def dense_expert_weights(weights: jax.Array, index: jax.Array, num_experts: int) -> jax.Array:
+  """Scatter top-k weights into a dense <float32>[..., E] weight per expert (zero for unchosen ones)."""
+  return jnp.sum(jax.nn.one_hot(index, num_experts, dtype=weights.dtype) * weights[..., None], axis=-2)
+
+
+def mix_dense(u, lora_a, lora_b, weights, index, scale):
+  """Reference: y = sum_e g_e (B_e A_e u) scale over ALL experts, g_e zero outside the top-k."""
+  gates = dense_expert_weights(weights, index, lora_a.shape[0]).astype(u.dtype)
+  hidden = jnp.einsum("...i,eir->...er", u, lora_a.astype(u.dtype))
+  outputs = jnp.einsum("...er,ero->...eo", hidden, lora_b.astype(u.dtype))
+  return jnp.einsum("...eo,...e->...o", outputs, gates) * scale
+
+
+def mix_gather(u, lora_a, lora_b, weights, index, scale):
+  """Only the chosen experts: gather A_{index}, B_{index} per token, y = sum_j w_j B_j A_j u scale."""
+  a_sel = jnp.take(lora_a.astype(u.dtype), index, axis=0)  # [..., k, d_in, r]
+  b_sel = jnp.take(lora_b.astype(u.dtype), index, axis=0)  # [..., k, r, d_out]
+  hidden = jnp.einsum("...i,...kir->...kr", u, a_sel)
+  return jnp.einsum("...kr,...kro,...k->...o", hidden, b_sel, weights.astype(u.dtype)) * scale
+
+
+def mix_ragged(u, lora_a, lora_b, weights, index, scale):
+  """Grouped matmul: sort (token, choice) pairs by expert, two `ragged_dot`s, scatter back weighted."""
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  num_experts, k = lora_a.shape[0], index.shape[-1]
+  tokens = u.reshape(-1, d_in)
+  flat_expert = index.reshape(-1)
+  order = jnp.argsort(flat_expert, stable=True)
+  token_of_pair = order // k
+  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+  hidden = jax.lax.ragged_dot(tokens[token_of_pair], lora_a.astype(u.dtype), group_sizes)
+  outputs = jax.lax.ragged_dot(hidden, lora_b.astype(u.dtype), group_sizes)
+  outputs = outputs * weights.reshape(-1)[order][:, None].astype(u.dtype)
+  mixed = jnp.zeros((tokens.shape[0], outputs.shape[-1]), u.dtype).at[token_of_pair].add(outputs)
+  return mixed.reshape(*lead, -1) * scale
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' is the grouped matmul on accelerators and the gather formulation on CPU."""
+  if impl != "auto":
+    return impl
+  return "gather" if jax.default_backend() == "cpu" else "ragged"
+
+
+MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged}
+
+
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="dense"):
+  """The routed LoRA update of one linear layer: scores -> top-k weights -> mixed expert outputs.
+
+  Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
+  """
+  weights, index = top_k_weights(SCORES[score](u, router), top_k)
+  update = MIXERS[resolve_impl(impl)](u, lora_a, lora_b, weights, index, scale)
+  return update, weights, index

@@ -1,0 +1,187 @@
+"""T5 v1.1 building blocks in flax.linen, with t5x's parameter names and logical axes (SPEC §1).
+
+Shapes in docstrings: b batch, q/k query/key length, h heads, d d_kv, m d_model.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phatgoose_jax.experts.lora import ExpertDense
+from phatgoose_jax.t5.config import ExpertConfig, T5Config
+
+NEG_INF = -1e10
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, no bias (T5 LayerNorm)."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+  """T5's bucketing of (key position - query position): exact below num_buckets/2, log-spaced above.
+
+  Bidirectional buckets split the range in halves for keys after / before the query.
+  """
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (relative_position > 0).astype(jnp.int32) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Per-head learned bias for each relative-position bucket; one table per stack, shared by its layers."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions, key_positions, bidirectional):
+    """query_positions <int>[q], key_positions <int>[k] -> bias <float>[1, h, q, k]."""
+    table = self.param("rel_embedding",
+                       nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
+                       (self.num_heads, self.num_buckets), jnp.float32)
+    buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None], bidirectional,
+                                       self.num_buckets, self.max_distance)
+    return jnp.take(table, buckets, axis=1)[None].astype(self.dtype)
+
+
+def dot_product_attention(query, key, value, bias, dropout, deterministic):
+  """softmax(q k^T + bias) v, no 1/sqrt(d) scaling (T5 folds it into the query init).
+
+  query <float>[b, q, h, d], key/value [b, k, h, d], bias [b or 1, h, q, k] -> [b, q, h, d].
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias.astype(jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
+  weights = dropout(weights, deterministic=deterministic)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention whose q, k, v, o projections are expert-carrying dense layers.
+
+  In `decode` mode (self-attention only) keys and values of past steps come from the `cache`
+  collection (`cached_key`, `cached_value` <float>[b, max_len, h, d], `cache_index`).
+  """
+  config: T5Config
+  experts: ExpertConfig
+
+  def _project(self, name, x, expert_weights):
+    cfg = self.config
+    dense = ExpertDense(cfg.joined_kv, ("embed", "joined_kv"), self.experts, dtype=cfg.dtype, name=name,
+                        kernel_init=nn.initializers.normal((cfg.d_model * (cfg.d_kv if name == "query" else 1)) ** -0.5))
+    y = dense(x, expert_weights)
+    return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.d_kv)
+
+  def _cache_variables(self, key):
+    """The cache collection's variables, created zero-filled (index 0) with the shape of `key`."""
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, key.shape, key.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    return cached_key, cached_value, cache_index
+
+  def _update_cache(self, key, value):
+    """Write this step's key/value at the cache index; returns full cached keys/values and the index."""
+    cached_key, cached_value, cache_index = self._cache_variables(key)
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                                    (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                                      (0, index, 0, 0))
+    cache_index.value = index + key.shape[1]
+    return cached_key.value, cached_value.value, index
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, bias, *, deterministic=True, decode=False, position_bias_fn=None,
+               expert_weights=None):
+    """inputs_q <float>[b, q, m], inputs_kv [b, k, m], bias (mask) [b, 1, q, k] or None.
+
+    `position_bias_fn(query_positions, key_positions)` adds relative-position biases (self-attention).
+    """
+    cfg = self.config
+    query = self._project("query", inputs_q, expert_weights)
+    key = self._project("key", inputs_kv, expert_weights)
+    value = self._project("value", inputs_kv, expert_weights)
+    query_positions = jnp.arange(query.shape[1])
+    key_positions = jnp.arange(key.shape[1])
+    if decode:
+      if self.has_variable("cache", "cached_key"):
+        key, value, index = self._update_cache(key, value)
+        query_positions = index + query_positions
+        key_positions = jnp.arange(key.shape[1])
+        bias = jnp.where(key_positions[None, :] <= query_positions[:, None], 0.0, NEG_INF)[None, None]
+      else:
+        self._cache_variables(key)
+    total_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias
+    if position_bias_fn is not None:
+      total_bias = total_bias + position_bias_fn(query_positions, key_positions)
+    dropout = nn.Dropout(cfg.dropout_rate)
+    out = dot_product_attention(query, key, value, total_bias, dropout, deterministic)
+    out = out.reshape(*out.shape[:2], cfg.joined_kv)
+    out = nn.with_logical_constraint(out, ("batch", "length", "joined_kv"))
+    return ExpertDense(cfg.d_model, ("joined_kv", "embed"), self.experts, dtype=cfg.dtype, name="out",
+                       kernel_init=nn.initializers.normal(cfg.joined_kv ** -0.5))(out, expert_weights)
+
+
+class MlpBlock(nn.Module):
+  """Gated-GELU feed-forward: wo(dropout(gelu(wi_0 x) * wi_1 x))."""
+  config: T5Config
+  experts: ExpertConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True, expert_weights=None):
+    cfg = self.config
+    init_in = nn.initializers.normal(cfg.d_model ** -0.5)
+    gate = ExpertDense(cfg.d_ff, ("embed", "mlp"), self.experts, init_in, cfg.dtype, name="wi_0")(x, expert_weights)
+    linear = ExpertDense(cfg.d_ff, ("embed", "mlp"), self.experts, init_in, cfg.dtype, name="wi_1")(x, expert_weights)
+    hidden = nn.gelu(gate, approximate=True) * linear
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    return ExpertDense(cfg.d_model, ("mlp", "embed"), self.experts, nn.initializers.normal(cfg.d_ff ** -0.5),
+                       cfg.dtype, name="wo")(hidden, expert_weights)
+
+
+class Embed(nn.Module):
+  """Token embedding table <f32>[vocab, m] (t5x `token_embedder/embedding`)."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                       (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
+
+
+def attention_mask(query_valid, key_valid) -> jax.Array:
+  """Additive mask [b, 1, q, k]: 0 where both positions are valid, -1e10 elsewhere."""
+  valid = query_valid[:, None, :, None] & key_valid[:, None, None, :]
+  return jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def causal_mask(length: int) -> jax.Array:
+  """Additive [1, 1, q, k] mask forbidding keys after the query."""
+  idx = jnp.arange(length)
+  return jnp.where(idx[None, :] <= idx[:, None], 0.0, NEG_INF)[None, None]
+

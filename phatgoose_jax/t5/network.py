@@ -1,0 +1,134 @@
+"""The T5 v1.1 encoder-decoder whose parameter tree is t5x's (`encoder/layers_0/attention/query/kernel`,
+`decoder/layers_0/encoder_decoder_attention/...`, `token_embedder/embedding`, `decoder/logits_dense/kernel`).
+
+Inputs follow t5x: `encoder_input_tokens` <int>[b, L_in], `decoder_input_tokens` <int>[b, L_out] (targets
+shifted right, starting from pad 0) and `decoder_target_tokens` [b, L_out] (0 = pad, used for masks).
+`expert_weights` <float>[b, E], when given, replaces per-token routing by a fixed per-example mixture
+(oracle, retrieval and uniform baselines).
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from phatgoose_jax.t5 import layers
+from phatgoose_jax.t5.config import ExpertConfig, T5Config
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  experts: ExpertConfig
+
+  @nn.compact
+  def __call__(self, x, mask, position_bias_fn, deterministic, expert_weights):
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
+    h = layers.MultiHeadAttention(cfg, self.experts, name="attention")(
+        h, h, mask, deterministic=deterministic, position_bias_fn=position_bias_fn, expert_weights=expert_weights)
+    x = x + drop(h, deterministic=deterministic)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
+    h = layers.MlpBlock(cfg, self.experts, name="mlp")(h, deterministic=deterministic, expert_weights=expert_weights)
+    x = x + drop(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  experts: ExpertConfig
+
+  @nn.compact
+  def __call__(self, y, encoded, self_mask, cross_mask, position_bias_fn, deterministic, decode, expert_weights):
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm")(y)
+    h = layers.MultiHeadAttention(cfg, self.experts, name="self_attention")(
+        h, h, self_mask, deterministic=deterministic, decode=decode, position_bias_fn=position_bias_fn,
+        expert_weights=expert_weights)
+    y = y + drop(h, deterministic=deterministic)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_cross_attention_layer_norm")(y)
+    h = layers.MultiHeadAttention(cfg, self.experts, name="encoder_decoder_attention")(
+        h, encoded, cross_mask, deterministic=deterministic, expert_weights=expert_weights)
+    y = y + drop(h, deterministic=deterministic)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
+    h = layers.MlpBlock(cfg, self.experts, name="mlp")(h, deterministic=deterministic, expert_weights=expert_weights)
+    y = y + drop(h, deterministic=deterministic)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  experts: ExpertConfig
+  embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, deterministic=True, expert_weights=None):
+    """tokens <int>[b, L_in] -> encoded <float>[b, L_in, m]."""
+    cfg = self.config
+    relpos = layers.RelativePositionBiases(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                           cfg.num_heads, cfg.dtype, name="relpos_bias")
+    position_bias_fn = lambda q, k: relpos(q, k, bidirectional=True)  # noqa: E731
+    valid = tokens > 0
+    mask = layers.attention_mask(valid, valid)
+    drop = nn.Dropout(cfg.dropout_rate)
+    x = drop(self.embedder(tokens), deterministic=deterministic)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, self.experts, name=f"layers_{i}")(x, mask, position_bias_fn, deterministic,
+                                                               expert_weights)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
+    return drop(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  experts: ExpertConfig
+  embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, encoder_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               deterministic=True, decode=False, expert_weights=None):
+    """-> logits <float32>[b, L_out, vocab]. In `decode` mode, one step at a time against the cache."""
+    cfg = self.config
+    relpos = layers.RelativePositionBiases(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                           cfg.num_heads, cfg.dtype, name="relpos_bias")
+    position_bias_fn = lambda q, k: relpos(q, k, bidirectional=False)  # noqa: E731
+    targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
+    query_valid = jnp.ones_like(targets, bool) if decode else targets > 0
+    cross_mask = layers.attention_mask(query_valid, encoder_tokens > 0)
+    self_mask = None if decode else layers.attention_mask(query_valid, query_valid) + layers.causal_mask(
+        targets.shape[1])
+    drop = nn.Dropout(cfg.dropout_rate)
+    y = drop(self.embedder(decoder_input_tokens), deterministic=deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, self.experts, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, position_bias_fn,
+                                                               deterministic, decode, expert_weights)
+    y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
+    y = drop(y, deterministic=deterministic)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="logits_dense",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5),
+                                                               ("embed", "vocab")))(y)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class Transformer(nn.Module):
+  """T5 v1.1 encoder-decoder with untied input embedding and output layer."""
+  config: T5Config
+  experts: ExpertConfig = ExpertConfig()
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
+    self.encoder = Encoder(cfg, self.experts, self.token_embedder)
+    self.decoder = Decoder(cfg, self.experts, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, enable_dropout=False, expert_weights=None):
+    return self.encoder(encoder_input_tokens, not enable_dropout, expert_weights)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+             enable_dropout=False, decode=False, expert_weights=None):
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                        not enable_dropout, decode, expert_weights)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None, enable_dropout=False,
+               decode=False, expert_weights=None):
+    encoded = self.encode(encoder_input_tokens, enable_dropout, expert_weights)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, enable_dropout,
+                       decode, expert_weights)

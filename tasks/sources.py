@@ -1,0 +1,178 @@
+"""Every dataset, benchmark list and data location the task registries use, pinned in one place (SPEC §6).
+
+A dataset is read, in this order, from: a local JSONL file `<data_dir>/<promptsource path>/<split>.jsonl`
+(rows in the Hugging Face schema that the promptsource templates expect), a prepared TFDS dataset (only
+where TFDS has the dataset in that same schema; version pinned), or Hugging Face `datasets` (optional
+dependency; name and config pinned). Directories come from a function argument / CLI flag, else from an
+environment variable; `using_dirs` sets them for one block of code.
+"""
+import contextlib
+import dataclasses
+import os
+from typing import Optional
+
+# Where each kind of data lives: (environment variable, what it holds, how to obtain it).
+DIR_KINDS = {
+    "templates_dir": ("PHATGOOSE_TEMPLATES_DIR", "the promptsource templates directory",
+                      "clone https://github.com/bigscience-workshop/promptsource (v0.2.3) and point at "
+                      "promptsource/templates"),
+    "bigbench_dir": ("PHATGOOSE_BIGBENCH_DIR", "the BIG-bench task directory (bigbench/benchmark_tasks)",
+                     "clone https://github.com/google/BIG-bench (1.0.0) and point at bigbench/benchmark_tasks"),
+    "flan_dir": ("PHATGOOSE_FLAN_DIR", "the FLAN collection directory (one <expert>.jsonl per expert)",
+                 "export the released collection (Hugging Face Open-Orca/FLAN: inputs, targets, _task_name, "
+                 "_template_type) into one JSONL file per expert"),
+    "data_dir": ("PHATGOOSE_DATA_DIR", "local JSONL copies of the datasets (<promptsource path>/<split>.jsonl)",
+                 "write each split as JSONL in its Hugging Face schema"),
+    "tfds_dir": ("TFDS_DATA_DIR", "the TFDS data directory", "run `tfds build <name>`"),
+}
+
+# The T5 v1.1 SentencePiece model (32000 pieces + 100 sentinels); override with PHATGOOSE_SPM_PATH.
+T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+  """One dataset: its key, promptsource templates path, pinned TFDS / Hugging Face names and splits."""
+  key: str
+  templates: str
+  hf: tuple
+  tfds: Optional[str] = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+
+
+def _p3(key, templates, hf, tfds=None, eval_split="validation"):
+  return DatasetSource(key, templates, hf, tfds, eval_split=eval_split)
+
+
+# The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (SPEC §6, §7).
+P3_HELD_IN = (
+    _p3("ag_news", "ag_news", ("ag_news", None), eval_split="test"),
+    _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test"),
+    _p3("cosmos_qa", "cosmos_qa", ("cosmos_qa", None)),
+    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0"),
+    _p3("quartz", "quartz", ("quartz", None)),
+    _p3("ropes", "ropes", ("ropes", None)),
+    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val"),
+    _p3("paws", "paws/labeled_final", ("paws", "labeled_final")),
+    _p3("wiki_qa", "wiki_qa", ("wiki_qa", None)),
+    _p3("social_i_qa", "social_i_qa", ("social_i_qa", None)),
+    _p3("qasc", "qasc", ("qasc", None)),
+    _p3("quail", "quail", ("quail", None)),
+    _p3("dream", "dream", ("dream", None)),
+    _p3("wiqa", "wiqa", ("wiqa", None)),
+    _p3("quarel", "quarel", ("quarel", None)),
+    _p3("sciq", "sciq", ("sciq", None)),
+    _p3("quoref", "quoref", ("quoref", None)),
+    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC")),
+    _p3("rotten_tomatoes", "rotten_tomatoes", ("rotten_tomatoes", None)),
+    _p3("yelp_review_full", "yelp_review_full", ("yelp_review_full", None), eval_split="test"),
+    _p3("common_gen", "common_gen", ("common_gen", None)),
+    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0"),
+    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0"),
+    _p3("glue_mrpc", "glue/mrpc", ("glue", "mrpc"), "glue/mrpc:2.0.0"),
+    _p3("glue_qqp", "glue/qqp", ("glue", "qqp"), "glue/qqp:2.0.0"),
+    _p3("commonsense_qa", "commonsense_qa", ("commonsense_qa", None)),
+    _p3("cos_e", "cos_e/v1.11", ("cos_e", "v1.11")),
+    _p3("wiki_hop", "wiki_hop/original", ("wiki_hop", "original")),
+    _p3("hotpot_qa", "kilt_tasks/hotpotqa", ("kilt_tasks", "hotpotqa")),
+    _p3("app_reviews", "app_reviews", ("app_reviews", None), eval_split="train"),
+    _p3("trec", "trec", ("trec", None), eval_split="test"),
+    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0"),
+    _p3("imdb", "imdb", ("imdb", None), "imdb_reviews/plain_text:1.0.0", eval_split="test"),
+    _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA")),
+    _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0"),
+    _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test"),
+)
+
+# The 11 T0 held-out evaluation datasets (P3 pool only), on the splits T0 evaluates (SPEC §6).
+T0_HELD_OUT = (
+    _p3("rte", "super_glue/rte", ("super_glue", "rte"), "super_glue/rte:1.0.2"),
+    _p3("hellaswag", "hellaswag", ("hellaswag", None)),
+    _p3("copa", "super_glue/copa", ("super_glue", "copa"), "super_glue/copa:1.0.2"),
+    _p3("wic", "super_glue/wic", ("super_glue", "wic"), "super_glue/wic:1.0.2"),
+    _p3("winogrande_xl", "winogrande/winogrande_xl", ("winogrande", "winogrande_xl")),
+    _p3("cb", "super_glue/cb", ("super_glue", "cb"), "super_glue/cb:1.0.2"),
+    _p3("story_cloze_2016", "story_cloze/2016", ("story_cloze", "2016")),
+    _p3("anli_r1", "anli", ("anli", None), eval_split="dev_r1"),
+    _p3("anli_r2", "anli", ("anli", None), eval_split="dev_r2"),
+    _p3("anli_r3", "anli", ("anli", None), eval_split="dev_r3"),
+    _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2"),
+)
+
+# BIG-bench Lite: the 24 tasks minus the 7 the paper leaves out (SPEC §6).
+BIGBENCH_LITE = (
+    "bbq_lite_json", "conceptual_combinations", "conlang_translation", "formal_fallacies_syllogisms_negation",
+    "hindu_knowledge", "known_unknowns", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
+    "novel_concepts", "operators", "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories",
+    "strategyqa", "vitaminc_fact_verification", "winowhy",
+)
+
+# BIG-bench Hard: the 23 tasks minus dyck_languages (SPEC §6), each with its directory in the official
+# BIG-bench layout (`multistep_arithmetic_two` is the BBH release's task, placed as <dir>/<name>/task.json).
+BIGBENCH_HARD = {
+    "boolean_expressions": "boolean_expressions",
+    "causal_judgement": "causal_judgment",
+    "date_understanding": "date_understanding",
+    "disambiguation_qa": "disambiguation_qa",
+    "formal_fallacies": "formal_fallacies_syllogisms_negation",
+    "geometric_shapes": "geometric_shapes",
+    "hyperbaton": "hyperbaton",
+    "logical_deduction": "logical_deduction",
+    "movie_recommendation": "movie_recommendation",
+    "multistep_arithmetic_two": "multistep_arithmetic_two",
+    "navigate": "navigate",
+    "object_counting": "object_counting",
+    "penguins_in_a_table": "penguins_in_a_table",
+    "reasoning_about_colored_objects": "reasoning_about_colored_objects",
+    "ruin_names": "ruin_names",
+    "salient_translation_error_detection": "salient_translation_error_detection",
+    "snarks": "snarks",
+    "sports_understanding": "sports_understanding",
+    "temporal_sequences": "temporal_sequences",
+    "tracking_shuffled_objects": "tracking_shuffled_objects",
+    "web_of_lies": "web_of_lies",
+    "word_sorting": "word_sorting",
+}
+
+# The FLAN pool: 36 P3 + 36 Flan 2021 + 75 NIv2 categories + 19 others, zero-shot templates only.
+FLAN_POOL_SIZE = 166
+FLAN_ZERO_SHOT_TEMPLATE_TYPES = ("zs_opt", "zs_noopt")
+
+_OVERRIDES: dict = {}
+
+
+class MissingDataError(FileNotFoundError):
+  """Data that a task needs is not where it was looked for; the message says what, where and how."""
+
+
+def missing(what: str, where: str, how: str) -> MissingDataError:
+  return MissingDataError(f"missing data: {what}; expected at {where}; to obtain it: {how}")
+
+
+def get_dir(kind: str, required: bool = True) -> Optional[str]:
+  """The directory of `kind` (a key of DIR_KINDS): `using_dirs` value, else its environment variable."""
+  env, what, how = DIR_KINDS[kind]
+  value = _OVERRIDES.get(kind) or os.environ.get(env)
+  if value is None and required:
+    raise missing(what, f"--{kind} DIR or ${env} (neither is set)", how)
+  return value
+
+
+@contextlib.contextmanager
+def using_dirs(**dirs):
+  """Sets data directories (keys of DIR_KINDS; None values are ignored) for the enclosed block."""
+  unknown = set(dirs) - set(DIR_KINDS)
+  if unknown:
+    raise TypeError(f"unknown data directories {sorted(unknown)}; known: {sorted(DIR_KINDS)}")
+  saved = dict(_OVERRIDES)
+  _OVERRIDES.update({k: os.fspath(v) for k, v in dirs.items() if v is not None})
+  try:
+    yield
+  finally:
+    _OVERRIDES.clear()
+    _OVERRIDES.update(saved)
+
+
+def spm_path() -> str:
+  return os.environ.get("PHATGOOSE_SPM_PATH", T5_SPM_PATH)

@@ -1,0 +1,99 @@
+"""Routing (SPEC §4, §5) against an independent numpy computation, and its failure modes."""
+import jax
+import numpy as np
+import pytest
+
+from phatgoose_jax.experts import routing
+
+
+def np_standardize(x):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+
+
+def np_route(u, router, a, b, k, scale, score="standardized"):
+  """SPEC §4 token by token, in float64 numpy: scores, softmax, top-k, renormalise, mix OUTPUTS."""
+  d_in = u.shape[-1]
+  out = np.zeros(u.shape[:-1] + (b.shape[-1],))
+  for idx in np.ndindex(*u.shape[:-1]):
+    x = u[idx].astype(np.float64)
+    if score == "standardized":
+      s = np.array([np_standardize(x) @ np_standardize(v) for v in router]) / np.sqrt(d_in)
+    else:
+      s = np.abs(router @ x) / (10 * np.sqrt(d_in))
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    top = np.argsort(-p, kind="stable")[:k]
+    w = p[top] / (p[top].sum() + 1e-6)
+    out[idx] = sum(w_j * ((x @ a[e]) @ b[e]) * scale for w_j, e in zip(w, top))
+  return out
+
+
+def random_case(num_experts, d_in=12, d_out=10, rank=3, seed=0):
+  rng = np.random.default_rng(seed)
+  u = rng.normal(size=(2, 5, d_in)).astype(np.float32)
+  router = rng.normal(size=(num_experts, d_in)).astype(np.float32)
+  a = rng.normal(size=(num_experts, d_in, rank)).astype(np.float32)
+  b = rng.normal(size=(num_experts, rank, d_out)).astype(np.float32)
+  return u, router, a, b
+
+
+@pytest.mark.parametrize("num_experts", [1, 3, 7])
+@pytest.mark.parametrize("k_choice", ["1", "2", "E"])
+@pytest.mark.parametrize("impl", ["dense", "gather", "ragged"])
+def test_route_matches_numpy(num_experts, k_choice, impl):
+  k = num_experts if k_choice == "E" else min(int(k_choice), num_experts)
+  u, router, a, b = random_case(num_experts, seed=num_experts * 10 + k)
+  got, _, _ = routing.route(u, router, a, b, top_k=k, scale=0.25, impl=impl)
+  np.testing.assert_allclose(np.asarray(got), np_route(u, router, a, b, k, 0.25), rtol=1e-4, atol=1e-4)
+
+
+def test_arrow_scores_match_numpy():
+  u, router, a, b = random_case(5, seed=3)
+  router /= np.linalg.norm(router, axis=-1, keepdims=True)
+  got, _, _ = routing.route(u, router, a, b, top_k=2, scale=1.0, score="arrow")
+  np.testing.assert_allclose(np.asarray(got), np_route(u, router, a, b, 2, 1.0, "arrow"), rtol=1e-4, atol=1e-4)
+
+
+def test_arrow_is_sign_invariant():
+  u, router, _, _ = random_case(4, seed=4)
+  np.testing.assert_allclose(routing.arrow_scores(u, router), routing.arrow_scores(u, -router), rtol=1e-6)
+
+
+def test_outputs_are_mixed_not_parameters():
+  """Mixing weights of (A, B) first gives sum_ij w_i w_j B_j A_i u, which differs from sum_i w_i B_i A_i u."""
+  u, router, a, b = random_case(3, seed=5)
+  got, weights, index = routing.route(u, router, a, b, top_k=2, scale=1.0)
+  w = np.asarray(weights)[..., None, None]
+  a_mix = (np.asarray(a)[np.asarray(index)] * w).sum(-3)
+  b_mix = (np.asarray(b)[np.asarray(index)] * w).sum(-3)
+  param_mixed = np.einsum("bli,blir,blro->blo", u, a_mix, b_mix)
+  assert np.abs(np.asarray(got) - param_mixed).max() > 1e-2
+  np.testing.assert_allclose(np.asarray(got), np_route(u, router, a, b, 2, 1.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("router_kind", ["zero", "constant"])
+def test_degenerate_router_vectors_give_finite_uniform_scores(router_kind):
+  """LN of a zero or constant vector is 0 (not NaN): every score is 0 and the softmax is uniform."""
+  u, router, a, b = random_case(4, seed=6)
+  router = np.zeros_like(router) if router_kind == "zero" else np.full_like(router, 3.0)
+  scores = np.asarray(routing.phatgoose_scores(u, router))
+  assert np.all(np.isfinite(scores))
+  np.testing.assert_allclose(scores, 0.0, atol=1e-6)
+  got, weights, _ = routing.route(u, router, a, b, top_k=2, scale=1.0)
+  assert np.all(np.isfinite(np.asarray(got)))
+  np.testing.assert_allclose(np.asarray(weights), 0.5, atol=1e-5)
+
+
+def test_top_k_weights_renormalise():
+  scores = np.array([[0.3, -1.0, 2.0, 0.5]], np.float32)
+  w, idx = routing.top_k_weights(scores, 2)
+  p = np.exp(scores) / np.exp(scores).sum()
+  np.testing.assert_array_equal(np.asarray(idx), [[2, 3]])
+  np.testing.assert_allclose(np.asarray(w), p[:, [2, 3]] / (p[:, [2, 3]].sum() + 1e-6), rtol=1e-6)
+
+
+def test_route_jits_under_grad():
+  u, router, a, b = random_case(3, seed=7)
+  loss = lambda a_: routing.route(u, router, a_, b, top_k=2, scale=1.0, impl="gather")[0].sum()  # noqa: E731
+  grad = jax.jit(jax.grad(loss))(a)
+  assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).sum() > 0
