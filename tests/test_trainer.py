@@ -1,6 +1,4 @@
 """The trainer: bitwise resume, accumulation == big batch, frozen leaves, schedule, keep-best, bad checkpoints."""
-import os
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -151,7 +149,7 @@ def test_optimizer_clips_and_offers_adafactor():
 
 def test_keep_best_keeps_the_best_step(tmp_path):
   variables, loss_fn = make_model()
-  by_step = {0: 9.0, 2: 5.0, 4: 1.0, 6: 3.0, 8: 4.0}
+  by_step = {0: 9.0, 2: 5.0, 4: 1.0, 6: 3.0}
   seen = {}
 
   def eval_fn(v):
@@ -161,8 +159,8 @@ def test_keep_best_keeps_the_best_step(tmp_path):
 
   t = trainer_lib.Trainer(loss_fn, variables, workdir=str(tmp_path), checkpoint_every=2, eval_every=2,
                           keep=1, eval_fn=eval_fn)
-  t.train(data.DeterministicBatches(make_examples(), 8), 8)
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+  t.train(data.DeterministicBatches(make_examples(), 8), 6)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
   assert t.best_step == 4
   assert leaves_equal(t.best_variables()["lora"], seen[4])
 
@@ -174,6 +172,8 @@ def _train_two_steps(workdir):
   return variables, loss_fn
 
 
+# After a failed restore, orbax's async machinery may report a callback on its closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage,only_arrays", [("garbage", False), ("truncate", False), ("truncate", True)])
 def test_corrupt_checkpoint_names_its_path(tmp_path, damage, only_arrays):
   variables, loss_fn = _train_two_steps(tmp_path)

@@ -7,7 +7,7 @@ batch may straddle an epoch boundary and every example is seen once per epoch. R
 therefore needs no iterator state: it just asks for batch s.
 """
 import functools
-from typing import Any, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import jax
 import numpy as np
