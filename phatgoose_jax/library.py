@@ -129,10 +129,10 @@ def describe_expert(config: T5Config, lora: Mapping[str, np.ndarray],
     raise LibraryError("the expert holds no LoRA weights")
   kinds = {ckpt_names.module_kind(m) for m in modules}
   targets = tuple(t for t in ALL_TARGETS if t in kinds)
-  ranks = {np.shape(lora.get(f"{m}/lora_a", np.zeros((0, 0))))[-1] for m in modules}
-  if len(ranks) != 1:
+  ranks = {np.shape(v)[-1] for k, v in lora.items() if k.endswith("/lora_a")}
+  if len(ranks) > 1:
     raise LibraryError(f"the expert's modules have several LoRA ranks {sorted(ranks)}")
-  rank = ranks.pop()
+  rank = ranks.pop() if ranks else 0
   expected = {}
   for m in ckpt_names.module_paths(config, targets):
     d_in, d_out = ckpt_names.linear_shape(config, m)

@@ -47,7 +47,7 @@ def config_from_hf(hf: dict) -> T5Config:
   if hf.get("feed_forward_proj") != "gated-gelu":
     raise ValueError(f"feed_forward_proj must be 'gated-gelu' (T5 v1.1), got {hf.get('feed_forward_proj')!r}")
   _lm_head_tied(hf)
-  fields = {ours: hf[theirs] for theirs, ours in _CONFIG_KEYS.items() if theirs in hf}
+  fields = {ours: hf[theirs] for theirs, ours in _CONFIG_KEYS.items() if hf.get(theirs) is not None}
   fields.setdefault("num_decoder_layers", fields.get("num_encoder_layers", T5Config.num_encoder_layers))
   return T5Config(**fields)
 

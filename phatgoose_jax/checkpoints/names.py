@@ -90,6 +90,11 @@ def module_kind(path: str) -> str:
   return path.rsplit("/", 1)[-1]
 
 
+def hf_short_name(kind: str) -> str:
+  """Our module kind -> the Hugging Face attribute name (`query` -> `q`, `wo` -> `wo`), as in PEFT target_modules."""
+  return _HF_ATTENTION.get(kind, kind)
+
+
 def to_hf_module(path: str) -> str:
   """`decoder/layers_1/encoder_decoder_attention/value` -> `decoder.block.1.layer.1.EncDecAttention.v`."""
   m = _OUR_MODULE.fullmatch(path)
@@ -97,14 +102,14 @@ def to_hf_module(path: str) -> str:
     raise ValueError(f"not a T5 linear module path: {path!r}")
   stack, layer, block, kind = m.groups()
   idx, cls = _BLOCKS[(stack, block)]
-  return f"{stack}.block.{layer}.layer.{idx}.{cls}.{_HF_ATTENTION.get(kind, kind)}"
+  return f"{stack}.block.{layer}.layer.{idx}.{cls}.{hf_short_name(kind)}"
 
 
 def from_hf_module(name: str) -> str:
   """`encoder.block.0.layer.0.SelfAttention.q` -> `encoder/layers_0/attention/query`."""
   m = _HF_MODULE.fullmatch(name)
   block = m and _HF_BLOCKS.get((m.group(1), int(m.group(3)), m.group(4)))
-  if not block or m.group(5) not in {_HF_ATTENTION.get(k, k) for k in _kinds(block)}:
+  if not block or m.group(5) not in {hf_short_name(k) for k in _kinds(block)}:
     raise ValueError(f"not a Hugging Face T5 linear module name: {name!r}")
   stack, layer, kind = m.group(1), m.group(2), m.group(5)
   return f"{stack}/layers_{layer}/{block}/{_OUR_ATTENTION.get(kind, kind)}"

@@ -26,7 +26,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight")
-_HF_KIND = {"query": "q", "key": "k", "value": "v", "out": "o", "wi_0": "wi_0", "wi_1": "wi_1", "wo": "wo"}
 
 
 class PeftAdapter(NamedTuple):
@@ -42,7 +41,7 @@ def _refuse_unsupported(cfg: dict, path: str) -> None:
       (cfg.get("peft_type", "LORA") == "LORA", f"peft_type is {cfg.get('peft_type')!r}, only 'LORA' is supported"),
       (not cfg.get("rank_pattern"), f"per-module ranks (rank_pattern {cfg.get('rank_pattern')}) are not supported"),
       (not cfg.get("alpha_pattern"), f"per-module alphas (alpha_pattern {cfg.get('alpha_pattern')}) are not supported"),
-      (cfg.get("bias", "none") == "none", f"bias={cfg.get('bias')!r}: only bias='none' is supported (T5 has no biases)"),
+      (cfg.get("bias", "none") == "none", f"bias={cfg.get('bias')!r}: only bias='none' is supported (T5 has none)"),
       (not cfg.get("use_dora"), "DoRA adapters (use_dora=true) are not supported"),
       (not cfg.get("fan_in_fan_out"), "fan_in_fan_out=true (Conv1D-style weights) is not a T5 layout"),
       (not cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')} (full weights) is not supported"),
@@ -128,6 +127,8 @@ def _convert(modules: Dict[str, Dict[str, np.ndarray]], rank: int, factor: float
     if set(ab) != {"A", "B"}:
       raise ValueError(f"PEFT adapter {path}: {module} has lora_{''.join(sorted(ab))} only, needs lora_A and lora_B")
     a, b = ab["A"], ab["B"]
+    if a.ndim != 2 or b.ndim != 2:
+      raise ValueError(f"PEFT adapter {path}: {module} lora_A {a.shape} / lora_B {b.shape} are not matrices")
     d_in, d_out = names.linear_shape(config, ours) if config else (a.shape[1], b.shape[0])
     if a.shape != (rank, d_in) or b.shape != (d_out, rank):
       raise ValueError(f"PEFT adapter {path}: {module} lora_A {a.shape} / lora_B {b.shape}, expected "
@@ -174,7 +175,7 @@ def _target_modules(modules: Iterable[str], config: T5Config) -> list:
   modules = sorted(modules)
   kinds = [t for t in ALL_TARGETS if any(names.module_kind(m) == t for m in modules)]
   if sorted(names.module_paths(config, kinds)) == modules:
-    return [_HF_KIND[k] for k in kinds]
+    return [names.hf_short_name(k) for k in kinds]
   return [names.to_hf_module(m) for m in modules]
 
 

@@ -101,7 +101,7 @@ def _listdir(path: str) -> List[str]:
 
 
 def _read_msgpack(ckpt_dir: str) -> dict:
-  """The `optimizer` state dict of the msgpack file (version >= 2), or the whole file for a version-0 one."""
+  """The `optimizer` state dict of the msgpack file (versions >= 2), or the whole file (version 0, plain flax)."""
   path = os.path.join(ckpt_dir, "checkpoint")
   with open(path, "rb") as f:
     raw = f.read()
@@ -111,9 +111,10 @@ def _read_msgpack(ckpt_dir: str) -> dict:
     contents = serialization.msgpack_restore(raw)
   except Exception as e:
     raise ValueError(f"{path} is not a readable t5x msgpack checkpoint: {e}") from e
-  optimizer = contents.get("optimizer", contents) if contents.get("version", 0) else contents
-  if "target" not in optimizer:
-    raise ValueError(f"{path} has no 'target' (parameter) tree; top-level keys: {sorted(optimizer)}")
+  optimizer = contents.get("optimizer", contents) if isinstance(contents, dict) else contents
+  if not isinstance(optimizer, dict) or "target" not in optimizer:
+    found = sorted(optimizer) if isinstance(optimizer, dict) else type(optimizer).__name__
+    raise ValueError(f"{path} has no 'target' (parameter) tree; found {found}")
   return optimizer
 
 
