@@ -93,10 +93,9 @@ def mix_ragged(u, lora_a, lora_b, weights, index, scale):
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto' is the grouped matmul on accelerators and the gather formulation on CPU."""
-  if impl != "auto":
-    return impl
-  return "gather" if jax.default_backend() == "cpu" else "ragged"
+  """'auto' is the grouped matmul: fastest of the three at real widths on CPU as well as on accelerators
+  (benchmarks/routing_speed.py, T5-small, E=8, k=2, CPU: routed/unrouted 1.51 ragged, 2.30 dense, 3.37 gather)."""
+  return "ragged" if impl == "auto" else impl
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged}

@@ -92,7 +92,7 @@ class ExpertConfig:
   `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score or Arrow's |u . e|.
   `impl` picks the routed computation: 'dense' (every expert, masked: the reference), 'gather' (only the
   chosen experts' weights, gathered per token), 'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`),
-  or 'auto' (ragged on accelerators, gather on CPU).
+  or 'auto' (the grouped matmul; see routing.resolve_impl).
   """
   mode: str = "none"
   rank: int = 16
