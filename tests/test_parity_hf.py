@@ -98,3 +98,21 @@ def test_cli_reports_bad_lines_with_line_numbers(tmp_path):
                         "--input", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
   assert run.returncode == 2 and "missing.jsonl" in run.stderr
 
+
+
+def test_t5x_checkpoint_scores_like_the_hf_directory(tmp_path):
+  """The same weights through a t5x checkpoint directory give the same CLI scores as the HF directory."""
+  from phatgoose_jax.checkpoints.t5x import save_t5x
+  hf_model(tmp_path / "hf", 9, **CONFIGS[1])
+  _, params = load_hf(str(tmp_path / "hf"))
+  save_t5x(str(tmp_path / "t5x"), params, step=1100000)
+  (tmp_path / "in.jsonl").write_text('{"input_ids": [5, 6, 7, 1], "target_ids": [9, 8, 1]}\n')
+  outputs = []
+  for flag in ("--hf_dir", "--t5x_dir"):
+    run = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "score", flag, str(tmp_path / flag[2:-4]),
+                          "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / f"{flag[2:]}.jsonl")],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout == ""
+    outputs.append(json.loads((tmp_path / f"{flag[2:]}.jsonl").read_text()))
+  assert outputs[1]["num_target_tokens"] == 3
+  np.testing.assert_allclose(outputs[1]["sum_logprob"], outputs[0]["sum_logprob"], rtol=1e-6)

@@ -1,0 +1,133 @@
+"""`phatgoose library ...` round trips on a tiny model saved as a Hugging Face directory."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from phatgoose_jax import cli
+from phatgoose_jax import library as lib
+from phatgoose_jax.checkpoints import hf, names, native, peft, reference
+from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, preset
+
+CFG = preset("tiny")
+RANK = 4
+
+
+def random_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return names.unflatten({k: (0.2 * rng.standard_normal(s)).astype(np.float32)
+                          for k, s in names.param_shapes(CFG).items()})
+
+
+def random_expert(seed, targets=ALL_TARGETS):
+  rng = np.random.default_rng(seed)
+  lora, gates = {}, {}
+  for path in names.module_paths(CFG, targets):
+    d_in, d_out = names.linear_shape(CFG, path)
+    lora[f"{path}/lora_a"] = rng.standard_normal((d_in, RANK)).astype(np.float32)
+    lora[f"{path}/lora_b"] = rng.standard_normal((RANK, d_out)).astype(np.float32)
+    gates[f"{path}/gate"] = rng.standard_normal(d_in).astype(np.float32)
+  return lora, gates
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("base"))
+  hf.save_hf(path, CFG, random_params())
+  return path
+
+
+def run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_add_list_verify_remove_export(tmp_path, base_dir, capsys):
+  library = str(tmp_path / "lib")
+  lora, gates = random_expert(0)
+  checkpoint = str(tmp_path / "native")
+  native.save_native(checkpoint, {"lora": names.unflatten(lora), "gates": names.unflatten(gates)}, CFG,
+                     ExpertConfig(mode="gated", rank=RANK))
+  flat_file = str(tmp_path / "expert.safetensors")
+  from safetensors.numpy import save_file
+  other, _ = random_expert(1)
+  save_file({f"lora/{k}": v for k, v in other.items()}, flat_file)
+
+  assert run(capsys, "library", "add", checkpoint, "--library", library, "--base", base_dir, "--name", "gated",
+             "--dataset", "ag_news", "--training", '{"steps": 100}')[0] == 0
+  assert run(capsys, "library", "add", flat_file, "--library", library, "--base", base_dir, "--name", "plain")[0] == 0
+  code, out, _ = run(capsys, "library", "list", "--library", library, "--json")
+  listed = {m["name"]: m for m in json.loads(out)}
+  assert code == 0 and sorted(listed) == ["gated", "plain"]
+  assert listed["gated"]["gate"] and not listed["plain"]["gate"] and listed["gated"]["dataset"] == "ag_news"
+  assert listed["gated"]["training"]["steps"] == 100
+  assert listed["gated"]["training"]["expert_config"]["mode"] == "gated"
+  code, out, _ = run(capsys, "library", "list", "--library", library)
+  assert code == 0 and out.splitlines()[0].split()[:3] == ["name", "dataset", "rank"] and "ag_news" in out
+
+  code, _, err = run(capsys, "library", "add", flat_file, "--library", library, "--base", base_dir, "--name", "plain")
+  assert code == 2 and "already has an expert named 'plain'" in err
+
+  assert run(capsys, "library", "verify", "--library", library)[0] == 0
+  out_dir = str(tmp_path / "peft")
+  assert run(capsys, "library", "export-peft", "--library", library, "--name", "plain", "--out", out_dir)[0] == 0
+  exported = peft.load_peft(out_dir, CFG)
+  for k, v in other.items():
+    np.testing.assert_allclose(exported.lora[k], v, rtol=1e-6)
+  assert run(capsys, "library", "import-peft", out_dir, "--base", base_dir, "--library", library,
+             "--name", "back")[0] == 0
+  back = lib.ExpertLibrary(library).load("back")
+  for k, v in other.items():
+    np.testing.assert_allclose(back.lora[k], v, rtol=1e-6)
+
+  weights = os.path.join(library, "back", lib.WEIGHTS)
+  with open(weights, "r+b") as f:
+    f.seek(-3, os.SEEK_END)
+    f.write(b"\xff\xff\xff")
+  code, out, _ = run(capsys, "library", "verify", "--library", library)
+  assert code == 1 and "error: back:" in out and "corrupt" in out
+  assert run(capsys, "library", "remove", "back", "--library", library)[0] == 0
+  assert run(capsys, "library", "verify", "--library", library)[0] == 0
+  assert lib.ExpertLibrary(library).names() == ["gated", "plain"]
+
+
+def test_import_reference_then_assemble(tmp_path, base_dir, capsys):
+  experts = [random_expert(i) for i in range(3)]
+  path = str(tmp_path / "reference.safetensors")
+  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts], prefix="model.")
+  library = str(tmp_path / "lib")
+  code, _, err = run(capsys, "library", "import-reference", path, "--base", base_dir, "--library", library,
+                     "--names", "x,y")
+  assert code == 2 and "--names gives 2 names but" in err
+  assert run(capsys, "library", "import-reference", path, "--base", base_dir, "--library", library,
+             "--names", "x,y,z")[0] == 0
+  loaded = lib.ExpertLibrary(library).load("y")
+  gate = "decoder/layers_1/mlp/wi_1/gate"
+  np.testing.assert_array_equal(loaded.gates[gate], experts[1][1][gate])
+  np.testing.assert_allclose(loaded.lora["encoder/layers_0/attention/key/lora_a"],
+                             experts[1][0]["encoder/layers_0/attention/key/lora_a"], rtol=1e-2)
+
+  out = str(tmp_path / "routed")
+  assert run(capsys, "library", "assemble", "--library", library, "--names", "z,x", "--router", "phatgoose",
+             "--top_k", "1", "--out", out)[0] == 0
+  saved = native.load_native(out)
+  assert saved.expert_config == ExpertConfig(mode="routed", rank=RANK, num_experts=2, top_k=1)
+  router = saved.state["experts"]["encoder"]["layers_1"]["mlp"]["wo"]["router"]
+  np.testing.assert_array_equal(np.asarray(router[0]), experts[2][1]["encoder/layers_1/mlp/wo/gate"])
+
+
+def test_refusals_are_usage_errors(tmp_path, base_dir, capsys):
+  library = str(tmp_path / "lib")
+  lora, _ = random_expert(0, targets=("query", "value"))
+  flat_file = str(tmp_path / "qv.safetensors")
+  from safetensors.numpy import save_file
+  save_file({f"lora/{k}": v for k, v in lora.items()}, flat_file)
+  assert run(capsys, "library", "add", flat_file, "--library", library, "--base", base_dir, "--name", "qv")[0] == 0
+  full = str(tmp_path / "full.safetensors")
+  save_file({f"lora/{k}": v for k, v in random_expert(1)[0].items()}, full)
+  code, _, err = run(capsys, "library", "add", full, "--library", library, "--base", base_dir, "--name", "all")
+  assert code == 2 and "it targets ['query', 'key'" in err
+  code, _, err = run(capsys, "library", "list", "--library", str(tmp_path / "missing"))
+  assert code == 2 and "no library directory" in err
