@@ -62,6 +62,18 @@ def check_held_in(tasks: Sequence[str], examples: Sequence[dict] = ()) -> None:
       raise HeldOutError(f"a held-out example reached expert / router building: {example['inputs']!r}")
 
 
+@gin.configurable
+def run(stage=gin.REQUIRED, register_demo_tasks: bool = True, demo_seed: int = 0):
+  """Call the configured stage (a gin reference to a pipeline function) with the task registries loaded;
+  with `register_demo_tasks` the synthetic suite's tasks (`demo_*`, for `demo_seed`) too."""
+  import phatgoose_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import
+  if register_demo_tasks:
+    from phatgoose_jax.demo import suite  # pylint: disable=import-outside-toplevel
+    suite.register(demo_seed)
+    declare_held_out(suite.HELD_OUT_TASKS, suite.is_held_out)
+  return stage()
+
+
 # ---- configuration ------------------------------------------------------------------------------------
 
 

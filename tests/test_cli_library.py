@@ -131,3 +131,27 @@ def test_refusals_are_usage_errors(tmp_path, base_dir, capsys):
   assert code == 2 and "it targets ['query', 'key'" in err
   code, _, err = run(capsys, "library", "list", "--library", str(tmp_path / "missing"))
   assert code == 2 and "no library directory" in err
+
+
+def test_score_with_a_library_routes_its_experts(tmp_path, base_dir, capsys):
+  """`phatgoose score --library DIR --router R`: per-token and per-example routers, refusals as usage errors."""
+  experts = [random_expert(i) for i in range(2)]
+  path = str(tmp_path / "reference.safetensors")
+  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
+  library = str(tmp_path / "lib")
+  assert run(capsys, "library", "import-reference", path, "--base", base_dir, "--library", library)[0] == 0
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text(json.dumps({"input_ids": [5, 6, 7, 1], "target_ids": [8, 9, 1]}) + "\n")
+  common = ["score", "--hf_dir", base_dir, "--input", str(inputs), "--library", library]
+  scores = {}
+  for router in ("phatgoose", "uniform"):
+    code, out, err = run(capsys, *common, "--router", router, "--top_k", "1")
+    assert code == 0, err
+    scores[router] = json.loads(out.splitlines()[0])
+  assert scores["phatgoose"] != scores["uniform"]
+  code, _, err = run(capsys, *common, "--router", "oracle")
+  assert code == 2 and "needs each example's label" in err
+  other = str(tmp_path / "other_base")
+  hf.save_hf(other, CFG, random_params(seed=1))
+  code, _, err = run(capsys, "score", "--hf_dir", other, "--input", str(inputs), "--library", library)
+  assert code == 2 and "another base model" in err

@@ -250,11 +250,35 @@ def run_import_reference(args) -> int:
   return 0
 
 
+def load_routed(args, config, params):
+  """The `cli.model.LoadedModel` of `--library DIR --router NAME --top_k K` on the base (config, params):
+  every expert of the library, routed by NAME from the library's cached artifacts."""
+  from phatgoose_jax import library, routers  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.cli.model import LoadedModel  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.models import EncoderDecoderModel  # pylint: disable=import-outside-toplevel
+  lib = _library(args)
+  if args.router == "oracle":
+    raise UsageError("the oracle router needs each example's label; it cannot run on inputs alone")
+  expected = library.base_fingerprint(config, params)
+  if lib.names() and lib.manifest(lib.names()[0])["base"] != expected:
+    raise UsageError(f"library {lib.path} was built on another base model than the one given")
+  kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
+  kwargs.update({"params": params} if args.router in ("average_activation", "retrieval") else {})
+  try:
+    routing = lib.route(lib.names(), args.router, **kwargs)
+  except (library.LibraryError, ValueError, ImportError) as e:
+    raise UsageError(str(e)) from e
+  weights = routing.expert_weights
+  return LoadedModel(EncoderDecoderModel(config, routing.expert_config), routing.variables(params),
+                     None if weights is None else lambda tokens: weights({"encoder_input_tokens": tokens}))
+
+
 def run_assemble(args) -> int:
   from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.checkpoints import native  # pylint: disable=import-outside-toplevel
   lib = _library(args)
-  kwargs = {} if args.router.startswith("merged") or args.router == "uniform" else {"top_k": args.top_k}
+  from phatgoose_jax import routers  # pylint: disable=import-outside-toplevel
+  kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
   try:
     routing = lib.route([n.strip() for n in args.names.split(",")], args.router, **kwargs)
   except (library.LibraryError, ValueError) as e:

@@ -28,6 +28,8 @@ ROUTERS = {
     "oracle": "fixed:build_oracle",
     "retrieval": "retrieval:build",
 }
+# The routers that route per token and so take `top_k` and `impl`; the others fix one mixture per example.
+PER_TOKEN = ("phatgoose", "average_activation", "arrow")
 
 
 class Routing(NamedTuple):

@@ -1,0 +1,114 @@
+"""The gin entry point, t5x style: every stage of the pipeline runs from gin files plus overrides.
+
+  python -m phatgoose_jax.main --gin_file=gin/models/t5_1_1_tiny.gin --gin_file=gin/runs/train_expert.gin \\
+      --gin.BASE="'/ckpt/base'" --gin.TASK="'demo_reverse'" --gin.LIBRARY="'/lib'" --gin.WORKDIR="'/tmp/w'"
+
+A run file binds `pipeline.run.stage` to a stage (`@pipeline.train_expert`, ...); `pipeline.run()` calls it. Gin
+files are looked up in the working directory and in the repository's `gin/` directory. Every binding and
+file is parsed before any work starts; a malformed or unknown binding raises `UsageError` naming it.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gin
+
+import phatgoose_jax
+from phatgoose_jax import pipeline
+from phatgoose_jax.cli import UsageError
+
+GIN_DIR = Path(phatgoose_jax.__file__).resolve().parent.parent / "gin"
+
+
+def search_paths() -> list:
+  return [os.getcwd(), str(GIN_DIR)]
+
+
+def _binding_error(binding: str, error: Exception) -> UsageError:
+  return UsageError(f"bad gin binding {binding!r}: {type(error).__name__}: {error}")
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Parse gin files, then each binding on its own, so a failure names the file or binding at fault."""
+  gin.clear_config()
+  for path in search_paths():
+    gin.add_config_file_search_path(path)
+  for path in gin_files:
+    try:
+      gin.parse_config_file(path)
+    except (IOError, ValueError, SyntaxError, TypeError, ImportError) as e:
+      raise UsageError(f"bad gin file {path!r}: {type(e).__name__}: {e}") from e
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except (ValueError, SyntaxError, TypeError, ImportError) as e:
+      raise _binding_error(binding, e) from e
+  check_configs()
+
+
+def check_configs() -> None:
+  """Build the configured model and LoRA configs now, so a bad value fails before any work."""
+  try:
+    pipeline.model_config()
+    pipeline.lora_config()
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"bad model configuration: {e}") from e
+
+
+def run_configured(gin_files: Sequence[str], bindings: Sequence[str]):
+  """Parse, then run the configured stage; missing required values become usage errors."""
+  parse(gin_files, bindings)
+  try:
+    gin.get_bindings("phatgoose_jax.pipeline.run")["stage"]
+  except (KeyError, ValueError) as e:
+    raise UsageError("no stage to run: bind pipeline.run.stage (e.g. include a gin/runs/*.gin file)") from e
+  try:
+    return pipeline.run()
+  except RuntimeError as e:
+    if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+      raise UsageError(str(e).splitlines()[0]) from e
+    raise
+
+
+def split_args(argv: Sequence[str]) -> tuple:
+  """(gin files, bindings, other args) from `--gin_file=F`, `--gin.KEY=VALUE` / `--gin KEY=VALUE`."""
+  files, bindings, rest = [], [], []
+  argv = list(argv)
+  while argv:
+    arg = argv.pop(0)
+    if arg.startswith("--gin."):
+      key, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise UsageError(f"bad gin binding {arg!r}: expected --gin.KEY=VALUE")
+      bindings.append(f"{key} = {value}")
+    elif arg in ("--gin", "--gin_file") and argv:
+      (bindings if arg == "--gin" else files).append(argv.pop(0))
+    elif arg.startswith(("--gin=", "--gin_file=")):
+      key, _, value = arg.partition("=")
+      (bindings if key == "--gin" else files).append(value)
+    else:
+      rest.append(arg)
+  return files, bindings, rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.main", description=__doc__.splitlines()[0])
+  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  parser.add_argument("--gin.KEY=VALUE", dest="unused", help="one gin binding (repeatable)")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    files, bindings, rest = split_args(argv)
+    if rest:
+      parser.parse_args(rest)
+    run_configured(files, bindings)
+  except UsageError as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.exit(main())
