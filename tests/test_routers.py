@@ -1,5 +1,5 @@
 """Routers by name: each formula against an independent numpy computation (SPEC §4, §5)."""
-import importlib.util
+import sys
 
 import jax
 import numpy as np
@@ -229,11 +229,22 @@ def test_retrieval_picks_the_expert_of_the_nearest_stored_example(library, param
   np.testing.assert_array_equal(cached.expert_weights(query), np.eye(3)[[2, 0, 1]])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is not None,
-                    reason="sentence-transformers is installed")
-def test_minilm_retrieval_without_the_extra_gives_a_clear_error(library):
+def test_minilm_retrieval_without_the_extra_gives_a_clear_error(library, monkeypatch):
+  monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if the extra were not installed
   with pytest.raises(ImportError, match=r"phatgoose-jax\[retrieval\]"):
     library.route(NAMES, "retrieval", embedder="minilm", examples={})
+
+
+def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, monkeypatch):
+  """The paper's retrieval encoder (all-MiniLM-L6-v2, offline from the `retrieval` extra) on example texts."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  texts = {"a": ["The striker scored a goal in the final minute of the match.", "The team won the league title."],
+           "b": ["Bake the bread in a hot oven for forty minutes.", "Whisk the eggs with sugar and flour."],
+           "c": ["The stock market fell sharply after the bank raised interest rates.", "Shares rallied on earnings."]}
+  routing_ = library.route(NAMES, "retrieval", embedder="minilm", examples={n: [{"inputs": t}] for n, t in texts.items()})
+  query = {"inputs": ["Investors sold bonds as inflation rose.", "The goalkeeper saved a penalty.",
+                      "Knead the dough and let it rise."]}
+  np.testing.assert_array_equal(routing_.expert_weights(query), np.eye(3)[[2, 0, 1]])
 
 
 def test_fixed_mixture_routing_runs_in_the_model(library, params):

@@ -17,8 +17,6 @@ import os
 import tempfile
 import time
 
-from phatgoose_jax.cli import UsageError
-
 # subcommand -> (run file, help, [(flag, macro, required, help)])
 _STAGES = {
     "train-expert": ("runs/train_expert.gin", "train one LoRA expert and add it to a library (SPEC §2)", [
@@ -116,6 +114,4 @@ def run_demo(args) -> int:
     print(f.read())
   print(f"{summary['seconds']:.0f} s; results in {os.path.join(workdir, 'results.json')}, "
         f"routing figure {os.path.join(workdir, 'routing.png')}")
-  if not os.path.isfile(os.path.join(workdir, "results.json")):
-    raise UsageError(f"the demo wrote no results into {workdir}")
   return 0
