@@ -8,6 +8,8 @@ files are looked up in the working directory and in the repository's `gin/` dire
 file is parsed before any work starts; a malformed or unknown binding raises `UsageError` naming it.
 """
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,22 +32,56 @@ def _binding_error(binding: str, error: Exception) -> UsageError:
   return UsageError(f"bad gin binding {binding!r}: {type(error).__name__}: {error}")
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parse gin files, then each binding on its own, so a failure names the file or binding at fault."""
+class _QuietSearch(logging.Filter):
+  """Drops gin's log line for each search-path entry that does not hold a file (the next one may)."""
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_search():
+  quiet = _QuietSearch()
+  logging.getLogger().addFilter(quiet)
+  try:
+    yield
+  finally:
+    logging.getLogger().removeFilter(quiet)
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], require: bool = True) -> None:
+  """Parse gin files, then each binding on its own, so a failure names the file or binding at fault.
+  With `require`, macros left at `%gin.REQUIRED` are refused too."""
   gin.clear_config()
   for path in search_paths():
-    gin.add_config_file_search_path(path)
-  for path in gin_files:
-    try:
-      gin.parse_config_file(path)
-    except (IOError, ValueError, SyntaxError, TypeError, ImportError) as e:
-      raise UsageError(f"bad gin file {path!r}: {type(e).__name__}: {e}") from e
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
+  with _quiet_search():
+    for path in gin_files:
+      try:
+        gin.parse_config_file(path)
+      except Exception as e:  # gin surfaces parse errors as many types (tokenize, syntax, value, import)
+        raise UsageError(f"bad gin file {path!r}: {type(e).__name__}: {e}") from e
   for binding in bindings:
     try:
       gin.parse_config(binding)
-    except (ValueError, SyntaxError, TypeError, ImportError) as e:
+    except Exception as e:  # as above
       raise _binding_error(binding, e) from e
+  if require:
+    check_required()
   check_configs()
+
+
+def _is_required(value) -> bool:
+  return value is gin.REQUIRED or getattr(value, "scoped_selector", None) == "gin.REQUIRED/gin.constant"
+
+
+def check_required() -> None:
+  """Refuse macros still bound to `%gin.REQUIRED` (gin would pass its sentinel on silently)."""
+  missing = sorted(name for (name, selector), params in gin.config._CONFIG.items()  # pylint: disable=protected-access
+                   if selector == "gin.macro" and _is_required(params.get("value")))
+  if missing:
+    raise UsageError(f"required gin macros not set: {', '.join(missing)} (e.g. --gin.{missing[0]}=\"'...'\")")
 
 
 def check_configs() -> None:

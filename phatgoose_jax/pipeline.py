@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ import seqio
 from phatgoose_jax import library as lib
 from phatgoose_jax import partitioning
 from phatgoose_jax import vocab as vocab_lib
+from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.evaluation import evaluator, route_stats as route_stats_lib
 from phatgoose_jax.models import EncoderDecoderModel, shift_right
@@ -37,7 +39,6 @@ from phatgoose_jax.training import optimizers
 from phatgoose_jax.training.data import DeterministicBatches
 from phatgoose_jax.training.trainer import Trainer
 
-FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
 _HELD_OUT: Dict[str, Any] = {"tasks": set(), "predicates": []}
 
 
@@ -173,7 +174,7 @@ def load_base(path: str) -> tuple:
 
 def _reboxed(boxed: Any, values: Any) -> Any:
   """`values` (plain arrays) carrying the logical axis names of the matching boxed tree."""
-  is_box = lambda x: isinstance(x, partitioning.nn.Partitioned)
+  is_box = lambda x: isinstance(x, nn.Partitioned)
   return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v)) if is_box(b) else jnp.asarray(v),
                       boxed, values, is_leaf=is_box)
 
@@ -225,10 +226,10 @@ def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], t
         eval_every: Optional[int] = None) -> dict:
   """Train the `trainable` leaves of `variables` on `train` features; returns the best variables.
 
-  `batch_size` is the effective batch, split into `accum_steps` micro-batches. `seed` orders the data; `dropout_seed` draws dropout masks (a constant of the compiled step, so runs
-  that share it share compiled code). Checkpoints (orbax) and TensorBoard go under `workdir`; an existing
-  checkpoint there resumes. The kept variables are those of the best validation loss (or the last step
-  without `validation`).
+  `batch_size` is the effective batch, split into `accum_steps` micro-batches. `seed` orders the data;
+  `dropout_seed` draws dropout masks (a constant of the compiled step, so runs that share it share compiled
+  code). Checkpoints (orbax) and TensorBoard go under `workdir`; an existing checkpoint there resumes. The
+  kept variables are those of the best validation loss (or the last step without `validation`).
   """
   mesh, rules = sharding()
   eval_fn = None if validation is None else _eval_loss_fn(model, validation, batch_size)
@@ -296,8 +297,7 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
   config, params = load_base(base)
   model = get_model(config, lora_config().replace(mode="gated", rank=expert.manifest["rank"],
                                                   targets=tuple(expert.manifest["targets"])))
-  lora = native_tree(expert.lora)
-  variables = init_variables(model, seed, params=params, lora=lora)
+  variables = init_variables(model, seed, params=params, lora=ckpt_names.unflatten(expert.lora))
   trained = fit(model, variables, ["gates/.*"], data_features(train),
                 None if validation is None else data_features(validation), workdir, num_steps, seed=seed)
   training = dict(expert.manifest["training"],
@@ -305,12 +305,6 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
   library_.remove(name)
   return library_.add(name, expert.lora, base=expert.manifest["base"], gates=trained["gates"],
                       dataset=expert.manifest["dataset"], dtype=expert.manifest["dtype"], training=training)
-
-
-def native_tree(flat: Dict[str, np.ndarray]) -> dict:
-  """A flat `{'module/path/leaf': array}` dict as the nested tree the model's collections use."""
-  from phatgoose_jax.checkpoints import names  # pylint: disable=import-outside-toplevel
-  return names.unflatten(flat)
 
 
 @gin.configurable

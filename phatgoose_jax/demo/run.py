@@ -29,9 +29,12 @@ ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "retrieval
 METHODS = ("base", "best_individual") + ROUTED_METHODS + ("multitask", "oracle")
 
 
-def _enable_compilation_cache(workdir: str) -> None:
-  """Reuse compiled steps across the stages that share a program (every expert, every gate)."""
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Reuse compiled steps across the stages that share a program (every expert, every gate). A cache
+  directory configured already (e.g. by JAX_COMPILATION_CACHE_DIR) is kept."""
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -81,11 +84,12 @@ def routing_figure(base: str, library: str, workdir: str) -> str:
 @gin.configurable
 def run_demo(workdir: str, seed: int = 0, train_examples: int = 4000, validation_examples: int = 200,
              held_out_examples: int = 100, base_steps: int = 1500, expert_steps: int = 300, gate_steps: int = 100,
-             multitask_steps: int = 600, clock: Optional[float] = None) -> dict:
-  """Runs the demo into `workdir` and returns what `results.json` holds (`clock`: when the run started)."""
+             multitask_steps: int = 600, clock: Optional[float] = None, cache_dir: Optional[str] = None) -> dict:
+  """Runs the demo into `workdir` and returns what `results.json` holds (`clock`: when the run started;
+  `cache_dir`: JAX's persistent compilation cache, `workdir/jax_cache` unless one is configured)."""
   started = time.time() if clock is None else clock
   os.makedirs(workdir, exist_ok=True)
-  _enable_compilation_cache(workdir)
+  enable_compilation_cache(cache_dir or os.path.join(workdir, "jax_cache"))
   suite.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples))
   pipeline.declare_held_out(suite.HELD_OUT_TASKS, suite.is_held_out)
   base = pipeline.train_multitask(task=suite.PRETRAIN_TASK, output=os.path.join(workdir, "base"),

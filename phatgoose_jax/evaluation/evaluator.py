@@ -97,9 +97,11 @@ class Runner:
 
 
 def _apply_intermediates(model: EncoderDecoderModel, variables: dict, batch: dict) -> dict:
+  """The model's jitted apply, teacher-forced, returning the sown `intermediates` flattened."""
   from phatgoose_jax.checkpoints import names  # pylint: disable=import-outside-toplevel
-  _, state = model._apply(variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],  # pylint: disable=protected-access
-                          batch["decoder_target_tokens"], mutable=("intermediates",))
+  apply = model._apply  # pylint: disable=protected-access
+  _, state = apply(variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                   batch["decoder_target_tokens"], mutable=("intermediates",))
   return {k: np.asarray(v[0] if isinstance(v, tuple) else v)
           for k, v in names.flatten(jax.device_get(state["intermediates"])).items()}
 

@@ -1,0 +1,86 @@
+"""The gin entry point: files found from any directory, overrides applied, bad bindings named before work."""
+import pathlib
+
+import gin
+import pytest
+
+from phatgoose_jax import main, pipeline
+from phatgoose_jax.cli import UsageError
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
+REQUIRED = ["BASE = '/b'", "TASK = 'demo_reverse'", "LIBRARY = '/l'", "WORKDIR = '/w'"]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  yield
+  gin.clear_config()
+
+
+def test_repo_gin_dir_is_found_from_the_package():
+  assert main.GIN_DIR == GIN_DIR
+  assert (GIN_DIR / "runs" / "train_expert.gin").is_file()
+
+
+def test_every_gin_file_parses(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # found through the package-relative search path, not the cwd
+  for path in sorted(GIN_DIR.rglob("*.gin")):
+    main.parse([str(path.relative_to(GIN_DIR))], [], require=False)
+    gin.clear_config()
+
+
+def test_model_files_bind_sizes_and_rank_16():
+  for size in ("tiny", "small", "base", "large", "xl", "xxl"):
+    main.parse([f"models/t5_1_1_{size}.gin"], [])
+    assert gin.query_parameter("phatgoose_jax.pipeline.model_config.size") == size
+    assert pipeline.lora_config().rank == 16
+
+
+def test_overrides_are_applied():
+  main.parse(["models/t5_1_1_tiny.gin", "runs/train_expert.gin"],
+             REQUIRED + ["pipeline.train_expert.num_steps = 7", "pipeline.fit.batch_size = 4"])
+  assert gin.query_parameter("pipeline.train_expert.num_steps") == 7
+  assert gin.query_parameter("pipeline.fit.batch_size") == 4
+  assert gin.query_parameter("%TASK") == "demo_reverse"
+  assert gin.query_parameter("pipeline.optimizer.learning_rate") == 5e-3
+  assert gin.query_parameter("pipeline.optimizer.warmup_fraction") == 0.06
+
+
+def test_flag_forms_split():
+  files, bindings, rest = main.split_args(["--gin_file=a.gin", "--gin_file", "b.gin", "--gin.X=1", "--gin", "Y=2",
+                                           "--other"])
+  assert files == ["a.gin", "b.gin"]
+  assert bindings == ["X = 1", "Y=2"]
+  assert rest == ["--other"]
+
+
+@pytest.mark.parametrize("binding", ["pipeline.train_expert.num_stepz = 3", "pipeline.no_such_thing.x = 1",
+                                     "pipeline.train_expert.num_steps = (3", "= 4"])
+def test_bad_binding_is_named(binding):
+  with pytest.raises(UsageError, match="bad gin binding") as error:
+    main.parse(["runs/train_expert.gin"], REQUIRED + [binding])
+  assert binding in str(error.value)
+
+
+def test_bad_binding_fails_before_any_work(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  argv = ["--gin_file=runs/train_expert.gin", f"--gin.WORKDIR='{workdir}'", "--gin.BASE='/b'",
+          "--gin.TASK='demo_reverse'", "--gin.LIBRARY='/l'", "--gin.pipeline.train_expert.num_stepz=3"]
+  assert main.main(argv) == 2
+  assert "num_stepz" in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_missing_required_macro_is_a_usage_error(capsys):
+  assert main.main(["--gin_file=runs/train_expert.gin", "--gin.TASK='demo_reverse'"]) == 2
+  assert "BASE" in capsys.readouterr().err
+
+
+def test_unknown_gin_file_is_a_usage_error():
+  with pytest.raises(UsageError, match="no_such.gin"):
+    main.parse(["no_such.gin"], [])
+
+
+def test_bad_model_value_fails_at_parse_time():
+  with pytest.raises(UsageError, match="bad model configuration"):
+    main.parse(["models/t5_1_1_tiny.gin"], ["pipeline.model_config.overrides = {'d_modl': 8}"])

@@ -1,0 +1,122 @@
+"""Pipeline stages on a tiny model for a few steps: base -> expert -> gate -> assemble -> evaluate -> route stats."""
+import json
+import os
+import tempfile
+
+import gin
+import numpy as np
+import pytest
+
+from phatgoose_jax import library as lib
+from phatgoose_jax import main, pipeline
+from phatgoose_jax.checkpoints import native
+from phatgoose_jax.cli import main as cli_main
+from phatgoose_jax.demo import run, suite
+
+# Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
+run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
+
+SMALL = ["pipeline.runner.batch_size = 16", "pipeline.routing.router_examples = 16"]
+SKILLS = ("demo_reverse", "demo_upper")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """A base, a two-expert gated library, and an assembled routed checkpoint."""
+  root = tmp_path_factory.mktemp("pipeline")
+  main.parse(["demo_smoke.gin"], SMALL)  # the smoke demo's model, lengths and step counts
+  suite.register(0, suite.SuiteSizes(train=32, validation=8, held_out=6))
+  pipeline.declare_held_out(suite.HELD_OUT_TASKS, suite.is_held_out)
+  base = pipeline.train_multitask(task=suite.PRETRAIN_TASK, output=str(root / "base"), workdir=str(root / "w_base"),
+                                  finetune="full", num_steps=4)
+  library = str(root / "library")
+  manifests = {}
+  for i, task in enumerate(SKILLS):
+    manifests[task] = pipeline.train_expert(base=base, task=task, library=library, num_steps=3, seed=i,
+                                            workdir=str(root / f"w_{task}"))
+  gated = {task: pipeline.train_gate(base=base, library=library, name=task, num_steps=2,
+                                     workdir=str(root / f"w_{task}_gate")) for task in SKILLS}
+  routed = pipeline.assemble(base=base, library=library, output=str(root / "routed"), router="phatgoose")
+  yield {"root": root, "base": base, "library": library, "manifests": manifests, "gated": gated, "routed": routed}
+  gin.clear_config()
+
+
+def test_base_checkpoint_holds_params(built):
+  restored = native.load_native(built["base"])
+  assert set(restored.state) == {"params"}
+  assert restored.t5_config.vocab_size == 259
+
+
+def test_train_expert_adds_a_library_entry(built):
+  manifest = built["manifests"]["demo_reverse"]
+  assert manifest["dataset"] == "demo_reverse" and manifest["rank"] == 16 and not manifest["gate"]
+  assert manifest["training"]["expert"]["num_steps"] == 3
+  expert = lib.ExpertLibrary(built["library"]).load("demo_reverse")
+  assert any(np.any(v) for k, v in expert.lora.items() if k.endswith("lora_b"))  # B starts at zero
+
+
+def test_train_gate_stores_a_nonzero_gate_beside_the_same_expert(built):
+  library = lib.ExpertLibrary(built["library"])
+  assert library.names() == sorted(SKILLS)
+  expert = library.load("demo_upper")
+  assert expert.manifest["gate"] and set(expert.manifest["training"]) == {"expert", "gate"}
+  assert any(np.any(v) for v in expert.gates.values())
+  assert expert.manifest["weights"]["sha256"] != built["manifests"]["demo_upper"]["weights"]["sha256"]
+
+
+def test_training_resumes_from_its_checkpoint(built):
+  workdir = os.path.join(built["root"], "w_demo_reverse")
+  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  assert "3" in steps
+
+
+def test_assembled_checkpoint_loads_as_a_routed_model(built):
+  restored = native.load_native(built["routed"])
+  assert restored.expert_config.mode == "routed" and restored.expert_config.num_experts == 2
+  model, variables, weights = pipeline.load_model(checkpoint=built["routed"])
+  assert weights is None and "experts" in variables
+  runner = pipeline.runner(model, variables)
+  assert all(np.isfinite(runner.score([("reverse: abc", "cba"), ("upper: abc", "ABC")])))
+
+
+def test_evaluate_writes_json_and_markdown(built):
+  out = os.path.join(built["root"], "eval")
+  results = pipeline.evaluate(task=suite.HELD_OUT_MIXTURE, output_dir=out, checkpoint=built["routed"])
+  assert set(results["tasks"]) == set(suite.HELD_OUT_TASKS) and 0.0 <= results["score"] <= 1.0
+  with open(os.path.join(out, "results.json")) as f:
+    assert json.load(f)["checkpoint"]["score"] == results["score"]
+  with open(os.path.join(out, "results.md")) as f:
+    assert f.read().startswith("| method |")
+
+
+def test_route_stats_writes_json_and_png(built):
+  out = os.path.join(built["root"], "routes")
+  stats = pipeline.route_stats(task=suite.HELD_OUT_TASKS[0], output_dir=out, base=built["base"],
+                               library=built["library"], router="phatgoose")
+  fractions = stats[suite.HELD_OUT_TASKS[0]]
+  assert len(fractions) == 36  # 2 encoder layers x 7 modules + 2 decoder layers x 11
+  assert all(abs(sum(f) - 1.0) < 1e-6 and len(f) == 2 for f in fractions.values())
+  assert os.path.isfile(os.path.join(out, "route_stats.json"))
+  assert os.path.getsize(os.path.join(out, f"{suite.HELD_OUT_TASKS[0]}.png")) > 0
+
+
+def test_held_out_tasks_and_examples_are_refused(built):
+  with pytest.raises(pipeline.HeldOutError):
+    pipeline.train_expert(base=built["base"], task=suite.HELD_OUT_TASKS[0], library=built["library"],
+                          workdir=os.path.join(built["root"], "never"), num_steps=1)
+  with pytest.raises(pipeline.HeldOutError):
+    pipeline.check_held_in([], [{"inputs": "reverse: cat | upper: dog"}])
+  assert not os.path.exists(os.path.join(built["root"], "never"))
+
+
+def test_cli_evaluate_and_assemble(built, capsys):
+  out = os.path.join(built["root"], "cli_eval")
+  bindings = ["--gin_file", "demo_smoke.gin"] + [b for line in SMALL for b in ("--gin", line)]
+  argv = ["evaluate", "--base", built["base"], "--library", built["library"], "--router", "arrow",
+          "--task", suite.HELD_OUT_TASKS[1], "--output_dir", out] + bindings
+  assert cli_main(argv) == 0
+  assert json.loads(capsys.readouterr().out)["name"] == suite.HELD_OUT_TASKS[1]
+  assert os.path.isfile(os.path.join(out, "results.json"))
+  assert cli_main(["assemble", "--base", built["base"], "--library", built["library"], "--output",
+                   os.path.join(built["root"], "merged"), "--router", "merged"] + bindings) == 0
+  assert native.read_configs(os.path.join(built["root"], "merged"))[1].mode == "lora"
