@@ -38,6 +38,7 @@ from phatgoose_jax.t5 import config as t5_config
 from phatgoose_jax.training import optimizers
 from phatgoose_jax.training.data import DeterministicBatches
 from phatgoose_jax.training.trainer import Trainer
+from phatgoose_jax.tasks import flan
 
 _HELD_OUT: Dict[str, Any] = {"tasks": set(), "predicates": []}
 
@@ -430,6 +431,10 @@ def evaluate(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: Opt
              data_dirs: Optional[dict] = None) -> dict:
   """Score a task or mixture (rank classification / greedy generation, SPEC §6); writes
   `output_dir/results.json` and `output_dir/results.md`, returns the results."""
+  if library:  # the FLAN guard follows the experts' own datasets, whatever the caller says (SPEC §6)
+    manifests = lib.ExpertLibrary(library).list()
+    expert_pool = flan.pool_of(m.get("dataset") or m["name"] for m in manifests) or expert_pool
+  flan.check_evaluation(expert_pool, task)  # before any model is loaded
   model, variables, weights = load_model(base, checkpoint, library, router, names, router_options)
   results = evaluator.evaluate(task, runner(model, variables, weights), max_examples=max_examples,
                                expert_pool=expert_pool, **(data_dirs or {}))

@@ -63,6 +63,11 @@ def _task_names(name: str) -> set:
   return {name}
 
 
+def pool_of(datasets) -> Optional[str]:
+  """"flan" when any expert was trained on a FLAN-pool task (`flan_<expert>`), else None."""
+  return POOL if any(str(d or "").startswith("flan_") for d in datasets) else None
+
+
 def check_evaluation(expert_pool: Optional[str], name: str) -> None:
   """Raises ValueError when the FLAN pool would be evaluated on a T0 held-out task (SPEC §6)."""
   if expert_pool != POOL:

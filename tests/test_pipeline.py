@@ -120,3 +120,14 @@ def test_cli_evaluate_and_assemble(built, capsys):
   assert cli_main(["assemble", "--base", built["base"], "--library", built["library"], "--output",
                    os.path.join(built["root"], "merged"), "--router", "merged"] + bindings) == 0
   assert native.read_configs(os.path.join(built["root"], "merged"))[1].mode == "lora"
+
+
+def test_a_flan_pool_library_is_never_evaluated_on_t0_held_out(built, tmp_path):
+  """The FLAN guard follows the experts' datasets even when the caller names no pool (SPEC §6)."""
+  expert = lib.ExpertLibrary(built["library"]).load(SKILLS[0])
+  flan_library = lib.ExpertLibrary(str(tmp_path / "flan"))
+  flan_library.add("wsc_expert", expert.lora, base=expert.manifest["base"], gates=expert.gates,
+                   dataset="flan_super_glue_wsc")
+  with pytest.raises(ValueError, match="must not be evaluated on T0 held-out"):
+    pipeline.evaluate(task="t0_held_out", output_dir=str(tmp_path / "out"), base=built["base"],
+                      library=str(tmp_path / "flan"))
