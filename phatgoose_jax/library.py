@@ -225,12 +225,12 @@ class ExpertLibrary:
       raise LibraryError(f"library {self.path} is empty")
     return fingerprint_config(self.manifest(entries[0])["base"])
 
-  def _check_compatible(self, manifest: dict) -> None:
+  def _check_compatible(self, manifest: dict, replace: bool = False) -> None:
     """Refuse an expert whose base model, rank or targets differ from the library's experts."""
     name = manifest["name"]
-    if name in self.names():
+    if name in self.names() and not replace:
       raise LibraryError(f"library {self.path} already has an expert named {name!r}; remove it first")
-    entries = self.names()
+    entries = [n for n in self.names() if n != name]
     if not entries:
       return
     ref = self.manifest(entries[0])
@@ -248,9 +248,12 @@ class ExpertLibrary:
       raise LibraryError(f"{where} target {ref['targets']}): it targets {manifest['targets']}")
 
   def add(self, name: str, lora: Mapping, *, base: Mapping, gates: Optional[Mapping] = None,
-          dataset: Optional[str] = None, dtype: str = "float32", training: Optional[dict] = None) -> dict:
+          dataset: Optional[str] = None, dtype: str = "float32", training: Optional[dict] = None,
+          replace: bool = False) -> dict:
     """Store one expert (a nested or flat `lora` collection, optional `gates`) and return its manifest.
 
+    `replace=True` swaps an existing entry of that name for the new one (e.g. the expert with its trained
+    gate); a crash mid-swap leaves the old entry readable, or a `.trash-` copy that `verify` reports.
     `base` is `base_fingerprint(config, params)` of the model it was trained on. Warns
     (`UntrainedGateWarning`) when every gate vector is zero.
     """
@@ -264,16 +267,17 @@ class ExpertLibrary:
                 "base": {"config": dict(base["config"]), "params_sha256": base["params_sha256"]},
                 "rank": rank, "targets": list(targets), "dtype": dtype, "gate": bool(gates),
                 "num_modules": len(lora) // 2, "training": training or {}, "created": time.time()}
-    self._check_compatible(manifest)
+    self._check_compatible(manifest, replace)
     if gates_all_zero(gates):
       warnings.warn(f"expert {name!r}: every gate vector is zero (an untrained gate); PHATGOOSE routing "
                     f"will not prefer it for any token", UntrainedGateWarning, stacklevel=2)
     weights = {**{f"lora/{k}": v for k, v in lora.items()}, **{f"gates/{k}": v for k, v in gates.items()}}
-    self._write_entry(name, weights, manifest)
+    self._write_entry(name, weights, manifest, replace)
     return self.manifest(name)
 
-  def _write_entry(self, name: str, weights: Dict[str, np.ndarray], manifest: dict) -> None:
-    """Write weights then manifest into a temporary directory, then rename it into place."""
+  def _write_entry(self, name: str, weights: Dict[str, np.ndarray], manifest: dict, replace: bool = False) -> None:
+    """Write weights then manifest into a temporary directory, then rename it into place (after moving an
+    entry it replaces aside)."""
     os.makedirs(self.path, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=self.path)
     try:
@@ -281,19 +285,26 @@ class ExpertLibrary:
       manifest["weights"] = {"file": WEIGHTS, "sha256": file_sha256(os.path.join(tmp, WEIGHTS)),
                              "bytes": os.path.getsize(os.path.join(tmp, WEIGHTS))}
       _write_json(os.path.join(tmp, MANIFEST), manifest)
+      trash = self._set_aside(name) if replace and name in self.names() else None
       os.rename(tmp, self._entry(name))
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
     _fsync_dir(self.path)
+    if trash:
+      shutil.rmtree(trash)
+
+  def _set_aside(self, name: str) -> str:
+    """Move an entry out of the listing into a `.trash-` directory; returns that directory."""
+    trash = tempfile.mkdtemp(prefix=f"{_TRASH}{name}-", dir=self.path)
+    os.rename(self._entry(name), os.path.join(trash, name))
+    _fsync_dir(self.path)
+    return trash
 
   def remove(self, name: str) -> None:
     """Delete an entry: renamed out of the listing first, then deleted."""
     self.manifest(name)
-    trash = tempfile.mkdtemp(prefix=f"{_TRASH}{name}-", dir=self.path)
-    os.rename(self._entry(name), os.path.join(trash, name))
-    _fsync_dir(self.path)
-    shutil.rmtree(trash)
+    shutil.rmtree(self._set_aside(name))
 
   def load(self, name: str) -> Expert:
     """An expert's manifest and float32 weights; refuses a weights file whose sha256 is not the manifest's."""

@@ -303,9 +303,9 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
                 None if validation is None else data_features(validation), workdir, num_steps, seed=seed)
   training = dict(expert.manifest["training"],
                   gate=_training_record(task, len(train), started, stage="gate", num_steps=num_steps, seed=seed))
-  library_.remove(name)
   return library_.add(name, expert.lora, base=expert.manifest["base"], gates=trained["gates"],
-                      dataset=expert.manifest["dataset"], dtype=expert.manifest["dtype"], training=training)
+                      dataset=expert.manifest["dataset"], dtype=expert.manifest["dtype"], training=training,
+                      replace=True)
 
 
 @gin.configurable

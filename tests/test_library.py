@@ -155,6 +155,26 @@ def test_a_crash_mid_write_leaves_the_library_as_it_was(filled, base, monkeypatc
   assert not [p for p in library.verify() if p.level == "error"]
 
 
+def test_replace_swaps_an_entry_and_a_failed_replace_keeps_the_old_one(filled, base, monkeypatch):
+  library, _ = filled
+  old = library.load("e1")
+  lora, gates = random_expert(6)
+
+  def crash(*args, **kwargs):
+    raise OSError("simulated crash")
+
+  monkeypatch.setattr(lib, "_write_json", crash)
+  with pytest.raises(OSError, match="simulated crash"):
+    library.add("e1", lora, base=base[1], gates=gates, replace=True)
+  monkeypatch.undo()
+  for key, value in old.lora.items():
+    np.testing.assert_array_equal(library.load("e1").lora[key], value)
+  library.add("e1", lora, base=base[1], gates=gates, replace=True)
+  assert library.names() == ["e0", "e1", "e2"] and sorted(os.listdir(library.path)) == ["e0", "e1", "e2"]
+  for key, value in lib._flat_float32(gates).items():
+    np.testing.assert_array_equal(library.load("e1").gates[key], value)
+
+
 def test_leftovers_of_a_killed_write_are_ignored_and_reported(filled):
   library, _ = filled
   half = os.path.join(library.path, ".tmp-new-abc123")
