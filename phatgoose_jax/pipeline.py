@@ -66,9 +66,8 @@ def check_held_in(tasks: Sequence[str], examples: Sequence[dict] = ()) -> None:
 
 @gin.configurable
 def run(stage=gin.REQUIRED, register_demo_tasks: bool = True, demo_seed: int = 0):
-  """Call the configured stage (a gin reference to a pipeline function) with the task registries loaded;
-  with `register_demo_tasks` the synthetic suite's tasks (`demo_*`, for `demo_seed`) too."""
-  import phatgoose_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import
+  """Call the configured stage (a gin reference to a pipeline function); the task registries are loaded with
+  this module, and with `register_demo_tasks` the synthetic suite's tasks (`demo_*`, for `demo_seed`) too."""
   if register_demo_tasks:
     from phatgoose_jax.demo import suite  # pylint: disable=import-outside-toplevel
     suite.register(demo_seed)

@@ -8,42 +8,13 @@ import pytest
 
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names, peft
-from phatgoose_jax.models import EncoderDecoderModel, shift_right
+from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, preset
+
+from random_trees import random_batch, random_expert, random_params
 
 CFG = preset("tiny")
 RANK = 4
-
-
-def random_params(config=CFG, seed=0):
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for key, shape in names.param_shapes(config).items():
-    scale = shape[0] ** -0.5 if key.endswith("kernel") else 1.0
-    flat[key] = (1.0 + 0.1 * rng.standard_normal(shape) if key.endswith("scale") else
-                 scale * rng.standard_normal(shape)).astype(np.float32)
-  return names.unflatten(flat)
-
-
-def random_expert(seed, rank=RANK, targets=ALL_TARGETS, config=CFG, gate_scale=1.0):
-  """(flat lora, flat gates) on every layer of `targets`."""
-  rng = np.random.default_rng(seed)
-  lora, gates = {}, {}
-  for path in names.module_paths(config, targets):
-    d_in, d_out = names.linear_shape(config, path)
-    lora[f"{path}/lora_a"] = (0.3 * rng.standard_normal((d_in, rank))).astype(np.float32)
-    lora[f"{path}/lora_b"] = (0.3 * rng.standard_normal((rank, d_out))).astype(np.float32)
-    gates[f"{path}/gate"] = (gate_scale * rng.standard_normal(d_in)).astype(np.float32)
-  return lora, gates
-
-
-def random_batch(seed=0, batch=3, in_len=9, out_len=7):
-  rng = np.random.default_rng(seed)
-  enc = rng.integers(2, CFG.vocab_size, (batch, in_len)).astype(np.int32)
-  tgt = rng.integers(2, CFG.vocab_size, (batch, out_len)).astype(np.int32)
-  enc[1, in_len - 3:] = 0
-  tgt[1, out_len - 2:] = 0
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt), "decoder_target_tokens": tgt}
 
 
 @pytest.fixture(scope="module")

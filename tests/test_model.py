@@ -11,6 +11,8 @@ from flax import traverse_util
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import ExpertConfig, preset
 
+from random_trees import random_batch
+
 GOLDEN = pathlib.Path(__file__).parent / "testdata" / "t5_tiny_params.json"
 CFG = preset("tiny")
 
@@ -26,15 +28,6 @@ def layout(variables: dict) -> dict:
 def routed_layout():
   model = EncoderDecoderModel(CFG, ExpertConfig(mode="routed", rank=4, num_experts=3))
   return layout(model.init_variables(jax.random.PRNGKey(0)))
-
-
-def random_batch(seed=0, batch=3, in_len=9, out_len=7):
-  rng = np.random.default_rng(seed)
-  enc = rng.integers(2, CFG.vocab_size, (batch, in_len)).astype(np.int32)
-  tgt = rng.integers(2, CFG.vocab_size, (batch, out_len)).astype(np.int32)
-  enc[1, in_len - 3:] = 0
-  tgt[1, out_len - 2:] = 0
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt), "decoder_target_tokens": tgt}
 
 
 def randomize(tree, seed, scale=0.3):

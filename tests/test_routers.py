@@ -15,30 +15,15 @@ from phatgoose_jax.routers import arrow, merging, retrieval
 from phatgoose_jax.t5.config import ExpertConfig, preset
 from phatgoose_jax.t5.network import Transformer
 
+from random_trees import random_expert as _random_expert, random_params
+
 CFG = preset("tiny")
 RANK = 4
 NAMES = ["a", "b", "c"]
 
 
-def random_params(seed=0):
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for key, shape in names.param_shapes(CFG).items():
-    scale = shape[0] ** -0.5 if key.endswith("kernel") else 1.0
-    flat[key] = (1.0 + 0.1 * rng.standard_normal(shape) if key.endswith("scale") else
-                 scale * rng.standard_normal(shape)).astype(np.float32)
-  return names.unflatten(flat)
-
-
 def random_expert(seed, gate_scale=1.0):
-  rng = np.random.default_rng(seed)
-  lora, gates = {}, {}
-  for path in names.module_paths(CFG):
-    d_in, d_out = names.linear_shape(CFG, path)
-    lora[f"{path}/lora_a"] = (0.3 * rng.standard_normal((d_in, RANK))).astype(np.float32)
-    lora[f"{path}/lora_b"] = (0.3 * rng.standard_normal((RANK, d_out))).astype(np.float32)
-    gates[f"{path}/gate"] = (gate_scale * rng.standard_normal(d_in)).astype(np.float32)
-  return lora, gates
+  return _random_expert(seed, RANK, gate_scale=gate_scale)
 
 
 def batches(seed, count=2, batch=3, in_len=9, out_len=7):
