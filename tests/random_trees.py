@@ -19,14 +19,14 @@ def random_params(config=TINY, seed=0):
   return names.unflatten(flat)
 
 
-def random_expert(seed, rank=4, targets=ALL_TARGETS, config=TINY, gate_scale=1.0):
+def random_expert(seed, rank=4, targets=ALL_TARGETS, config=TINY, gate_scale=1.0, lora_scale=0.3):
   """(flat lora, flat gates) on every layer of `targets`."""
   rng = np.random.default_rng(seed)
   lora, gates = {}, {}
   for path in names.module_paths(config, targets):
     d_in, d_out = names.linear_shape(config, path)
-    lora[f"{path}/lora_a"] = (0.3 * rng.standard_normal((d_in, rank))).astype(np.float32)
-    lora[f"{path}/lora_b"] = (0.3 * rng.standard_normal((rank, d_out))).astype(np.float32)
+    lora[f"{path}/lora_a"] = (lora_scale * rng.standard_normal((d_in, rank))).astype(np.float32)
+    lora[f"{path}/lora_b"] = (lora_scale * rng.standard_normal((rank, d_out))).astype(np.float32)
     gates[f"{path}/gate"] = (gate_scale * rng.standard_normal(d_in)).astype(np.float32)
   return lora, gates
 

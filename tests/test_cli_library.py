@@ -10,25 +10,18 @@ from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import hf, names, native, peft, reference
 from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, preset
 
+import random_trees as trees
+
 CFG = preset("tiny")
 RANK = 4
 
 
 def random_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return names.unflatten({k: (0.2 * rng.standard_normal(s)).astype(np.float32)
-                          for k, s in names.param_shapes(CFG).items()})
+  return trees.random_params(CFG, seed)
 
 
 def random_expert(seed, targets=ALL_TARGETS):
-  rng = np.random.default_rng(seed)
-  lora, gates = {}, {}
-  for path in names.module_paths(CFG, targets):
-    d_in, d_out = names.linear_shape(CFG, path)
-    lora[f"{path}/lora_a"] = rng.standard_normal((d_in, RANK)).astype(np.float32)
-    lora[f"{path}/lora_b"] = rng.standard_normal((RANK, d_out)).astype(np.float32)
-    gates[f"{path}/gate"] = rng.standard_normal(d_in).astype(np.float32)
-  return lora, gates
+  return trees.random_expert(seed, RANK, targets, CFG, lora_scale=1.0)
 
 
 @pytest.fixture(scope="module")

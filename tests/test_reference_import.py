@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from phatgoose_jax.checkpoints import names, reference
+from phatgoose_jax.checkpoints import reference
 from phatgoose_jax.t5.config import ALL_TARGETS, preset
+
+from random_trees import random_expert
 
 torch = pytest.importorskip("torch")
 
@@ -12,18 +14,9 @@ RANK = 4
 
 
 def make_experts(count, targets=ALL_TARGETS, seed=0):
-  rng = np.random.default_rng(seed)
-  loras, gates = [], []
-  for _ in range(count):
-    lora, gate = {}, {}
-    for path in names.module_paths(CONFIG, targets):
-      d_in, d_out = names.linear_shape(CONFIG, path)
-      lora[f"{path}/lora_a"] = rng.standard_normal((d_in, RANK)).astype(np.float32)
-      lora[f"{path}/lora_b"] = rng.standard_normal((RANK, d_out)).astype(np.float32)
-      gate[f"{path}/gate"] = rng.standard_normal(d_in).astype(np.float32)
-    loras.append(lora)
-    gates.append(gate)
-  return loras, gates
+  """(loras, gates): `count` random experts on `targets`."""
+  experts = [random_expert(seed * 100 + i, RANK, targets, CONFIG, lora_scale=1.0) for i in range(count)]
+  return [lora for lora, _ in experts], [gates for _, gates in experts]
 
 
 def _bf16(x):
