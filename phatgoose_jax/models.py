@@ -27,6 +27,14 @@ def shift_right(targets: np.ndarray) -> np.ndarray:
   return np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
 
 
+def pad_tokens(rows, length: int, num_rows: Optional[int] = None) -> np.ndarray:
+  """<int32>[num_rows or len(rows), length]: each row of ids truncated to `length`, zero-padded (pad 0)."""
+  out = np.zeros((len(rows) if num_rows is None else num_rows, length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :min(len(row), length)] = row[:length]
+  return out
+
+
 def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(target_t | ...) for each position: <float32>[b, L]."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -33,7 +33,7 @@ from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.evaluation import evaluator, route_stats as route_stats_lib
-from phatgoose_jax.models import EncoderDecoderModel, shift_right
+from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
 from phatgoose_jax.t5 import config as t5_config
 from phatgoose_jax.training import optimizers
 from phatgoose_jax.training.data import DeterministicBatches
@@ -133,19 +133,12 @@ def text_examples(name: str, split: str = "train", max_examples: Optional[int] =
   return rows
 
 
-def _pad(ids: List[List[int]], length: int) -> np.ndarray:
-  out = np.zeros((len(ids), length), np.int32)
-  for i, row in enumerate(ids):
-    out[i, :len(row)] = row[:length]
-  return out
-
-
 def featurize(examples: Sequence[dict], vocabulary: seqio.Vocabulary, input_length: int,
               target_length: int) -> Dict[str, np.ndarray]:
   """t5x features of text examples: inputs and targets encoded (EOS kept), truncated and zero-padded."""
   inputs = [vocab_lib.encode(vocabulary, e["inputs"], input_length) for e in examples]
-  targets = _pad([vocab_lib.encode(vocabulary, e["targets"], target_length) for e in examples], target_length)
-  return {"encoder_input_tokens": _pad(inputs, input_length), "decoder_input_tokens": shift_right(targets),
+  targets = pad_tokens([vocab_lib.encode(vocabulary, e["targets"], target_length) for e in examples], target_length)
+  return {"encoder_input_tokens": pad_tokens(inputs, input_length), "decoder_input_tokens": shift_right(targets),
           "decoder_target_tokens": targets}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.cli import UsageError
-from phatgoose_jax.models import EncoderDecoderModel, shift_right
+from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
 
 
 @dataclasses.dataclass
@@ -119,10 +119,7 @@ def bucket(length: int) -> int:
 
 
 def pad(rows: list, batch_size: int) -> np.ndarray:
-  out = np.zeros((batch_size, bucket(max(len(r) for r in rows))), np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r
-  return out
+  return pad_tokens(rows, bucket(max(len(r) for r in rows)), batch_size)
 
 
 def batches(records: list, batch_size: int):

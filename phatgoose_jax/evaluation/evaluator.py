@@ -22,14 +22,7 @@ import seqio
 
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.evaluation import metrics, task_eval
-from phatgoose_jax.models import EncoderDecoderModel, shift_right
-
-
-def _pad_rows(ids: Sequence[Sequence[int]], rows: int, length: int) -> np.ndarray:
-  out = np.zeros((rows, length), np.int32)
-  for i, row in enumerate(ids):
-    out[i, :min(len(row), length)] = row[:length]
-  return out
+from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
 
 
 @dataclasses.dataclass
@@ -48,7 +41,7 @@ class Runner:
     return x if self.batch_sharding is None else jax.device_put(x, self.batch_sharding)
 
   def _encode(self, texts: Sequence[str], length: int) -> np.ndarray:
-    return _pad_rows([vocab_lib.encode(self.vocabulary, t, length) for t in texts], self.batch_size, length)
+    return pad_tokens([vocab_lib.encode(self.vocabulary, t, length) for t in texts], length, self.batch_size)
 
   def _weights(self, inputs: Sequence[str], encoded: np.ndarray, task: Optional[str]):
     if self.expert_weights is None:
