@@ -13,21 +13,26 @@ from phatgoose_jax.t5 import layers
 from phatgoose_jax.t5.config import ExpertConfig, T5Config
 
 
+def pre_norm_residual(cfg: T5Config, norm_name: str, x, sublayer, deterministic):
+  """x + dropout(sublayer(RMSNorm(x))): T5's pre-norm residual sub-layer (call inside a compact module)."""
+  h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name=norm_name)(x)
+  return x + nn.Dropout(cfg.dropout_rate)(sublayer(h), deterministic=deterministic)
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
   experts: ExpertConfig
 
   @nn.compact
   def __call__(self, x, mask, position_bias_fn, deterministic, expert_weights):
-    cfg = self.config
-    drop = nn.Dropout(cfg.dropout_rate)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
-    h = layers.MultiHeadAttention(cfg, self.experts, name="attention")(
-        h, h, mask, deterministic=deterministic, position_bias_fn=position_bias_fn, expert_weights=expert_weights)
-    x = x + drop(h, deterministic=deterministic)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
-    h = layers.MlpBlock(cfg, self.experts, name="mlp")(h, deterministic=deterministic, expert_weights=expert_weights)
-    x = x + drop(h, deterministic=deterministic)
+    cfg, experts = self.config, self.experts
+    attention = layers.MultiHeadAttention(cfg, experts, name="attention")
+    x = pre_norm_residual(cfg, "pre_attention_layer_norm", x, lambda h: attention(
+        h, h, mask, deterministic=deterministic, position_bias_fn=position_bias_fn, expert_weights=expert_weights),
+        deterministic)
+    mlp = layers.MlpBlock(cfg, experts, name="mlp")
+    x = pre_norm_residual(cfg, "pre_mlp_layer_norm", x, lambda h: mlp(
+        h, deterministic=deterministic, expert_weights=expert_weights), deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -37,20 +42,17 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y, encoded, self_mask, cross_mask, position_bias_fn, deterministic, decode, expert_weights):
-    cfg = self.config
-    drop = nn.Dropout(cfg.dropout_rate)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm")(y)
-    h = layers.MultiHeadAttention(cfg, self.experts, name="self_attention")(
+    cfg, experts = self.config, self.experts
+    self_attention = layers.MultiHeadAttention(cfg, experts, name="self_attention")
+    y = pre_norm_residual(cfg, "pre_self_attention_layer_norm", y, lambda h: self_attention(
         h, h, self_mask, deterministic=deterministic, decode=decode, position_bias_fn=position_bias_fn,
-        expert_weights=expert_weights)
-    y = y + drop(h, deterministic=deterministic)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_cross_attention_layer_norm")(y)
-    h = layers.MultiHeadAttention(cfg, self.experts, name="encoder_decoder_attention")(
-        h, encoded, cross_mask, deterministic=deterministic, expert_weights=expert_weights)
-    y = y + drop(h, deterministic=deterministic)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
-    h = layers.MlpBlock(cfg, self.experts, name="mlp")(h, deterministic=deterministic, expert_weights=expert_weights)
-    y = y + drop(h, deterministic=deterministic)
+        expert_weights=expert_weights), deterministic)
+    cross_attention = layers.MultiHeadAttention(cfg, experts, name="encoder_decoder_attention")
+    y = pre_norm_residual(cfg, "pre_cross_attention_layer_norm", y, lambda h: cross_attention(
+        h, encoded, cross_mask, deterministic=deterministic, expert_weights=expert_weights), deterministic)
+    mlp = layers.MlpBlock(cfg, experts, name="mlp")
+    y = pre_norm_residual(cfg, "pre_mlp_layer_norm", y, lambda h: mlp(
+        h, deterministic=deterministic, expert_weights=expert_weights), deterministic)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
