@@ -76,7 +76,7 @@ class EncoderDecoderModel:
     return loss, {"loss": loss, "accuracy": accuracy, "num_tokens": jnp.sum(weights)}
 
   def score_batch(self, variables, batch, expert_weights=None) -> dict:
-    """Per-example target log-likelihood, summed and averaged over non-pad target tokens (SPEC §6).
+    """Per-example target log-likelihood, summed and averaged over non-pad target tokens (algorithm.md §6).
 
     Returns {"sum_logprob", "mean_logprob", "num_target_tokens"}, each <float32>[b].
     """

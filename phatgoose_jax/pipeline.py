@@ -2,8 +2,8 @@
 
   train_multitask  one model on a task or mixture: full fine-tuning (also base pretraining from scratch,
                    written as a native checkpoint) or one LoRA (written into a library)
-  train_expert     base frozen, `lora/.*` trainable (SPEC §2); the expert goes into the library
-  train_gate       base and expert frozen, `gates/.*` trainable (SPEC §3); the entry is replaced by expert+gate
+  train_expert     base frozen, `lora/.*` trainable (algorithm.md §2); the expert goes into the library
+  train_gate       base and expert frozen, `gates/.*` trainable (algorithm.md §3); the entry is replaced by expert+gate
   assemble         library experts + a router -> a routed native checkpoint
   evaluate         a task or mixture on the base, a checkpoint, or library experts combined by a router
   route_stats      per dataset and layer, the distribution of the experts the router chooses
@@ -87,14 +87,14 @@ def model_config(size: str = "tiny", overrides: Optional[dict] = None, dropout_r
 
 @gin.configurable
 def lora_config(rank: int = 16, targets: Sequence[str] = t5_config.ALL_TARGETS) -> t5_config.ExpertConfig:
-  """The single-expert LoRA of SPEC §2 (rank 16 on every linear layer)."""
+  """The single-expert LoRA of algorithm.md §2 (rank 16 on every linear layer)."""
   return t5_config.ExpertConfig(mode="lora", rank=rank, targets=tuple(targets))
 
 
 @gin.configurable
 def optimizer(num_steps: int, learning_rate: float = 5e-3, warmup_fraction: float = 0.06,
               clip_norm: float = 1.0, weight_decay: float = 0.0):
-  """AdamW, linear warmup over the first 6% of steps then constant, clipping at 1.0 (SPEC §2)."""
+  """AdamW, linear warmup over the first 6% of steps then constant, clipping at 1.0 (algorithm.md §2)."""
   return optimizers.make_optimizer("adamw", learning_rate, num_steps, warmup_fraction, weight_decay, clip_norm)
 
 
@@ -260,7 +260,7 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
                  workdir: str = gin.REQUIRED, name: Optional[str] = None, num_steps: int = 1000,
                  seed: int = 0, max_train_examples: Optional[int] = None,
                  max_validation_examples: Optional[int] = 1000) -> dict:
-  """Train one LoRA expert on `task` (base frozen, SPEC §2) and add it to `library`; returns its manifest."""
+  """Train one LoRA expert on `task` (base frozen, algorithm.md §2) and add it to `library`; returns its manifest."""
   check_held_in(task_names(task))
   started = time.time()
   train, validation = _datasets(task, max_train_examples, max_validation_examples)
@@ -279,7 +279,7 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
 def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str = gin.REQUIRED,
                workdir: str = gin.REQUIRED, task: Optional[str] = None, num_steps: int = 100, seed: int = 0,
                max_train_examples: Optional[int] = None, max_validation_examples: Optional[int] = 1000) -> dict:
-  """Train the gates of library expert `name` on its dataset (expert frozen, SPEC §3); stores expert + gate."""
+  """Train the gates of library expert `name` on its dataset (expert frozen, algorithm.md §3); stores expert + gate."""
   library_ = lib.ExpertLibrary(library)
   expert = library_.load(name)
   task = task or expert.manifest["dataset"]
@@ -305,7 +305,7 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
                     base: Optional[str] = None, finetune: str = "lora", name: str = "multitask",
                     num_steps: int = 1000, seed: int = 0, max_train_examples: Optional[int] = None,
                     max_validation_examples: Optional[int] = 1000) -> str:
-  """One model on the union of `task`'s data (needs all of it at once; a reference, SPEC §5).
+  """One model on the union of `task`'s data (needs all of it at once; a reference, algorithm.md §5).
 
   finetune='full' trains every parameter (from `base`, or from scratch without one: base pretraining) and
   writes a native checkpoint to `output`; finetune='lora' trains one LoRA on `base` and adds it to the
@@ -353,7 +353,7 @@ def _router_data(library_: lib.ExpertLibrary, names: Sequence[str], max_examples
 def routing(library_: lib.ExpertLibrary, names: Sequence[str], params: dict, router: str = "phatgoose",
             top_k: int = 2, impl: str = "auto", router_examples: int = 1000, batch_size: int = 64,
             retrieval_embedder: str = "base", oracle_labels: Optional[dict] = None):
-  """The library's `router` over experts `names` (SPEC §4-§5); data-driven routers read their experts'
+  """The library's `router` over experts `names` (algorithm.md §4-§5); data-driven routers read their experts'
   training data (at most `router_examples` per expert)."""
   kwargs: Dict[str, Any] = {}
   if router in ("phatgoose", "average_activation", "arrow"):
@@ -421,9 +421,9 @@ def evaluate(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: Opt
              method: Optional[str] = None,
              max_examples: Optional[int] = None, expert_pool: Optional[str] = None,
              data_dirs: Optional[dict] = None) -> dict:
-  """Score a task or mixture (rank classification / greedy generation, SPEC §6); writes
+  """Score a task or mixture (rank classification / greedy generation, algorithm.md §6); writes
   `output_dir/results.json` and `output_dir/results.md`, returns the results."""
-  if library:  # the FLAN guard follows the experts' own datasets, whatever the caller says (SPEC §6)
+  if library:  # the FLAN guard follows the experts' own datasets, whatever the caller says (algorithm.md §6)
     manifests = lib.ExpertLibrary(library).list()
     expert_pool = flan.pool_of(m.get("dataset") or m["name"] for m in manifests) or expert_pool
   flan.check_evaluation(expert_pool, task)  # before any model is loaded

@@ -1,12 +1,12 @@
 """Vocabularies: seqio's `ByteVocabulary` (the offline default) or a SentencePiece model from a path.
 
-Both follow T5's conventions (SPEC §1): pad 0, EOS 1, no BOS; inputs and targets end with EOS.
+Both follow T5's conventions (algorithm.md §1): pad 0, EOS 1, no BOS; inputs and targets end with EOS.
 """
 import os
 
 import seqio
 
-MAX_LENGTH = 512  # inputs and targets are truncated to 512 tokens, EOS kept (SPEC §1)
+MAX_LENGTH = 512  # inputs and targets are truncated to 512 tokens, EOS kept (algorithm.md §1)
 
 
 def get_vocabulary(spec: str = "byte") -> seqio.Vocabulary:

@@ -1,4 +1,4 @@
-"""seqio task registries of the paper's data (SPEC §6), registered on import (cheap, no data read).
+"""seqio task registries of the paper's data (algorithm.md §6), registered on import (cheap, no data read).
 
 Registered names: `p3_<key>` / `p3_<key>_eval` (36 held-in P3 datasets; mixtures `p3_held_in`,
 `p3_held_in_eval`), `t0_<key>` (11 T0 held-out; mixture `t0_held_out`), `bbl_<task>` (17 BIG-bench Lite;

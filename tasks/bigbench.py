@@ -1,4 +1,4 @@
-"""BIG-bench JSON tasks as zero-shot evaluation examples (SPEC §6).
+"""BIG-bench JSON tasks as zero-shot evaluation examples (algorithm.md §6).
 
 Reads the official layout `<dir>/<task>/task.json`, or `<dir>/<task>/<subtask>/task.json` for tasks with
 subtasks (a task with subtasks is the union of all of them, in sorted subtask order). Each example

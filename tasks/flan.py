@@ -1,4 +1,4 @@
-"""The FLAN expert pool (166 experts), read from the released FLAN collection (SPEC §6).
+"""The FLAN expert pool (166 experts), read from the released FLAN collection (algorithm.md §6).
 
 The FLAN directory holds one JSONL file per expert, `<flan_dir>/<expert>.jsonl`, whose rows are rows of
 the released collection: `inputs`, `targets`, the task name and the template type (`_task_name` /
@@ -51,7 +51,7 @@ def register_pool(flan_dir=None) -> list:
                                      splits=("train",))
     names.append(seqio_tasks.add_task(task_name(path), source, evaluation=False).name)
   if len(names) != sources.FLAN_POOL_SIZE:
-    raise ValueError(f"the FLAN pool has {sources.FLAN_POOL_SIZE} experts (SPEC §6); {len(names)} expert files "
+    raise ValueError(f"the FLAN pool has {sources.FLAN_POOL_SIZE} experts (algorithm.md §6); {len(names)} expert files "
                      f"found; the {len(names)} tasks are registered, the mixture {MIXTURE} is not")
   seqio_tasks.add_mixture(MIXTURE, names)
   return names
@@ -69,11 +69,11 @@ def pool_of(datasets) -> Optional[str]:
 
 
 def check_evaluation(expert_pool: Optional[str], name: str) -> None:
-  """Raises ValueError when the FLAN pool would be evaluated on a T0 held-out task (SPEC §6)."""
+  """Raises ValueError when the FLAN pool would be evaluated on a T0 held-out task (algorithm.md §6)."""
   if expert_pool != POOL:
     return
   held_out = {f"t0_{s.key}" for s in sources.T0_HELD_OUT}
   leaked = sorted(_task_names(name) & held_out)
   if leaked:
     raise ValueError(f"the FLAN expert pool contains WSC, COPA, HellaSwag and WiC and must not be evaluated on "
-                     f"T0 held-out tasks (SPEC §6): {name} includes {', '.join(leaked)}")
+                     f"T0 held-out tasks (algorithm.md §6): {name} includes {', '.join(leaked)}")

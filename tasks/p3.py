@@ -1,4 +1,4 @@
-"""The P3 expert pool and the T0 held-out evaluation, as seqio tasks over promptsource templates (SPEC §6).
+"""The P3 expert pool and the T0 held-out evaluation, as seqio tasks over promptsource templates (algorithm.md §6).
 
 - `p3_<key>`: training on the 36 held-in datasets, every template of the dataset; mixture `p3_held_in`.
 - `p3_<key>_eval`: evaluation over the dataset's original-task templates.

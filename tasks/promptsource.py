@@ -1,4 +1,4 @@
-"""promptsource templates, read from their YAML files and rendered with jinja2 (SPEC §6).
+"""promptsource templates, read from their YAML files and rendered with jinja2 (algorithm.md §6).
 
 Reproduces promptsource 0.2.3's `Template.apply` without the package: YAML with the custom tags
 `!Template` / `!TemplateMetadata`; jinja2 with promptsource's globals (`zip`) and filters (`choice`,

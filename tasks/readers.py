@@ -1,4 +1,4 @@
-"""Reading a pinned dataset split as python dicts: local JSONL, then TFDS, then Hugging Face (SPEC §6).
+"""Reading a pinned dataset split as python dicts: local JSONL, then TFDS, then Hugging Face (algorithm.md §6).
 
 Nothing here runs at import time; each reader is tried only when a task's data is requested, and a
 dataset found nowhere raises `MissingDataError` naming the dataset, every location tried and how to get it.

@@ -1,5 +1,5 @@
 """seqio plumbing shared by every registry: text sources, rank-classification preprocessing, features,
-idempotent registration (SPEC §6).
+idempotent registration (algorithm.md §6).
 
 An evaluation source yields one example per (example, prompt) with fields `inputs`, `target`, `choices`,
 `correct`, `references`, `metric` and `idx`; the `rank_classification` preprocessor expands it into one row
@@ -75,7 +75,7 @@ def text_source(examples_fn: Callable, signature: dict, splits=("train", "valida
 
 
 def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """One row per answer choice: inputs, targets (the choice), idx, choice_idx, is_correct (SPEC §6)."""
+  """One row per answer choice: inputs, targets (the choice), idx, choice_idx, is_correct (algorithm.md §6)."""
   def expand(ex):
     has_choices = tf.size(ex["choices"]) > 0
     targets = tf.cond(has_choices, lambda: ex["choices"], lambda: tf.reshape(ex["target"], [1]))

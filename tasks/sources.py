@@ -1,4 +1,4 @@
-"""Every dataset, benchmark list and data location the task registries use, pinned in one place (SPEC §6).
+"""Every dataset, benchmark list and data location the task registries use, pinned in one place (algorithm.md §6).
 
 A dataset is read, in this order, from: a local JSONL file `<data_dir>/<promptsource path>/<split>.jsonl`
 (rows in the Hugging Face schema that the promptsource templates expect), a prepared TFDS dataset (only
@@ -45,7 +45,7 @@ def _p3(key, templates, hf, tfds=None, eval_split="validation"):
   return DatasetSource(key, templates, hf, tfds, eval_split=eval_split)
 
 
-# The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (SPEC §6, §7).
+# The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (algorithm.md §6, §7).
 P3_HELD_IN = (
     _p3("ag_news", "ag_news", ("ag_news", None), eval_split="test"),
     _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test"),
@@ -85,7 +85,7 @@ P3_HELD_IN = (
     _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test"),
 )
 
-# The 11 T0 held-out evaluation datasets (P3 pool only), on the splits T0 evaluates (SPEC §6).
+# The 11 T0 held-out evaluation datasets (P3 pool only), on the splits T0 evaluates (algorithm.md §6).
 T0_HELD_OUT = (
     _p3("rte", "super_glue/rte", ("super_glue", "rte"), "super_glue/rte:1.0.2"),
     _p3("hellaswag", "hellaswag", ("hellaswag", None)),
@@ -100,7 +100,7 @@ T0_HELD_OUT = (
     _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2"),
 )
 
-# BIG-bench Lite: the 24 tasks minus the 7 the paper leaves out (SPEC §6).
+# BIG-bench Lite: the 24 tasks minus the 7 the paper leaves out (algorithm.md §6).
 BIGBENCH_LITE = (
     "bbq_lite_json", "conceptual_combinations", "conlang_translation", "formal_fallacies_syllogisms_negation",
     "hindu_knowledge", "known_unknowns", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
@@ -108,7 +108,7 @@ BIGBENCH_LITE = (
     "strategyqa", "vitaminc_fact_verification", "winowhy",
 )
 
-# BIG-bench Hard: the 23 tasks minus dyck_languages (SPEC §6), each with its directory in the official
+# BIG-bench Hard: the 23 tasks minus dyck_languages (algorithm.md §6), each with its directory in the official
 # BIG-bench layout (`multistep_arithmetic_two` is the BBH release's task, placed as <dir>/<name>/task.json).
 BIGBENCH_HARD = {
     "boolean_expressions": "boolean_expressions",

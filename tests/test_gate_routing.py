@@ -1,5 +1,5 @@
 """End to end, the PHATGOOSE mechanism: post-hoc gates, trained each on its own expert's data only, route
-tokens of that data to their own expert (SPEC §3-§4). Two tasks over disjoint byte ranges, so each token
+tokens of that data to their own expert (algorithm.md §3-§4). Two tasks over disjoint byte ranges, so each token
 carries its task; expert then gate trained per task, assembled from a library, routed top-1."""
 import jax
 import numpy as np

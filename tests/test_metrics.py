@@ -1,4 +1,4 @@
-"""Metrics of SPEC §6 against hand-computed values."""
+"""Metrics of algorithm.md §6 against hand-computed values."""
 import pytest
 
 from phatgoose_jax.evaluation import metrics

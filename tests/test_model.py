@@ -132,7 +132,7 @@ def test_fast_routing_paths_equal_dense_in_the_full_model(impl):
 
 
 def test_gate_is_sigmoid_of_dot_product():
-  """A zero gate halves the LoRA update: W u + sigmoid(0) B A u / r (SPEC §3)."""
+  """A zero gate halves the LoRA update: W u + sigmoid(0) B A u / r (algorithm.md §3)."""
   lora = EncoderDecoderModel(CFG, ExpertConfig(mode="lora", rank=4))
   gated = EncoderDecoderModel(CFG, ExpertConfig(mode="gated", rank=4))
   variables = unbox(gated.init_variables(jax.random.PRNGKey(8)))

@@ -123,7 +123,7 @@ def test_cli_evaluate_and_assemble(built, capsys):
 
 
 def test_a_flan_pool_library_is_never_evaluated_on_t0_held_out(built, tmp_path):
-  """The FLAN guard follows the experts' datasets even when the caller names no pool (SPEC §6)."""
+  """The FLAN guard follows the experts' datasets even when the caller names no pool (algorithm.md §6)."""
   expert = lib.ExpertLibrary(built["library"]).load(SKILLS[0])
   flan_library = lib.ExpertLibrary(str(tmp_path / "flan"))
   flan_library.add("wsc_expert", expert.lora, base=expert.manifest["base"], gates=expert.gates,

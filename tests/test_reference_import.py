@@ -1,4 +1,4 @@
-"""The reference implementation's stacked expert checkpoint (SPEC §7) -> per-expert lora and gates."""
+"""The reference implementation's stacked expert checkpoint (algorithm.md §7) -> per-expert lora and gates."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Routers by name: each formula against an independent numpy computation (SPEC §4, §5)."""
+"""Routers by name: each formula against an independent numpy computation (algorithm.md §4, §5)."""
 import sys
 
 import jax

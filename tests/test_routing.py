@@ -1,4 +1,4 @@
-"""Routing (SPEC §4, §5) against an independent numpy computation, and its failure modes."""
+"""Routing (algorithm.md §4, §5) against an independent numpy computation, and its failure modes."""
 import jax
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ def np_standardize(x):
 
 
 def np_route(u, router, a, b, k, scale, score="standardized"):
-  """SPEC §4 token by token, in float64 numpy: scores, softmax, top-k, renormalise, mix OUTPUTS."""
+  """algorithm.md §4 token by token, in float64 numpy: scores, softmax, top-k, renormalise, mix OUTPUTS."""
   d_in = u.shape[-1]
   out = np.zeros(u.shape[:-1] + (b.shape[-1],))
   for idx in np.ndindex(*u.shape[:-1]):

@@ -1,4 +1,4 @@
-"""BIG-bench zero-shot tasks (SPEC §6): every shared task loads through seqio and matches its JSON; the
+"""BIG-bench zero-shot tasks (algorithm.md §6): every shared task loads through seqio and matches its JSON; the
 `phatgoose tasks inspect --json` output on a task directory built here in the official layout."""
 import json
 import pathlib

@@ -1,4 +1,4 @@
-"""promptsource templates (SPEC §6): the real YAML renders for every T0 held-out dataset on examples
+"""promptsource templates (algorithm.md §6): the real YAML renders for every T0 held-out dataset on examples
 built here in each dataset's schema; the YAML tags, `|||`, answer choices and filters; T0 tasks end to end."""
 import json
 

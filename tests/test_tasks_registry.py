@@ -1,4 +1,4 @@
-"""Task registries (SPEC §6): exactly the paper's names, idempotent registration, missing-data errors,
+"""Task registries (algorithm.md §6): exactly the paper's names, idempotent registration, missing-data errors,
 the FLAN pool and its ban on T0 held-out evaluation."""
 import importlib
 import json

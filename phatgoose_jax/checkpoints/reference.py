@@ -1,4 +1,4 @@
-"""The reference implementation's released expert checkpoints (SPEC §7) -> per-expert `lora` and `gates`.
+"""The reference implementation's released expert checkpoints (algorithm.md §7) -> per-expert `lora` and `gates`.
 
 The reference code stores all E experts in one state dict (safetensors or a PyTorch file), under Hugging
 Face T5 module names, possibly behind a prefix (e.g. `model.`):

@@ -128,7 +128,7 @@ def batches(records: list, batch_size: int):
 
 
 def score_records(loaded: LoadedModel, records: list, batch_size: int) -> list[dict]:
-  """Per-record {'sum_logprob', 'mean_logprob', 'num_target_tokens'} (SPEC §6 rank-classification score)."""
+  """Per-record {'sum_logprob', 'mean_logprob', 'num_target_tokens'} (algorithm.md §6 rank-classification score)."""
   results = []
   for chunk in batches(records, batch_size):
     enc = pad([r["input_ids"] for r in chunk], batch_size)

@@ -19,19 +19,19 @@ import time
 
 # subcommand -> (run file, help, [(flag, macro, required, help)])
 _STAGES = {
-    "train-expert": ("runs/train_expert.gin", "train one LoRA expert and add it to a library (SPEC §2)", [
+    "train-expert": ("runs/train_expert.gin", "train one LoRA expert and add it to a library (algorithm.md §2)", [
         ("--base", "BASE", True, "base model: native checkpoint, Hugging Face or t5x directory"),
         ("--task", "TASK", True, "training task or mixture"),
         ("--library", "LIBRARY", True, "expert library directory"),
         ("--workdir", "WORKDIR", True, "checkpoints (resumed when present) and TensorBoard logs"),
         ("--name", "NAME", False, "expert name (default: the task)")]),
-    "train-gate": ("runs/train_gate.gin", "train a library expert's gate (SPEC §3)", [
+    "train-gate": ("runs/train_gate.gin", "train a library expert's gate (algorithm.md §3)", [
         ("--base", "BASE", True, "base model the expert was trained on"),
         ("--library", "LIBRARY", True, "expert library directory"),
         ("--name", "NAME", True, "the expert's name in the library"),
         ("--workdir", "WORKDIR", True, "checkpoints and TensorBoard logs"),
         ("--task", "TASK", False, "training task (default: the expert's dataset)")]),
-    "train-multitask": ("runs/train_multitask.gin", "one model on the union of a mixture (SPEC §5)", [
+    "train-multitask": ("runs/train_multitask.gin", "one model on the union of a mixture (algorithm.md §5)", [
         ("--task", "TASK", True, "training task or mixture"),
         ("--output", "OUTPUT", True, "library ('lora') or checkpoint directory ('full')"),
         ("--workdir", "WORKDIR", True, "checkpoints and TensorBoard logs"),

@@ -1,4 +1,4 @@
-"""`phatgoose tasks`: list the registered tasks and mixtures, inspect a task's examples (SPEC §6).
+"""`phatgoose tasks`: list the registered tasks and mixtures, inspect a task's examples (algorithm.md §6).
 
   phatgoose tasks list [--prefix P]
   phatgoose tasks inspect NAME [--bigbench_dir DIR] [--templates_dir DIR] [--data_dir DIR] [--n N] [--json]

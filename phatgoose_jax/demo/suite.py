@@ -22,7 +22,7 @@ their skills inside one example, where routing a whole example to one expert can
   recognises them and the pipeline's guard refuses them.
 * Oracle: for a held-out task, the expert of its FIRST listed skill (`reverse` for `demo_reverse_upper`):
   the expert of the example's own "family", as far as a single expert can be one.
-* Scoring: rank classification (length-normalised log-likelihood, SPEC §6) over five candidates: the
+* Scoring: rank classification (length-normalised log-likelihood, algorithm.md §6) over five candidates: the
   correct output, the first span's skill applied to both spans, the second span's skill applied to both,
   the two skills swapped between spans, and both words copied unchanged (chance = 0.2). The distractors
   are exactly what a model applying one skill to the whole example, or none, would write, so the score

@@ -1,4 +1,4 @@
-"""Evaluate a model on tasks and mixtures: rank classification and greedy generation (SPEC §6).
+"""Evaluate a model on tasks and mixtures: rank classification and greedy generation (algorithm.md §6).
 
 A `Runner` turns a model and its variables into the two functions `task_eval` needs:
   score(pairs)     -> mean target-token log-likelihood of each (input, target) pair (length-normalised:

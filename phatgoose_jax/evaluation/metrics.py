@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's protocol, in plain numpy / python (SPEC §6).
+"""Evaluation metrics of the paper's protocol, in plain numpy / python (algorithm.md §6).
 
 - Rank classification: every answer choice of an example is scored by its mean target-token
   log-likelihood (= minus the length-normalised cross-entropy); the prediction is the choice with the

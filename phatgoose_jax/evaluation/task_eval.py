@@ -1,4 +1,4 @@
-"""Evaluate a model, given as two functions, on a registered task or mixture by name (SPEC §6).
+"""Evaluate a model, given as two functions, on a registered task or mixture by name (algorithm.md §6).
 
 `score_fn(list of (input_text, target_text)) -> list of mean target-token log-likelihoods` scores answer
 choices (rank classification: the highest mean log-likelihood, i.e. the lowest length-normalised

@@ -4,9 +4,9 @@ Every linear layer of the T5 (attention q, k, v, o and FFN wi_0, wi_1, wo) is an
 base kernel lives in the `params` collection at t5x's path (`.../query/kernel`), so a stock checkpoint
 loads unchanged. Expert state lives in collections of its own beside it:
 
-  lora     `lora_a` <f32>[d_in, r], `lora_b` <f32>[r, d_out]                   one expert (SPEC §2)
-  gates    `gate` <f32>[d_in]                                                  its gate (SPEC §3)
-  experts  `lora_a` [E, d_in, r], `lora_b` [E, r, d_out], `router` [E, d_in]   routed experts (SPEC §4)
+  lora     `lora_a` <f32>[d_in, r], `lora_b` <f32>[r, d_out]                   one expert (algorithm.md §2)
+  gates    `gate` <f32>[d_in]                                                  its gate (algorithm.md §3)
+  experts  `lora_a` [E, d_in, r], `lora_b` [E, r, d_out], `router` [E, d_in]   routed experts (algorithm.md §4)
 
 so "train only LoRA" / "train only gates" is a choice of collection. Two sown collections report what
 happened: `activations` (each target layer's input `u`, for average-activation routers) and
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from phatgoose_jax.experts import routing
 from phatgoose_jax.t5.config import ExpertConfig
 
-LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (SPEC §2)
+LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (algorithm.md §2)
 
 
 def lora_update(u: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
@@ -31,7 +31,7 @@ def lora_update(u: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float
 
 
 def gate_value(u: jax.Array, gate: jax.Array) -> jax.Array:
-  """sigmoid(v . u), the post-hoc gate of SPEC §3, in float32. Returns [..., 1]."""
+  """sigmoid(v . u), the post-hoc gate of algorithm.md §3, in float32. Returns [..., 1]."""
   return jax.nn.sigmoid(jnp.einsum("...i,i->...", u.astype(jnp.float32), gate.astype(jnp.float32)))[..., None]
 
 

@@ -1,4 +1,4 @@
-"""Per-token routing among E LoRA experts (SPEC §4, §5): scores, top-k weights, and output mixing.
+"""Per-token routing among E LoRA experts (algorithm.md §4, §5): scores, top-k weights, and output mixing.
 
 Each formula is written once here. Shapes: `u` <float>[..., d_in] token activations; `router`
 <float>[E, d_in] one vector per expert; `lora_a` <float>[E, d_in, r]; `lora_b` <float>[E, r, d_out].
@@ -22,7 +22,7 @@ ARROW_TEMPERATURE = 10.0
 
 
 def standardize(x: jax.Array) -> jax.Array:
-  """LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) over the last axis, no scale or bias (SPEC §4)."""
+  """LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) over the last axis, no scale or bias (algorithm.md §4)."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.var(x, axis=-1, keepdims=True)
@@ -30,13 +30,13 @@ def standardize(x: jax.Array) -> jax.Array:
 
 
 def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
-  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (SPEC §4). Returns <float32>[..., E]."""
+  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (algorithm.md §4). Returns <float32>[..., E]."""
   d_in = u.shape[-1]
   return jnp.einsum("...i,ei->...e", standardize(u), standardize(router)) / math.sqrt(d_in)
 
 
 def arrow_scores(u: jax.Array, router: jax.Array) -> jax.Array:
-  """s_e = |u . e_e| / (10 sqrt(d_in)) on the raw activation (SPEC §5, Arrow). Returns <float32>[..., E]."""
+  """s_e = |u . e_e| / (10 sqrt(d_in)) on the raw activation (algorithm.md §5, Arrow). Returns <float32>[..., E]."""
   d_in = u.shape[-1]
   dots = jnp.einsum("...i,ei->...e", u.astype(jnp.float32), router.astype(jnp.float32))
   return jnp.abs(dots) / (ARROW_TEMPERATURE * math.sqrt(d_in))
@@ -46,7 +46,7 @@ SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores}
 
 
 def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """p = softmax(s); keep the top k; w = p_topk / (sum p_topk + 1e-6)  (SPEC §4).
+  """p = softmax(s); keep the top k; w = p_topk / (sum p_topk + 1e-6)  (algorithm.md §4).
 
   Returns (weights <float32>[..., k], index <int32>[..., k]).
   """

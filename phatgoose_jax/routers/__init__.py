@@ -1,4 +1,4 @@
-"""Routers: each turns E library experts into what the model needs to combine them (SPEC §4, §5).
+"""Routers: each turns E library experts into what the model needs to combine them (algorithm.md §4, §5).
 
 A router is chosen by name (`ROUTERS`); its builder `build(library, names, **kwargs) -> Routing` returns
   expert_config   the model's ExpertConfig: 'routed' (per-token top-k over router vectors) or 'lora'

@@ -1,7 +1,7 @@
 """Arrow (training-free): router vector = the input-space direction that each expert's update amplifies most.
 
 The paper's update is `Delta u = B A u` with `Delta = B A` <[d_out, d_in]>; its top RIGHT singular vector
-lives in input space (SPEC §5). Our factors are `lora_a = A^T` <[d_in, r]> and `lora_b = B^T` <[r, d_out]>,
+lives in input space (algorithm.md §5). Our factors are `lora_a = A^T` <[d_in, r]> and `lora_b = B^T` <[r, d_out]>,
 so `M = lora_a @ lora_b = Delta^T` and that vector is the top LEFT singular vector of M.
 """
 import numpy as np

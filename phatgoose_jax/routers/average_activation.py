@@ -1,5 +1,5 @@
 """Average activation: router vector = the mean input activation of each module over the expert's data,
-computed with that expert installed (SPEC §5); then routed exactly like PHATGOOSE.
+computed with that expert installed (algorithm.md §5); then routed exactly like PHATGOOSE.
 
   v_{e,l} = sum_{x, t} m_{x,t} u_{l}(x)_t / sum_{x, t} m_{x,t}
 

@@ -2,7 +2,7 @@
 
 Both return a routed model whose router vectors are zero and whose `top_k` is E, so even without
 `expert_weights` every token mixes all experts equally; the `expert_weights` function gives the
-per-example mixture <float32>[b, E] that replaces per-token routing (SPEC §5).
+per-example mixture <float32>[b, E] that replaces per-token routing (algorithm.md §5).
 """
 from typing import Mapping, Optional
 

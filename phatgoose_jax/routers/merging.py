@@ -1,4 +1,4 @@
-"""Merged experts: E LoRAs folded into one, used as a single 'lora'-mode expert (SPEC §5).
+"""Merged experts: E LoRAs folded into one, used as a single 'lora'-mode expert (algorithm.md §5).
 
 Two named variants:
   merged           the reference code's parameter average: A = mean_e A_e, B = mean_e B_e (rank r);

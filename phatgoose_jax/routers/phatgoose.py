@@ -1,4 +1,4 @@
-"""PHATGOOSE: each module's router is the E experts' trained gate vectors (SPEC §3, §4)."""
+"""PHATGOOSE: each module's router is the E experts' trained gate vectors (algorithm.md §3, §4)."""
 from phatgoose_jax.routers import Routing, load_all, routed
 
 

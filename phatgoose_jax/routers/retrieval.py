@@ -1,4 +1,4 @@
-"""Retrieval: each test example goes, for every layer, to the expert whose stored example is nearest (SPEC §5).
+"""Retrieval: each test example goes, for every layer, to the expert whose stored example is nearest (algorithm.md §5).
 
   e*(x) = owner( argmax_j cos(embed(x), k_j) )
 

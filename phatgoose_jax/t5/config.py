@@ -1,4 +1,4 @@
-"""T5 v1.1 (LM-adapted) configurations: the released sizes and a tiny test preset (SPEC §1).
+"""T5 v1.1 (LM-adapted) configurations: the released sizes and a tiny test preset (algorithm.md §1).
 
 A `T5Config` fixes the frozen base network; an `ExpertConfig` says which linear layers carry LoRA experts
 and how they are combined (one expert, one gated expert, or E routed experts). Both are frozen dataclasses,
@@ -82,13 +82,13 @@ ROUTER_SCORES = ("standardized", "arrow")
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  """Where LoRA experts sit and how they combine (SPEC §2-§5).
+  """Where LoRA experts sit and how they combine (algorithm.md §2-§5).
 
   mode:
     'none'   the plain base model;
-    'lora'   one expert: `W u + (B A u) * scale`                          (SPEC §2);
-    'gated'  one expert with its gate: `W u + sigmoid(v . u) (B A u) * scale` (SPEC §3);
-    'routed' E experts, per-token top-k routing over router vectors        (SPEC §4, §5).
+    'lora'   one expert: `W u + (B A u) * scale`                          (algorithm.md §2);
+    'gated'  one expert with its gate: `W u + sigmoid(v . u) (B A u) * scale` (algorithm.md §3);
+    'routed' E experts, per-token top-k routing over router vectors        (algorithm.md §4, §5).
   `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score or Arrow's |u . e|.
   `impl` picks the routed computation: 'dense' (every expert, masked: the reference), 'gather' (only the
   chosen experts' weights, gathered per token), 'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`),

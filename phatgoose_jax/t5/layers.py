@@ -1,4 +1,4 @@
-"""T5 v1.1 building blocks in flax.linen, with t5x's parameter names and logical axes (SPEC §1).
+"""T5 v1.1 building blocks in flax.linen, with t5x's parameter names and logical axes (algorithm.md §1).
 
 Shapes in docstrings: b batch, q/k query/key length, h heads, d d_kv, m d_model.
 """

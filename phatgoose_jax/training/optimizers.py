@@ -1,4 +1,4 @@
-"""Optimisers and the learning-rate schedule of expert and gate training (SPEC §2, §3), built from optax.
+"""Optimisers and the learning-rate schedule of expert and gate training (algorithm.md §2, §3), built from optax.
 
 Schedule (linear warmup over the first `warmup_fraction` of `num_steps`, then constant), at update t
 (t = 0 for the first update, as optax counts):
@@ -33,7 +33,7 @@ def warmup_constant_schedule(learning_rate: float = 5e-3, num_steps: int = 1000,
 def make_optimizer(name: str = "adamw", learning_rate: float = 5e-3, num_steps: int = 1000,
                    warmup_fraction: float = 0.06, weight_decay: float = 0.0, clip_norm: float = 1.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW (SPEC §2 defaults) or Adafactor, on the warmup schedule.
+  """Global-norm clipping followed by AdamW (algorithm.md §2 defaults) or Adafactor, on the warmup schedule.
 
   `clip_norm=None` disables clipping. Adafactor uses optax's defaults (factored second moments, update
   clipping at 1.0, no momentum) with `weight_decay_rate=weight_decay`; `b1`, `b2`, `eps` are AdamW's.

@@ -1,4 +1,4 @@
-"""The one training loop: LoRA experts (SPEC §2), gates (SPEC §3) and full fine-tuning alike.
+"""The one training loop: LoRA experts (algorithm.md §2), gates (algorithm.md §3) and full fine-tuning alike.
 
 A model is any `loss_fn(variables, batch, dropout_rng) -> (loss, metrics)` over a variables dict of
 collections (`params`, `lora`, `gates`, `experts`, ...). Which leaves train is a list of regexes over the
@@ -91,7 +91,7 @@ class Trainer:
     loss_fn: `loss_fn(variables, batch, dropout_rng) -> (scalar loss, {name: scalar})`.
     variables: the model's variables (boxed with logical axis names, or plain arrays: then replicated).
     trainable: regexes over `collection/path/to/leaf`; matching leaves train, the rest stay frozen.
-    optimizer: an optax transformation; `optimizers.make_optimizer()` (SPEC §2) when None.
+    optimizer: an optax transformation; `optimizers.make_optimizer()` (algorithm.md §2) when None.
     mesh, rules: the device mesh and logical axis rules; all devices on 'data' and the standard rules
       when None.
     workdir: where `checkpoints/` and `tensorboard/` go; no checkpoints or event files when None. A
