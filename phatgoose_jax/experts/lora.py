@@ -7,6 +7,7 @@ loads unchanged. Expert state lives in collections of its own beside it:
   lora     `lora_a` <f32>[d_in, r], `lora_b` <f32>[r, d_out]                   one expert (algorithm.md §2)
   gates    `gate` <f32>[d_in]                                                  its gate (algorithm.md §3)
   experts  `lora_a` [E, d_in, r], `lora_b` [E, r, d_out], `router` [E, d_in]   routed experts (algorithm.md §4)
+           (`router` [E, d_in, r] for the SpectR score: each expert's spectral basis, algorithm.md §5)
 
 so "train only LoRA" / "train only gates" is a choice of collection. Two sown collections report what
 happened: `activations` (each target layer's input `u`, for average-activation routers) and
@@ -87,8 +88,9 @@ class ExpertDense(nn.Module):
   def _routed(self, u, expert_weights, scale):
     num = self.experts.num_experts
     lora_a, lora_b = self._lora("experts", u.shape[-1], (num,), ("expert",))
-    router = self._expert_var("experts", "router", nn.initializers.zeros, (num, u.shape[-1]),
-                              ("expert", self.kernel_axes[0]))
+    basis = ((self.experts.rank,), ("rank",)) if self.experts.score == "spectr" else ((), ())  # V_e [d_in, r]
+    router = self._expert_var("experts", "router", nn.initializers.zeros, (num, u.shape[-1], *basis[0]),
+                              ("expert", self.kernel_axes[0], *basis[1]))
     if expert_weights is not None:
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
       return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),

@@ -42,7 +42,20 @@ def arrow_scores(u: jax.Array, router: jax.Array) -> jax.Array:
   return jnp.abs(dots) / (ARROW_TEMPERATURE * math.sqrt(d_in))
 
 
-SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores}
+def spectr_scores(u: jax.Array, bases: jax.Array) -> jax.Array:
+  """s_e = ||V_e^T u||_2 / (10 sqrt(d_in)) on the raw activation (algorithm.md §5, SpectR; routers/spectr.py).
+
+  `bases` <float>[E, d_in, r]: each expert's r right singular vectors of its update. The top-k choice is
+  SpectR's (any positive scale keeps the order); Arrow's temperature makes the softmax over the kept scores
+  near-uniform (s_e <= ||u|| / (10 sqrt(d_in))), as the reference code's 1/k average of the chosen experts.
+  Returns <float32>[..., E].
+  """
+  d_in = u.shape[-1]
+  projections = jnp.einsum("...i,eir->...er", u.astype(jnp.float32), bases.astype(jnp.float32))
+  return jnp.linalg.norm(projections, axis=-1) / (ARROW_TEMPERATURE * math.sqrt(d_in))
+
+
+SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores, "spectr": spectr_scores}
 
 
 def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -4,7 +4,7 @@ A router is chosen by name (`ROUTERS`); its builder `build(library, names, **kwa
   expert_config   the model's ExpertConfig: 'routed' (per-token top-k over router vectors) or 'lora'
                   (one merged expert);
   collection      the matching variable collection: `experts` (per module `lora_a` [E, d_in, r],
-                  `lora_b` [E, r, d_out], `router` [E, d_in]) or `lora`;
+                  `lora_b` [E, r, d_out], `router` [E, d_in], or [E, d_in, r] for spectr) or `lora`;
   expert_weights  None for per-token routers, else `fn(batch) -> <float32>[b, E]`, the fixed per-example
                   mixture to pass as `expert_weights` (uniform, oracle, retrieval).
 Builders import lazily, so optional dependencies (sentence-transformers) load only when asked for.
@@ -22,6 +22,7 @@ ROUTERS = {
     "phatgoose": "phatgoose:build",
     "average_activation": "average_activation:build",
     "arrow": "arrow:build",
+    "spectr": "spectr:build",
     "merged": "merging:build_average",
     "merged_products": "merging:build_products",
     "uniform": "fixed:build_uniform",
@@ -29,7 +30,7 @@ ROUTERS = {
     "retrieval": "retrieval:build",
 }
 # The routers that route per token and so take `top_k` and `impl`; the others fix one mixture per example.
-PER_TOKEN = ("phatgoose", "average_activation", "arrow")
+PER_TOKEN = ("phatgoose", "average_activation", "arrow", "spectr")
 
 
 class Routing(NamedTuple):

@@ -77,7 +77,7 @@ def preset(name: str, **overrides) -> T5Config:
 
 
 ROUTING_IMPLS = ("dense", "gather", "ragged", "auto")
-ROUTER_SCORES = ("standardized", "arrow")
+ROUTER_SCORES = ("standardized", "arrow", "spectr")
 
 
 @dataclasses.dataclass(frozen=True)
