@@ -7,16 +7,25 @@ Layout of a library directory:
   <name>/weights.safetensors     flat '/'-joined keys `lora/<module>/lora_a` <[d_in, r]>,
                                  `lora/<module>/lora_b` <[r, d_out]>, `gates/<module>/gate` <[d_in]>
   <name>/derived/<kind>.safetensors   cached artifacts computed from the expert (average activations,
-                                 Arrow vectors, retrieval embeddings), each tagged with the key of its inputs
-An entry is written into `.tmp-<name>-<random>/` and renamed into place, a removal renames the entry to
-`.trash-...` before deleting it, and derived files are written beside their final name and renamed, so
-a crash at any point leaves every listed entry complete; dot-directories are never listed. Adding an
-expert touches no other entry. Every expert of one library shares the base model, the rank and the
-target modules, which is what stacking them into one routed model needs.
+                                 Arrow vectors, retrieval embeddings), each tagged with the key of its inputs;
+                                 optional: a library that cannot be written computes them in memory
+Every write holds an exclusive `flock` on the library directory itself, so concurrent writers take turns
+and see each other's entries. Adding writes `.tmp-<name>-<random>/` and renames it to `<name>`. Replacing
+renames the complete new version to `.new-<name>`, the old entry to `.old-<name>`, then `.new-<name>` to
+`<name>`, and deletes `.old-<name>`. Removing renames `<name>` to `.trash-<name>` and deletes that. Whatever
+step a crash interrupts, `recover` (run by every writer first, on opening a library, and by
+`verify(repair=True)`) finishes a committed replace, restores a set-aside entry that has no successor and
+deletes what is not an entry, so the library holds each expert complete, in its old or its new version;
+dot-directories are never listed. Entries are created with the permissions the umask gives. Every expert
+of one library shares the base model, the rank and the target modules, which is what stacking them into
+one routed model needs.
 """
+import collections
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,7 +39,8 @@ import numpy as np
 
 from phatgoose_jax import routers
 from phatgoose_jax.checkpoints import names as ckpt_names
-from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, T5Config
+from phatgoose_jax.t5.config import ALL_TARGETS, T5Config
+from phatgoose_jax.experts.config import ExpertConfig
 
 FORMAT = "phatgoose-jax-expert"
 VERSION = 1
@@ -38,8 +48,11 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 DERIVED = "derived"
 DTYPES = ("float32", "bfloat16")
-_TMP = ".tmp-"
-_TRASH = ".trash-"
+_TMP = ".tmp-"  # an entry being written, never committed
+_NEW = ".new-"  # the complete new version of an interrupted replace
+_OLD = ".old-"  # the entry a replace sets aside
+_TRASH = ".trash-"  # an entry being removed
+_REQUIRED = ("name", "base", "rank", "targets", "dtype", "gate", "weights")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
 
@@ -151,12 +164,65 @@ def gates_all_zero(gates: Mapping[str, np.ndarray]) -> bool:
   return bool(gates) and all(not np.any(v) for v in gates.values())
 
 
+def nonfinite_report(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
+  """None when every value is finite, else how many NaN / Inf values which arrays hold."""
+  bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in sorted(arrays.items())}
+  bad = {k: n for k, n in bad.items() if n}
+  if not bad:
+    return None
+  shown = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:3])
+  return f"{sum(bad.values())} non-finite values (NaN or Inf) in {len(bad)} arrays, e.g. {shown}"
+
+
+def _mismatch(ref: Mapping, manifest: Mapping) -> Optional[tuple]:
+  """None when `manifest` shares `ref`'s base model, rank and targets, else `(what ref's experts have,
+  what this one has)` as phrases."""
+  if ref["base"]["config"] != manifest["base"]["config"]:
+    diffs = [f"{k}: {manifest['base']['config'].get(k)!r} vs {v!r}" for k, v in ref["base"]["config"].items()
+             if manifest["base"]["config"].get(k) != v]
+    return "use another base model", f"architecture differs in {'; '.join(diffs)}"
+  if ref["base"]["params_sha256"] != manifest["base"]["params_sha256"]:
+    return "use another base model", (f"base weights differ (sha256 {manifest['base']['params_sha256'][:12]}... "
+                                      f"vs {ref['base']['params_sha256'][:12]}...)")
+  if ref["rank"] != manifest["rank"]:
+    return f"have rank {ref['rank']}", f"its LoRA rank is {manifest['rank']}"
+  if ref["targets"] != manifest["targets"]:
+    return f"target {ref['targets']}", f"it targets {manifest['targets']}"
+  return None
+
+
+def _signature(manifest: Mapping) -> str:
+  """What experts routed together must share: base architecture and weights, rank, targets."""
+  return json.dumps([manifest["base"]["config"], manifest["base"]["params_sha256"], manifest["rank"],
+                     manifest["targets"]], sort_keys=True)
+
+
+def _reference_of(manifests: Sequence[dict]) -> Optional[dict]:
+  """Of the manifests sharing the most common base model, rank and targets, the earliest-created one."""
+  if not manifests:
+    return None
+  counts = collections.Counter(map(_signature, manifests))
+  return min(manifests, key=lambda m: (-counts[_signature(m)], m.get("created", 0.0), m["name"]))
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def _fsync_dir(path: str) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+  """Rename and make the rename durable."""
+  os.rename(src, dst)
+  _fsync_dir(os.path.dirname(dst))
 
 
 def _write_json(path: str, obj) -> None:
@@ -185,17 +251,41 @@ def _load_safetensors(path: str) -> tuple:
     return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}, metadata
 
 
+@contextlib.contextmanager
+def _locked(path: str, blocking: bool = True):
+  """Hold an exclusive flock on directory `path` (no lock file joins the listing); yields whether it was
+  taken (always, when `blocking`)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    yield True
+  finally:
+    os.close(fd)
+
+
+def _legacy_trash_entries(trash: str) -> List[str]:
+  """The complete entries inside a `.trash-<name>-<random>/` directory of the earlier layout, where a
+  replace or removal moved `<name>` to `.trash-<name>-<random>/<name>`."""
+  return [n for n in os.listdir(trash) if os.path.isfile(os.path.join(trash, n, MANIFEST))]
+
+
 class ExpertLibrary:
   """A directory of experts: add, list, remove, verify, load, and assemble E of them into a routed model."""
 
   def __init__(self, path: str):
     self.path = os.path.abspath(path)
+    if self._leftovers():
+      self._recover_if_free()
 
   def _entry(self, name: str) -> str:
     return os.path.join(self.path, name)
 
   def names(self) -> List[str]:
-    """The complete entries, sorted (temporary and half-removed directories are not entries)."""
+    """The entries, sorted (temporary, set-aside and half-removed directories are not entries)."""
     if not os.path.isdir(self.path):
       return []
     return sorted(n for n in os.listdir(self.path)
@@ -206,46 +296,75 @@ class ExpertLibrary:
     if not os.path.isfile(path):
       raise LibraryError(f"library {self.path} has no expert named {name!r}; it has {self.names()}")
     try:
-      with open(path) as f:
-        manifest = json.load(f)
+      with open(path, "rb") as f:
+        manifest = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-      raise LibraryError(f"corrupt manifest {path}: {e}") from e
-    if manifest.get("format") != FORMAT:
-      raise LibraryError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+      raise LibraryError(f"corrupt manifest {path}: {e}; `phatgoose library remove {name}` deletes the entry") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+      raise LibraryError(f"corrupt manifest {path}: not a {FORMAT} manifest; `phatgoose library remove {name}` "
+                         f"deletes the entry")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing or manifest["name"] != name:
+      raise LibraryError(f"corrupt manifest {path}: " + (f"no {missing}" if missing else
+                         f"it names expert {manifest['name']!r}, not {name!r}"))
     return manifest
 
   def list(self) -> List[dict]:
-    """The manifests of all entries, sorted by name."""
-    return [self.manifest(n) for n in self.names()]
+    """The manifests of all readable entries, sorted by name (see `unreadable` for the others)."""
+    return [m for m in map(self._manifest_or_none, self.names()) if m is not None]
+
+  def unreadable(self) -> Dict[str, str]:
+    """`{name: why}` for the entries whose manifest cannot be read."""
+    found = {}
+    for name in self.names():
+      try:
+        self.manifest(name)
+      except LibraryError as e:
+        found[name] = str(e)
+    return found
+
+  def _manifest_or_none(self, name: str) -> Optional[dict]:
+    try:
+      return self.manifest(name)
+    except LibraryError:
+      return None
+
+  def reference(self) -> Optional[dict]:
+    """The manifest that stands for the library's base model, rank and targets: among readable entries,
+    the earliest-created of those sharing the most common combination (None for an empty library)."""
+    return _reference_of(self.list())
 
   def t5_config(self) -> T5Config:
     """The base model's architecture shared by every entry."""
-    entries = self.names()
-    if not entries:
-      raise LibraryError(f"library {self.path} is empty")
-    return fingerprint_config(self.manifest(entries[0])["base"])
+    ref = self.reference()
+    if ref is None:
+      raise LibraryError(f"library {self.path} has no readable expert")
+    return fingerprint_config(ref["base"])
+
+  def check_consistent(self, names: Sequence[str]) -> None:
+    """Refuse to combine experts `names` when any of them differs from the library's base model, rank or
+    targets (`reference`); the error names each offending entry."""
+    ref = self.reference()
+    found = []
+    for name in names:
+      mismatch = _mismatch(ref, self.manifest(name))
+      if mismatch:
+        found.append(f"{name!r} ({mismatch[1]}, while the library's experts, e.g. {ref['name']!r}, {mismatch[0]})")
+    if found:
+      raise LibraryError(f"library {self.path} mixes experts that cannot be combined: {'; '.join(found)}; "
+                         f"remove them (`phatgoose library remove NAME --library {self.path}`) or give them "
+                         f"their own library")
 
   def _check_compatible(self, manifest: dict, replace: bool = False) -> None:
     """Refuse an expert whose base model, rank or targets differ from the library's experts."""
     name = manifest["name"]
-    if name in self.names() and not replace:
+    if os.path.isdir(self._entry(name)) and not replace:
       raise LibraryError(f"library {self.path} already has an expert named {name!r}; remove it first")
-    entries = [n for n in self.names() if n != name]
-    if not entries:
-      return
-    ref = self.manifest(entries[0])
-    where = f"expert {name!r} does not fit library {self.path} (whose experts, e.g. {entries[0]!r},"
-    if ref["base"]["config"] != manifest["base"]["config"]:
-      diffs = [f"{k}: {manifest['base']['config'].get(k)!r} vs {v!r}" for k, v in ref["base"]["config"].items()
-               if manifest["base"]["config"].get(k) != v]
-      raise LibraryError(f"{where} use another base model): architecture differs in {'; '.join(diffs)}")
-    if ref["base"]["params_sha256"] != manifest["base"]["params_sha256"]:
-      raise LibraryError(f"{where} use another base model): base weights differ (sha256 "
-                         f"{manifest['base']['params_sha256'][:12]}... vs {ref['base']['params_sha256'][:12]}...)")
-    if ref["rank"] != manifest["rank"]:
-      raise LibraryError(f"{where} have rank {ref['rank']}): its LoRA rank is {manifest['rank']}")
-    if ref["targets"] != manifest["targets"]:
-      raise LibraryError(f"{where} target {ref['targets']}): it targets {manifest['targets']}")
+    ref = _reference_of([m for m in self.list() if m["name"] != name])
+    mismatch = ref and _mismatch(ref, manifest)
+    if mismatch:
+      raise LibraryError(f"expert {name!r} does not fit library {self.path} (whose experts, e.g. {ref['name']!r}, "
+                         f"{mismatch[0]}): {mismatch[1]}")
 
   def add(self, name: str, lora: Mapping, *, base: Mapping, gates: Optional[Mapping] = None,
           dataset: Optional[str] = None, dtype: str = "float32", training: Optional[dict] = None,
@@ -253,8 +372,8 @@ class ExpertLibrary:
     """Store one expert (a nested or flat `lora` collection, optional `gates`) and return its manifest.
 
     `replace=True` swaps an existing entry of that name for the new one (e.g. the expert with its trained
-    gate); a crash mid-swap leaves the old entry readable, or a `.trash-` copy that `verify` reports.
-    `base` is `base_fingerprint(config, params)` of the model it was trained on. Warns
+    gate); after a crash the library holds the old version or the new one, never neither. `base` is
+    `base_fingerprint(config, params)` of the model it was trained on. Refuses NaN / Inf weights; warns
     (`UntrainedGateWarning`) when every gate vector is zero.
     """
     if not _NAME.fullmatch(name or ""):
@@ -263,48 +382,106 @@ class ExpertLibrary:
       raise LibraryError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     lora, gates = _flat_float32(lora), _flat_float32(gates or {})
     rank, targets = describe_expert(fingerprint_config(base), lora, gates)
+    weights = {**{f"lora/{k}": v for k, v in lora.items()}, **{f"gates/{k}": v for k, v in gates.items()}}
+    report = nonfinite_report(weights)
+    if report:
+      raise LibraryError(f"expert {name!r} has {report} (a diverged training run?); it was not added")
     manifest = {"format": FORMAT, "version": VERSION, "name": name, "dataset": dataset,
                 "base": {"config": dict(base["config"]), "params_sha256": base["params_sha256"]},
                 "rank": rank, "targets": list(targets), "dtype": dtype, "gate": bool(gates),
                 "num_modules": len(lora) // 2, "training": training or {}, "created": time.time()}
-    self._check_compatible(manifest, replace)
     if gates_all_zero(gates):
       warnings.warn(f"expert {name!r}: every gate vector is zero (an untrained gate); PHATGOOSE routing "
                     f"will not prefer it for any token", UntrainedGateWarning, stacklevel=2)
-    weights = {**{f"lora/{k}": v for k, v in lora.items()}, **{f"gates/{k}": v for k, v in gates.items()}}
-    self._write_entry(name, weights, manifest, replace)
+    os.makedirs(self.path, exist_ok=True)
+    with _locked(self.path):
+      self._recover()
+      self._check_compatible(manifest, replace)
+      self._write_entry(name, weights, manifest)
     return self.manifest(name)
 
-  def _write_entry(self, name: str, weights: Dict[str, np.ndarray], manifest: dict, replace: bool = False) -> None:
-    """Write weights then manifest into a temporary directory, then rename it into place (after moving an
-    entry it replaces aside)."""
-    os.makedirs(self.path, exist_ok=True)
+  def _write_entry(self, name: str, weights: Dict[str, np.ndarray], manifest: dict) -> None:
+    """Under the lock: write weights then manifest into a temporary directory, then rename it into place,
+    or, when `name` exists, to `.new-<name>` and swap it in."""
     tmp = tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=self.path)
     try:
+      os.chmod(tmp, 0o777 & ~_umask())
       _save_safetensors(os.path.join(tmp, WEIGHTS), weights, manifest["dtype"])
       manifest["weights"] = {"file": WEIGHTS, "sha256": file_sha256(os.path.join(tmp, WEIGHTS)),
                              "bytes": os.path.getsize(os.path.join(tmp, WEIGHTS))}
       _write_json(os.path.join(tmp, MANIFEST), manifest)
-      trash = self._set_aside(name) if replace and name in self.names() else None
-      os.rename(tmp, self._entry(name))
+      replacing = os.path.isdir(self._entry(name))
+      _rename(tmp, self._entry(_NEW + name) if replacing else self._entry(name))
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-    _fsync_dir(self.path)
-    if trash:
-      shutil.rmtree(trash)
+    if replacing:
+      self._finish_replace(name)
 
-  def _set_aside(self, name: str) -> str:
-    """Move an entry out of the listing into a `.trash-` directory; returns that directory."""
-    trash = tempfile.mkdtemp(prefix=f"{_TRASH}{name}-", dir=self.path)
-    os.rename(self._entry(name), os.path.join(trash, name))
-    _fsync_dir(self.path)
-    return trash
+  def _finish_replace(self, name: str) -> List[Problem]:
+    """Bring a replace of `name` to its end from any step: `.new-<name>` (committed) takes the entry's place,
+    `.old-<name>` is deleted once an entry exists, else restored. Returns what it restored."""
+    entry, new, old = self._entry(name), self._entry(_NEW + name), self._entry(_OLD + name)
+    done = []
+    if os.path.isdir(new):
+      if os.path.isdir(entry):
+        if os.path.isdir(old):
+          shutil.rmtree(old)
+        _rename(entry, old)
+      _rename(new, entry)
+      done.append(Problem(name, "warning", "repaired: finished an interrupted replace"))
+    if os.path.isdir(old):
+      if os.path.isdir(entry):
+        shutil.rmtree(old)
+      else:
+        _rename(old, entry)
+        done.append(Problem(name, "warning", "repaired: restored the entry an interrupted replace set aside"))
+    return done
+
+  def _leftovers(self) -> List[str]:
+    if not os.path.isdir(self.path):
+      return []
+    return sorted(n for n in os.listdir(self.path) if n.startswith((_TMP, _NEW, _OLD, _TRASH)))
+
+  def _recover(self) -> List[Problem]:
+    """Under the lock: finish or undo every interrupted write; returns what it restored."""
+    done = []
+    for leftover in self._leftovers():
+      full = self._entry(leftover)
+      if leftover.startswith((_NEW, _OLD)):
+        done += self._finish_replace(leftover.split("-", 1)[1])
+      elif not os.path.isdir(full):
+        continue
+      elif leftover.startswith(_TRASH):
+        for name in _legacy_trash_entries(full):
+          if not os.path.isdir(self._entry(name)):
+            _rename(os.path.join(full, name), self._entry(name))
+            done.append(Problem(name, "warning", f"repaired: restored the entry from {leftover}"))
+        shutil.rmtree(full)
+      else:
+        shutil.rmtree(full)
+    return done
+
+  def _recover_if_free(self) -> None:
+    """Recover on opening, unless a writer holds the lock or the library cannot be written (then `verify`
+    reports what is left)."""
+    try:
+      with _locked(self.path, blocking=False) as taken:
+        for problem in self._recover() if taken else []:
+          logging.warning("library %s: %s: %s", self.path, problem.entry, problem.message)
+    except OSError as e:
+      logging.warning("library %s: cannot recover interrupted writes (%s); run `phatgoose library verify "
+                      "--repair` with write access", self.path, e)
 
   def remove(self, name: str) -> None:
-    """Delete an entry: renamed out of the listing first, then deleted."""
-    self.manifest(name)
-    shutil.rmtree(self._set_aside(name))
+    """Delete an entry, readable or not: renamed out of the listing first, then deleted."""
+    if not _NAME.fullmatch(name or "") or not os.path.isdir(self._entry(name)):
+      raise LibraryError(f"library {self.path} has no expert named {name!r}; it has {self.names()}")
+    with _locked(self.path):
+      self._recover()
+      trash = self._entry(_TRASH + name)
+      _rename(self._entry(name), trash)
+      shutil.rmtree(trash)
 
   def load(self, name: str) -> Expert:
     """An expert's manifest and float32 weights; refuses a weights file whose sha256 is not the manifest's."""
@@ -318,7 +495,7 @@ class ExpertLibrary:
     gates = {k[len("gates/"):]: v for k, v in arrays.items() if k.startswith("gates/")}
     return Expert(manifest, lora, gates)
 
-  def _verify_entry(self, name: str) -> List[Problem]:
+  def _verify_entry(self, name: str, ref: Optional[dict]) -> List[Problem]:
     try:
       expert = self.load(name)
       rank, targets = describe_expert(fingerprint_config(expert.manifest["base"]), expert.lora, expert.gates)
@@ -329,6 +506,13 @@ class ExpertLibrary:
                                                        expert.manifest["gate"]):
       found.append(Problem(name, "error", f"weights (rank {rank}, targets {list(targets)}, gate "
                                           f"{bool(expert.gates)}) disagree with the manifest"))
+    mismatch = ref and _mismatch(ref, expert.manifest)
+    if mismatch:
+      found.append(Problem(name, "error", f"does not fit the library: {mismatch[1]}, while its other experts "
+                                          f"(e.g. {ref['name']!r}) {mismatch[0]}"))
+    report = nonfinite_report({**expert.lora, **expert.gates})
+    if report:
+      found.append(Problem(name, "error", f"{report}; remove it and retrain"))
     if gates_all_zero(expert.gates):
       found.append(Problem(name, "warning", "every gate vector is zero (an untrained gate)"))
     for kind in self.derived_kinds(name):
@@ -336,18 +520,44 @@ class ExpertLibrary:
         found.append(Problem(name, "warning", f"derived artifact {kind!r} is unreadable; it will be recomputed"))
     return found
 
-  def verify(self) -> List[Problem]:
-    """Check every entry (manifest, weights sha256 and shapes, gates) and report leftovers of interrupted writes."""
+  def _leftover_problem(self, leftover: str) -> Problem:
+    """What `verify` says of a directory an interrupted write left (when it could not be recovered)."""
+    full, repair = self._entry(leftover), "`phatgoose library verify --repair` (with write access)"
+    if leftover.startswith(_NEW):
+      return Problem(leftover, "error", f"the complete new version of {leftover.split('-', 1)[1]!r} from an "
+                                        f"interrupted replace; {repair} moves it into place")
+    if leftover.startswith(_OLD):
+      name = leftover.split("-", 1)[1]
+      if os.path.isdir(self._entry(name)) and not os.path.isdir(self._entry(_NEW + name)):
+        return Problem(leftover, "warning", f"the old version of {name!r} set aside by an interrupted replace; "
+                                            f"{repair} deletes it")
+      return Problem(leftover, "error", f"the only complete copy of {name!r} (an interrupted replace); {repair} "
+                                        f"restores it")
+    hidden = [n for n in _legacy_trash_entries(full) if not os.path.isdir(self._entry(n))] \
+        if leftover.startswith(_TRASH) and os.path.isdir(full) else []
+    if hidden:
+      return Problem(leftover, "error", f"holds the only copy of {hidden} (an interrupted replace or removal); "
+                                        f"{repair} restores it")
+    return Problem(leftover, "warning", f"left over by an interrupted write or removal, not an entry; {repair} "
+                                        f"deletes it")
+
+  def verify(self, repair: bool = False) -> List[Problem]:
+    """Check every entry (manifest, weights sha256, shapes and finiteness, gates, fit with the library's
+    base model, rank and targets) and report leftovers of interrupted writes; `repair=True` first recovers
+    them (under the lock) and reports each restored entry as a warning."""
     problems = []
+    if repair and os.path.isdir(self.path):
+      with _locked(self.path):
+        problems += self._recover()
+    problems += [self._leftover_problem(n) for n in self._leftovers()]
     if os.path.isdir(self.path):
       for n in sorted(os.listdir(self.path)):
         full = os.path.join(self.path, n)
-        if n.startswith((_TMP, _TRASH)):
-          problems.append(Problem(n, "warning", "left over by an interrupted write or removal; safe to delete"))
-        elif not n.startswith(".") and os.path.isdir(full) and not os.path.isfile(os.path.join(full, MANIFEST)):
+        if not n.startswith(".") and os.path.isdir(full) and not os.path.isfile(os.path.join(full, MANIFEST)):
           problems.append(Problem(n, "error", f"directory without {MANIFEST}: not a library entry"))
+    ref = self.reference()
     for name in self.names():
-      problems += self._verify_entry(name)
+      problems += self._verify_entry(name, ref)
     return problems
 
   def _derived_path(self, name: str, kind: str) -> str:
@@ -359,18 +569,23 @@ class ExpertLibrary:
       return []
     return sorted(f[:-len(".safetensors")] for f in os.listdir(folder) if f.endswith(".safetensors"))
 
-  def save_derived(self, name: str, kind: str, arrays: Mapping[str, np.ndarray], key: str) -> None:
-    """Cache an artifact computed from expert `name` (float32), tagged with the `key` of its inputs."""
-    self.manifest(name)
+  def save_derived(self, name: str, kind: str, arrays: Mapping[str, np.ndarray], key: str) -> bool:
+    """Cache an artifact computed from expert `name` (float32), tagged with the `key` of its inputs; returns
+    False (and logs why) when the library cannot be written: the caller keeps its copy in memory."""
+    sha256 = self.manifest(name)["weights"]["sha256"]
     path = self._derived_path(name, kind)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-      _save_safetensors(tmp, arrays, metadata={"key": key, "weights_sha256": self.manifest(name)["weights"]["sha256"]})
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _save_safetensors(tmp, arrays, metadata={"key": key, "weights_sha256": sha256})
       os.replace(tmp, path)
+    except OSError as e:
+      logging.warning("not caching %s of expert %r (%s); it is computed in memory", kind, name, e)
+      return False
     finally:
-      with contextlib.suppress(FileNotFoundError):
+      with contextlib.suppress(OSError):
         os.remove(tmp)
+    return True
 
   def load_derived(self, name: str, kind: str, key: Optional[str] = None) -> Optional[Dict[str, np.ndarray]]:
     """A cached artifact, or None when absent, unreadable, made from other weights, or (given `key`) from
@@ -387,10 +602,12 @@ class ExpertLibrary:
     return arrays if key is None or metadata.get("key") == key else None
 
   def route(self, names: Sequence[str], router: str = "phatgoose", **router_kwargs) -> "routers.Routing":
-    """The experts `names` (in this order) combined by `router` (see `routers.ROUTERS`)."""
+    """The experts `names` (in this order) combined by `router` (see `routers.ROUTERS`); refuses experts
+    that do not share the library's base model, rank and targets (`check_consistent`)."""
     missing = [n for n in names if n not in self.names()]
     if missing or not names:
       raise LibraryError(f"library {self.path} has no experts {missing or '(none asked)'}; it has {self.names()}")
+    self.check_consistent(names)
     return routers.build(router, self, list(names), **router_kwargs)
 
   def assemble(self, names: Sequence[str], router: str = "phatgoose", **router_kwargs) -> tuple:
