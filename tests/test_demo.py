@@ -1,4 +1,5 @@
-"""`phatgoose demo --smoke`: the demo's whole code path at tiny size, its outputs, held-out guard, determinism."""
+"""`phatgoose demo --smoke`: the demo's whole code path at tiny size, its outputs, held-out guard, determinism;
+the two suites' data."""
 import json
 import os
 import tempfile
@@ -8,7 +9,7 @@ import pytest
 
 from phatgoose_jax import main, pipeline
 from phatgoose_jax.cli import main as cli_main
-from phatgoose_jax.demo import run, suite
+from phatgoose_jax.demo import diagnostics, run, suite, suite_tokens
 
 # Set while tests are collected, before anything compiles: the smoke demo's runs share compiled programs.
 run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
@@ -32,17 +33,27 @@ def _results(path):
 
 def test_results_have_every_method_in_unit_range(two_runs):
   results = _results(two_runs / "a" / "results.json")
+  assert results["suite"] == "tokens" and results["seed"] == 3
+  assert results["num_examples"] == {t: 8 for t in suite_tokens.HELD_OUT_TASKS}
   assert set(results["methods"]) == {"base", "best_individual", "merged", "uniform", "average_activation", "arrow",
-                                     "retrieval", "phatgoose", "multitask", "oracle"}
-  for scores in results["methods"].values():
-    assert set(scores["heldout"]) == set(suite.HELD_OUT_TASKS)
-    assert all(0.0 <= v <= 1.0 for v in scores["heldout"].values())
-    assert 0.0 <= scores["heldout_avg"] <= 1.0
+                                     "spectr", "retrieval", "phatgoose", "multitask", "oracle"}
+  for method, scores in results["methods"].items():
+    assert set(scores["heldout"]) == set(suite_tokens.HELD_OUT_TASKS)
+    assert set(scores["heldin"]) == set(suite_tokens.HELD_IN_EVAL_TASKS)
+    for value in list(scores["heldout"].values()) + [scores["heldout_avg"], scores["heldin_avg"]]:
+      assert 0.0 <= value <= 1.0
+    low, high = scores["heldout_avg_ci"]
+    assert low <= scores["heldout_avg"] <= high
+    if method in run.PER_TOKEN_METHODS:
+      assert 0.0 <= scores["routing_accuracy"] <= 1.0 and scores["routing_chance"] == 2 / 6
+    else:
+      assert scores["routing_accuracy"] is None and scores["routing_chance"] is None
   assert results["seconds"] > 0
 
 
-def test_routing_figure_is_written(two_runs):
-  assert os.path.getsize(two_runs / "a" / "routing.png") > 1000
+def test_figures_are_written(two_runs):
+  for name in ("routing.png", "routing_heldout.png", "scores.png"):
+    assert os.path.getsize(two_runs / "a" / name) > 1000
 
 
 def test_same_seed_gives_the_same_results(two_runs):
@@ -51,25 +62,66 @@ def test_same_seed_gives_the_same_results(two_runs):
   assert a == b
 
 
-def test_library_holds_one_gated_expert_per_held_in_skill(two_runs):
+def test_library_holds_one_gated_expert_per_held_in_task(two_runs):
   from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   lib = library.ExpertLibrary(str(two_runs / "a" / "library"))
-  assert lib.names() == sorted(suite.HELD_IN_TASKS)
-  assert all(m["gate"] and m["dataset"] in suite.HELD_IN_TASKS for m in lib.list())
+  assert lib.names() == sorted(suite_tokens.HELD_IN_TASKS)
+  assert all(m["gate"] and m["dataset"] in suite_tokens.HELD_IN_TASKS for m in lib.list())
 
 
 def test_held_out_data_never_reaches_expert_building(two_runs):
   with pytest.raises(pipeline.HeldOutError):
-    pipeline.train_expert(base=str(two_runs / "a" / "base"), task=suite.HELD_OUT_TASKS[0],
+    pipeline.train_expert(base=str(two_runs / "a" / "base"), task=suite_tokens.HELD_OUT_TASKS[0],
                           library=str(two_runs / "a" / "library"), workdir=str(two_runs / "leak"), num_steps=1)
-  held_out = suite.eval_examples(suite.HELD_OUT_TASKS[1], 0, suite.SuiteSizes(held_out=2))
-  with pytest.raises(pipeline.HeldOutError):
-    pipeline.check_held_in([], held_out)
-  pipeline.check_held_in(list(suite.HELD_IN_TASKS),
-                         suite.train_examples(suite.HELD_IN_TASKS[0], "train", 0, suite.SuiteSizes(train=20)))
+  sizes = suite.SuiteSizes(train=20, held_out=2)
+  for task in (suite_tokens.REORDER_TASKS[0], suite_tokens.MIX_TASKS[0]):
+    with pytest.raises(pipeline.HeldOutError):
+      pipeline.check_held_in([], suite_tokens.eval_examples(task, 0, sizes))
+  pipeline.check_held_in(list(suite_tokens.HELD_IN_TASKS),
+                         suite_tokens.train_examples(suite_tokens.HELD_IN_TASKS[0], "train", 0, sizes))
 
 
-def test_suite_held_out_examples_mix_two_skills_with_distinct_candidates():
+def test_unknown_suite_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="unknown demo suite 'words'"):
+    run.run_demo(workdir=str(tmp_path), suite_name="words")
+
+
+def test_token_suite_tasks_are_told_apart_by_their_alphabets():
+  sizes = suite.SuiteSizes(train=50, validation=20, held_out=20)
+  for task, alphabet in zip(suite_tokens.HELD_IN_TASKS, suite_tokens.ALPHABETS.values()):
+    examples = suite_tokens.train_examples(task, "train", 0, sizes)
+    chars = {c for e in examples for c in e["inputs"][1:-1] + e["targets"] if c != " "}
+    assert chars <= set(alphabet) and {e["inputs"][0] + e["inputs"][-1] for e in examples} == {"[]"}
+    assert not any(suite_tokens.is_held_out(e["inputs"]) for e in examples)
+  for task in suite_tokens.HELD_OUT_TASKS:
+    for example in suite_tokens.eval_examples(task, 0, sizes):
+      assert suite_tokens.is_held_out(example["inputs"])
+      assert len(set(example["choices"])) == 5 and example["correct"] == [True] + [False] * 4
+  for task, (x, y) in zip(suite_tokens.MIX_TASKS, suite_tokens.MIX_PAIRS):
+    example = suite_tokens.eval_examples(task, 0, sizes)[0]
+    assert sorted(suite_tokens.alphabets_in(example["inputs"])) == sorted([x, y])
+
+
+def test_token_suite_ciphers_are_distinct_derangements_fixed_by_the_seed():
+  maps = suite_tokens.ciphers(0)
+  assert maps == suite_tokens.ciphers(0) and maps != suite_tokens.ciphers(1)
+  for name, (secret, *decoys) in maps.items():
+    assert all(sorted(m) == sorted(m.values()) == sorted(suite_tokens.ALPHABETS[name]) for m in [secret] + decoys)
+    assert all(c != secret[c] for c in secret) and secret not in decoys and decoys[0] != decoys[1]
+  example = suite_tokens.eval_examples(suite_tokens.REORDER_TASKS[0], 0, suite.SuiteSizes(held_out=1))[0]
+  words = example["inputs"][1:-1].split()
+  assert example["target"] == " ".join("".join(maps["digits"][0][c] for c in w) for w in words[::-1])
+
+
+def test_intervals_match_their_formulas():
+  low, high = diagnostics.wilson_interval(0.5, 100)
+  assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3
+  assert diagnostics.wilson_interval(0.0, 10)[0] == 0.0
+  low, high = diagnostics.mean_interval({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100})
+  assert abs(high - 0.5 - 1.96 * (2 * 0.25 / 100) ** 0.5 / 2) < 1e-9 and abs(0.5 - low - (high - 0.5)) < 1e-12
+
+
+def test_keyword_suite_held_out_examples_mix_two_skills_with_distinct_candidates():
   for task, pair in zip(suite.HELD_OUT_TASKS, suite.HELD_OUT_PAIRS):
     for example in suite.eval_examples(task, 0, suite.SuiteSizes(held_out=20)):
       assert sorted(suite.skills_in(example["inputs"])) == sorted(pair)

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     _add_gin_flags(parser)
     parser.set_defaults(func=run_stage, run_file=run_file, macros=[(f, m) for f, m, _, _ in flags])
   demo = subparsers.add_parser("demo", help="the whole pipeline on a built-in synthetic suite (offline, CPU)")
+  demo.add_argument("--suite", choices=("tokens", "keyword"), default="tokens",
+                    help="'tokens': held-in tasks over disjoint alphabets (default); 'keyword': string skills on the "
+                         "same words, told apart by a keyword only")
   demo.add_argument("--workdir", help="output directory (default: a fresh folder under the temp dir)")
   demo.add_argument("--seed", type=int, default=0, help="data, initialisation and order seed")
   demo.add_argument("--smoke", action="store_true", help="tiny step counts: checks the code path only")
@@ -109,9 +112,9 @@ def run_demo(args) -> int:
   started = time.time()
   workdir = args.workdir or tempfile.mkdtemp(prefix="phatgoose_demo_")
   main.parse(["demo_smoke.gin" if args.smoke else "demo.gin"] + list(args.gin_file), list(args.gin))
-  summary = run.run_demo(workdir=os.path.abspath(workdir), seed=args.seed, clock=started)
+  summary = run.run_demo(workdir=os.path.abspath(workdir), seed=args.seed, suite_name=args.suite, clock=started)
   with open(os.path.join(workdir, "results.md")) as f:
     print(f.read())
-  print(f"{summary['seconds']:.0f} s; results in {os.path.join(workdir, 'results.json')}, "
-        f"routing figure {os.path.join(workdir, 'routing.png')}")
+  print(f"{summary['seconds']:.0f} s; results in {os.path.join(workdir, 'results.json')}, figures "
+        f"{', '.join(os.path.join(workdir, f) for f in ('routing.png', 'routing_heldout.png', 'scores.png'))}")
   return 0

@@ -1,17 +1,24 @@
-"""The demo: the whole PHATGOOSE pipeline on the synthetic suite (`demo/suite.py`), offline, on CPU.
+"""The demo: the whole PHATGOOSE pipeline on a synthetic suite, offline, on CPU.
 
-  phatgoose demo [--workdir DIR] [--seed N] [--smoke]
+  phatgoose demo [--suite tokens|keyword] [--workdir DIR] [--seed N] [--smoke]
 
-Stages, all through `pipeline` (the same functions as the CLI) and one expert library:
-  1. pre-train a tiny T5 base on the copy task `demo_pretrain` (full training from scratch);
-  2. for each of the six held-in skills, as an independent contributor would: a LoRA expert, then its gate;
+Suites: `tokens` (default, `demo/suite_tokens.py`: six held-in tasks over disjoint alphabets) and `keyword`
+(`demo/suite.py`: six string skills on the same words, told apart only by a keyword). Stages, all through
+`pipeline` (the same functions as the CLI) and one expert library:
+  1. pre-train a tiny T5 base on the suite's pretraining task (full training from scratch);
+  2. for each held-in task, as an independent contributor would: a LoRA expert, then its gate;
   3. the multitask reference: one LoRA on the union of the held-in data (a separate library);
-  4. evaluate on the three held-out tasks: base, every single expert (best_individual), merged, uniform,
-     average_activation, arrow, retrieval, phatgoose, multitask, oracle;
-  5. routing statistics of PHATGOOSE on the held-out tasks -> `routing.png`.
-Writes `DIR/results.json` = {"methods": {method: {"heldout": {task: score}, "heldout_avg": score}},
-"seconds": total} plus `DIR/results.md` and per-stage outputs; the same `--seed` gives the same scores.
-Sizes and step counts are bound in `gin/demo.gin` (`gin/demo_smoke.gin` for the reduced test run).
+  4. evaluate on the held-in validation tasks and the held-out tasks: base, every single expert
+     (best_individual: best held-out average), merged, uniform, average_activation, arrow, spectr, retrieval,
+     phatgoose, multitask, oracle;
+  5. diagnostics (`demo/diagnostics.py`): routing accuracy of every per-token router on held-in validation
+     data, 95% intervals of the held-out scores, PHATGOOSE's routing per layer (`routing.png` on held-in
+     tasks, `routing_heldout.png`) and the score chart (`scores.png`).
+Writes `DIR/results.json` = {"suite", "seed", "num_examples": {held-out task: n}, "methods": {method:
+{"heldout": {task: score}, "heldout_avg", "heldout_ci": {task: [low, high]}, "heldout_avg_ci", "heldin": {task:
+score}, "heldin_avg", "routing_accuracy", "routing_chance"}}, "seconds"} plus `DIR/results.md`; the same
+`--seed` gives the same scores. Sizes and step counts are bound in `gin/demo.gin` (`gin/demo_smoke.gin` for
+the reduced test run).
 """
 import json
 import os
@@ -22,10 +29,12 @@ import gin
 import jax
 
 from phatgoose_jax import pipeline
-from phatgoose_jax.demo import suite
+from phatgoose_jax.demo import diagnostics, suite, suite_tokens
 from phatgoose_jax.evaluation import evaluator, route_stats
 
-ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "retrieval", "phatgoose")
+SUITES = {"tokens": suite_tokens, "keyword": suite}
+PER_TOKEN_METHODS = ("average_activation", "arrow", "spectr", "phatgoose")
+ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "spectr", "retrieval", "phatgoose")
 METHODS = ("base", "best_individual") + ROUTED_METHODS + ("multitask", "oracle")
 
 
@@ -39,73 +48,147 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _scores(results: dict) -> dict:
-  tasks = {t: r["score"] for t, r in results["tasks"].items()}
-  return {"heldout": tasks, "heldout_avg": results["score"]}
+# ---- the pipeline stages the demo calls (all of its calls into `pipeline`) --------------------------------
 
 
-def train_contributors(base: str, library: str, workdir: str, seed: int, expert_steps: int, gate_steps: int):
-  """Each held-in skill's expert, then its gate, trained from that skill's data only."""
-  for i, task in enumerate(suite.HELD_IN_TASKS):
-    pipeline.train_expert(base=base, task=task, library=library, num_steps=expert_steps, seed=seed + i,
+def train_models(s, workdir: str, seed: int, steps: dict) -> tuple:
+  """(base, library, multitask library): the base, each held-in task's expert then its gate (from that task's
+  data only), and the multitask reference."""
+  base = pipeline.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),
+                                  workdir=os.path.join(workdir, "train", "base"), finetune="full",
+                                  num_steps=steps["base"], seed=seed)
+  library = os.path.join(workdir, "library")
+  for i, task in enumerate(s.HELD_IN_TASKS):
+    pipeline.train_expert(base=base, task=task, library=library, num_steps=steps["expert"], seed=seed + i,
                           workdir=os.path.join(workdir, "train", f"{task}_expert"))
-    pipeline.train_gate(base=base, library=library, name=task, num_steps=gate_steps, seed=seed + i,
+    pipeline.train_gate(base=base, library=library, name=task, num_steps=steps["gate"], seed=seed + i,
                         workdir=os.path.join(workdir, "train", f"{task}_gate"))
+  multitask = pipeline.train_multitask(task=s.HELD_IN_MIXTURE, output=os.path.join(workdir, "multitask"),
+                                       workdir=os.path.join(workdir, "train", "multitask"), base=base,
+                                       finetune="lora", num_steps=steps["multitask"], seed=seed)
+  return base, library, multitask
 
 
-def evaluate_methods(base: str, library: str, multitask: str, workdir: str) -> Dict[str, dict]:
-  """Held-out results of every method of the table."""
-  def run(method, **kwargs):
-    return pipeline.evaluate(task=suite.HELD_OUT_MIXTURE, output_dir=os.path.join(workdir, "eval", method),
-                             base=base, method=method, **kwargs)
-
-  results = {"base": run("base")}
-  singles = {task: run(f"single_{task}", library=library, router="merged", names=[task])
-             for task in suite.HELD_IN_TASKS}
-  results["best_individual"] = max(singles.values(), key=lambda r: r["score"])
-  for router in ROUTED_METHODS:
-    results[router] = run(router, library=library, router=router)
-  results["multitask"] = run("multitask", library=multitask, router="merged", names=["multitask"])
-  labels = {task: suite.held_in_task(suite.oracle_skill(task)) for task in suite.HELD_OUT_TASKS}
-  results["oracle"] = run("oracle", library=library, router="oracle", router_options={"oracle_labels": labels})
-  return results
+def evaluate(s, base: str, workdir: str, method: str, split: str, **kwargs) -> dict:
+  """One method's results on the held-in validation tasks (split 'heldin') or the held-out tasks."""
+  task = s.HELD_IN_EVAL_MIXTURE if split == "heldin" else s.HELD_OUT_MIXTURE
+  return pipeline.evaluate(task=task, output_dir=os.path.join(workdir, "eval", split, method), base=base,
+                           method=method, **kwargs)
 
 
-def routing_figure(base: str, library: str, workdir: str) -> str:
-  """PHATGOOSE's expert choices per held-out task and layer, as `routing.png`."""
-  stats = pipeline.route_stats(task=suite.HELD_OUT_MIXTURE, output_dir=os.path.join(workdir, "route_stats"),
-                               base=base, library=library, router="phatgoose")
-  path = os.path.join(workdir, "routing.png")
-  route_stats.plot(stats, path, [t[len(suite.PREFIX):] for t in suite.HELD_IN_TASKS],
-                   title="PHATGOOSE on held-out tasks: share of top-2 slots per expert")
-  return path
+def routed_runner(base: str, library: str, router: str):
+  """A score runner of the library's experts under a per-token `router`."""
+  model, variables, _ = pipeline.load_model(base, library=library, router=router)
+  return pipeline.runner(model, variables)
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+
+
+def method_options(s, library: str, multitask: str) -> Dict[str, dict]:
+  """The evaluate() arguments of every method but base and best_individual."""
+  labels = {t: s.oracle_expert(t) for t in s.HELD_IN_EVAL_TASKS + s.HELD_OUT_TASKS}
+  options = {m: {"library": library, "router": m} for m in ROUTED_METHODS}
+  options["multitask"] = {"library": multitask, "router": "merged", "names": ["multitask"]}
+  options["oracle"] = {"library": library, "router": "oracle", "router_options": {"oracle_labels": labels}}
+  return options
+
+
+def evaluate_methods(s, base: str, library: str, multitask: str, workdir: str) -> Dict[str, dict]:
+  """{method: {"heldout": results, "heldin": results}} for every method of the table."""
+  singles = {t: evaluate(s, base, workdir, f"single_{t}", "heldout", library=library, router="merged", names=[t])
+             for t in s.HELD_IN_TASKS}
+  best = max(singles, key=lambda t: singles[t]["score"])
+  results = {"base": {split: evaluate(s, base, workdir, "base", split) for split in ("heldout", "heldin")},
+             "best_individual": {"heldout": singles[best],
+                                 "heldin": evaluate(s, base, workdir, f"single_{best}", "heldin", library=library,
+                                                    router="merged", names=[best])}}
+  for method, options in method_options(s, library, multitask).items():
+    results[method] = {split: evaluate(s, base, workdir, method, split, **options) for split in ("heldout", "heldin")}
+  return {m: results[m] for m in METHODS}
+
+
+def routing_accuracies(s, base: str, library: str, max_examples: int) -> tuple:
+  """({per-token router: routing accuracy on held-in validation data}, chance k/E)."""
+  from phatgoose_jax import tasks  # pylint: disable=import-outside-toplevel
+  examples = tasks.get_eval_examples(s.HELD_IN_EVAL_MIXTURE, max_examples)
+  names = sorted(s.HELD_IN_TASKS)  # the library's expert order
+  accuracy = {}
+  for router in PER_TOKEN_METHODS:
+    runner = routed_runner(base, library, router)
+    counts = {t: diagnostics.routing_counts(runner, examples[t], names.index(s.oracle_expert(t)))
+              for t in s.HELD_IN_EVAL_TASKS}
+    accuracy[router] = diagnostics.routing_accuracy(counts)
+  experts = runner.model.experts
+  return accuracy, experts.top_k / experts.num_experts
+
+
+def routing_figures(s, base: str, library: str, workdir: str, max_examples: int) -> None:
+  """PHATGOOSE's expert choices per layer on held-in (`routing.png`) and held-out tasks (`routing_heldout.png`)."""
+  labels = [t[len(s.PREFIX):] for t in sorted(s.HELD_IN_TASKS)]
+  for task, name in ((s.HELD_IN_EVAL_MIXTURE, "routing.png"), (s.HELD_OUT_MIXTURE, "routing_heldout.png")):
+    stats = pipeline.route_stats(task=task, output_dir=os.path.join(workdir, "route_stats", name[:-4]), base=base,
+                                 library=library, router="phatgoose", max_examples=max_examples)
+    route_stats.plot(stats, os.path.join(workdir, name), labels,
+                     title=f"PHATGOOSE, {'held-in' if task == s.HELD_IN_EVAL_MIXTURE else 'held-out'} tasks: "
+                           "share of top-k slots per expert")
+
+
+def summarize(results: Dict[str, dict], accuracy: dict, chance: float) -> dict:
+  """results.json's `methods` and `num_examples` (see the module docstring)."""
+  counts = {t: r["num_examples"] for t, r in results["base"]["heldout"]["tasks"].items()}
+  methods = {}
+  for method, r in results.items():
+    heldout = {t: v["score"] for t, v in r["heldout"]["tasks"].items()}
+    methods[method] = {
+        "heldout": heldout, "heldout_avg": r["heldout"]["score"],
+        "heldout_ci": {t: diagnostics.wilson_interval(p, counts[t]) for t, p in heldout.items()},
+        "heldout_avg_ci": diagnostics.mean_interval(heldout, counts),
+        "heldin": {t: v["score"] for t, v in r["heldin"]["tasks"].items()}, "heldin_avg": r["heldin"]["score"],
+        "routing_accuracy": accuracy.get(method), "routing_chance": chance if method in accuracy else None}
+  return {"num_examples": counts, "methods": methods}
+
+
+def markdown(summary: dict) -> str:
+  """The held-out table, then held-in average, held-out interval and routing accuracy per method."""
+  methods = summary["methods"]
+  table = evaluator.markdown_table({m: s["heldout"] for m, s in methods.items()}, "heldout_avg")
+  lines = ["", "| method | heldin_avg | heldout_avg (95% interval) | routing accuracy (chance) |", "|---|---|---|---|"]
+  for m, s in methods.items():
+    low, high = s["heldout_avg_ci"]
+    routing = "-" if s["routing_accuracy"] is None else f"{100 * s['routing_accuracy']:.1f} ({100 * s['routing_chance']:.1f})"
+    lines.append(f"| {m} | {100 * s['heldin_avg']:.1f} | {100 * s['heldout_avg']:.1f} "
+                 f"({100 * low:.1f}-{100 * high:.1f}) | {routing} |")
+  return table + "\n" + "\n".join(lines)
 
 
 @gin.configurable
-def run_demo(workdir: str, seed: int = 0, train_examples: int = 4000, validation_examples: int = 200,
-             held_out_examples: int = 100, base_steps: int = 1500, expert_steps: int = 300, gate_steps: int = 100,
-             multitask_steps: int = 600, clock: Optional[float] = None, cache_dir: Optional[str] = None) -> dict:
-  """Runs the demo into `workdir` and returns what `results.json` holds (`clock`: when the run started;
-  `cache_dir`: JAX's persistent compilation cache, `workdir/jax_cache` unless one is configured)."""
+def run_demo(workdir: str, seed: int = 0, suite_name: str = "tokens", train_examples: int = 4000,
+             validation_examples: int = 200, held_out_examples: int = 100, base_steps: int = 1500,
+             expert_steps: int = 300, gate_steps: int = 100, multitask_steps: int = 600,
+             routing_examples: int = 100, clock: Optional[float] = None, cache_dir: Optional[str] = None) -> dict:
+  """Runs the demo of suite `suite_name` into `workdir` and returns what `results.json` holds (`clock`: when
+  the run started; `cache_dir`: JAX's persistent compilation cache, `workdir/jax_cache` unless one is
+  configured; `routing_examples`: held-in validation examples per task for the routing diagnostics)."""
+  if suite_name not in SUITES:
+    raise ValueError(f"unknown demo suite {suite_name!r}; choose one of {sorted(SUITES)}")
+  s = SUITES[suite_name]
   started = time.time() if clock is None else clock
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(cache_dir or os.path.join(workdir, "jax_cache"))
-  suite.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples))
-  pipeline.declare_held_out(suite.HELD_OUT_TASKS, suite.is_held_out)
-  base = pipeline.train_multitask(task=suite.PRETRAIN_TASK, output=os.path.join(workdir, "base"),
-                                  workdir=os.path.join(workdir, "train", "base"), finetune="full",
-                                  num_steps=base_steps, seed=seed)
-  library = os.path.join(workdir, "library")
-  train_contributors(base, library, workdir, seed, expert_steps, gate_steps)
-  multitask = pipeline.train_multitask(task=suite.HELD_IN_MIXTURE, output=os.path.join(workdir, "multitask"),
-                                       workdir=os.path.join(workdir, "train", "multitask"), base=base,
-                                       finetune="lora", num_steps=multitask_steps, seed=seed)
-  results = evaluate_methods(base, library, multitask, workdir)
-  routing_figure(base, library, workdir)
-  summary = {"methods": {m: _scores(results[m]) for m in METHODS}, "seconds": round(time.time() - started, 1)}
+  s.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples))
+  pipeline.declare_held_out(s.HELD_OUT_TASKS, s.is_held_out)
+  base, library, multitask = train_models(s, workdir, seed, {"base": base_steps, "expert": expert_steps,
+                                                             "gate": gate_steps, "multitask": multitask_steps})
+  results = evaluate_methods(s, base, library, multitask, workdir)
+  accuracy, chance = routing_accuracies(s, base, library, routing_examples)
+  routing_figures(s, base, library, workdir, routing_examples)
+  summary = {"suite": suite_name, "seed": seed, **summarize(results, accuracy, chance),
+             "seconds": round(time.time() - started, 1)}
+  diagnostics.plot_scores(summary["methods"], os.path.join(workdir, "scores.png"),
+                          f"{suite_name} suite, seed {seed}: held-out (95% interval) and held-in averages")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  table = evaluator.markdown_table({m: s["heldout"] for m, s in summary["methods"].items()}, "heldout_avg")
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+    f.write(markdown(summary) + "\n")
   return summary

@@ -62,6 +62,7 @@ SEPARATOR = " | "
 PRETRAIN_TASK = f"{PREFIX}pretrain"
 HELD_IN_MIXTURE = f"{PREFIX}held_in"
 HELD_OUT_MIXTURE = f"{PREFIX}held_out"
+HELD_IN_EVAL_MIXTURE = f"{PREFIX}held_in_eval"
 
 
 def held_in_task(skill: str) -> str:
@@ -74,11 +75,18 @@ def held_out_task(pair: Sequence[str]) -> str:
 
 HELD_IN_TASKS = tuple(held_in_task(s) for s in SKILLS)
 HELD_OUT_TASKS = tuple(held_out_task(p) for p in HELD_OUT_PAIRS)
+HELD_IN_EVAL_TASKS = tuple(f"{t}_eval" for t in HELD_IN_TASKS)
+EXPERT_NAMES = tuple(SKILLS)
 
 
 def oracle_skill(task: str) -> str:
   """The held-out task's oracle expert: its first listed skill's."""
   return dict(zip(HELD_OUT_TASKS, HELD_OUT_PAIRS))[task][0]
+
+
+def oracle_expert(task: str) -> str:
+  """The held-in task whose expert is the oracle for a held-out or held-in evaluation task."""
+  return task[:-len("_eval")] if task in HELD_IN_EVAL_TASKS else held_in_task(oracle_skill(task))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,14 +176,14 @@ def pretrain_example(rng: np.random.Generator) -> dict:
   return {"inputs": render(spans), "targets": " ".join(text for _, text in spans)}
 
 
-def _rng(seed: int, *keys) -> np.random.Generator:
+def stream(seed: int, *keys) -> np.random.Generator:
   """An independent stream per (seed, task, split): the data never depends on what else was drawn."""
   return np.random.default_rng([seed, *[sum(ord(c) * 31 ** i for i, c in enumerate(k)) % 2**31 for k in keys]])
 
 
 def train_examples(task: str, split: str, seed: int, sizes: SuiteSizes) -> List[dict]:
   """{inputs, targets} of a held-in or the pretraining task."""
-  rng = _rng(seed, task, split)
+  rng = stream(seed, task, split)
   count = sizes.train if split == "train" else sizes.validation
   if task == PRETRAIN_TASK:
     return [pretrain_example(rng) for _ in range(count)]
@@ -185,7 +193,7 @@ def train_examples(task: str, split: str, seed: int, sizes: SuiteSizes) -> List[
 
 def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
   """Rank-classification examples of a held-out task (or, for a held-in task, its validation split)."""
-  rng = _rng(seed, task, "eval")
+  rng = stream(seed, task, "eval")
   if task in HELD_OUT_TASKS:
     pair = dict(zip(HELD_OUT_TASKS, HELD_OUT_PAIRS))[task]
     return [held_out_example(pair, rng) for _ in range(sizes.held_out)]
@@ -208,22 +216,32 @@ def _add(name: str, source, evaluation: bool) -> None:
       metric_fns=[seqio_tasks.rank_classification_metric] if evaluation else []))
 
 
+def register_tasks(training: Sequence[str], evaluation: Sequence[str], train_fn: Callable[[str, str], List[dict]],
+                   eval_fn: Callable[[str], List[dict]]) -> None:
+  """Byte-level seqio tasks: `training` ones (splits train, validation) read `train_fn(task, split)`,
+  `evaluation` ones (rank classification, split validation) read `eval_fn(task)`."""
+  for task in training:
+    _add(task, seqio_tasks.text_source(lambda split, t=task: iter(train_fn(t, split)), seqio_tasks.TRAIN_SIGNATURE),
+         evaluation=False)
+  for task in evaluation:
+    _add(task, seqio_tasks.text_source(lambda split, t=task: iter(eval_fn(t)), seqio_tasks.EVAL_SIGNATURE,
+                                       splits=("validation",)), evaluation=True)
+
+
+def add_mixtures(mixtures: Dict[str, Sequence[str]]) -> None:
+  for name, tasks in mixtures.items():
+    seqio_tasks.add_mixture(name, tasks)
+
+
 def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
   """Registers (or re-registers, for another seed) the suite's seqio tasks and mixtures.
 
   Training tasks: `demo_pretrain`, `demo_<skill>` (splits train, validation). Evaluation tasks:
   `demo_<skill>_eval` (held-in sanity check) and `demo_<a>_<b>` (held-out); mixtures `demo_held_in`
-  (training) and `demo_held_out` (evaluation).
+  (training), `demo_held_in_eval` and `demo_held_out` (evaluation).
   """
-  for task in (PRETRAIN_TASK,) + HELD_IN_TASKS:
-    _add(task, seqio_tasks.text_source(lambda split, t=task: iter(train_examples(t, split, seed, sizes)),
-                                       seqio_tasks.TRAIN_SIGNATURE), evaluation=False)
-  for task in HELD_IN_TASKS:
-    _add(f"{task}_eval", seqio_tasks.text_source(lambda split, t=task: iter(eval_examples(t, seed, sizes)),
-                                                 seqio_tasks.EVAL_SIGNATURE, splits=("validation",)),
-         evaluation=True)
-  for task in HELD_OUT_TASKS:
-    _add(task, seqio_tasks.text_source(lambda split, t=task: iter(eval_examples(t, seed, sizes)),
-                                       seqio_tasks.EVAL_SIGNATURE, splits=("validation",)), evaluation=True)
-  seqio_tasks.add_mixture(HELD_IN_MIXTURE, HELD_IN_TASKS)
-  seqio_tasks.add_mixture(HELD_OUT_MIXTURE, HELD_OUT_TASKS)
+  register_tasks((PRETRAIN_TASK,) + HELD_IN_TASKS, HELD_IN_EVAL_TASKS + HELD_OUT_TASKS,
+                 lambda task, split: train_examples(task, split, seed, sizes),
+                 lambda task: eval_examples(oracle_expert(task) if task in HELD_IN_EVAL_TASKS else task, seed, sizes))
+  add_mixtures({HELD_IN_MIXTURE: HELD_IN_TASKS, HELD_IN_EVAL_MIXTURE: HELD_IN_EVAL_TASKS,
+                HELD_OUT_MIXTURE: HELD_OUT_TASKS})

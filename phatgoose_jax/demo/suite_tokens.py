@@ -51,3 +51,175 @@ Expected results (written before any run).
 * Held-out average: PHATGOOSE above merged and retrieval by more than the intervals. If not, the
   diagnostics say why: routing accuracy (the router), held-in scores (the experts), or the suite.
 """
+import string
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from phatgoose_jax.demo import suite as common
+from phatgoose_jax.demo.suite import SuiteSizes, eval_record
+
+ALPHABETS: Dict[str, str] = {
+    "digits": string.digits,
+    "lower_am": string.ascii_lowercase[:13],
+    "lower_nz": string.ascii_lowercase[13:],
+    "upper_am": string.ascii_uppercase[:13],
+    "upper_nz": string.ascii_uppercase[13:],
+    "symbols": "!#$%&*+=?@^~",
+}
+MIX_PAIRS: Tuple[Tuple[str, str], ...] = (("digits", "lower_am"), ("lower_nz", "upper_am"), ("upper_nz", "symbols"))
+PREFIX = "tok_"
+PRETRAIN_TASK = f"{PREFIX}pretrain"
+HELD_IN_MIXTURE = f"{PREFIX}held_in"
+HELD_IN_EVAL_MIXTURE = f"{PREFIX}held_in_eval"
+HELD_OUT_MIXTURE = f"{PREFIX}held_out"
+EXPERT_NAMES = tuple(ALPHABETS)
+HELD_IN_TASKS = tuple(f"{PREFIX}{a}" for a in ALPHABETS)
+HELD_IN_EVAL_TASKS = tuple(f"{t}_eval" for t in HELD_IN_TASKS)
+REORDER_TASKS = tuple(f"{PREFIX}reorder_{a}" for a in ALPHABETS)
+MIX_TASKS = tuple(f"{PREFIX}mix_{a}_{b}" for a, b in MIX_PAIRS)
+HELD_OUT_TASKS = REORDER_TASKS + MIX_TASKS
+_ALPHABET_OF = {c: name for name, chars in ALPHABETS.items() for c in chars}
+
+
+def oracle_expert(task: str) -> str:
+  """The held-in task whose expert is the oracle for a held-out or held-in evaluation task."""
+  if task in HELD_IN_EVAL_TASKS:
+    return task[:-len("_eval")]
+  if task in REORDER_TASKS:
+    return f"{PREFIX}{task[len(PREFIX + 'reorder_'):]}"
+  return f"{PREFIX}{dict(zip(MIX_TASKS, MIX_PAIRS))[task][0]}"
+
+
+def derangement(chars: str, rng: np.random.Generator) -> Dict[str, str]:
+  """A random permutation of `chars` with no fixed point, as a character map."""
+  while True:
+    image = "".join(rng.permutation(list(chars)))
+    if all(a != b for a, b in zip(chars, image)):
+      return dict(zip(chars, image))
+
+
+def ciphers(seed: int) -> Dict[str, List[Dict[str, str]]]:
+  """Per alphabet [pi, decoy_1, decoy_2]: three distinct derangements drawn from the seed."""
+  out = {}
+  for name, chars in ALPHABETS.items():
+    rng = common.stream(seed, "cipher", name)
+    maps: List[Dict[str, str]] = []
+    while len(maps) < 3:
+      candidate = derangement(chars, rng)
+      if candidate not in maps:
+        maps.append(candidate)
+    out[name] = maps
+  return out
+
+
+def encipher(word: str, maps: Dict[str, List[Dict[str, str]]], which: int = 0) -> str:
+  """The word under its alphabet's cipher `which` (0 = the secret one, 1-2 = decoys)."""
+  return "".join(maps[_ALPHABET_OF[word[0]]][which][c] for c in word)
+
+
+def random_word(alphabet: str, rng: np.random.Generator) -> str:
+  return "".join(rng.choice(list(ALPHABETS[alphabet]), rng.integers(2, 6)))
+
+
+def alphabets_in(inputs: str) -> List[str]:
+  """The alphabet of each word of a `[...]` / `(...)` input (None for characters of no alphabet)."""
+  return [_ALPHABET_OF.get(w[0]) for w in inputs[1:-1].split()]
+
+
+def is_held_out(inputs: str) -> bool:
+  """True for a held-out-style input of this suite: the `( )` format, or words of two alphabets."""
+  if len(inputs) < 2 or (inputs[0], inputs[-1]) not in (("[", "]"), ("(", ")")):
+    return False
+  return inputs[0] == "(" or len(set(alphabets_in(inputs))) > 1
+
+
+def held_in_example(alphabet: str, maps, rng: np.random.Generator) -> dict:
+  words = [random_word(alphabet, rng) for _ in range(rng.integers(1, 4))]
+  return {"inputs": "[" + " ".join(words) + "]", "targets": " ".join(encipher(w, maps) for w in words)}
+
+
+def pretrain_example(rng: np.random.Generator) -> dict:
+  """`[...]` -> the words copied, or `(...)` -> the words in reverse order; each word of a random alphabet."""
+  words = [random_word(str(rng.choice(EXPERT_NAMES)), rng) for _ in range(rng.integers(1, 4))]
+  if rng.random() < 0.5:
+    return {"inputs": "[" + " ".join(words) + "]", "targets": " ".join(words)}
+  return {"inputs": "(" + " ".join(words) + ")", "targets": " ".join(words[::-1])}
+
+
+def _distinct_record(inputs: str, choices: List[str]):
+  """The rank-classification record, or None when two candidates coincide (the example is redrawn)."""
+  return eval_record(inputs, choices, 0) if len(set(choices)) == len(choices) else None
+
+
+def held_in_eval_example(alphabet: str, maps, rng: np.random.Generator) -> dict:
+  """Answer, copy and the two decoy ciphers."""
+  while True:
+    words = [random_word(alphabet, rng) for _ in range(rng.integers(1, 4))]
+    choices = [" ".join(encipher(w, maps, i) for w in words) for i in (0, 1, 2)]
+    record = _distinct_record("[" + " ".join(words) + "]", choices[:1] + [" ".join(words)] + choices[1:])
+    if record:
+      return record
+
+
+def reorder_example(alphabet: str, maps, rng: np.random.Generator) -> dict:
+  """Answer; cipher in input order; reversed copy; copy; reversed under a decoy."""
+  while True:
+    words = [random_word(alphabet, rng) for _ in range(rng.integers(2, 4))]
+    coded, back = [encipher(w, maps) for w in words], words[::-1]
+    choices = [" ".join(coded[::-1]), " ".join(coded), " ".join(back), " ".join(words),
+               " ".join(encipher(w, maps, 1) for w in back)]
+    record = _distinct_record("(" + " ".join(words) + ")", choices)
+    if record:
+      return record
+
+
+def mix_example(pair: Sequence[str], maps, rng: np.random.Generator) -> dict:
+  """Answer; only X's word ciphered; only Y's; both copied; both under decoys."""
+  while True:
+    words = [random_word(pair[0], rng), random_word(pair[1], rng)]
+    order = [0, 1] if rng.random() < 0.5 else [1, 0]
+    shown = [words[i] for i in order]
+
+    def render(cipher_x, cipher_y, which=0):
+      return " ".join(encipher(w, maps, which) if (cipher_x if i == 0 else cipher_y) else w
+                      for i, w in zip(order, shown))
+
+    choices = [render(True, True), render(True, False), render(False, True), render(False, False),
+               render(True, True, 1)]
+    record = _distinct_record("[" + " ".join(shown) + "]", choices)
+    if record:
+      return record
+
+
+def train_examples(task: str, split: str, seed: int, sizes: SuiteSizes) -> List[dict]:
+  """{inputs, targets} of a held-in or the pretraining task."""
+  rng = common.stream(seed, task, split)
+  count = sizes.train if split == "train" else sizes.validation
+  if task == PRETRAIN_TASK:
+    return [pretrain_example(rng) for _ in range(count)]
+  maps = ciphers(seed)
+  return [held_in_example(task[len(PREFIX):], maps, rng) for _ in range(count)]
+
+
+def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
+  """Rank-classification examples of a held-out task or a held-in task's validation split."""
+  rng, maps = common.stream(seed, task, "eval"), ciphers(seed)
+  if task in HELD_IN_EVAL_TASKS:
+    alphabet = task[len(PREFIX):-len("_eval")]
+    return [held_in_eval_example(alphabet, maps, rng) for _ in range(sizes.validation)]
+  if task in REORDER_TASKS:
+    return [reorder_example(task[len(PREFIX + "reorder_"):], maps, rng) for _ in range(sizes.held_out)]
+  pair = dict(zip(MIX_TASKS, MIX_PAIRS))[task]
+  return [mix_example(pair, maps, rng) for _ in range(sizes.held_out)]
+
+
+def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
+  """Registers (or re-registers, for another seed) the suite's seqio tasks and mixtures: training tasks
+  `tok_pretrain`, `tok_<X>`; evaluation tasks `tok_<X>_eval` (held-in), `tok_reorder_<X>`, `tok_mix_<X>_<Y>`
+  (held-out); mixtures `tok_held_in`, `tok_held_in_eval`, `tok_held_out`."""
+  common.register_tasks([PRETRAIN_TASK, *HELD_IN_TASKS], [*HELD_IN_EVAL_TASKS, *HELD_OUT_TASKS],
+                        lambda task, split: train_examples(task, split, seed, sizes),
+                        lambda task: eval_examples(task, seed, sizes))
+  common.add_mixtures({HELD_IN_MIXTURE: HELD_IN_TASKS, HELD_IN_EVAL_MIXTURE: HELD_IN_EVAL_TASKS,
+                       HELD_OUT_MIXTURE: HELD_OUT_TASKS})
