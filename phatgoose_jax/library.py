@@ -239,6 +239,7 @@ def _save_safetensors(path: str, arrays: Mapping[str, np.ndarray], dtype: str = 
   np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
   save_file({k: np.ascontiguousarray(np.asarray(v, np.float32).astype(np_dtype)) for k, v in arrays.items()},
             path, metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600
   with open(path, "rb+") as f:
     os.fsync(f.fileno())
 
@@ -528,7 +529,7 @@ class ExpertLibrary:
                                         f"interrupted replace; {repair} moves it into place")
     if leftover.startswith(_OLD):
       name = leftover.split("-", 1)[1]
-      if os.path.isdir(self._entry(name)) and not os.path.isdir(self._entry(_NEW + name)):
+      if os.path.isdir(self._entry(name)) or os.path.isdir(self._entry(_NEW + name)):
         return Problem(leftover, "warning", f"the old version of {name!r} set aside by an interrupted replace; "
                                             f"{repair} deletes it")
       return Problem(leftover, "error", f"the only complete copy of {name!r} (an interrupted replace); {repair} "
