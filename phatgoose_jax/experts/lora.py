@@ -14,13 +14,14 @@ happened: `activations` (each target layer's input `u`, for average-activation r
 `intermediates` (`route_index`, `route_weights`: the chosen experts, for routing statistics). Our `lora_a` is the paper's A
 transposed and `lora_b` its B transposed: `B A u` is `(u @ lora_a) @ lora_b`.
 """
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phatgoose_jax.experts import routing
+from phatgoose_jax.experts import routing, sharded
 from phatgoose_jax.t5.config import ExpertConfig
 
 LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (algorithm.md §2)
@@ -95,8 +96,11 @@ class ExpertDense(nn.Module):
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
       return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),
                                scale)
-    update, weights, index = routing.route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
-                                           score=self.experts.score, impl=self.experts.impl)
+    route = routing.route
+    if sharded.expert_mesh() is not None:  # experts split over the context mesh's 'expert' axis
+      route = functools.partial(sharded.route, kernel_axes=self.kernel_axes)
+    update, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
+                                   score=self.experts.score, impl=self.experts.impl)
     self.sow("intermediates", "route_index", index)
     self.sow("intermediates", "route_weights", weights)
     return update

@@ -16,6 +16,12 @@ plain per-example mean both accumulate to exactly the big-batch gradient (to flo
 Dropout's rng is `fold_in(fold_in(key(seed), s), i)` and the batch is `batch_fn(s)`: both pure functions of
 the step, so a resumed run recomputes the same updates and ends bitwise equal to an uninterrupted one.
 Trainable leaves and optimiser state are float32; the compute dtype is the model's business.
+
+Multi-host: every process runs the same loop. `batch_fn(s)` returns this process's rows of step s's
+batch (`partitioning.process_batch_rows`; the whole batch on one process), from which each step builds the
+global batch with `jax.make_array_from_process_local_data`; orbax saves and restores across processes, and
+only process 0 writes TensorBoard events and the progress bar. Steps and `eval_fn` run with the trainer's
+mesh as the context mesh (`jax.set_mesh`), so experts split over its 'expert' axis mix per shard.
 """
 import logging
 import os
@@ -106,7 +112,8 @@ class Trainer:
     loss_weight_key: the metric giving a micro-batch's weight in accumulation (see module docstring).
     seed: dropout rngs are `fold_in(key(seed), step)`.
     strict_sharding: raise, rather than replicate, when a mesh axis does not divide a dimension.
-    log_every: write training metrics every this many steps.
+    log_every: write training metrics every this many steps (also kept in `history`).
+    tensorboard: write TensorBoard event files under `workdir` (process 0 only).
   """
 
   def __init__(self, loss_fn: LossFn, variables: Any, trainable: Sequence[str] = ("lora/.*",),
@@ -115,7 +122,7 @@ class Trainer:
                checkpoint_every: int = 100, keep: int = 1, eval_fn: Optional[EvalFn] = None,
                eval_every: int = 100, best_fn: Callable[[dict], float] = eval_loss, best_mode: str = "min",
                accum_steps: int = 1, loss_weight_key: str = "num_tokens", seed: int = 0,
-               strict_sharding: bool = False, log_every: int = 10):
+               strict_sharding: bool = False, log_every: int = 10, tensorboard: bool = True):
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     if min(checkpoint_every, eval_every, accum_steps, keep, log_every) < 1:
@@ -135,6 +142,7 @@ class Trainer:
     self.frozen = jax.device_put(frozen, frozen_sh)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch_sh = partitioning.batch_sharding(self.mesh, self.rules)
+    self._data_shard = partitioning.data_shard(self.mesh, self.rules)
     self._state_sh = {"step": self._replicated, "params": params_sh,
                       "opt_state": self._opt_state_shardings(params, params_sh)}
     self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self._replicated), "params": params,
@@ -143,7 +151,8 @@ class Trainer:
                                out_shardings=(self._state_sh, self._replicated), donate_argnums=(0,))
 
     self.manager = self._checkpoint_manager(keep, best_fn, best_mode) if workdir else None
-    self.writer = self._metric_writer() if workdir else None
+    self.writer = self._metric_writer() if workdir and tensorboard and jax.process_index() == 0 else None
+    self.history = []
     if self.manager is not None and self.manager.latest_step() is not None:
       self.state = self._restore(self.manager.latest_step())
 
@@ -156,10 +165,9 @@ class Trainer:
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
   def _metric_writer(self):
-    """TensorBoard event files under `workdir/tensorboard` (first process only) plus the log."""
+    """TensorBoard event files under `workdir/tensorboard` plus the log."""
     from clu import metric_writers  # imports TensorFlow: only when there is a workdir to write to
-    return metric_writers.create_default_writer(os.path.join(self.workdir, "tensorboard"),
-                                                just_logging=jax.process_index() > 0, asynchronous=False)
+    return metric_writers.create_default_writer(os.path.join(self.workdir, "tensorboard"), asynchronous=False)
 
   def _write(self, step: int, scalars: dict):
     if self.writer is not None:
@@ -262,22 +270,35 @@ class Trainer:
   def evaluate(self) -> dict:
     """Run `eval_fn`, log its metrics under `eval/`, and return them as floats."""
     step = int(self.state["step"])
-    metrics = {k: float(v) for k, v in self.eval_fn(self.variables()).items()}
+    with jax.set_mesh(self.mesh):
+      metrics = {k: float(v) for k, v in self.eval_fn(self.variables()).items()}
     self._write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    tqdm.tqdm.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.6g}" for k, v in metrics.items()))
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.6g}" for k, v in metrics.items()))
     return metrics
 
   def _check_batch(self, batch: dict):
     sizes = {k: np.shape(v)[0] for k, v in batch.items()}
     if len(set(sizes.values())) != 1:
       raise ValueError(f"batch arrays disagree on the batch size: {sizes}")
-    size = next(iter(sizes.values()))
+    size = next(iter(sizes.values())) * self._data_shard[1]
     if size % self.accum_steps:
       raise ValueError(f"batch size {size} is not divisible by accum_steps={self.accum_steps}")
     partitioning.check_batch_divisible(size // self.accum_steps, self.mesh, self.rules)
 
+  def global_batch(self, local: dict) -> dict:
+    """The global batch (sharded `jax.Array`s) of which this process holds the rows `local`."""
+    num_shards = self._data_shard[1]
+    return {k: jax.make_array_from_process_local_data(
+        self._batch_sh, np.asarray(v), (np.shape(v)[0] * num_shards, *np.shape(v)[1:])) for k, v in local.items()}
+
+  def local_rows(self, global_batch_size: int) -> slice:
+    """The rows of a global batch that `batch_fn` returns in this process (`partitioning.process_batch_rows`)."""
+    return partitioning.process_batch_rows(self.mesh, self.rules, global_batch_size)
+
   def train(self, batch_fn: BatchFn, num_steps: int) -> dict:
-    """Train from the current step up to `num_steps` updates; `batch_fn(step)` gives step's whole batch.
+    """Train from the current step up to `num_steps` updates; `batch_fn(step)` gives this process's rows
+    of step's batch (the whole batch on one process).
 
     Returns all variables (plain arrays) after the last update.
     """
@@ -290,11 +311,13 @@ class Trainer:
       batch = batch_fn(step)
       if step == first:
         self._check_batch(batch)
-      self.state, metrics = self._train_step(self.state, self.frozen, batch)
+      with jax.set_mesh(self.mesh):
+        self.state, metrics = self._train_step(self.state, self.frozen, self.global_batch(batch))
       step += 1
       bar.update(1)
       if step % self.log_every == 0 or step == num_steps:
         metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        self.history.append({"step": step, **metrics})
         self._write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4g}")
       is_checkpoint = self.manager is not None and (step % self.checkpoint_every == 0 or step == num_steps)
