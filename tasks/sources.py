@@ -18,6 +18,8 @@ DIR_KINDS = {
                       "promptsource/templates"),
     "bigbench_dir": ("PHATGOOSE_BIGBENCH_DIR", "the BIG-bench task directory (bigbench/benchmark_tasks)",
                      "clone https://github.com/google/BIG-bench (1.0.0) and point at bigbench/benchmark_tasks"),
+    "bbh_dir": ("PHATGOOSE_BBH_DIR", "the BIG-Bench Hard release directory (<task>.json with examples of "
+                "input and target)", "clone https://github.com/suzgunmirac/BIG-Bench-Hard and point at bbh"),
     "flan_dir": ("PHATGOOSE_FLAN_DIR", "the FLAN collection directory (one <expert>.jsonl per expert)",
                  "export the released collection (Hugging Face Open-Orca/FLAN: inputs, targets, _task_name, "
                  "_template_type) into one JSONL file per expert"),
@@ -100,39 +102,73 @@ T0_HELD_OUT = (
     _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2"),
 )
 
-# BIG-bench Lite: the 24 tasks minus the 7 the paper leaves out (algorithm.md §6).
-BIGBENCH_LITE = (
-    "bbq_lite_json", "conceptual_combinations", "conlang_translation", "formal_fallacies_syllogisms_negation",
-    "hindu_knowledge", "known_unknowns", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
-    "novel_concepts", "operators", "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories",
-    "strategyqa", "vitaminc_fact_verification", "winowhy",
-)
+@dataclasses.dataclass(frozen=True)
+class BigBenchTask:
+  """One BIG-bench evaluation task as the official `colm/datasets/bigbench.gin` configures it.
 
-# BIG-bench Hard: the 23 tasks minus dyck_languages (algorithm.md §6), each with its directory in the official
-# BIG-bench layout (`multistep_arithmetic_two` is the BBH release's task, placed as <dir>/<name>/task.json).
+  `path` is the BIG-bench task directory (`<bigbench_dir>/<path>/task.json`, the Hugging Face export the
+  official code reads) or, for `bbh_choices` tasks, the BIG-Bench Hard release file `<bbh_dir>/<path>.json`
+  (official `BigBenchSampleDataset` over `lukaemon/bbh`). `metric` is the official metric name; tasks with a
+  generative metric are decoded greedily for at most `max_gen_length` tokens (official `InterfaceInfo`).
+  """
+  path: str
+  metric: str = "accuracy"
+  max_gen_length: Optional[int] = None
+  bbh_choices: Optional[tuple] = None
+
+
+GENERATIVE_METRICS = ("exact_match", "exact_match_multiple_ans", "rouge")
+# Official default of `max_gen_length` (src/models/interface_mixin.py:248).
+DEFAULT_MAX_GEN_LENGTH = 20
+
+# BIG-bench Lite: the 24 tasks minus the 7 the paper leaves out (algorithm.md §6); colm/datasets/bigbench.gin
+# lines 229-411 (formal_fallacies_syllogisms_negation and logical_deduction use the BBH entries, lines 61-90).
+BIGBENCH_LITE = {
+    "bbq_lite_json": BigBenchTask("bbq_lite_json"),
+    "conceptual_combinations": BigBenchTask("conceptual_combinations"),
+    "conlang_translation": BigBenchTask("conlang_translation", "rouge", 64),
+    "formal_fallacies_syllogisms_negation": BigBenchTask("formal_fallacies_syllogisms_negation"),
+    "hindu_knowledge": BigBenchTask("hindu_knowledge"),
+    "known_unknowns": BigBenchTask("known_unknowns"),
+    "linguistics_puzzles": BigBenchTask("linguistics_puzzles", "exact_match", 128),
+    "logic_grid_puzzle": BigBenchTask("logic_grid_puzzle"),
+    "logical_deduction": BigBenchTask("logical_deduction"),
+    "novel_concepts": BigBenchTask("novel_concepts", "accuracy_multiple_ans"),
+    "operators": BigBenchTask("operators", "exact_match", 4),
+    "play_dialog_same_or_different": BigBenchTask("play_dialog_same_or_different"),
+    "repeat_copy_logic": BigBenchTask("repeat_copy_logic", "exact_match", 64),
+    "strange_stories": BigBenchTask("strange_stories"),
+    "strategyqa": BigBenchTask("strategyqa"),
+    "vitaminc_fact_verification": BigBenchTask("vitaminc_fact_verification"),
+    "winowhy": BigBenchTask("winowhy"),
+}
+
+# BIG-bench Hard: the 23 tasks minus dyck_languages (algorithm.md §6); colm/datasets/bigbench.gin lines 22-213.
+# The official code reads the full BIG-bench task where one exists (e.g. all of logical_deduction's subtasks) and
+# the BBH release for the three tasks that are programmatic upstream.
 BIGBENCH_HARD = {
-    "boolean_expressions": "boolean_expressions",
-    "causal_judgement": "causal_judgment",
-    "date_understanding": "date_understanding",
-    "disambiguation_qa": "disambiguation_qa",
-    "formal_fallacies": "formal_fallacies_syllogisms_negation",
-    "geometric_shapes": "geometric_shapes",
-    "hyperbaton": "hyperbaton",
-    "logical_deduction": "logical_deduction",
-    "movie_recommendation": "movie_recommendation",
-    "multistep_arithmetic_two": "multistep_arithmetic_two",
-    "navigate": "navigate",
-    "object_counting": "object_counting",
-    "penguins_in_a_table": "penguins_in_a_table",
-    "reasoning_about_colored_objects": "reasoning_about_colored_objects",
-    "ruin_names": "ruin_names",
-    "salient_translation_error_detection": "salient_translation_error_detection",
-    "snarks": "snarks",
-    "sports_understanding": "sports_understanding",
-    "temporal_sequences": "temporal_sequences",
-    "tracking_shuffled_objects": "tracking_shuffled_objects",
-    "web_of_lies": "web_of_lies",
-    "word_sorting": "word_sorting",
+    "boolean_expressions": BigBenchTask("boolean_expressions", bbh_choices=("True", "False")),
+    "causal_judgement": BigBenchTask("causal_judgment"),
+    "date_understanding": BigBenchTask("date_understanding"),
+    "disambiguation_qa": BigBenchTask("disambiguation_qa"),
+    "formal_fallacies": BigBenchTask("formal_fallacies_syllogisms_negation"),
+    "geometric_shapes": BigBenchTask("geometric_shapes", "accuracy_multiple_ans"),
+    "hyperbaton": BigBenchTask("hyperbaton"),
+    "logical_deduction": BigBenchTask("logical_deduction"),
+    "movie_recommendation": BigBenchTask("movie_recommendation"),
+    "multistep_arithmetic_two": BigBenchTask("multistep_arithmetic_two", "exact_match", 8, bbh_choices=()),
+    "navigate": BigBenchTask("navigate"),
+    "object_counting": BigBenchTask("object_counting", "exact_match_multiple_ans", 8),
+    "penguins_in_a_table": BigBenchTask("penguins_in_a_table"),
+    "reasoning_about_colored_objects": BigBenchTask("reasoning_about_colored_objects", "accuracy_multiple_ans"),
+    "ruin_names": BigBenchTask("ruin_names"),
+    "salient_translation_error_detection": BigBenchTask("salient_translation_error_detection"),
+    "snarks": BigBenchTask("snarks"),
+    "sports_understanding": BigBenchTask("sports_understanding"),
+    "temporal_sequences": BigBenchTask("temporal_sequences"),
+    "tracking_shuffled_objects": BigBenchTask("tracking_shuffled_objects"),
+    "web_of_lies": BigBenchTask("web_of_lies", bbh_choices=("Yes", "No")),
+    "word_sorting": BigBenchTask("word_sorting", "exact_match", 128),
 }
 
 # The FLAN pool: 36 P3 + 36 Flan 2021 + 75 NIv2 categories + 19 others, zero-shot templates only.

@@ -1,52 +1,112 @@
-"""BIG-bench zero-shot tasks (algorithm.md §6): every shared task loads through seqio and matches its JSON; the
-`phatgoose tasks inspect --json` output on a task directory built here in the official layout."""
+"""BIG-bench zero-shot tasks (algorithm.md §6) equal the official PHATGOOSE prompts: every shared task.json
+against a derivation written from BIG-bench 1.0.0's `json_task.py` / `bbseqio` rules; hand-written prompts on a
+toy task in the official layout; the official label rule; BBH release tasks; generation lengths; the CLI."""
 import json
 import pathlib
+import random
 
+import numpy as np
 import pytest
 
 from phatgoose_jax import cli
 from phatgoose_jax import tasks
+from phatgoose_jax.tasks import bigbench, sources
 
 
-def _expected(task_dir: pathlib.Path) -> list:
-  """(inputs, choices, target) read independently from the task's JSON files."""
-  subtasks = sorted(task_dir.glob("*/task.json"))
-  expected = []
-  for path in subtasks or [task_dir / "task.json"]:
+_PERMUTATIONS = {}
+
+
+def _permute(items: list) -> list:
+  """np.random.RandomState(seed=42).permutation(items); memoised by length, as a permutation of a list moves
+  its items as the permutation of its indices (test_permutation_of_items_follows_indices)."""
+  if len(items) not in _PERMUTATIONS:
+    _PERMUTATIONS[len(items)] = np.random.RandomState(seed=42).permutation(len(items))
+  return [items[i] for i in _PERMUTATIONS[len(items)]]
+
+
+def test_permutation_of_items_follows_indices():
+  for n in range(1, 12):
+    items = sorted(f"choice {i}" for i in range(n))
+    assert list(np.random.RandomState(seed=42).permutation(items)) == _permute(items)
+
+
+def _formatted(data: dict, sample: dict) -> dict:
+  """BIG-bench's default_format_fn (api/json_task.py), step by step on a copy of the sample."""
+  sample = dict(sample)
+  if "target_scores" in sample:
+    if data.get("append_choices_to_input", True):
+      prefix = data.get("choice_prefix", "\n  choice: ")
+      permuted = _permute(sorted(list(sample["target_scores"].keys())))
+      sample["input"] = sample["input"] + prefix + prefix.join(permuted)
+    if "target" not in sample:
+      top = max(sample["target_scores"].values())
+      sample["target"] = [k for k, v in sample["target_scores"].items() if v == top][0]
+  sample["input"] = data.get("example_input_prefix", "\nQ: ") + sample["input"] + data.get(
+      "example_output_prefix", "\nA: ")
+  if not isinstance(sample["target"], list):
+    sample["target"] = [sample["target"]]
+  return sample
+
+
+def _derived(task_dir: pathlib.Path) -> list:
+  """(prompt, choices, target) of the official "train_validation" split, derived from the rules."""
+  files = sorted(task_dir.glob("*/task.json")) or [task_dir / "task.json"]
+  num_subtasks = len(list(task_dir.parent.glob("*/task.json"))) if task_dir.parent.name != "bigbench" else len(files)
+  train, validation = [], []
+  for path in files:
     data = json.loads(path.read_text(encoding="utf-8"))
-    for ex in data["examples"]:
-      inputs = data.get("task_prefix", "") + ex["input"] + "\nAnswer:"
-      if "target_scores" in ex:
-        top = max(ex["target_scores"].values())
-        choices = list(ex["target_scores"])
-        expected.append((inputs, choices, next(c for c in choices if ex["target_scores"][c] == top)))
-      else:
-        target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
-        expected.append((inputs, [], target))
-  return expected
+    seen, samples = set(), []
+    for x in data["examples"]:
+      if json.dumps(x) not in seen:
+        seen.add(json.dumps(x))
+        samples.append(_formatted(data, x))
+    random.seed(42)
+    random.shuffle(samples)
+    num_validation = max(int(0.2 * len(samples)), 16 // num_subtasks)
+    assert num_validation < len(samples)
+    rows = [((str(data.get("task_prefix", "")) + s["input"]).strip(), [c.strip() for c in s.get("target_scores", {})],
+             max([t.strip() for t in s["target"]], key=len)) for s in samples]
+    train += rows[:len(rows) - num_validation]
+    validation += rows[len(rows) - num_validation:]
+  return [(prompt + "\nAnswer:", choices, target) for prompt, choices, target in train + validation]
 
 
-def _names(bigbench: pathlib.Path) -> list:
-  tasks_ = sorted(p.name for p in bigbench.iterdir() if p.is_dir())
-  subtasks = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in bigbench.glob("*/*/task.json"))
-  return tasks_ + subtasks
-
-
-def test_every_shared_task_and_subtask_matches_its_json(shared_data):
-  bigbench = shared_data / "bigbench"
-  names = _names(bigbench)
-  assert len([n for n in names if "/" not in n]) == 17
+def test_every_shared_task_and_small_subtask_matches_bigbench_formatting(shared_data):
+  bigbench_dir = shared_data / "bigbench"
+  names = sorted(p.name for p in bigbench_dir.iterdir() if p.is_dir())
+  assert len(names) == 17
+  small = ("conceptual_combinations", "conlang_translation", "strange_stories")
+  names += sorted(f"{p.parent.parent.name}/{p.parent.name}" for name in small
+                  for p in (bigbench_dir / name).glob("*/task.json"))
   for name in names:
-    (examples,) = tasks.get_eval_examples(f"bigbench/{name}", bigbench_dir=bigbench).values()
-    got = [(e["inputs"], e["choices"], e["target"]) for e in examples]
-    assert got == _expected(bigbench / name), name
+    (examples,) = tasks.get_eval_examples(f"bigbench/{name}", bigbench_dir=bigbench_dir).values()
+    assert [(e["inputs"], e["choices"] or [], e["target"]) for e in examples] == [
+        (p, c if e["metric"] == "accuracy" else [], t) for (p, c, t), e in zip(_derived(bigbench_dir / name),
+                                                                                examples)], name
 
 
-def test_registered_lite_task_reads_the_bigbench_dir(shared_data):
-  (examples,) = tasks.get_eval_examples("bbl_known_unknowns", bigbench_dir=shared_data / "bigbench").values()
+def test_real_prompts_show_prefixes_and_choices(shared_data):
+  by_task = tasks.get_eval_examples("bbl_known_unknowns", bigbench_dir=shared_data / "bigbench")
+  examples = by_task["bbl_known_unknowns"]
   assert len(examples) == 46
-  assert all(e["metric"] == "accuracy" and sum(e["correct"]) >= 1 for e in examples)
+  assert examples[0]["inputs"] == ("Q: Who will be elected president of the United States 100 years from now?"
+                                   "\n  choice: Unknown\n  choice: Robocop\nA:\nAnswer:")
+  assert (examples[0]["choices"], examples[0]["correct"]) == (["Robocop", "Unknown"], [False, True])
+  # logic_grid_puzzle sets append_choices_to_input to the STRING "false": truthy, so choices are appended.
+  (grid,) = tasks.get_eval_examples("bigbench/logic_grid_puzzle", 1, bigbench_dir=shared_data / "bigbench").values()
+  assert grid[0]["inputs"].endswith("\n  choice: 1\n  choice: 2\n  choice: 3\nA:\nAnswer:")
+  (vitaminc,) = tasks.get_eval_examples("bbl_vitaminc_fact_verification", 1,
+                                        bigbench_dir=shared_data / "bigbench").values()
+  assert vitaminc[0]["inputs"].startswith("Based only on the information contained in a brief quote from Wikipedia")
+  assert vitaminc[0]["inputs"].endswith("\nTrue, False, or Neither?\nAnswer:")
+
+
+def test_strategyqa_label_is_the_answer_its_explanation_starts_with(shared_data):
+  examples = bigbench.read_examples("strategyqa", shared_data / "bigbench")
+  assert len(examples) == 2289  # one exact duplicate dropped
+  for e in examples:
+    (answer,) = [c for c, ok in zip(e["choices"], e["correct"]) if ok]
+    assert e["target"].startswith(answer + ".")
 
 
 def _write(path: pathlib.Path, data: dict):
@@ -56,15 +116,22 @@ def _write(path: pathlib.Path, data: dict):
 
 @pytest.fixture
 def toy_bigbench(tmp_path) -> pathlib.Path:
-  """A task `toy` with a multiple-choice subtask (task prefix) and a generative one, plus a flat task."""
+  """`toy` (a multiple-choice subtask with a task prefix and a duplicate, a generative one with its own
+  prefixes), `calc` (string "false" choice appending, custom prefixes, explanatory target), `plain`
+  (no choices appended)."""
   root = tmp_path / "benchmark_tasks"
   _write(root / "toy", {"name": "toy", "examples": []})
+  two_plus_two = {"input": "2+2?", "target_scores": {"5": 0, "4": 1, "3": 0}}
   _write(root / "toy" / "a_choice", {"task_prefix": "Pick one.\n", "examples": [
-      {"input": "2+2?", "target_scores": {"3": 0, "4": 1, "5": 0}},
-      {"input": "Sky?", "target_scores": {"blue": 1, "green": 0}}]})
-  _write(root / "toy" / "b_gen", {"preferred_score": "exact_str_match", "examples": [
+      two_plus_two, {"input": "Sky?", "target_scores": {"green": 0, "blue": 1}}, two_plus_two]})
+  _write(root / "toy" / "b_gen", {"example_input_prefix": "In: ", "example_output_prefix": " Out: ", "examples": [
       {"input": "Say hi", "target": ["hi", "hello"]}]})
-  _write(root / "flat", {"preferred_score": "rougeLsum", "examples": [{"input": "Copy: x y", "target": "x y"}]})
+  _write(root / "calc", {"task_prefix": "  Calc:", "append_choices_to_input": "false", "choice_prefix": " | ",
+                         "example_input_prefix": "", "example_output_prefix": " =", "examples": [
+                             {"input": "1+1", "target_scores": {"2": 1, "3": 0, "4": 0, "5": 0},
+                              "target": "2, since one and one make two"}]})
+  _write(root / "plain", {"append_choices_to_input": False, "examples": [
+      {"input": "Sky?", "target_scores": {"blue": 1, "green": 0}}]})
   return root
 
 
@@ -75,27 +142,99 @@ def _inspect_json(capfd, *args) -> dict:
   return json.loads(out)
 
 
-def test_cli_inspect_json_on_task_with_subtasks(toy_bigbench, capfd):
+def test_cli_inspect_shows_the_official_prompts(toy_bigbench, capfd):
+  # Shuffled with random.seed(42) ([1, 0] for two examples); the duplicate is dropped; choices sorted then
+  # permuted by RandomState(42) ([1, 0] for two, identity for three); the export strips the prompt.
   report = _inspect_json(capfd, "bigbench/toy", "--bigbench_dir", str(toy_bigbench), "--n", "5")
   assert report == {"task": "bigbench/toy", "num_examples": 3, "examples": [
-      {"inputs": "Pick one.\n2+2?\nAnswer:", "choices": ["3", "4", "5"], "target": "4"},
-      {"inputs": "Pick one.\nSky?\nAnswer:", "choices": ["blue", "green"], "target": "blue"},
-      {"inputs": "Say hi\nAnswer:", "choices": [], "target": "hi"}]}
+      {"inputs": "Pick one.\n\nQ: Sky?\n  choice: green\n  choice: blue\nA:\nAnswer:", "choices": ["green", "blue"],
+       "target": "blue"},
+      {"inputs": "Pick one.\n\nQ: 2+2?\n  choice: 3\n  choice: 4\n  choice: 5\nA:\nAnswer:",
+       "choices": ["5", "4", "3"], "target": "4"},
+      {"inputs": "In: Say hi Out:\nAnswer:", "choices": [], "target": "hello"}]}
+  # Four choices permute as [1, 3, 0, 2].
+  report = _inspect_json(capfd, "bigbench/calc", "--bigbench_dir", str(toy_bigbench))
+  assert report["examples"] == [{"inputs": "Calc:1+1 | 3 | 5 | 2 | 4 =\nAnswer:", "choices": ["2", "3", "4", "5"],
+                                 "target": "2, since one and one make two"}]
+  report = _inspect_json(capfd, "bigbench/plain", "--bigbench_dir", str(toy_bigbench))
+  assert report["examples"][0]["inputs"] == "Q: Sky?\nA:\nAnswer:"
 
 
-def test_cli_inspect_json_on_subtask_and_flat_task(toy_bigbench, capfd):
-  report = _inspect_json(capfd, "bigbench/toy/b_gen", "--bigbench_dir", str(toy_bigbench))
-  assert report == {"task": "bigbench/toy/b_gen", "num_examples": 1,
-                    "examples": [{"inputs": "Say hi\nAnswer:", "choices": [], "target": "hi"}]}
-  report = _inspect_json(capfd, "bigbench/flat", "--bigbench_dir", str(toy_bigbench), "--n", "0")
-  assert report == {"task": "bigbench/flat", "num_examples": 1, "examples": []}
-
-
-def test_generative_metrics_follow_the_task(toy_bigbench):
+def test_labels_references_and_metrics(toy_bigbench):
   by_task = tasks.get_eval_examples("bigbench/toy", bigbench_dir=toy_bigbench)
-  assert [e["metric"] for e in by_task["bigbench:toy"]] == ["accuracy", "accuracy", "multi_answer_exact_match"]
-  (flat,) = tasks.get_eval_examples("bigbench/flat", bigbench_dir=toy_bigbench).values()
-  assert flat[0]["metric"] == "rouge_l"
+  assert [(e["correct"], e["references"], e["metric"]) for e in by_task["bigbench:toy"]] == [
+      ([False, True], ["blue"], "accuracy"), ([False, True, False], ["4"], "accuracy"),
+      ([], ["hi", "hello"], "multi_answer_exact_match")]
+  (calc,) = tasks.get_eval_examples("bigbench/calc", bigbench_dir=toy_bigbench).values()
+  assert calc[0]["correct"] == [True, False, False, False]
+
+
+def test_official_label_rule_on_token_ids():
+  assert bigbench.find_label([5, 1], []) == -1
+  assert bigbench.find_label([5, 1], [[7, 1], [5, 1], [5, 9, 1]]) == 1
+  # Equal positions are counted, not a common prefix.
+  assert bigbench.find_label([3, 4, 1], [[9, 4, 1], [3, 8, 8, 8]]) == 0
+  # Ties go to the shorter choice, then to the later index.
+  assert bigbench.find_label([5, 9, 9, 1], [[5, 2, 1], [5, 1]]) == 1
+  assert bigbench.find_label([5, 1], [[5, 1], [5, 1]]) == 1
+  assert bigbench.text_label("Yes. Because", ["No", "Yes"]) == 1
+  assert bigbench.text_label("ab", ["abc", "ab"]) == 1
+
+
+def test_official_metrics_multiple_answers_and_generation(shared_data):
+  (novel,) = tasks.get_eval_examples("bbl_novel_concepts", bigbench_dir=shared_data / "bigbench").values()
+  raw = json.loads((shared_data / "bigbench" / "novel_concepts" / "task.json").read_text(encoding="utf-8"))
+  scores = {ex["input"]: ex["target_scores"] for ex in raw["examples"]}
+  for e in novel:  # accuracy_multiple_ans: every choice of score 1 is correct
+    question = e["inputs"].split("\n")[1]
+    assert e["correct"] == [scores[question][c] == 1 for c in e["choices"]]
+  (operators,) = tasks.get_eval_examples("bbl_operators", 3, bigbench_dir=shared_data / "bigbench").values()
+  assert all(e["metric"] == "exact_match" and e["choices"] == [] for e in operators)
+  (conlang,) = tasks.get_eval_examples("bbl_conlang_translation", 3, bigbench_dir=shared_data / "bigbench").values()
+  assert all(e["metric"] == "rouge_l" for e in conlang)
+
+
+def test_generation_lengths_follow_bigbench_gin():
+  lengths = {"bbl_conlang_translation": 64, "bbl_linguistics_puzzles": 128, "bbl_operators": 4,
+             "bbl_repeat_copy_logic": 64, "bbh_multistep_arithmetic_two": 8, "bbh_object_counting": 8,
+             "bbh_word_sorting": 128, "bigbench/operators": 4, "bigbench/conlang_translation/adna_from": 64,
+             "bigbench/some_other_task": 20, "bbh_navigate": 20, "t0_rte": 20}
+  assert {name: bigbench.generation_length(name) for name in lengths} == lengths
+  generative = {f"{p}_{n}" for p, table in (("bbl", sources.BIGBENCH_LITE), ("bbh", sources.BIGBENCH_HARD))
+                for n, s in table.items() if s.metric in sources.GENERATIVE_METRICS}
+  assert generative == {name for name, n in lengths.items() if n != 20 and not name.startswith("bigbench/")}
+
+
+@pytest.fixture
+def bbh_release(tmp_path) -> pathlib.Path:
+  root = tmp_path / "bbh"
+  root.mkdir()
+  files = {"boolean_expressions": [("not ( True ) and ( True ) is", "False"), ("True and not not True is", "True")],
+           "web_of_lies": [("Question: Fidel lies. Does Fidel tell the truth?", "No")],
+           "multistep_arithmetic_two": [("((-1 + 2) * 3) =", "3")]}
+  for name, rows in files.items():
+    data = {"canary": "x", "examples": [{"input": i, "target": t} for i, t in rows]}
+    (root / f"{name}.json").write_text(json.dumps(data), encoding="utf-8")
+  return root
+
+
+def test_bbh_release_tasks_score_their_fixed_answer_set(bbh_release):
+  def examples(name):
+    return tasks.get_eval_examples(name, bbh_dir=bbh_release)[name]
+  assert examples("bbh_boolean_expressions") == [
+      dict(inputs="not ( True ) and ( True ) is\nAnswer:", choices=["True", "False"], correct=[False, True],
+           target="False", references=["False"], metric="accuracy"),
+      dict(inputs="True and not not True is\nAnswer:", choices=["True", "False"], correct=[True, False],
+           target="True", references=["True"], metric="accuracy")]
+  assert [(e["choices"], e["correct"]) for e in examples("bbh_web_of_lies")] == [(["Yes", "No"], [False, True])]
+  assert examples("bbh_multistep_arithmetic_two") == [
+      dict(inputs="((-1 + 2) * 3) =\nAnswer:", choices=[], correct=[], target="3", references=["3"],
+           metric="exact_match")]
+
+
+def test_missing_bbh_release_names_the_file(tmp_path):
+  with pytest.raises(sources.MissingDataError, match="BIG-Bench Hard task web_of_lies.*suzgunmirac"):
+    tasks.get_eval_examples("bbh_web_of_lies", bbh_dir=tmp_path)
 
 
 def test_cli_inspect_missing_task_is_a_usage_error(tmp_path, capfd):
@@ -106,7 +245,6 @@ def test_cli_inspect_missing_task_is_a_usage_error(tmp_path, capfd):
 
 
 def test_seqio_dataset_and_rank_classification_rows(toy_bigbench):
-  from phatgoose_jax.tasks import sources
   task = tasks.get_task_or_mixture("bigbench/toy")
   with sources.using_dirs(bigbench_dir=toy_bigbench):
     dataset = task.source.get_dataset("validation", shuffle=False)
@@ -116,5 +254,5 @@ def test_seqio_dataset_and_rank_classification_rows(toy_bigbench):
     python_view = tasks.task_examples(task)
   assert served == [(e["inputs"], e["choices"], e["target"], i) for i, e in enumerate(python_view)]
   assert [(int(r["idx"]), int(r["choice_idx"]), r["targets"].decode(), bool(r["is_correct"])) for r in rows] == [
-      (0, 0, "3", False), (0, 1, "4", True), (0, 2, "5", False),
-      (1, 0, "blue", True), (1, 1, "green", False), (2, 0, "hi", True)]
+      (0, 0, "green", False), (0, 1, "blue", True), (1, 0, "5", False), (1, 1, "4", True), (1, 2, "3", False),
+      (2, 0, "hello", True)]

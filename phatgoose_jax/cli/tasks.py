@@ -1,10 +1,13 @@
 """`phatgoose tasks`: list the registered tasks and mixtures, inspect a task's examples (algorithm.md §6).
 
   phatgoose tasks list [--prefix P]
-  phatgoose tasks inspect NAME [--bigbench_dir DIR] [--templates_dir DIR] [--data_dir DIR] [--n N] [--json]
+  phatgoose tasks inspect NAME [--bigbench_dir DIR] [--bbh_dir DIR] [--templates_dir DIR] [--data_dir DIR]
+                          [--n N] [--json]
 
 NAME is a registered task or mixture, or `bigbench/<task>[/<subtask>]` under --bigbench_dir. With --json,
 stdout carries exactly one JSON object: {"task", "num_examples", "examples": [{inputs, choices, target}]}.
+The inputs are the prompts the official PHATGOOSE code feeds the model (BIG-bench's own formatting followed by
+"\nAnswer:"; the promptsource rendering of each (example, template) pair).
 """
 import contextlib
 import json
@@ -23,6 +26,7 @@ def register(subparsers) -> None:
   inspect = commands.add_parser("inspect", help="number of examples and the first N rendered")
   inspect.add_argument("name", help="task or mixture name, or bigbench/<task>[/<subtask>]")
   inspect.add_argument("--bigbench_dir", help="BIG-bench task directory (default $PHATGOOSE_BIGBENCH_DIR)")
+  inspect.add_argument("--bbh_dir", help="BIG-Bench Hard release directory (default $PHATGOOSE_BBH_DIR)")
   inspect.add_argument("--templates_dir", help="promptsource templates (default $PHATGOOSE_TEMPLATES_DIR)")
   inspect.add_argument("--data_dir", help="local JSONL datasets (default $PHATGOOSE_DATA_DIR)")
   inspect.add_argument("--n", type=int, default=3, help="examples to show")
@@ -60,8 +64,8 @@ def run_list(args) -> int:
 def _load(args) -> dict:
   tasks = _tasks()
   try:
-    return tasks.get_eval_examples(args.name, bigbench_dir=args.bigbench_dir, templates_dir=args.templates_dir,
-                                   data_dir=args.data_dir)
+    return tasks.get_eval_examples(args.name, bigbench_dir=args.bigbench_dir, bbh_dir=args.bbh_dir,
+                                   templates_dir=args.templates_dir, data_dir=args.data_dir)
   except KeyError as e:
     raise UsageError(e.args[0]) from e
   except (tasks.sources.MissingDataError, ValueError) as e:
