@@ -34,13 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _describe(error: Exception) -> str:
+  """What to print for an error the user can fix: a usage error as it is, a file that cannot be read or
+  written, or text that is not UTF-8, as one line."""
+  if isinstance(error, UnicodeDecodeError):
+    return f"input is not UTF-8 text ({error.reason} at byte {error.start}); re-encode it as UTF-8"
+  if isinstance(error, OSError) and error.strerror:
+    where = f": {error.filename}" if error.filename else ""
+    fix = "check its permissions" if isinstance(error, PermissionError) else "check the path"
+    return f"{error.strerror}{where} ({fix})"
+  return str(error)
+
+
 def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   args = build_parser().parse_args(argv)
   try:
     return int(args.func(args) or 0)
-  except UsageError as e:
-    print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)
+  except (UsageError, OSError, UnicodeDecodeError) as e:
+    print(f"phatgoose {args.command}: error: {_describe(e)}", file=sys.stderr)
     return 2
 
 

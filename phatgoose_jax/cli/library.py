@@ -3,7 +3,7 @@
   phatgoose library list --library DIR [--json]
   phatgoose library add CHECKPOINT --library DIR --name NAME (--base HF_DIR | --checkpoint DIR) [--dataset D]
   phatgoose library remove NAME --library DIR
-  phatgoose library verify --library DIR [--json]
+  phatgoose library verify --library DIR [--json] [--repair]
   phatgoose library import-peft ADAPTER_DIR --base HF_DIR --library DIR --name NAME [--dataset D]
   phatgoose library export-peft --library DIR --name NAME --out DIR
   phatgoose library import-reference FILE --base HF_DIR --library DIR [--names n0,n1,...]
@@ -12,10 +12,13 @@
 CHECKPOINT is a native checkpoint directory (checkpoints/native.py) whose state holds a `lora` collection
 (and optionally `gates`), or a safetensors file of flat `lora/<module>/lora_a|lora_b` and
 `gates/<module>/gate` keys. `--base` / `--checkpoint` name the base model (a Hugging Face directory or a
-native checkpoint holding `params`), whose fingerprint every expert of a library must share. `verify`
-exits 1 when an entry is corrupt. `assemble` writes a native checkpoint of the routed (or merged)
+native checkpoint holding `params`), whose fingerprint every expert of a library must share. `list` shows
+an entry whose manifest cannot be read as corrupt (`remove` deletes it). `verify` exits 1 when an entry is
+corrupt, does not fit the library or holds NaN / Inf; `--repair` first finishes or undoes interrupted
+writes. A library's refusals are one-line errors (exit code 2). `assemble` writes a native checkpoint of the routed (or merged)
 experts for the routers that need no data (phatgoose, arrow, merged, merged_products, uniform).
 """
+import functools
 import json
 import os
 import sys
@@ -24,6 +27,8 @@ import warnings
 from phatgoose_jax.cli import UsageError
 
 NO_DATA_ROUTERS = ("phatgoose", "arrow", "merged", "merged_products", "uniform")
+# Routers that need each expert's training data -> the derived artifact they cache from it.
+DATA_ROUTER_KINDS = {"average_activation": "average_activation", "retrieval": "retrieval_base"}
 P3_POOL_SIZE = 36
 
 
@@ -40,7 +45,7 @@ def register(subparsers) -> None:
   def command(name, func, help_text):
     sub = commands.add_parser(name, help=help_text)
     sub.add_argument("--library", required=True, help="the library directory")
-    sub.set_defaults(func=func)
+    sub.set_defaults(func=_library_errors(func))
     return sub
 
   listing = command("list", run_list, "one line per expert")
@@ -56,6 +61,7 @@ def register(subparsers) -> None:
   remove.add_argument("name")
   verify = command("verify", run_verify, "check every entry; exit 1 when one is corrupt")
   verify.add_argument("--json", action="store_true")
+  verify.add_argument("--repair", action="store_true", help="first finish or undo interrupted writes")
   peft_in = command("import-peft", run_import_peft, "add a Hugging Face PEFT LoRA adapter as one expert")
   peft_in.add_argument("adapter", help="the adapter directory (adapter_config.json + weights)")
   peft_in.add_argument("--name", required=True)
@@ -76,6 +82,18 @@ def register(subparsers) -> None:
   assemble.add_argument("--router", default="phatgoose", choices=NO_DATA_ROUTERS)
   assemble.add_argument("--top_k", type=int, default=2)
   assemble.add_argument("--out", required=True)
+
+
+def _library_errors(func):
+  """`func` with the library's refusals (`LibraryError`) turned into usage errors."""
+  @functools.wraps(func)
+  def run(*args, **kwargs):
+    from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
+    try:
+      return func(*args, **kwargs)
+    except library.LibraryError as e:
+      raise UsageError(str(e)) from e
+  return run
 
 
 def _library(args, must_exist=True):
@@ -107,14 +125,11 @@ def _fingerprint(args):
 
 
 def _add(lib, name, lora, fingerprint, **kwargs) -> None:
-  """Add one expert, turning refusals into usage errors and warnings into stderr lines."""
+  """Add one expert, turning warnings into stderr lines."""
   from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", library.UntrainedGateWarning)
-    try:
-      lib.add(name, lora, base=fingerprint, **kwargs)
-    except library.LibraryError as e:
-      raise UsageError(str(e)) from e
+    lib.add(name, lora, base=fingerprint, **kwargs)
   for w in caught:
     print(f"warning: {w.message}", file=sys.stderr)
   print(f"added {name} to {lib.path}")
@@ -124,8 +139,13 @@ def _read_expert(path: str, config):
   """(lora, gates, expert metadata) of a native checkpoint directory or a flat safetensors file."""
   from phatgoose_jax.checkpoints import names, native  # pylint: disable=import-outside-toplevel
   if os.path.isfile(path):
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    flat = load_file(path)
+    try:
+      flat = load_file(path)
+    except SafetensorError as e:
+      raise UsageError(f"{path} is not a readable safetensors file ({e}); pass a native checkpoint directory or a "
+                       f"safetensors file of lora/<module>/... and gates/<module>/gate keys") from e
     tree = names.unflatten(flat)
     if "lora" not in tree or set(tree) - {"lora", "gates"}:
       raise UsageError(f"{path} must hold only lora/<module>/... and gates/<module>/gate keys, found "
@@ -162,32 +182,32 @@ def _row(manifest: dict, derived) -> list:
 
 
 def run_list(args) -> int:
+  """The entries, those whose manifest cannot be read marked corrupt (with why)."""
   lib = _library(args)
-  manifests = lib.list()
+  manifests, corrupt = lib.list(), lib.unreadable()
   if args.json:
-    print(json.dumps([dict(m, derived=lib.derived_kinds(m["name"])) for m in manifests], indent=2))
+    listed = [dict(m, derived=lib.derived_kinds(m["name"])) for m in manifests]
+    print(json.dumps(listed + [{"name": n, "corrupt": why} for n, why in corrupt.items()], indent=2))
     return 0
   rows = [["name", "dataset", "rank", "targets", "gate", "dtype", "modules", "derived"]]
   rows += [_row(m, lib.derived_kinds(m["name"])) for m in manifests]
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+  for name, why in corrupt.items():
+    print(f"{name.ljust(widths[0])}  CORRUPT: {why}")
   return 0
 
 
 def run_remove(args) -> int:
-  from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
-  try:
-    _library(args).remove(args.name)
-  except library.LibraryError as e:
-    raise UsageError(str(e)) from e
+  _library(args).remove(args.name)
   print(f"removed {args.name}")
   return 0
 
 
 def run_verify(args) -> int:
   lib = _library(args)
-  problems = lib.verify()
+  problems = lib.verify(repair=args.repair)
   if args.json:
     print(json.dumps({"entries": lib.names(), "problems": [p._asdict() for p in problems]}, indent=2))
   else:
@@ -213,11 +233,7 @@ def run_import_peft(args) -> int:
 def run_export_peft(args) -> int:
   from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.checkpoints import peft  # pylint: disable=import-outside-toplevel
-  lib = _library(args)
-  try:
-    expert = lib.load(args.name)
-  except library.LibraryError as e:
-    raise UsageError(str(e)) from e
+  expert = _library(args).load(args.name)
   peft.save_peft(args.out, expert.lora, library.fingerprint_config(expert.manifest["base"]))
   print(f"wrote {args.out}")
   return 0
@@ -250,23 +266,41 @@ def run_import_reference(args) -> int:
   return 0
 
 
+def _check_cached(lib, names, router: str) -> None:
+  """Refuse a router that needs the experts' training data (average activations, retrieval) when an expert
+  lacks the artifact it caches from that data: scoring has no training data to compute it from."""
+  kind = DATA_ROUTER_KINDS.get(router)
+  missing = [n for n in names if kind and lib.load_derived(n, kind) is None]
+  if missing:
+    raise UsageError(f"--router {router} needs artifacts computed from each expert's training data, and library "
+                     f"{lib.path} has none cached for {missing}: run `phatgoose evaluate --base BASE --library "
+                     f"{lib.path} --router {router} --task TASK --output_dir DIR` once (with any TASK; it computes "
+                     f"and caches them), or choose a router that needs no data: {', '.join(NO_DATA_ROUTERS)}")
+
+
+@_library_errors
 def load_routed(args, config, params):
   """The `cli.model.LoadedModel` of `--library DIR --router NAME --top_k K` on the base (config, params):
-  every expert of the library, routed by NAME from the library's cached artifacts."""
+  every readable expert of the library (a warning line for each corrupt entry), routed by NAME from the
+  library's cached artifacts."""
   from phatgoose_jax import library, routers  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.cli.model import LoadedModel  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.models import EncoderDecoderModel  # pylint: disable=import-outside-toplevel
   lib = _library(args)
   if args.router == "oracle":
     raise UsageError("the oracle router needs each example's label; it cannot run on inputs alone")
-  expected = library.base_fingerprint(config, params)
-  if lib.names() and lib.manifest(lib.names()[0])["base"] != expected:
+  for name, why in lib.unreadable().items():
+    print(f"warning: skipping expert {name!r}: {why}", file=sys.stderr)
+  names = [m["name"] for m in lib.list()]
+  lib.check_consistent(names)
+  if names and lib.manifest(names[0])["base"] != library.base_fingerprint(config, params):
     raise UsageError(f"library {lib.path} was built on another base model than the one given")
+  _check_cached(lib, names, args.router)
   kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
-  kwargs.update({"params": params} if args.router in ("average_activation", "retrieval") else {})
+  kwargs.update({"params": params} if args.router in DATA_ROUTER_KINDS else {})
   try:
-    routing = lib.route(lib.names(), args.router, **kwargs)
-  except (library.LibraryError, ValueError, ImportError) as e:
+    routing = lib.route(names, args.router, **kwargs)
+  except (ValueError, ImportError) as e:
     raise UsageError(str(e)) from e
   weights = routing.expert_weights
   return LoadedModel(EncoderDecoderModel(config, routing.expert_config), routing.variables(params),
@@ -274,14 +308,13 @@ def load_routed(args, config, params):
 
 
 def run_assemble(args) -> int:
-  from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax import routers  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.checkpoints import native  # pylint: disable=import-outside-toplevel
   lib = _library(args)
-  from phatgoose_jax import routers  # pylint: disable=import-outside-toplevel
   kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
   try:
     routing = lib.route([n.strip() for n in args.names.split(",")], args.router, **kwargs)
-  except (library.LibraryError, ValueError) as e:
+  except ValueError as e:  # the library's refusals (LibraryError) and the router's
     raise UsageError(str(e)) from e
   native.save_native(args.out, {routing.collection_name: routing.collection}, lib.t5_config(),
                      routing.expert_config)
