@@ -36,6 +36,7 @@ from phatgoose_jax.evaluation import evaluator, route_stats as route_stats_lib
 from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
 from phatgoose_jax.t5 import config as t5_config
 from phatgoose_jax.training import optimizers
+from phatgoose_jax.training import workdir as workdirs
 from phatgoose_jax.training.data import DeterministicBatches
 from phatgoose_jax.training.trainer import Trainer
 from phatgoose_jax.tasks import flan
@@ -268,10 +269,14 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
   config, params = load_base(base)
   model = get_model(config, lora_config())
   variables = init_variables(model, seed, params=params)
+  fingerprint = lib.base_fingerprint(config, params)
+  workdirs.claim(workdir, {"stage": "expert", "task": task, "name": name or task, "base": fingerprint,
+                           "config": {"rank": model.experts.rank, "targets": model.experts.targets,
+                                      "num_steps": num_steps, "seed": seed}})
   trained = fit(model, variables, ["lora/.*"], data_features(train),
                 None if validation is None else data_features(validation), workdir, num_steps, seed=seed)
   record = _training_record(task, len(train), started, stage="expert", num_steps=num_steps, seed=seed)
-  return lib.ExpertLibrary(library).add(name or task, trained["lora"], base=lib.base_fingerprint(config, params),
+  return lib.ExpertLibrary(library).add(name or task, trained["lora"], base=fingerprint,
                                         dataset=task, training={"expert": record})
 
 
@@ -291,6 +296,8 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
   model = get_model(config, lora_config().replace(mode="gated", rank=expert.manifest["rank"],
                                                   targets=tuple(expert.manifest["targets"])))
   variables = init_variables(model, seed, params=params, lora=ckpt_names.unflatten(expert.lora))
+  workdirs.claim(workdir, {"stage": "gate", "task": task, "name": name, "base": expert.manifest["base"],
+                           "config": {"num_steps": num_steps, "seed": seed}})
   trained = fit(model, variables, ["gates/.*"], data_features(train),
                 None if validation is None else data_features(validation), workdir, num_steps, seed=seed)
   training = dict(expert.manifest["training"],
@@ -319,6 +326,9 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   full = finetune == "full"
   model = get_model(config, t5_config.ExpertConfig() if full else lora_config())
   variables = init_variables(model, seed) if params is None else init_variables(model, seed, params=params)
+  workdirs.claim(workdir, {"stage": "multitask", "task": task, "name": name,
+                           "base": None if params is None else lib.base_fingerprint(config, params),
+                           "config": {"finetune": finetune, "num_steps": num_steps, "seed": seed}})
   trained = fit(model, variables, ["params/.*"] if full else ["lora/.*"], data_features(train),
                 None if validation is None else data_features(validation), workdir, num_steps, seed=seed)
   if full:
