@@ -13,12 +13,12 @@ Every write holds an exclusive `flock` on the library directory itself, so concu
 and see each other's entries. Adding writes `.tmp-<name>-<random>/` and renames it to `<name>`. Replacing
 renames the complete new version to `.new-<name>`, the old entry to `.old-<name>`, then `.new-<name>` to
 `<name>`, and deletes `.old-<name>`. Removing renames `<name>` to `.trash-<name>` and deletes that. Whatever
-step a crash interrupts, `recover` (run by every writer first, on opening a library, and by
-`verify(repair=True)`) finishes a committed replace, restores a set-aside entry that has no successor and
-deletes what is not an entry, so the library holds each expert complete, in its old or its new version;
-dot-directories are never listed. Entries are created with the permissions the umask gives. Every expert
-of one library shares the base model, the rank and the target modules, which is what stacking them into
-one routed model needs.
+step a crash interrupts, recovery (run by every writer first, on opening a library when no writer holds
+the lock, and by `verify(repair=True)`) finishes a committed replace, restores a set-aside entry that has
+no successor and deletes what is not an entry, so the library holds each expert complete, in its old or
+its new version; dot-directories are never listed. Entries are created with the permissions the umask
+gives. Every expert of one library shares the base model, the rank and the target modules, which is what
+stacking them into one routed model needs; `verify` and `route` check that (`check_consistent`).
 """
 import collections
 import contextlib
