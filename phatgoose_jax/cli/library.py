@@ -15,8 +15,9 @@ CHECKPOINT is a native checkpoint directory (checkpoints/native.py) whose state 
 native checkpoint holding `params`), whose fingerprint every expert of a library must share. `list` shows
 an entry whose manifest cannot be read as corrupt (`remove` deletes it). `verify` exits 1 when an entry is
 corrupt, does not fit the library or holds NaN / Inf; `--repair` first finishes or undoes interrupted
-writes. A library's refusals are one-line errors (exit code 2). `assemble` writes a native checkpoint of the routed (or merged)
-experts for the routers that need no data (phatgoose, arrow, merged, merged_products, uniform).
+writes. A library's refusals are one-line errors (exit code 2). `assemble` writes a native checkpoint of
+the routed (or merged) experts for the routers that need no data (phatgoose, arrow, merged,
+merged_products, uniform).
 """
 import functools
 import json
