@@ -1,50 +1,140 @@
-"""The P3 expert pool and the T0 held-out evaluation, as seqio tasks over promptsource templates (algorithm.md §6).
+"""The P3 expert pool and the T0 held-out evaluation as the official PHATGOOSE code builds them (algorithm.md §6).
 
-- `p3_<key>`: training on the 36 held-in datasets, every template of the dataset; mixture `p3_held_in`.
-- `p3_<key>_eval`: evaluation over the dataset's original-task templates.
-- `t0_<key>`: the 11 T0 held-out datasets; every (example, original-task template) pair is one example,
-  scored by rank classification over the template's answer choices; mixture `t0_held_out`.
-Examples whose template renders no target (e.g. unlabeled rows), or a target outside its answer choices,
-are skipped, as P3 does.
+Official code: `src/data/p3.py` (`P3Dataset`) with the settings of `colm/datasets/p3_t5xl.gin`, pinned per
+dataset in `sources.P3_HELD_IN` / `sources.T0_HELD_OUT`:
+
+- Templates are promptsource's, in `DatasetTemplates.all_template_names` order (sorted by name), minus the
+  dataset's `ignore_templates` (p3.py lines 53-73); trec uses one fixed template instead (lines 327-395).
+- `p3_<key>` (training, gin TRAIN scopes): every template, the rows of the train split; when rows x templates
+  exceeds 500,000, a sample of 500,000 (row, template) pairs drawn by `np.random.default_rng(42).choice(rows *
+  templates, 500_000, replace=False)` (p3.py lines 96-112; `Dataset` seed 42, dataset.py line 67), pair index
+  i being row i // templates and template i % templates. A rendering with no "|||" part, or that fails, trains
+  as "<NO INPUT>" -> "<NO INPUT>"; an empty target as "<NO LABEL>" (p3.py lines 133-143). The pairs are served
+  row by row (training shuffles them).
+- `p3_<key>_eval` (gin EVAL scopes) and `t0_<key>`: the original-task templates (or all, `eval_templates`);
+  a seeded sample of `max_eval_rows` rows first (p3.py lines 87-95); round robin (row i with template
+  i mod T, lines 114-130) for the held-in datasets, every (row, template) pair for T0 held-out; multiple-choice
+  pairs are scored by rank classification with the official label `find_label` of the target among the
+  template's answer choices. Pairs whose template renders no target are skipped: the evaluation splits used
+  here are fully labelled, so the official code never meets one.
+- app_reviews has a train split only: after `np.random.RandomState(1234).shuffle`, its first 10,000 rows are
+  evaluated and the rest trained on (p3.py lines 315-324).
 """
+import itertools
 from typing import Iterator, Optional
 
-from phatgoose_jax.tasks import promptsource, readers, seqio_tasks, sources
+import numpy as np
+
+from phatgoose_jax.tasks import bigbench, promptsource, readers, seqio_tasks, sources
+
+NO_INPUT = "<NO INPUT>"
+NO_LABEL = "<NO LABEL>"
+SEED = 42  # src/data/dataset.py line 67: Dataset(seed=42) -> np.random.default_rng(seed)
+MAX_TRAIN_PAIRS = 500_000  # colm/datasets/p3_t5xl.gin: TRAIN max_examples_per_dataset
+HOLDOUT_SEED = 1234  # src/data/p3.py line 319
+
+# src/data/p3.py lines 329-380 (TrecTemplate.answer_choices), in the official order and spelling.
+TREC_CHOICES = (
+    "Abbreviation.", "Expression abbreviated.", "Animal.", "Organ of body.", "Color.",
+    "Invention, book and other creative piece.", "Currency name.", "Disease and medicine.", "Event.", "Food.",
+    "Musical instrument.", "Language.", "Letter like a-z.", "Other entity.", "Plant.", "Product.", "Religion.",
+    "Sport.", "Element and substance.", "Symbols and sign.", "Techniques and method.", "Equivalent term.",
+    "Vehicle.", "Word with a special property.", "Definition of something.", "Description of something.",
+    "Manner of an action.", "Reason.", "Group or organization of persons", "Individual.", "Title of a person.",
+    "Description of a person.", "City.", "Country.", "Mountain.", "Other location.", "State.",
+    "Postcode or other code.", "Number of something.", "Date.", "Distance, linear measure.", "Price.",
+    "Order, rank.", "Other number.", "Lasting time of something.", "Percent, fraction.", "Speed.", "Temperature.",
+    "Size, area and volume.", "Weight.",
+)
+# TrecTemplate.apply (p3.py lines 382-384): f"Question: {text}\nAnswer choices: {choices}\nAnswer:" -> choice.
+TREC_TEMPLATE = promptsource.Template(
+    id="trec", name="trec", jinja="Question: {{text}}\nAnswer choices: " + str(list(TREC_CHOICES))
+    + "\nAnswer: ||| {{answer_choices[fine_label]}}", answer_choices=" ||| ".join(TREC_CHOICES),
+    original_task=True, metrics=("Accuracy",))
+
+
+def templates(source: sources.DatasetSource, train: bool) -> list:
+  """The official templates of a dataset for training (all) or evaluation (`eval_templates`), sorted by name,
+  minus its ignored templates."""
+  if source.key == "trec":
+    return [TREC_TEMPLATE]
+  ignored = set(source.ignore_templates) | (set() if train else set(source.eval_ignore_templates))
+  original_only = not train and source.eval_templates == "original"
+  chosen = promptsource.load_templates(source.templates, original_task_only=original_only)
+  return sorted((t for t in chosen if t.name not in ignored), key=lambda t: t.name)
+
+
+def _rows(source: sources.DatasetSource, split: str, train: bool):
+  """Rows of a split; for a dataset with `eval_holdout`, its train split shuffled by RandomState(1234) and cut."""
+  if source.eval_holdout is None:
+    return readers.read_split(source, split)
+  rows = list(readers.read_split(source, source.train_split))
+  rows = [rows[i] for i in np.random.RandomState(HOLDOUT_SEED).permutation(len(rows))]
+  return rows[source.eval_holdout:] if train else rows[:source.eval_holdout]
+
+
+def train_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> list:
+  """Sorted (row, template) index pairs the official code trains on: all of them, or `cap` drawn without
+  replacement by default_rng(42) from the flat index row * num_templates + template."""
+  total = num_rows * num_templates
+  flat = np.sort(np.random.default_rng(SEED).choice(total, cap, replace=False)) if total > cap else range(total)
+  return [divmod(int(i), num_templates) for i in flat]
+
+
+def train_pair(template: promptsource.Template, row: dict) -> dict:
+  """{inputs, targets} of one (row, template) as the official training data: "<NO INPUT>" twice when the
+  rendering does not split into input and target (or fails), "<NO LABEL>" for an empty target."""
+  try:
+    parts = promptsource.apply(template, row)
+  except Exception:  # pylint: disable=broad-except  # the official code catches everything (p3.py line 135)
+    parts = []
+  if len(parts) != 2:
+    return {"inputs": NO_INPUT, "targets": NO_INPUT}
+  return {"inputs": parts[0], "targets": parts[1] or NO_LABEL}
 
 
 def train_examples(source: sources.DatasetSource, split: str = "train") -> Iterator[dict]:
-  """{inputs, targets} for every (row, template) of the dataset with a non-empty target."""
-  templates = promptsource.load_templates(source.templates)
-  for row in readers.read_split(source, split):
-    for template in templates:
-      parts = promptsource.apply(template, row)
-      if len(parts) > 1 and parts[1]:
-        yield {"inputs": parts[0], "targets": parts[1]}
+  """{inputs, targets} of the official training pairs of the dataset (see module docstring)."""
+  chosen = templates(source, train=True)
+  num_rows = sum(1 for _ in _rows(source, split, train=True))
+  by_row = {row: [t for _, t in pairs] for row, pairs in
+            itertools.groupby(train_pairs(num_rows, len(chosen), MAX_TRAIN_PAIRS), key=lambda pair: pair[0])}
+  for index, row in enumerate(_rows(source, split, train=True)):
+    for template in by_row.get(index, ()):
+      yield train_pair(chosen[template], row)
 
 
 def eval_example(template: promptsource.Template, row: dict) -> Optional[dict]:
-  """One evaluation example from a row and an original-task template, or None if it has no usable target."""
+  """One evaluation example from a row and a template, or None if it renders no target."""
   parts = promptsource.apply(template, row)
-  if len(parts) < 2 or not parts[1]:
+  if len(parts) != 2 or not parts[1]:
     return None
   choices = promptsource.answer_choices(template, row)
   if choices:
-    if parts[1] not in choices:
-      return None
-    return dict(inputs=parts[0], target=parts[1], choices=choices, correct=[c == parts[1] for c in choices],
-                references=[parts[1]], metric="accuracy")
+    label = bigbench.text_label(parts[1], choices)
+    return dict(inputs=parts[0], target=parts[1], choices=choices,
+                correct=[i == label for i in range(len(choices))], references=[parts[1]], metric="accuracy")
   metric = "rouge_l" if "ROUGE" in template.metrics else "exact_match"
   return dict(inputs=parts[0], target=parts[1], choices=[], correct=[], references=[parts[1]], metric=metric)
 
 
+def eval_pairs(num_rows: int, num_templates: int, round_robin: bool) -> list:
+  """(row, template) index pairs of an evaluation: row i with template i mod T (round robin), else all."""
+  if round_robin:
+    return [(i, i % num_templates) for i in range(num_rows)]
+  return [(i, t) for i in range(num_rows) for t in range(num_templates)]
+
+
 def eval_examples(source: sources.DatasetSource, split: Optional[str] = None) -> Iterator[dict]:
-  """Every (row, original-task template) pair of the dataset's evaluation split, row-major."""
-  templates = promptsource.load_templates(source.templates, original_task_only=True)
-  for row in readers.read_split(source, split or source.eval_split):
-    for template in templates:
-      example = eval_example(template, row)
-      if example is not None:
-        yield example
+  """The official evaluation (row, template) pairs of the dataset's evaluation split, in official order."""
+  chosen = templates(source, train=False)
+  rows = list(_rows(source, split or source.eval_split, train=False))
+  if source.max_eval_rows is not None and len(rows) > source.max_eval_rows:
+    rows = [rows[i] for i in np.random.default_rng(SEED).choice(len(rows), source.max_eval_rows, replace=False)]
+  for row, template in eval_pairs(len(rows), len(chosen), source.round_robin):
+    example = eval_example(chosen[template], rows[row])
+    if example is not None:
+      yield example
 
 
 def _split_of(source: sources.DatasetSource, split: str) -> str:

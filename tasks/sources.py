@@ -34,73 +34,99 @@ T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSource:
-  """One dataset: its key, promptsource templates path, pinned TFDS / Hugging Face names and splits."""
+  """One dataset: its key, promptsource templates path, pinned TFDS / Hugging Face names and splits, and the
+  template selection of the official `colm/datasets/p3_t5xl.gin` (official `P3Dataset`, src/data/p3.py).
+
+  `ignore_templates` are left out of training and evaluation (the dataset's scope in the gin file),
+  `eval_ignore_templates` of evaluation only (its EVAL scope); evaluation uses the original-task templates
+  (`eval_templates="original"`) or all of them; `round_robin` pairs example i with template i mod T instead of
+  every template; `max_eval_rows` is a seeded sample of rows taken before templating
+  (`max_pretemplate_examples_per_dataset`); `eval_holdout` rows of the train split, after a seeded shuffle,
+  are the evaluation rows and the rest the training rows (app_reviews).
+  """
   key: str
   templates: str
   hf: tuple
   tfds: Optional[str] = None
   train_split: str = "train"
   eval_split: str = "validation"
+  ignore_templates: tuple = ()
+  eval_ignore_templates: tuple = ()
+  eval_templates: str = "original"
+  round_robin: bool = True
+  max_eval_rows: Optional[int] = None
+  eval_holdout: Optional[int] = None
 
 
-def _p3(key, templates, hf, tfds=None, eval_split="validation"):
-  return DatasetSource(key, templates, hf, tfds, eval_split=eval_split)
+_p3 = DatasetSource
 
-
-# The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (algorithm.md §6, §7).
+# The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (algorithm.md §6, §7), with
+# the settings of colm/datasets/p3_t5xl.gin (line of each dataset's first entry in the comment).
 P3_HELD_IN = (
-    _p3("ag_news", "ag_news", ("ag_news", None), eval_split="test"),
-    _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test"),
-    _p3("cosmos_qa", "cosmos_qa", ("cosmos_qa", None)),
-    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0"),
-    _p3("quartz", "quartz", ("quartz", None)),
-    _p3("ropes", "ropes", ("ropes", None)),
-    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val"),
-    _p3("paws", "paws/labeled_final", ("paws", "labeled_final")),
-    _p3("wiki_qa", "wiki_qa", ("wiki_qa", None)),
-    _p3("social_i_qa", "social_i_qa", ("social_i_qa", None)),
-    _p3("qasc", "qasc", ("qasc", None)),
-    _p3("quail", "quail", ("quail", None)),
-    _p3("dream", "dream", ("dream", None)),
-    _p3("wiqa", "wiqa", ("wiqa", None)),
-    _p3("quarel", "quarel", ("quarel", None)),
-    _p3("sciq", "sciq", ("sciq", None)),
-    _p3("quoref", "quoref", ("quoref", None)),
-    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC")),
-    _p3("rotten_tomatoes", "rotten_tomatoes", ("rotten_tomatoes", None)),
-    _p3("yelp_review_full", "yelp_review_full", ("yelp_review_full", None), eval_split="test"),
-    _p3("common_gen", "common_gen", ("common_gen", None)),
-    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0"),
-    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0"),
-    _p3("glue_mrpc", "glue/mrpc", ("glue", "mrpc"), "glue/mrpc:2.0.0"),
-    _p3("glue_qqp", "glue/qqp", ("glue", "qqp"), "glue/qqp:2.0.0"),
-    _p3("commonsense_qa", "commonsense_qa", ("commonsense_qa", None)),
-    _p3("cos_e", "cos_e/v1.11", ("cos_e", "v1.11")),
-    _p3("wiki_hop", "wiki_hop/original", ("wiki_hop", "original")),
-    _p3("hotpot_qa", "kilt_tasks/hotpotqa", ("kilt_tasks", "hotpotqa")),
-    _p3("app_reviews", "app_reviews", ("app_reviews", None), eval_split="train"),
-    _p3("trec", "trec", ("trec", None), eval_split="test"),
-    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0"),
-    _p3("imdb", "imdb", ("imdb", None), "imdb_reviews/plain_text:1.0.0", eval_split="test"),
-    _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA")),
-    _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0"),
-    _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test"),
+    _p3("ag_news", "ag_news", ("ag_news", None), eval_split="test"),  # 89
+    _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test",
+        max_eval_rows=10_000),  # 106
+    _p3("cosmos_qa", "cosmos_qa", ("cosmos_qa", None)),  # 165
+    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0"),  # 544
+    _p3("quartz", "quartz", ("quartz", None)),  # 199
+    _p3("ropes", "ropes", ("ropes", None)),  # 70
+    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val", max_eval_rows=10_000),  # 124
+    _p3("paws", "paws/labeled_final", ("paws", "labeled_final"), ignore_templates=("paraphrase-task",)),  # 34
+    _p3("wiki_qa", "wiki_qa", ("wiki_qa", None), ignore_templates=(  # 52
+        "Direct Answer to Question", "Generate Question from Topic", "Jeopardy style",
+        "Topic Prediction - Answer Only", "Topic Prediction - Question Only",
+        "Topic Prediction - Question and Answer Pair")),
+    _p3("social_i_qa", "social_i_qa", ("social_i_qa", None),
+        eval_ignore_templates=("Check if a random answer is valid or not",)),  # 16
+    _p3("qasc", "qasc", ("qasc", None)),  # 216
+    _p3("quail", "quail", ("quail", None)),  # 182
+    _p3("dream", "dream", ("dream", None), max_eval_rows=500_000),  # 344
+    _p3("wiqa", "wiqa", ("wiqa", None)),  # 616
+    _p3("quarel", "quarel", ("quarel", None), eval_templates="all"),  # 491
+    _p3("sciq", "sciq", ("sciq", None)),  # 563
+    _p3("quoref", "quoref", ("quoref", None)),  # 508
+    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC")),  # 362
+    _p3("rotten_tomatoes", "rotten_tomatoes", ("rotten_tomatoes", None)),  # 527
+    _p3("yelp_review_full", "yelp_review_full", ("yelp_review_full", None), eval_split="test"),  # 652
+    _p3("common_gen", "common_gen", ("common_gen", None)),  # 233
+    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0", max_eval_rows=10_000),  # 381
+    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0"),  # 633
+    _p3("glue_mrpc", "glue/mrpc", ("glue", "mrpc"), "glue/mrpc:2.0.0"),  # 437
+    _p3("glue_qqp", "glue/qqp", ("glue", "qqp"), "glue/qqp:2.0.0", max_eval_rows=10_000),  # 473
+    _p3("commonsense_qa", "commonsense_qa", ("commonsense_qa", None), max_eval_rows=10_000),  # 289
+    _p3("cos_e", "cos_e/v1.11", ("cos_e", "v1.11"), max_eval_rows=10_000),  # 307
+    _p3("wiki_hop", "wiki_hop/original", ("wiki_hop", "original")),  # 598
+    _p3("hotpot_qa", "hotpot_qa/fullwiki", ("hotpot_qa", "fullwiki")),  # 401
+    _p3("app_reviews", "app_reviews", ("app_reviews", None), eval_split="train", eval_templates="all",
+        eval_ignore_templates=("generate_review", "convert_to_rating", "convert_to_star_rating"),
+        eval_holdout=10_000),  # 271
+    _p3("trec", "trec", ("trec", None), eval_split="test"),  # 580: one fixed template, tasks/p3.py TREC_TEMPLATE
+    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0"),  # 454
+    _p3("imdb", "imdb", ("imdb", None), "imdb_reviews/plain_text:1.0.0", eval_split="test"),  # 420
+    _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA")),  # 252
+    _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0"),  # 144
+    _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test", max_eval_rows=10_000),  # 325
 )
 
-# The 11 T0 held-out evaluation datasets (P3 pool only), on the splits T0 evaluates (algorithm.md §6).
+# The 11 T0 held-out evaluation datasets (P3 pool only), on the splits the official code evaluates, every
+# (example, original-task template) pair (algorithm.md §6; colm/datasets/p3_t5xl.gin lines 683-959).
 T0_HELD_OUT = (
-    _p3("rte", "super_glue/rte", ("super_glue", "rte"), "super_glue/rte:1.0.2"),
-    _p3("hellaswag", "hellaswag", ("hellaswag", None)),
-    _p3("copa", "super_glue/copa", ("super_glue", "copa"), "super_glue/copa:1.0.2"),
-    _p3("wic", "super_glue/wic", ("super_glue", "wic"), "super_glue/wic:1.0.2"),
-    _p3("winogrande_xl", "winogrande/winogrande_xl", ("winogrande", "winogrande_xl")),
-    _p3("cb", "super_glue/cb", ("super_glue", "cb"), "super_glue/cb:1.0.2"),
-    _p3("story_cloze_2016", "story_cloze/2016", ("story_cloze", "2016")),
-    _p3("anli_r1", "anli", ("anli", None), eval_split="dev_r1"),
-    _p3("anli_r2", "anli", ("anli", None), eval_split="dev_r2"),
-    _p3("anli_r3", "anli", ("anli", None), eval_split="dev_r3"),
-    _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2"),
+    _p3("rte", "super_glue/rte", ("super_glue", "rte"), "super_glue/rte:1.0.2", round_robin=False),
+    _p3("hellaswag", "hellaswag", ("hellaswag", None), round_robin=False),
+    _p3("copa", "super_glue/copa", ("super_glue", "copa"), "super_glue/copa:1.0.2", round_robin=False,
+        eval_ignore_templates=("\u2026which may be caused by", "\u2026What could happen next, C1 or C2?",
+                               "\u2026As a result, C1 or C2?", "\u2026why? C1 or C2")),  # line 750
+    _p3("wic", "super_glue/wic", ("super_glue", "wic"), "super_glue/wic:1.0.2", round_robin=False),
+    _p3("winogrande_xl", "winogrande/winogrande_xl", ("winogrande", "winogrande_xl"), round_robin=False),
+    _p3("cb", "super_glue/cb", ("super_glue", "cb"), "super_glue/cb:1.0.2", round_robin=False),
+    # StoryCloze on its test split (line 860), read from a local copy as the official P3StoryClozeDataset does.
+    _p3("story_cloze_2016", "story_cloze/2016", ("story_cloze", "2016"), eval_split="test", round_robin=False),
+    _p3("anli_r1", "anli", ("anli", None), eval_split="dev_r1", round_robin=False),
+    _p3("anli_r2", "anli", ("anli", None), eval_split="dev_r2", round_robin=False),
+    _p3("anli_r3", "anli", ("anli", None), eval_split="dev_r3", round_robin=False),
+    _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2", round_robin=False),
 )
+
 
 @dataclasses.dataclass(frozen=True)
 class BigBenchTask:

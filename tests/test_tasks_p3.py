@@ -1,0 +1,137 @@
+"""P3 training data and the T0 held-out evaluation follow the official code (algorithm.md §6): template
+selection, the seeded 500,000-pair sample, "<NO INPUT>" / "<NO LABEL>" rows, round robin, seeded row samples,
+app_reviews' held-out rows, StoryCloze's test split, hotpot_qa's and trec's sources and templates."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from phatgoose_jax import tasks
+from phatgoose_jax.tasks import p3, promptsource, sources
+
+SOURCES = {s.key: s for s in sources.P3_HELD_IN + sources.T0_HELD_OUT}
+COPA_ROWS = [
+    {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+     "choice2": "He got a hole in his sock.", "question": "cause", "idx": 0, "label": 0},
+    {"premise": "I tipped the bottle.", "choice1": "The liquid in the bottle froze.",
+     "choice2": "The liquid in the bottle poured out.", "question": "effect", "idx": 1, "label": 1},
+    {"premise": "The sun rose.", "choice1": "It got dark.", "choice2": "It got light.", "question": "effect",
+     "idx": 2, "label": 1}]
+
+
+@pytest.fixture
+def templates_dir(shared_data, monkeypatch):
+  monkeypatch.setenv("PHATGOOSE_TEMPLATES_DIR", str(shared_data / "promptsource_templates"))
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  return shared_data / "promptsource_templates"
+
+
+def _write_split(data_dir, dataset: str, split: str, rows: list):
+  (data_dir / dataset).mkdir(parents=True, exist_ok=True)
+  (data_dir / dataset / f"{split}.jsonl").write_text("\n".join(map(json.dumps, rows)), encoding="utf-8")
+
+
+def test_template_selection_follows_p3_gin(templates_dir):
+  names = lambda key, train: [t.name for t in p3.templates(SOURCES[key], train)]
+  copa = names("copa", train=False)
+  assert copa == sorted(copa) and len(copa) == 8
+  assert not {"\u2026which may be caused by", "\u2026What could happen next, C1 or C2?", "\u2026As a result, C1 or C2?",
+              "\u2026why? C1 or C2"} & set(copa)
+  assert "paraphrase-task" not in names("paws", train=True) + names("paws", train=False)
+  assert len(names("paws", train=True)) == len(promptsource.load_templates("paws/labeled_final")) - 1
+  assert "Jeopardy style" not in names("wiki_qa", train=True)
+  # social_i_qa ignores its template in evaluation only; app_reviews evaluates all templates but three.
+  assert "Check if a random answer is valid or not" in set(names("social_i_qa", True)) - set(names("social_i_qa", False))
+  assert names("app_reviews", train=False) == ["categorize_rating_using_review"]
+  assert SOURCES["hotpot_qa"].templates == "hotpot_qa/fullwiki" and SOURCES["hotpot_qa"].hf == ("hotpot_qa", "fullwiki")
+  assert len(names("hotpot_qa", train=True)) == len(promptsource.load_templates("hotpot_qa/fullwiki"))
+  assert names("trec", train=True) == names("trec", train=False) == ["trec"]
+
+
+def test_trec_uses_the_official_fixed_template(templates_dir):
+  row = {"text": "How far is it from Denver to Aspen ?", "coarse_label": 5, "fine_label": 40}
+  (template,) = p3.templates(SOURCES["trec"], train=True)
+  choices = list(p3.TREC_CHOICES)
+  assert len(choices) == 50 and choices[40] == "Distance, linear measure."
+  assert p3.train_pair(template, row) == {
+      "inputs": f"Question: {row['text']}\nAnswer choices: {choices}\nAnswer:", "targets": choices[40]}
+  example = p3.eval_example(template, row)
+  assert example["choices"] == choices and example["correct"] == [i == 40 for i in range(50)]
+
+
+def test_no_input_and_no_label_rows_train_as_official(templates_dir):
+  effect_only = [t for t in promptsource.load_templates("super_glue/copa") if t.name.startswith("\u2026As a result")]
+  assert p3.train_pair(effect_only[0], COPA_ROWS[0]) == {"inputs": "<NO INPUT>", "targets": "<NO INPUT>"}
+  rte = promptsource.load_templates("super_glue/rte")[0]
+  unlabeled = {"premise": "P.", "hypothesis": "H.", "idx": 0, "label": -1}
+  assert p3.train_pair(rte, unlabeled) == {"inputs": promptsource.apply(rte, unlabeled)[0], "targets": "<NO LABEL>"}
+
+
+def test_train_pairs_equal_the_official_sample():
+  # Official: default_rng(42).choice(list(range(rows * templates)), cap, replace=False), i -> (i // T, i % T).
+  official = np.random.default_rng(42).choice(list(range(7 * 12)), 10, replace=False).tolist()
+  assert p3.train_pairs(7, 12, cap=10) == sorted(divmod(i, 12) for i in official)
+  assert p3.train_pairs(2, 3, cap=10) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_training_data_end_to_end_with_the_cap(templates_dir, tmp_path, monkeypatch):
+  source = sources.DatasetSource("toy_copa", "super_glue/copa", ("super_glue", "copa"))
+  _write_split(tmp_path, "super_glue/copa", "train", COPA_ROWS)
+  monkeypatch.setattr(p3, "MAX_TRAIN_PAIRS", 7)
+  chosen = sorted(promptsource.load_templates("super_glue/copa"), key=lambda t: t.name)
+  official = np.random.default_rng(42).choice(len(COPA_ROWS) * len(chosen), 7, replace=False)
+  expected = [p3.train_pair(chosen[i % len(chosen)], COPA_ROWS[i // len(chosen)]) for i in sorted(official)]
+  with sources.using_dirs(data_dir=tmp_path):
+    assert list(p3.train_examples(source)) == expected
+  monkeypatch.setattr(p3, "MAX_TRAIN_PAIRS", 500_000)
+  with sources.using_dirs(data_dir=tmp_path):
+    everything = list(p3.train_examples(source))
+  assert len(everything) == 36 and sum(e["inputs"] == "<NO INPUT>" for e in everything) == 2 + 2 * 2
+
+
+def test_t0_copa_every_pair_of_eight_templates(templates_dir, tmp_path):
+  _write_split(tmp_path, "super_glue/copa", "validation", COPA_ROWS)
+  examples = tasks.get_eval_examples("t0_copa", data_dir=tmp_path)["t0_copa"]
+  assert len(examples) == 3 * 8
+  for e in examples:
+    assert e["choices"][e["correct"].index(True)] == e["target"]
+
+
+def test_story_cloze_is_evaluated_on_its_test_split(templates_dir, tmp_path):
+  row = {"story_id": "s1", "input_sentence_1": "Tom went to the store.", "input_sentence_2": "He wanted milk.",
+         "input_sentence_3": "The store was closed.", "input_sentence_4": "He went home.",
+         "sentence_quiz1": "Tom was disappointed.", "sentence_quiz2": "Tom bought milk.", "answer_right_ending": 1}
+  assert SOURCES["story_cloze_2016"].eval_split == "test"
+  _write_split(tmp_path, "story_cloze/2016", "test", [row])
+  examples = tasks.get_eval_examples("t0_story_cloze_2016", data_dir=tmp_path)["t0_story_cloze_2016"]
+  assert len(examples) == 5 and {e["target"] for e in examples} == {"Tom was disappointed."}
+
+
+def test_held_in_evaluation_round_robin_and_row_sample(templates_dir, tmp_path):
+  rows = [{**COPA_ROWS[i % 3], "idx": i} for i in range(6)]
+  source = sources.DatasetSource("toy_copa", "super_glue/copa", ("super_glue", "copa"), max_eval_rows=4,
+                                 eval_ignore_templates=SOURCES["copa"].eval_ignore_templates)
+  _write_split(tmp_path, "super_glue/copa", "validation", rows)
+  chosen = p3.templates(source, train=False)
+  # Official: self._rng.choice(self._examples, 4, replace=False).tolist(), then row i with template i mod T.
+  sampled = np.random.default_rng(42).choice(rows, 4, replace=False).tolist()
+  with sources.using_dirs(data_dir=tmp_path):
+    got = list(p3.eval_examples(source))
+  assert got == [p3.eval_example(chosen[i % len(chosen)], row) for i, row in enumerate(sampled)]
+
+
+def test_app_reviews_holds_out_seeded_rows(templates_dir, tmp_path):
+  rows = [{"package_name": "p", "review": f"review {i}", "date": "d", "star": 1 + i % 5} for i in range(7)]
+  source = dataclasses.replace(SOURCES["app_reviews"], eval_holdout=3)
+  _write_split(tmp_path, "app_reviews", "train", rows)
+  shuffled = list(rows)
+  np.random.RandomState(1234).shuffle(shuffled)
+  with sources.using_dirs(data_dir=tmp_path):
+    evaluated = list(p3.eval_examples(source))
+    trained = list(p3.train_examples(source))
+  (template,) = p3.templates(source, train=False)
+  assert evaluated == [p3.eval_example(template, row) for row in shuffled[:3]]
+  assert len(trained) == 4 * len(p3.templates(source, train=True))
+  assert {e["inputs"] for e in trained} == {p3.train_pair(t, r)["inputs"] for t in p3.templates(source, True)
+                                            for r in shuffled[3:]}
