@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
-from phatgoose_jax.t5.config import ExpertConfig, preset
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 
 def median_seconds(fn, repeats):
@@ -26,7 +27,7 @@ def median_seconds(fn, repeats):
 
 def forward_time(config, experts, batch, repeats):
   model = EncoderDecoderModel(config, experts)
-  variables = unbox(model.init_variables(jax.random.PRNGKey(0)))
+  variables = unbox(model.get_initial_variables(jax.random.PRNGKey(0)))
   if "experts" in variables:
     leaves, tree = jax.tree.flatten(variables["experts"])
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

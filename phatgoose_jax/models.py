@@ -1,19 +1,23 @@
-"""The encoder-decoder model's small t5x-style interface: init, loss, scoring and greedy decoding.
+"""The encoder-decoder model behind t5x's `BaseModel` contract: init, loss, scoring and greedy decoding.
 
 Variables are a dict of collections (`params`, and `lora` / `gates` / `experts` when experts are on).
 Batches follow t5x's feature names: `encoder_input_tokens`, `decoder_input_tokens`,
 `decoder_target_tokens`, optional `decoder_loss_weights` (all <int32>[b, L]).
 """
 import functools
-from typing import Optional
+from typing import Mapping, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
-from phatgoose_jax.t5.config import ExpertConfig, T5Config
+from phatgoose_jax.t5.config import T5Config
+from phatgoose_jax.experts.config import ExpertConfig
+from phatgoose_jax.experts.lora import ExpertDense
+from phatgoose_jax.t5 import layers
 from phatgoose_jax.t5.network import Transformer
 
 PAD_ID = 0
@@ -41,32 +45,53 @@ def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
-class EncoderDecoderModel:
-  """A T5 v1.1 with optional experts, and the functions that train, score and decode with it."""
+def network(config: T5Config, experts: ExpertConfig = ExpertConfig()) -> Transformer:
+  """The flax module: the T5 whose linear layers carry `experts` (plain dense layers when mode is 'none')."""
+  dense = layers.Dense if experts.mode == "none" else functools.partial(ExpertDense, experts=experts)
+  return Transformer(config, dense)
 
-  def __init__(self, config: T5Config, experts: ExpertConfig = ExpertConfig()):
+
+class EncoderDecoderModel:
+  """A T5 v1.1 with optional experts behind t5x's `BaseModel` contract.
+
+  `get_initial_variables`, `loss_fn`, `score_batch`, `predict_batch` and `predict_batch_with_aux` take
+  t5x's arguments and feature names; where t5x passes `params` (the `params` collection) they take the
+  variables dict of every collection the expert mode uses. A batch may carry `expert_weights`
+  <float32>[batch, E]: a fixed per-example mixture of the routed experts (uniform, oracle, retrieval).
+  Our trainer, evaluator and CLI all consume this one object; `phatgoose_jax.t5x_model` makes it a t5x
+  model when t5x is installed.
+  """
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+  def __init__(self, config: T5Config, experts: ExpertConfig = ExpertConfig(), length_normalize: bool = True):
     self.config = config
     self.experts = experts
-    self.module = Transformer(config, experts)
+    self.length_normalize = length_normalize
+    self.module = network(config, experts)
     self._apply = jax.jit(self.module.apply, static_argnames=("enable_dropout", "decode", "method", "mutable"))
 
-  def init_variables(self, rng: jax.Array, input_length: int = 8, target_length: int = 8) -> dict:
-    """Fresh variables (boxed with logical axis metadata) for every collection the expert mode needs."""
-    enc = jnp.ones((1, input_length), jnp.int32)
-    dec = jnp.ones((1, target_length), jnp.int32)
+  def get_initial_variables(self, rng: jax.Array, input_shapes: Optional[Mapping[str, tuple]] = None,
+                            input_types=None) -> dict:
+    """Fresh variables (boxed with logical axis metadata) for every collection the expert mode needs.
+
+    `input_shapes` maps t5x feature names to shapes (default: one row of 8 tokens)."""
+    del input_types
+    shapes = dict(input_shapes or {})
+    enc = jnp.ones(shapes.get("encoder_input_tokens", (1, 8)), jnp.int32)
+    dec = jnp.ones(shapes.get("decoder_input_tokens", (1, 8)), jnp.int32)
     variables = self.module.init({"params": rng}, enc, dec, dec, mutable=list(VARIABLE_COLLECTIONS))
     return dict(flax.core.unfreeze(variables))
 
-  def logits(self, variables, batch, expert_weights=None, dropout_rng=None) -> jax.Array:
-    """Teacher-forced decoder logits <float32>[b, L_out, vocab]."""
+  def logits(self, variables, batch, dropout_rng=None, mutable=False):
+    """Teacher-forced decoder logits <float32>[batch, target_length, vocab] (and the state of `mutable`)."""
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return self._apply(variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                             batch["decoder_target_tokens"], enable_dropout=dropout_rng is not None,
-                             expert_weights=expert_weights, rngs=rngs)
+                       batch["decoder_target_tokens"], enable_dropout=dropout_rng is not None,
+                       expert_weights=batch.get("expert_weights"), rngs=rngs, mutable=mutable)
 
   def loss_fn(self, variables, batch, dropout_rng=None):
     """Mean token cross-entropy over non-pad targets (weights `decoder_loss_weights` if given)."""
-    logits = self.logits(variables, batch, batch.get("expert_weights"), dropout_rng)
+    logits = self.logits(variables, batch, dropout_rng)
     targets = batch["decoder_target_tokens"]
     weights = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
     nll = -token_log_likelihoods(logits, targets)
@@ -75,59 +100,79 @@ class EncoderDecoderModel:
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / num_tokens
     return loss, {"loss": loss, "accuracy": accuracy, "num_tokens": jnp.sum(weights)}
 
-  def score_batch(self, variables, batch, expert_weights=None) -> dict:
-    """Per-example target log-likelihood, summed and averaged over non-pad target tokens (algorithm.md §6).
+  def score_batch(self, variables, batch, return_intermediates: bool = False):
+    """Per-example target log-likelihood <float32>[batch] (algorithm.md §6).
 
-    Returns {"sum_logprob", "mean_logprob", "num_target_tokens"}, each <float32>[b].
+    score = sum_t log p(y_t | x, y_<t) over non-pad targets, divided by their number when
+    `length_normalize` (rank classification's length-normalised score). With `return_intermediates`,
+    returns (score, {"sum_logprob", "mean_logprob", "num_target_tokens", "intermediates"}), the last being
+    the sown `intermediates` collection (routing choices of a routed model).
     """
     targets = batch["decoder_target_tokens"]
-    token_ll = token_log_likelihoods(self.logits(variables, batch, expert_weights), targets)
+    logits, state = self.logits(variables, batch, mutable=("intermediates",))
     mask = (targets > 0).astype(jnp.float32)
-    total = jnp.sum(token_ll * mask, axis=-1)
+    total = jnp.sum(token_log_likelihoods(logits, targets) * mask, axis=-1)
     count = jnp.sum(mask, axis=-1)
-    return {"sum_logprob": total, "mean_logprob": total / jnp.maximum(count, 1.0), "num_target_tokens": count}
+    mean = total / jnp.maximum(count, 1.0)
+    score = mean if self.length_normalize else total
+    if not return_intermediates:
+      return score
+    return score, {"sum_logprob": total, "mean_logprob": mean, "num_target_tokens": count,
+                   "intermediates": state.get("intermediates", {})}
+
+  def encode(self, variables, encoder_tokens, expert_weights=None):
+    return self._apply(variables, encoder_tokens, expert_weights=expert_weights, method=Transformer.encode)
 
   def decode_step(self, variables, cache, encoded, encoder_tokens, tokens, expert_weights=None):
-    """One cached decoder step: tokens <int>[b, 1] -> (logits <float32>[b, 1, vocab], new cache)."""
+    """One cached decoder step: tokens <int32>[batch, 1] -> (logits <float32>[batch, 1, vocab], new cache)."""
     logits, state = self._apply({**variables, "cache": cache}, encoded, encoder_tokens, tokens,
-                                      decode=True, expert_weights=expert_weights, method=Transformer.decode,
-                                      mutable="cache")
+                                decode=True, expert_weights=expert_weights, method=Transformer.decode,
+                                mutable="cache")
     return logits, state["cache"]
 
   def init_cache(self, variables, encoded, encoder_tokens, max_decode_length: int, expert_weights=None):
     """Zero key/value caches of length `max_decode_length` for every decoder self-attention."""
     dummy = jnp.zeros((encoder_tokens.shape[0], max_decode_length), jnp.int32)
     _, state = self._apply(variables, encoded, encoder_tokens, dummy, decode=True,
-                                 expert_weights=expert_weights, method=Transformer.decode, mutable="cache")
+                           expert_weights=expert_weights, method=Transformer.decode, mutable="cache")
     return state["cache"]
 
-  def encode(self, variables, encoder_tokens, expert_weights=None):
-    return self._apply(variables, encoder_tokens, expert_weights=expert_weights, method=Transformer.encode)
+  def predict_batch_with_aux(self, variables, batch, rng=None, eos_id: int = EOS_ID):
+    """Greedy decoding with a KV cache, t5x style: as many steps as `decoder_input_tokens` has positions.
 
-  def predict_batch(self, variables, encoder_tokens, max_decode_length: int, expert_weights=None,
-                    eos_id: int = EOS_ID) -> jax.Array:
-    """Greedy decoding with a KV cache. Returns <int32>[b, max_decode_length], zero-padded after EOS."""
+    Returns (tokens <int32>[batch, max_decode_length], zero after EOS; {"scores": <float32>[batch]} the
+    sum of the chosen tokens' log-probabilities).
+    """
+    del rng
+    encoder_tokens = batch["encoder_input_tokens"]
+    expert_weights = batch.get("expert_weights")
+    max_decode_length = batch["decoder_input_tokens"].shape[1]
     encoded = self.encode(variables, encoder_tokens, expert_weights)
     cache = self.init_cache(variables, encoded, encoder_tokens, max_decode_length, expert_weights)
-    batch = encoder_tokens.shape[0]
 
     def step(carry, _):
       cache, token, done = carry
       logits, cache = self.decode_step(variables, cache, encoded, encoder_tokens, token[:, None], expert_weights)
-      token = jnp.where(done, PAD_ID, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
-      return (cache, token, done | (token == eos_id)), token
+      log_probs = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+      token = jnp.where(done, PAD_ID, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
+      score = jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0])
+      return (cache, token, done | (token == eos_id)), (token, score)
 
-    init = (cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
-    _, tokens = jax.lax.scan(step, init, None, length=max_decode_length)
-    return tokens.T
+    init = (cache, jnp.zeros((encoder_tokens.shape[0],), jnp.int32), jnp.zeros((encoder_tokens.shape[0],), bool))
+    _, (tokens, scores) = jax.lax.scan(step, init, None, length=max_decode_length)
+    return tokens.T, {"scores": jnp.sum(scores, axis=0)}
+
+  def predict_batch(self, variables, batch, rng=None) -> jax.Array:
+    """Greedy decodings <int32>[batch, max_decode_length] (see `predict_batch_with_aux`)."""
+    return self.predict_batch_with_aux(variables, batch, rng)[0]
 
   @functools.cached_property
   def jit_score(self):
-    return jax.jit(self.score_batch)
+    return jax.jit(self.score_batch, static_argnames=("return_intermediates",))
 
   @functools.cached_property
   def jit_predict(self):
-    return jax.jit(self.predict_batch, static_argnames=("max_decode_length", "eos_id"))
+    return jax.jit(self.predict_batch_with_aux)
 
 
 def unbox(variables: dict) -> dict:

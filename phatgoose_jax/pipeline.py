@@ -34,6 +34,7 @@ from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.evaluation import evaluator, route_stats as route_stats_lib
 from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
+from phatgoose_jax.experts import config as expert_config
 from phatgoose_jax.t5 import config as t5_config
 from phatgoose_jax.training import optimizers
 from phatgoose_jax.training import workdir as workdirs
@@ -87,9 +88,9 @@ def model_config(size: str = "tiny", overrides: Optional[dict] = None, dropout_r
 
 
 @gin.configurable
-def lora_config(rank: int = 16, targets: Sequence[str] = t5_config.ALL_TARGETS) -> t5_config.ExpertConfig:
+def lora_config(rank: int = 16, targets: Sequence[str] = t5_config.ALL_TARGETS) -> expert_config.ExpertConfig:
   """The single-expert LoRA of algorithm.md §2 (rank 16 on every linear layer)."""
-  return t5_config.ExpertConfig(mode="lora", rank=rank, targets=tuple(targets))
+  return expert_config.ExpertConfig(mode="lora", rank=rank, targets=tuple(targets))
 
 
 @gin.configurable
@@ -106,7 +107,7 @@ def sharding(mesh=None, rules=None) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def get_model(config: t5_config.T5Config, experts: t5_config.ExpertConfig = t5_config.ExpertConfig()):
+def get_model(config: t5_config.T5Config, experts: expert_config.ExpertConfig = expert_config.ExpertConfig()):
   """One `EncoderDecoderModel` per (config, experts): its jitted functions compile once per process."""
   return EncoderDecoderModel(config, experts)
 
@@ -175,14 +176,14 @@ def _reboxed(boxed: Any, values: Any) -> Any:
 
 def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict:
   """Boxed fresh variables of `model`, with the given collections (plain arrays) put in place."""
-  variables = model.init_variables(jax.random.key(seed))
+  variables = model.get_initial_variables(jax.random.key(seed))
   for name, values in collections.items():
     variables[name] = _reboxed(variables[name], values)
   return variables
 
 
 def _abstract_boxed(model: EncoderDecoderModel) -> dict:
-  return jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))
+  return jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0)))
 
 
 def place(model: EncoderDecoderModel, variables: dict, mesh, rules) -> dict:
@@ -324,7 +325,7 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   train, validation = _datasets(task, max_train_examples, max_validation_examples)
   config, params = load_base(base) if base else (model_config(), None)
   full = finetune == "full"
-  model = get_model(config, t5_config.ExpertConfig() if full else lora_config())
+  model = get_model(config, expert_config.ExpertConfig() if full else lora_config())
   variables = init_variables(model, seed) if params is None else init_variables(model, seed, params=params)
   workdirs.claim(workdir, {"stage": "multitask", "task": task, "name": name,
                            "base": None if params is None else lib.base_fingerprint(config, params),
@@ -400,7 +401,7 @@ def load_model(base: Optional[str] = None, checkpoint: Optional[str] = None, lib
   """(model, variables, expert_weights_fn or None) of a base, an assembled checkpoint, or library + router."""
   if checkpoint:
     restored = native.load_native(checkpoint)
-    experts = restored.expert_config or t5_config.ExpertConfig()
+    experts = restored.expert_config or expert_config.ExpertConfig()
     return get_model(restored.t5_config.replace(dropout_rate=0.0), experts), restored.state, None
   config, params = load_base(base)
   config = config.replace(dropout_rate=0.0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from phatgoose_jax.checkpoints import native
-from phatgoose_jax.t5.config import ExpertConfig, preset
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 CONFIG = preset("tiny")
 EXPERTS = ExpertConfig(mode="routed", rank=4, num_experts=3, targets=("query", "wo"))

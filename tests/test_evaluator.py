@@ -9,7 +9,8 @@ import seqio
 from phatgoose_jax.demo import suite
 from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
-from phatgoose_jax.t5.config import ExpertConfig, preset
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 CONFIG = preset("tiny", dropout_rate=0.0)
 
@@ -64,7 +65,7 @@ def test_per_example_weights_see_the_task_and_texts(runner):
     return np.ones((len(batch["task"]), 2), np.float32) / 2
 
   routed = EncoderDecoderModel(CONFIG, ExpertConfig(mode="routed", rank=2, num_experts=2, top_k=2))
-  variables = unbox(routed.init_variables(jax.random.key(1)))
+  variables = unbox(routed.get_initial_variables(jax.random.key(1)))
   run = evaluator.Runner(routed, variables, seqio.ByteVocabulary(), weights, 8, 24, 16)
   assert np.isfinite(run.score([("upper: ab", "AB")], task="demo_upper")).all()
   assert seen == [("demo_upper", "upper: ab", (8, 24))]

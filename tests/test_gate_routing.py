@@ -8,7 +8,8 @@ from flax import traverse_util
 
 from phatgoose_jax import library as lib
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
-from phatgoose_jax.t5.config import ExpertConfig, preset
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.training.optimizers import make_optimizer
 from phatgoose_jax.training.trainer import Trainer
 
@@ -35,15 +36,15 @@ def train(model, variables, trainable, data, steps, seed):
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-  base = unbox(EncoderDecoderModel(CFG).init_variables(jax.random.PRNGKey(0)))["params"]
+  base = unbox(EncoderDecoderModel(CFG).get_initial_variables(jax.random.PRNGKey(0)))["params"]
   library = lib.ExpertLibrary(str(tmp_path_factory.mktemp("gates") / "lib"))
   for i, (name, (lo, hi)) in enumerate(RANGES.items()):
     data = task_data(i, lo, hi)
     lora_model = EncoderDecoderModel(CFG, ExpertConfig(mode="lora", rank=RANK))
-    variables = dict(unbox(lora_model.init_variables(jax.random.PRNGKey(10 + i))), params=base)
+    variables = dict(unbox(lora_model.get_initial_variables(jax.random.PRNGKey(10 + i))), params=base)
     lora = train(lora_model, variables, ["lora/.*"], data, 150, i)["lora"]
     gated_model = EncoderDecoderModel(CFG, ExpertConfig(mode="gated", rank=RANK))
-    variables = dict(unbox(gated_model.init_variables(jax.random.PRNGKey(20 + i))), params=base, lora=lora)
+    variables = dict(unbox(gated_model.get_initial_variables(jax.random.PRNGKey(20 + i))), params=base, lora=lora)
     gates = train(gated_model, variables, ["gates/.*"], data, 100, i)["gates"]
     library.add(name, lora, base=lib.base_fingerprint(CFG, base), gates=gates, dataset=name)
   return library, base

@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
-from phatgoose_jax.t5.config import ExpertConfig, preset
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 from random_trees import random_batch
 
@@ -27,7 +28,7 @@ def layout(variables: dict) -> dict:
 
 def routed_layout():
   model = EncoderDecoderModel(CFG, ExpertConfig(mode="routed", rank=4, num_experts=3))
-  return layout(model.init_variables(jax.random.PRNGKey(0)))
+  return layout(model.get_initial_variables(jax.random.PRNGKey(0)))
 
 
 def randomize(tree, seed, scale=0.3):
@@ -41,7 +42,7 @@ def test_parameter_tree_matches_golden_t5x_layout():
 
 
 def test_base_tree_is_t5x():
-  params = layout(EncoderDecoderModel(CFG).init_variables(jax.random.PRNGKey(0)))
+  params = layout(EncoderDecoderModel(CFG).get_initial_variables(jax.random.PRNGKey(0)))
   assert params["params/encoder/layers_0/attention/query/kernel"]["axes"] == ["embed", "joined_kv"]
   assert params["params/decoder/layers_1/encoder_decoder_attention/out/kernel"]["axes"] == ["joined_kv", "embed"]
   assert params["params/decoder/logits_dense/kernel"]["shape"] == [CFG.d_model, CFG.vocab_size]
@@ -53,7 +54,7 @@ def test_base_tree_is_t5x():
 def test_cached_decoding_equals_full_forward(mode):
   experts = ExpertConfig(mode=mode, rank=4, num_experts=3 if mode == "routed" else 0, top_k=2)
   model = EncoderDecoderModel(CFG, experts)
-  variables = unbox(model.init_variables(jax.random.PRNGKey(1)))
+  variables = unbox(model.get_initial_variables(jax.random.PRNGKey(1)))
   for collection in ("lora", "gates", "experts"):
     if collection in variables:
       variables[collection] = randomize(variables[collection], 2)
@@ -73,21 +74,32 @@ def test_cached_decoding_equals_full_forward(mode):
 def test_greedy_decoding_follows_argmax_of_full_forward():
   """By causality, one teacher-forced forward on the greedy output predicts each of its tokens."""
   model = EncoderDecoderModel(CFG)
-  variables = unbox(model.init_variables(jax.random.PRNGKey(3)))
+  variables = unbox(model.get_initial_variables(jax.random.PRNGKey(3)))
   enc = random_batch()["encoder_input_tokens"]
-  out = np.asarray(model.jit_predict(variables, enc, max_decode_length=5))
+  out, aux = model.jit_predict(variables, {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((len(enc), 5), np.int32)})
+  out = np.asarray(out)
   batch = {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(out),
            "decoder_target_tokens": np.ones_like(out)}
   expected = np.argmax(np.asarray(model.logits(variables, batch)), -1)
   before_eos = np.cumsum(out == 1, axis=1) - (out == 1) == 0
   np.testing.assert_array_equal(out[before_eos], expected[before_eos])
+  logits = np.asarray(model.logits(variables, batch), np.float64)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  chosen = np.take_along_axis(log_probs, out[..., None], -1)[..., 0] * before_eos
+  np.testing.assert_allclose(np.asarray(aux["scores"]), chosen.sum(-1), rtol=1e-4, atol=1e-4)
 
 
 def test_score_batch_sums_and_averages_over_non_pad_targets():
   model = EncoderDecoderModel(CFG)
-  variables = unbox(model.init_variables(jax.random.PRNGKey(4)))
+  variables = unbox(model.get_initial_variables(jax.random.PRNGKey(4)))
   batch = random_batch()
-  scores = {k: np.asarray(v) for k, v in model.score_batch(variables, batch).items()}
+  score, aux = model.score_batch(variables, batch, return_intermediates=True)
+  scores = {k: np.asarray(aux[k]) for k in ("sum_logprob", "mean_logprob", "num_target_tokens")}
+  np.testing.assert_array_equal(np.asarray(score), scores["mean_logprob"])
+  np.testing.assert_array_equal(np.asarray(model.score_batch(variables, batch)), scores["mean_logprob"])
+  summed = EncoderDecoderModel(CFG, length_normalize=False)
+  np.testing.assert_allclose(np.asarray(summed.score_batch(variables, batch)), scores["sum_logprob"], rtol=1e-6)
   logits = np.asarray(model.logits(variables, batch), np.float64)
   log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
       logits.max(-1, keepdims=True)
@@ -102,9 +114,9 @@ def single_and_routed(seed=5, num_experts=1, top_k=1, impl="dense"):
   single = EncoderDecoderModel(CFG, ExpertConfig(mode="lora", rank=4))
   routed = EncoderDecoderModel(CFG, ExpertConfig(mode="routed", rank=4, num_experts=num_experts, top_k=top_k,
                                                  impl=impl))
-  base = unbox(single.init_variables(jax.random.PRNGKey(seed)))
+  base = unbox(single.get_initial_variables(jax.random.PRNGKey(seed)))
   base["lora"] = randomize(base["lora"], seed + 1)
-  experts = unbox(routed.init_variables(jax.random.PRNGKey(seed)))["experts"]
+  experts = unbox(routed.get_initial_variables(jax.random.PRNGKey(seed)))["experts"]
   return single, routed, base, randomize(experts, seed + 2)
 
 
@@ -135,7 +147,7 @@ def test_gate_is_sigmoid_of_dot_product():
   """A zero gate halves the LoRA update: W u + sigmoid(0) B A u / r (algorithm.md §3)."""
   lora = EncoderDecoderModel(CFG, ExpertConfig(mode="lora", rank=4))
   gated = EncoderDecoderModel(CFG, ExpertConfig(mode="gated", rank=4))
-  variables = unbox(gated.init_variables(jax.random.PRNGKey(8)))
+  variables = unbox(gated.get_initial_variables(jax.random.PRNGKey(8)))
   variables["lora"] = randomize(variables["lora"], 9)
   halved = {"params": variables["params"], "lora": jax.tree.map(lambda x: x, variables["lora"])}
   flat = traverse_util.flatten_dict(halved["lora"])
@@ -147,7 +159,7 @@ def test_gate_is_sigmoid_of_dot_product():
 
 def test_bfloat16_compute_keeps_float32_parameters():
   model = EncoderDecoderModel(CFG.replace(dtype="bfloat16"), ExpertConfig(mode="lora", rank=4))
-  variables = unbox(model.init_variables(jax.random.PRNGKey(10)))
+  variables = unbox(model.get_initial_variables(jax.random.PRNGKey(10)))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(variables))
   f32 = EncoderDecoderModel(CFG, ExpertConfig(mode="lora", rank=4))
   batch = random_batch(10)

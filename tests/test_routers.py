@@ -10,10 +10,10 @@ from phatgoose_jax import routers
 from phatgoose_jax.checkpoints import names
 from phatgoose_jax.experts import lora as lora_lib
 from phatgoose_jax.experts import routing
-from phatgoose_jax.models import shift_right
+from phatgoose_jax.models import network, shift_right
 from phatgoose_jax.routers import arrow, merging, retrieval
-from phatgoose_jax.t5.config import ExpertConfig, preset
-from phatgoose_jax.t5.network import Transformer
+from phatgoose_jax.t5.config import preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 from random_trees import random_expert as _random_expert, random_params
 
@@ -93,7 +93,7 @@ def test_zero_gate_vectors_give_finite_scores(tmp_path, params):
   assert np.all(np.isfinite(np.asarray(routing.phatgoose_scores(u, router))))
 
 
-LORA_APPLY = jax.jit(Transformer(CFG, ExpertConfig(mode="lora", rank=RANK)).apply, static_argnames="mutable")
+LORA_APPLY = jax.jit(network(CFG, ExpertConfig(mode="lora", rank=RANK)).apply, static_argnames="mutable")
 
 
 def sown_inputs(params, lora, batch):
@@ -239,6 +239,6 @@ def test_fixed_mixture_routing_runs_in_the_model(library, params):
   model = EncoderDecoderModel(CFG, routing_.expert_config)
   batch = batches(4, count=1)[0]
   variables = routing_.variables(params)
-  mixed = np.asarray(model.logits(variables, batch, jax.numpy.asarray(routing_.expert_weights(batch))))
+  mixed = np.asarray(model.logits(variables, {**batch, "expert_weights": jax.numpy.asarray(routing_.expert_weights(batch))}))
   routed = np.asarray(model.logits(variables, batch))
   np.testing.assert_allclose(mixed, routed, atol=1e-4)

@@ -13,7 +13,8 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 import orbax.checkpoint as ocp
 
-from phatgoose_jax.t5.config import ExpertConfig, T5Config
+from phatgoose_jax.t5.config import T5Config
+from phatgoose_jax.experts.config import ExpertConfig
 
 FORMAT = "phatgoose-jax"
 VERSION = 1

@@ -67,8 +67,9 @@ class Runner:
       inputs, targets = [p[0] for p in chunk], [p[1] for p in chunk]
       batch = self.features(inputs, targets)
       weights = self._weights(inputs, batch["encoder_input_tokens"], task)
-      scores = self.model.jit_score(self.variables, {k: self._put(v) for k, v in batch.items()}, weights)
-      out += np.asarray(scores["mean_logprob"])[:len(chunk)].tolist()
+      batch = {k: self._put(v) for k, v in batch.items()}
+      scores = self.model.jit_score(self.variables, batch if weights is None else {**batch, "expert_weights": weights})
+      out += np.asarray(scores)[:len(chunk)].tolist()
     return out
 
   def generate(self, inputs: Sequence[str], task: Optional[str] = None) -> List[str]:
@@ -77,8 +78,9 @@ class Runner:
     for chunk in self._chunks(list(inputs)):
       encoded = self._encode(chunk, self.input_length)
       weights = self._weights(chunk, encoded, task)
-      tokens = self.model.jit_predict(self.variables, self._put(encoded), max_decode_length=self.target_length,
-                                      expert_weights=weights)
+      batch = {"encoder_input_tokens": self._put(encoded),
+               "decoder_input_tokens": np.zeros((len(encoded), self.target_length), np.int32)}
+      tokens, _ = self.model.jit_predict(self.variables, batch if weights is None else {**batch, "expert_weights": weights})
       out += [vocab_lib.decode(self.vocabulary, row) for row in np.asarray(tokens)[:len(chunk)]]
     return out
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax.experts import routing, sharded
-from phatgoose_jax.t5.config import ExpertConfig
+from phatgoose_jax.experts.config import ExpertConfig
 
 LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (algorithm.md §2)
 

@@ -18,6 +18,7 @@ import numpy as np
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.routers import Routing, load_all, routed
+from phatgoose_jax.models import network
 from phatgoose_jax.t5.network import Transformer
 
 KIND = "average_activation"
@@ -70,7 +71,7 @@ def expert_vectors(library, expert, params: Optional[Mapping], batches: Optional
   if batches is None or params is None:
     raise ValueError(f"no cached average activations for expert {name!r}: pass params= and data={{{name!r}: "
                      f"[batches of its training data]}}")
-  module = Transformer(library.t5_config(), lib.expert_config(expert.manifest))
+  module = network(library.t5_config(), lib.expert_config(expert.manifest))
   variables = {"params": params, "lora": ckpt_names.unflatten(expert.lora)}
   vectors = activation_means(module, variables, batches)
   library.save_derived(name, KIND, vectors, key)

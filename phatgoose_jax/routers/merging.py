@@ -10,7 +10,7 @@ import numpy as np
 
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.routers import Routing, load_all, modules_of
-from phatgoose_jax.t5.config import ExpertConfig
+from phatgoose_jax.experts.config import ExpertConfig
 
 
 def average_parameters(loras) -> dict:

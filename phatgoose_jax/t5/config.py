@@ -1,8 +1,7 @@
 """T5 v1.1 (LM-adapted) configurations: the released sizes and a tiny test preset (algorithm.md §1).
 
-A `T5Config` fixes the frozen base network; an `ExpertConfig` says which linear layers carry LoRA experts
-and how they are combined (one expert, one gated expert, or E routed experts). Both are frozen dataclasses,
-so they hash and can be static arguments of jitted functions.
+A `T5Config` fixes the frozen base network. It is a frozen dataclass, so it hashes and can be a static argument
+of jitted functions. `ALL_TARGETS` names every linear layer of the stack (the modules experts may wrap).
 """
 import dataclasses
 import json
@@ -74,60 +73,3 @@ def preset(name: str, **overrides) -> T5Config:
   if name not in PRESETS:
     raise ValueError(f"unknown T5 preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides)
-
-
-ROUTING_IMPLS = ("dense", "gather", "ragged", "auto")
-ROUTER_SCORES = ("standardized", "arrow", "spectr")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertConfig:
-  """Where LoRA experts sit and how they combine (algorithm.md §2-§5).
-
-  mode:
-    'none'   the plain base model;
-    'lora'   one expert: `W u + (B A u) * scale`                          (algorithm.md §2);
-    'gated'  one expert with its gate: `W u + sigmoid(v . u) (B A u) * scale` (algorithm.md §3);
-    'routed' E experts, per-token top-k routing over router vectors        (algorithm.md §4, §5).
-  `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score or Arrow's |u . e|.
-  `impl` picks the routed computation: 'dense' (every expert, masked: the reference), 'gather' (only the
-  chosen experts' weights, gathered per token), 'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`),
-  or 'auto' (the grouped matmul; see routing.resolve_impl).
-  """
-  mode: str = "none"
-  rank: int = 16
-  targets: tuple = ALL_TARGETS
-  num_experts: int = 0
-  top_k: int = 2
-  score: str = "standardized"
-  impl: str = "dense"
-  scale: Optional[float] = None
-
-  def __post_init__(self):
-    if self.mode not in ("none", "lora", "gated", "routed"):
-      raise ValueError(f"ExpertConfig.mode must be none, lora, gated or routed, got {self.mode!r}")
-    unknown = set(self.targets) - set(ALL_TARGETS)
-    if unknown:
-      raise ValueError(f"unknown LoRA target modules {sorted(unknown)}; choose from {ALL_TARGETS}")
-    if self.mode != "none" and self.rank < 1:
-      raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-    if self.mode == "routed":
-      if self.num_experts < 1:
-        raise ValueError(f"routed mode needs num_experts >= 1, got {self.num_experts}")
-      if not 1 <= self.top_k <= self.num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-    if self.score not in ROUTER_SCORES:
-      raise ValueError(f"ExpertConfig.score must be one of {ROUTER_SCORES}, got {self.score!r}")
-    if self.impl not in ROUTING_IMPLS:
-      raise ValueError(f"ExpertConfig.impl must be one of {ROUTING_IMPLS}, got {self.impl!r}")
-    object.__setattr__(self, "targets", tuple(self.targets))
-
-  @property
-  def lora_scale(self) -> float:
-    return 1.0 / self.rank if self.scale is None else self.scale
-
-  def applies_to(self, module_name: str) -> bool:
-    return self.mode != "none" and module_name in self.targets
-
-  def replace(self, **kw) -> "ExpertConfig":
-    return dataclasses.replace(self, **kw)

@@ -3,16 +3,36 @@
 Shapes in docstrings: b batch, q/k query/key length, h heads, d d_kv, m d_model.
 """
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phatgoose_jax.experts.lora import ExpertDense
-from phatgoose_jax.t5.config import ExpertConfig, T5Config
+from phatgoose_jax.t5.config import T5Config
 
 NEG_INF = -1e10
+
+
+class Dense(nn.Module):
+  """y = x @ kernel, no bias: every linear layer of the stack (t5x `DenseGeneral` with one input axis).
+
+  The stack builds its linear layers through an injected factory with this signature (`dense=Dense`), so a
+  layer that adds experts around the same `kernel` replaces it without editing the architecture
+  (flaxformer style). `expert_weights` is passed through to that layer untouched; this one ignores it.
+  x: <float>[batch, length, d_in] -> <float>[batch, length, features].
+  """
+  features: int
+  kernel_axes: tuple
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, expert_weights=None):
+    del expert_weights
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return x.astype(self.dtype) @ kernel.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -78,18 +98,18 @@ def dot_product_attention(query, key, value, bias, dropout, deterministic):
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention whose q, k, v, o projections are expert-carrying dense layers.
+  """Multi-head attention whose q, k, v, o projections are `dense` layers.
 
   In `decode` mode (self-attention only) keys and values of past steps come from the `cache`
   collection (`cached_key`, `cached_value` <float>[b, max_len, h, d], `cache_index`).
   """
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable = Dense
 
   def _project(self, name, x, expert_weights):
     cfg = self.config
-    dense = ExpertDense(cfg.joined_kv, ("embed", "joined_kv"), self.experts, dtype=cfg.dtype, name=name,
-                        kernel_init=nn.initializers.normal((cfg.d_model * (cfg.d_kv if name == "query" else 1)) ** -0.5))
+    dense = self.dense(features=cfg.joined_kv, kernel_axes=("embed", "joined_kv"), dtype=cfg.dtype, name=name,
+                       kernel_init=nn.initializers.normal((cfg.d_model * (cfg.d_kv if name == "query" else 1)) ** -0.5))
     y = dense(x, expert_weights)
     return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.d_kv)
 
@@ -139,26 +159,27 @@ class MultiHeadAttention(nn.Module):
     out = dot_product_attention(query, key, value, total_bias, dropout, deterministic)
     out = out.reshape(*out.shape[:2], cfg.joined_kv)
     out = nn.with_logical_constraint(out, ("batch", "length", "joined_kv"))
-    return ExpertDense(cfg.d_model, ("joined_kv", "embed"), self.experts, dtype=cfg.dtype, name="out",
-                       kernel_init=nn.initializers.normal(cfg.joined_kv ** -0.5))(out, expert_weights)
+    return self.dense(features=cfg.d_model, kernel_axes=("joined_kv", "embed"), dtype=cfg.dtype, name="out",
+                      kernel_init=nn.initializers.normal(cfg.joined_kv ** -0.5))(out, expert_weights)
 
 
 class MlpBlock(nn.Module):
   """Gated-GELU feed-forward: wo(dropout(gelu(wi_0 x) * wi_1 x))."""
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable = Dense
 
   @nn.compact
   def __call__(self, x, *, deterministic=True, expert_weights=None):
     cfg = self.config
     init_in = nn.initializers.normal(cfg.d_model ** -0.5)
-    gate = ExpertDense(cfg.d_ff, ("embed", "mlp"), self.experts, init_in, cfg.dtype, name="wi_0")(x, expert_weights)
-    linear = ExpertDense(cfg.d_ff, ("embed", "mlp"), self.experts, init_in, cfg.dtype, name="wi_1")(x, expert_weights)
+    wi = lambda name: self.dense(features=cfg.d_ff, kernel_axes=("embed", "mlp"), kernel_init=init_in,  # noqa: E731
+                                 dtype=cfg.dtype, name=name)(x, expert_weights)
+    gate, linear = wi("wi_0"), wi("wi_1")
     hidden = nn.gelu(gate, approximate=True) * linear
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
-    return ExpertDense(cfg.d_model, ("mlp", "embed"), self.experts, nn.initializers.normal(cfg.d_ff ** -0.5),
-                       cfg.dtype, name="wo")(hidden, expert_weights)
+    return self.dense(features=cfg.d_model, kernel_axes=("mlp", "embed"), dtype=cfg.dtype, name="wo",
+                      kernel_init=nn.initializers.normal(cfg.d_ff ** -0.5))(hidden, expert_weights)
 
 
 class Embed(nn.Module):

@@ -3,14 +3,16 @@
 
 Inputs follow t5x: `encoder_input_tokens` <int>[b, L_in], `decoder_input_tokens` <int>[b, L_out] (targets
 shifted right, starting from pad 0) and `decoder_target_tokens` [b, L_out] (0 = pad, used for masks).
-`expert_weights` <float>[b, E], when given, replaces per-token routing by a fixed per-example mixture
-(oracle, retrieval and uniform baselines).
+Every linear layer is built by the injected `dense` factory (default `layers.Dense`); `expert_weights`
+<float>[b, E] is passed through to it untouched (the expert layer uses it for fixed per-example mixtures).
 """
+from typing import Callable
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from phatgoose_jax.t5 import layers
-from phatgoose_jax.t5.config import ExpertConfig, T5Config
+from phatgoose_jax.t5.config import T5Config
 
 
 def pre_norm_residual(cfg: T5Config, norm_name: str, x, sublayer, deterministic):
@@ -21,16 +23,16 @@ def pre_norm_residual(cfg: T5Config, norm_name: str, x, sublayer, deterministic)
 
 class EncoderLayer(nn.Module):
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable
 
   @nn.compact
   def __call__(self, x, mask, position_bias_fn, deterministic, expert_weights):
-    cfg, experts = self.config, self.experts
-    attention = layers.MultiHeadAttention(cfg, experts, name="attention")
+    cfg, dense = self.config, self.dense
+    attention = layers.MultiHeadAttention(cfg, dense, name="attention")
     x = pre_norm_residual(cfg, "pre_attention_layer_norm", x, lambda h: attention(
         h, h, mask, deterministic=deterministic, position_bias_fn=position_bias_fn, expert_weights=expert_weights),
         deterministic)
-    mlp = layers.MlpBlock(cfg, experts, name="mlp")
+    mlp = layers.MlpBlock(cfg, dense, name="mlp")
     x = pre_norm_residual(cfg, "pre_mlp_layer_norm", x, lambda h: mlp(
         h, deterministic=deterministic, expert_weights=expert_weights), deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -38,19 +40,19 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable
 
   @nn.compact
   def __call__(self, y, encoded, self_mask, cross_mask, position_bias_fn, deterministic, decode, expert_weights):
-    cfg, experts = self.config, self.experts
-    self_attention = layers.MultiHeadAttention(cfg, experts, name="self_attention")
+    cfg, dense = self.config, self.dense
+    self_attention = layers.MultiHeadAttention(cfg, dense, name="self_attention")
     y = pre_norm_residual(cfg, "pre_self_attention_layer_norm", y, lambda h: self_attention(
         h, h, self_mask, deterministic=deterministic, decode=decode, position_bias_fn=position_bias_fn,
         expert_weights=expert_weights), deterministic)
-    cross_attention = layers.MultiHeadAttention(cfg, experts, name="encoder_decoder_attention")
+    cross_attention = layers.MultiHeadAttention(cfg, dense, name="encoder_decoder_attention")
     y = pre_norm_residual(cfg, "pre_cross_attention_layer_norm", y, lambda h: cross_attention(
         h, encoded, cross_mask, deterministic=deterministic, expert_weights=expert_weights), deterministic)
-    mlp = layers.MlpBlock(cfg, experts, name="mlp")
+    mlp = layers.MlpBlock(cfg, dense, name="mlp")
     y = pre_norm_residual(cfg, "pre_mlp_layer_norm", y, lambda h: mlp(
         h, deterministic=deterministic, expert_weights=expert_weights), deterministic)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
@@ -58,7 +60,7 @@ class DecoderLayer(nn.Module):
 
 class Encoder(nn.Module):
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable
   embedder: nn.Module
 
   @nn.compact
@@ -73,7 +75,7 @@ class Encoder(nn.Module):
     drop = nn.Dropout(cfg.dropout_rate)
     x = drop(self.embedder(tokens), deterministic=deterministic)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, self.experts, name=f"layers_{i}")(x, mask, position_bias_fn, deterministic,
+      x = EncoderLayer(cfg, self.dense, name=f"layers_{i}")(x, mask, position_bias_fn, deterministic,
                                                                expert_weights)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return drop(x, deterministic=deterministic)
@@ -81,7 +83,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   config: T5Config
-  experts: ExpertConfig
+  dense: Callable
   embedder: nn.Module
 
   @nn.compact
@@ -100,7 +102,7 @@ class Decoder(nn.Module):
     drop = nn.Dropout(cfg.dropout_rate)
     y = drop(self.embedder(decoder_input_tokens), deterministic=deterministic)
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, self.experts, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, position_bias_fn,
+      y = DecoderLayer(cfg, self.dense, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, position_bias_fn,
                                                                deterministic, decode, expert_weights)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = drop(y, deterministic=deterministic)
@@ -113,13 +115,13 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
   """T5 v1.1 encoder-decoder with untied input embedding and output layer."""
   config: T5Config
-  experts: ExpertConfig = ExpertConfig()
+  dense: Callable = layers.Dense
 
   def setup(self):
     cfg = self.config
     self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
-    self.encoder = Encoder(cfg, self.experts, self.token_embedder)
-    self.decoder = Decoder(cfg, self.experts, self.token_embedder)
+    self.encoder = Encoder(cfg, self.dense, self.token_embedder)
+    self.decoder = Decoder(cfg, self.dense, self.token_embedder)
 
   def encode(self, encoder_input_tokens, enable_dropout=False, expert_weights=None):
     return self.encoder(encoder_input_tokens, not enable_dropout, expert_weights)
