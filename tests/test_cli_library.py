@@ -8,7 +8,8 @@ import pytest
 from phatgoose_jax import cli
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import hf, names, native, peft, reference
-from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, preset
+from phatgoose_jax.t5.config import ALL_TARGETS, preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 import random_trees as trees
 

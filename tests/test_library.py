@@ -9,7 +9,8 @@ import pytest
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names, peft
 from phatgoose_jax.models import EncoderDecoderModel
-from phatgoose_jax.t5.config import ALL_TARGETS, ExpertConfig, preset
+from phatgoose_jax.t5.config import ALL_TARGETS, preset
+from phatgoose_jax.experts.config import ExpertConfig
 
 from random_trees import random_batch, random_expert, random_params
 

@@ -168,8 +168,10 @@ def score_records(loaded: LoadedModel, records: list, batch_size: int) -> list[d
     enc = pad([r["input_ids"] for r in chunk], batch_size)
     tgt = pad([r["target_ids"] for r in chunk], batch_size)
     batch = {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt), "decoder_target_tokens": tgt}
-    scores = loaded.model.jit_score(loaded.variables, batch, loaded.expert_weights(enc))
-    scores = {k: np.asarray(v)[:len(chunk)] for k, v in scores.items()}
+    weights = loaded.expert_weights(enc)
+    _, scores = loaded.model.jit_score(loaded.variables, batch if weights is None else {**batch, "expert_weights": weights},
+                                       return_intermediates=True)
+    scores = {k: np.asarray(scores[k])[:len(chunk)] for k in ("sum_logprob", "mean_logprob", "num_target_tokens")}
     results += [{"sum_logprob": float(scores["sum_logprob"][i]), "mean_logprob": float(scores["mean_logprob"][i]),
                  "num_target_tokens": int(scores["num_target_tokens"][i])} for i in range(len(chunk))]
   return results
@@ -180,8 +182,10 @@ def generate_records(loaded: LoadedModel, records: list, batch_size: int, max_de
   outputs = []
   for chunk in batches(records, batch_size):
     enc = pad([r["input_ids"] for r in chunk], batch_size)
-    tokens = np.asarray(loaded.model.jit_predict(loaded.variables, enc, max_decode_length=max_decode_length,
-                                                  expert_weights=loaded.expert_weights(enc)))
+    weights = loaded.expert_weights(enc)
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((len(enc), max_decode_length), np.int32)}
+    tokens = np.asarray(loaded.model.jit_predict(loaded.variables, batch if weights is None else
+                                                 {**batch, "expert_weights": weights})[0])
     for row in tokens[:len(chunk)]:
       row = list(row)
       outputs.append([int(t) for t in row[:row.index(1)] if t > 0] if 1 in row else [int(t) for t in row if t > 0])

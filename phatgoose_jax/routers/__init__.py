@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from phatgoose_jax.checkpoints import names as ckpt_names
-from phatgoose_jax.t5.config import ExpertConfig
+from phatgoose_jax.experts.config import ExpertConfig
 
 # Router name -> "module:function" under phatgoose_jax.routers.
 ROUTERS = {
