@@ -117,7 +117,7 @@ def test_evaluate_bigbench_generation_and_choices(shared_data):
                                                        "score": 0.0}
   # strategyqa is multiple choice; a model preferring "Yes" is right exactly on the examples whose answer is Yes.
   examples = tasks.get_eval_examples("bbl_strategyqa", 10, bigbench_dir=shared_data / "bigbench")["bbl_strategyqa"]
-  expected = sum(e["target"] == "Yes" for e in examples) / 10
+  expected = sum(e["choices"][e["correct"].index(True)] == "Yes" for e in examples) / 10
   result = task_eval.evaluate_task("bbl_strategyqa", lambda pairs: [float(t == "Yes") for _, t in pairs], None,
                                    max_examples=10, bigbench_dir=shared_data / "bigbench")
   assert result["score"] == pytest.approx(expected)
