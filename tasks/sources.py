@@ -197,10 +197,6 @@ BIGBENCH_HARD = {
     "word_sorting": BigBenchTask("word_sorting", "exact_match", 128),
 }
 
-# The FLAN pool: 36 P3 + 36 Flan 2021 + 75 NIv2 categories + 19 others, zero-shot templates only.
-FLAN_POOL_SIZE = 166
-FLAN_ZERO_SHOT_TEMPLATE_TYPES = ("zs_opt", "zs_noopt")
-
 _OVERRIDES: dict = {}
 
 
