@@ -7,6 +7,9 @@ import os
 import seqio
 
 MAX_LENGTH = 512  # inputs and targets are truncated to 512 tokens, EOS kept (algorithm.md §1)
+# Embedding rows a vocabulary may leave unused: T5's 100 sentinel ids (a SentencePiece model loaded without
+# extra ids) plus the padding of the table to a multiple of 128 (32000 pieces -> 32128 rows).
+MAX_UNUSED_ROWS = 100 + 127
 
 
 def get_vocabulary(spec: str = "byte") -> seqio.Vocabulary:
@@ -30,3 +33,23 @@ def decode(vocabulary: seqio.Vocabulary, ids) -> str:
   if vocabulary.eos_id in ids:
     ids = ids[:ids.index(vocabulary.eos_id)]
   return vocabulary.decode([i for i in ids if i > 0])
+
+
+def _describe(vocabulary: seqio.Vocabulary) -> str:
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return f"the byte vocabulary ({vocabulary.vocab_size} ids)"
+  path = getattr(vocabulary, "sentencepiece_model_file", "")
+  return f"the vocabulary {type(vocabulary).__name__} {path} ({vocabulary.vocab_size} ids)".replace("  ", " ")
+
+
+def check_fits(vocabulary: seqio.Vocabulary, vocab_size: int) -> None:
+  """Raises ValueError unless `vocabulary` fits an embedding of `vocab_size` rows: every id has a row
+  (vocabulary.vocab_size <= vocab_size) and at most MAX_UNUSED_ROWS rows are left unused, so that a model is
+  never run with a vocabulary it was not trained with (e.g. the byte vocabulary on a 32128-row T5)."""
+  unused = vocab_size - vocabulary.vocab_size
+  if 0 <= unused <= MAX_UNUSED_ROWS:
+    return
+  problem = "has ids beyond" if unused < 0 else "does not match"
+  raise ValueError(f"{_describe(vocabulary)} {problem} the model's embedding of {vocab_size} rows: pass the "
+                   f"vocabulary the model was trained with (the T5 spiece.model for a released T5 checkpoint, "
+                   f"'byte' for a {vocabulary.vocab_size}-row test model)")
