@@ -4,7 +4,7 @@ Official code: `src/data/bigbench.py` of r-three/phatgoose (commit 4fd5790) over
 export (`tasksource/bigbench`), whose `inputs` are BIG-bench's own zero-shot formatting (BIG-bench 1.0.0):
 
 - Each task.json is read as BIG-bench's `JsonTask` reads it: duplicate examples dropped (`api/json_task.py`
-  lines 466-485); input prefix `example_input_prefix` (default "\\nQ: "), output prefix `example_output_prefix`
+  lines 459-490); input prefix `example_input_prefix` (default "\\nQ: "), output prefix `example_output_prefix`
   (default "\\nA: "), choice prefix `choice_prefix` (default "\\n  choice: ") and `append_choices_to_input`
   (default true, Python truthiness) from the task's own task.json (lines 443-446); the task prefix
   `task_prefix` (line 550).
@@ -122,7 +122,7 @@ def text_label(target: str, choices) -> int:
 
 
 def _distinct(examples: list) -> list:
-  """Examples with exact duplicates removed, order kept (json_task.py lines 466-485)."""
+  """Examples with exact duplicates removed, order kept (json_task.py lines 459-490)."""
   seen, distinct = set(), []
   for example in examples:
     key = json.dumps(example)
