@@ -71,10 +71,16 @@ def _derived(task_dir: pathlib.Path) -> list:
   return [(prompt + "\nAnswer:", choices, target) for prompt, choices, target in train + validation]
 
 
+LARGE = ("formal_fallacies_syllogisms_negation", "vitaminc_fact_verification")  # 69k of the 95k examples
+# vitaminc (54668 examples: a task prefix and custom prefixes, no choices appended, as operators and winowhy) is
+# left out for time.
+
+
 def test_every_shared_task_and_small_subtask_matches_bigbench_formatting(shared_data):
   bigbench_dir = shared_data / "bigbench"
   names = sorted(p.name for p in bigbench_dir.iterdir() if p.is_dir())
   assert len(names) == 17
+  names = [name for name in names if name not in LARGE]
   small = ("conceptual_combinations", "conlang_translation", "strange_stories")
   names += sorted(f"{p.parent.parent.name}/{p.parent.name}" for name in small
                   for p in (bigbench_dir / name).glob("*/task.json"))
@@ -95,10 +101,23 @@ def test_real_prompts_show_prefixes_and_choices(shared_data):
   # logic_grid_puzzle sets append_choices_to_input to the STRING "false": truthy, so choices are appended.
   (grid,) = tasks.get_eval_examples("bigbench/logic_grid_puzzle", 1, bigbench_dir=shared_data / "bigbench").values()
   assert grid[0]["inputs"].endswith("\n  choice: 1\n  choice: 2\n  choice: 3\nA:\nAnswer:")
-  (vitaminc,) = tasks.get_eval_examples("bbl_vitaminc_fact_verification", 1,
-                                        bigbench_dir=shared_data / "bigbench").values()
-  assert vitaminc[0]["inputs"].startswith("Based only on the information contained in a brief quote from Wikipedia")
-  assert vitaminc[0]["inputs"].endswith("\nTrue, False, or Neither?\nAnswer:")
+
+
+def test_large_task_first_and_last_prompts(shared_data):
+  # formal_fallacies_syllogisms_negation: 14200 examples, choices not appended, default prefixes.
+  task_dir = shared_data / "bigbench" / "formal_fallacies_syllogisms_negation"
+  data = json.loads((task_dir / "task.json").read_text(encoding="utf-8"))
+  (examples,) = tasks.get_eval_examples("bbh_formal_fallacies", bigbench_dir=task_dir.parent).values()
+  order = list(range(len(data["examples"])))
+  random.seed(42)
+  random.shuffle(order)
+  num_train = len(order) - max(int(0.2 * len(order)), 16)
+  for position in (0, num_train - 1, num_train, len(order) - 1):
+    sample = _formatted(data, data["examples"][order[position]])
+    assert examples[position]["inputs"] == sample["input"].strip() + "\nAnswer:"
+    assert examples[position]["target"] == sample["target"][0]
+  assert examples[0]["inputs"].startswith("Q: ") and examples[0]["inputs"].endswith("\nA:\nAnswer:")
+  assert examples[0]["choices"] == ["valid", "invalid"]
 
 
 def test_strategyqa_label_is_the_answer_its_explanation_starts_with(shared_data):
