@@ -5,6 +5,9 @@ A dataset is read, in this order, from: a local JSONL file `<data_dir>/<promptso
 where TFDS has the dataset in that same schema; version pinned), or Hugging Face `datasets` (optional
 dependency; name and config pinned). Directories come from a function argument / CLI flag, else from an
 environment variable; `using_dirs` sets them for one block of code.
+
+The row order of a split matters where the official code samples by index (P3 training pairs, evaluation row
+samples, app_reviews' held-out rows): it is the Hugging Face order, which local JSONL copies should keep.
 """
 import contextlib
 import dataclasses
