@@ -84,6 +84,11 @@ def _float32(x):
   return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
+def _host(x):
+  """A host copy of a process-local array (placed afresh on every process); global arrays stay as they are."""
+  return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+
+
 def eval_loss(metrics: dict) -> float:
   """The default keep-best criterion: the validation `loss` (minimised)."""
   return metrics["loss"]
@@ -138,8 +143,8 @@ class Trainer:
     shardings = partitioning.variables_shardings(variables, self.mesh, self.rules, strict_sharding)
     params_sh, frozen_sh = split_trainable(shardings, trainable)
     params, frozen = split_trainable(partitioning.unbox(variables), trainable)
-    params = jax.device_put(jax.tree.map(_float32, params), params_sh, may_alias=False)
-    self.frozen = jax.device_put(frozen, frozen_sh)
+    params = jax.device_put(jax.tree.map(lambda x: _float32(_host(x)), params), params_sh, may_alias=False)
+    self.frozen = jax.device_put(jax.tree.map(_host, frozen), frozen_sh)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch_sh = partitioning.batch_sharding(self.mesh, self.rules)
     self._data_shard = partitioning.data_shard(self.mesh, self.rules)
