@@ -296,18 +296,18 @@ class ExpertLibrary:
     path = os.path.join(self._entry(name), MANIFEST)
     if not os.path.isfile(path):
       raise LibraryError(f"library {self.path} has no expert named {name!r}; it has {self.names()}")
+    fix = f"`phatgoose library remove {name} --library {self.path}` deletes the entry"
     try:
       with open(path, "rb") as f:
         manifest = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-      raise LibraryError(f"corrupt manifest {path}: {e}; `phatgoose library remove {name}` deletes the entry") from e
+      raise LibraryError(f"corrupt manifest {path}: {e}; {fix}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-      raise LibraryError(f"corrupt manifest {path}: not a {FORMAT} manifest; `phatgoose library remove {name}` "
-                         f"deletes the entry")
+      raise LibraryError(f"corrupt manifest {path}: not a {FORMAT} manifest; {fix}")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing or manifest["name"] != name:
       raise LibraryError(f"corrupt manifest {path}: " + (f"no {missing}" if missing else
-                         f"it names expert {manifest['name']!r}, not {name!r}"))
+                         f"it names expert {manifest['name']!r}, not {name!r}") + f"; {fix}")
     return manifest
 
   def list(self) -> List[dict]:
