@@ -33,7 +33,6 @@ import functools
 import json
 import pathlib
 import random
-from typing import Optional
 
 import numpy as np
 
@@ -165,14 +164,6 @@ def export_examples(task: str, bigbench_dir=None) -> list:
   return [row for train, _ in parts for row in train] + [row for _, valid in parts for row in valid]
 
 
-def task_spec(task: str) -> Optional[sources.BigBenchTask]:
-  """The official configuration of a BIG-bench task path ("name[/subtask]"), or None for a task the paper
-  does not evaluate."""
-  name = task.split("/")[0]
-  specs = [*sources.BIGBENCH_LITE.values(), *sources.BIGBENCH_HARD.values()]
-  return next((s for s in specs if s.path == name and s.bbh_choices is None), None)
-
-
 def default_metric(row: dict) -> str:
   """Metric of an example of a task the official code does not configure: rank classification when it has
   choices, else exact match (several references: multiple-answer exact match)."""
@@ -200,7 +191,7 @@ def official_example(inputs: str, targets: list, choices: list, scores: list, me
 def read_examples(task: str, bigbench_dir=None) -> list:
   """Zero-shot examples of the BIG-bench JSON task `task` ("name" or "name/subtask"), with the task's official
   metric (`default_metric` for a task the official code does not configure)."""
-  spec = task_spec(task)
+  spec = sources.bigbench_spec(task)
   return [official_example(r["inputs"], r["targets"], r["multiple_choice_targets"], r["multiple_choice_scores"],
                            spec.metric if spec else default_metric(r)) for r in export_examples(task, bigbench_dir)]
 
@@ -220,18 +211,6 @@ def read_bbh_examples(spec: sources.BigBenchTask, bbh_dir=None) -> list:
     examples = json.load(f)["examples"]
   choices = list(spec.bbh_choices)
   return [official_example(e["input"], [e["target"]], choices, [], spec.metric) for e in examples]
-
-
-def generation_length(name: str) -> int:
-  """Maximum number of generated tokens for a task: `max_gen_length` of colm/datasets/bigbench.gin for
-  `bbl_<task>`, `bbh_<task>` and `bigbench/<task>`, else the official default 20."""
-  prefix, _, rest = name.partition("_")
-  tables = {"bbl": sources.BIGBENCH_LITE, "bbh": sources.BIGBENCH_HARD}
-  if prefix in tables and rest in tables[prefix]:
-    spec = tables[prefix][rest]
-  else:
-    spec = task_spec(name[len("bigbench/"):]) if name.startswith("bigbench/") else None
-  return (spec.max_gen_length if spec else None) or sources.DEFAULT_MAX_GEN_LENGTH
 
 
 def seqio_name(task: str) -> str:

@@ -45,7 +45,8 @@ class DatasetSource:
   (`eval_templates="original"`) or all of them; `round_robin` pairs example i with template i mod T instead of
   every template; `max_eval_rows` is a seeded sample of rows taken before templating
   (`max_pretemplate_examples_per_dataset`); `eval_holdout` rows of the train split, after a seeded shuffle,
-  are the evaluation rows and the rest the training rows (app_reviews).
+  are the evaluation rows and the rest the training rows (app_reviews); a generative evaluation decodes at most
+  `max_gen_length` tokens (its EVAL `InterfaceInfo`).
   """
   key: str
   templates: str
@@ -59,6 +60,7 @@ class DatasetSource:
   round_robin: bool = True
   max_eval_rows: Optional[int] = None
   eval_holdout: Optional[int] = None
+  max_gen_length: Optional[int] = None
 
 
 _p3 = DatasetSource
@@ -70,10 +72,10 @@ P3_HELD_IN = (
     _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test",
         max_eval_rows=10_000),  # 106
     _p3("cosmos_qa", "cosmos_qa", ("cosmos_qa", None)),  # 165
-    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0"),  # 544
+    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0", max_gen_length=128),  # 544
     _p3("quartz", "quartz", ("quartz", None)),  # 199
-    _p3("ropes", "ropes", ("ropes", None)),  # 70
-    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val", max_eval_rows=10_000),  # 124
+    _p3("ropes", "ropes", ("ropes", None), max_gen_length=16),  # 70
+    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val", max_eval_rows=10_000, max_gen_length=256),  # 124
     _p3("paws", "paws/labeled_final", ("paws", "labeled_final"), ignore_templates=("paraphrase-task",)),  # 34
     _p3("wiki_qa", "wiki_qa", ("wiki_qa", None), ignore_templates=(  # 52
         "Direct Answer to Question", "Generate Question from Topic", "Jeopardy style",
@@ -87,27 +89,29 @@ P3_HELD_IN = (
     _p3("wiqa", "wiqa", ("wiqa", None)),  # 616
     _p3("quarel", "quarel", ("quarel", None), eval_templates="all"),  # 491
     _p3("sciq", "sciq", ("sciq", None)),  # 563
-    _p3("quoref", "quoref", ("quoref", None)),  # 508
-    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC")),  # 362
+    _p3("quoref", "quoref", ("quoref", None), max_gen_length=32),  # 508
+    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC"), max_gen_length=64),  # 362
     _p3("rotten_tomatoes", "rotten_tomatoes", ("rotten_tomatoes", None)),  # 527
     _p3("yelp_review_full", "yelp_review_full", ("yelp_review_full", None), eval_split="test"),  # 652
-    _p3("common_gen", "common_gen", ("common_gen", None)),  # 233
-    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0", max_eval_rows=10_000),  # 381
-    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0"),  # 633
+    _p3("common_gen", "common_gen", ("common_gen", None), max_gen_length=64),  # 233
+    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0", max_eval_rows=10_000, max_gen_length=128),  # 381
+    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0", max_gen_length=256),  # 633
     _p3("glue_mrpc", "glue/mrpc", ("glue", "mrpc"), "glue/mrpc:2.0.0"),  # 437
     _p3("glue_qqp", "glue/qqp", ("glue", "qqp"), "glue/qqp:2.0.0", max_eval_rows=10_000),  # 473
     _p3("commonsense_qa", "commonsense_qa", ("commonsense_qa", None), max_eval_rows=10_000),  # 289
     _p3("cos_e", "cos_e/v1.11", ("cos_e", "v1.11"), max_eval_rows=10_000),  # 307
     _p3("wiki_hop", "wiki_hop/original", ("wiki_hop", "original")),  # 598
-    _p3("hotpot_qa", "hotpot_qa/fullwiki", ("hotpot_qa", "fullwiki")),  # 401
+    _p3("hotpot_qa", "hotpot_qa/fullwiki", ("hotpot_qa", "fullwiki"), max_gen_length=64),  # 401
     _p3("app_reviews", "app_reviews", ("app_reviews", None), eval_split="train", eval_templates="all",
         eval_ignore_templates=("generate_review", "convert_to_rating", "convert_to_star_rating"),
         eval_holdout=10_000),  # 271
     _p3("trec", "trec", ("trec", None), eval_split="test"),  # 580: one fixed template, tasks/p3.py TREC_TEMPLATE
-    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0"),  # 454
+    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0", max_gen_length=256),  # 454
     _p3("imdb", "imdb", ("imdb", None), "imdb_reviews/plain_text:1.0.0", eval_split="test"),  # 420
-    _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA")),  # 252
-    _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0"),  # 144
+    _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA"),
+        max_gen_length=128),  # 252
+    _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0",
+        max_gen_length=128),  # 144
     _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test", max_eval_rows=10_000),  # 325
 )
 
@@ -199,6 +203,28 @@ BIGBENCH_HARD = {
     "web_of_lies": BigBenchTask("web_of_lies", bbh_choices=("Yes", "No")),
     "word_sorting": BigBenchTask("word_sorting", "exact_match", 128),
 }
+
+def bigbench_spec(task: str) -> Optional[BigBenchTask]:
+  """The official configuration of a BIG-bench task path ("name[/subtask]") read from BIG-bench's JSON, or
+  None for a task the paper does not evaluate."""
+  name = task.split("/")[0]
+  specs = [*BIGBENCH_LITE.values(), *BIGBENCH_HARD.values()]
+  return next((s for s in specs if s.path == name and s.bbh_choices is None), None)
+
+
+def generation_length(name: str) -> int:
+  """Maximum number of generated tokens for a task, as the official gin files set `max_gen_length`:
+  colm/datasets/bigbench.gin for `bbl_<task>`, `bbh_<task>` and `bigbench/<task>`, colm/datasets/p3_t5xl.gin
+  for `p3_<key>_eval`; else the official default 20."""
+  prefix, _, rest = name.partition("_")
+  tables = {"bbl": BIGBENCH_LITE, "bbh": BIGBENCH_HARD,
+            "p3": {f"{s.key}_eval": s for s in P3_HELD_IN}}
+  if prefix in tables and rest in tables[prefix]:
+    spec = tables[prefix][rest]
+  else:
+    spec = bigbench_spec(name[len("bigbench/"):]) if name.startswith("bigbench/") else None
+  return (spec.max_gen_length if spec else None) or DEFAULT_MAX_GEN_LENGTH
+
 
 _OVERRIDES: dict = {}
 

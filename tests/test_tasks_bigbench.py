@@ -213,15 +213,16 @@ def test_official_metrics_multiple_answers_and_generation(shared_data):
   assert all(e["metric"] == "rouge_l" for e in conlang)
 
 
-def test_generation_lengths_follow_bigbench_gin():
+def test_generation_lengths_follow_the_gin_files():
   lengths = {"bbl_conlang_translation": 64, "bbl_linguistics_puzzles": 128, "bbl_operators": 4,
              "bbl_repeat_copy_logic": 64, "bbh_multistep_arithmetic_two": 8, "bbh_object_counting": 8,
              "bbh_word_sorting": 128, "bigbench/operators": 4, "bigbench/conlang_translation/adna_from": 64,
-             "bigbench/some_other_task": 20, "bbh_navigate": 20, "t0_rte": 20}
-  assert {name: bigbench.generation_length(name) for name in lengths} == lengths
+             "bigbench/some_other_task": 20, "bbh_navigate": 20, "t0_rte": 20, "p3_ropes_eval": 16,
+             "p3_xsum_eval": 256, "p3_ag_news_eval": 20}
+  assert {name: sources.generation_length(name) for name in lengths} == lengths
   generative = {f"{p}_{n}" for p, table in (("bbl", sources.BIGBENCH_LITE), ("bbh", sources.BIGBENCH_HARD))
                 for n, s in table.items() if s.metric in sources.GENERATIVE_METRICS}
-  assert generative == {name for name, n in lengths.items() if n != 20 and not name.startswith("bigbench/")}
+  assert generative == {name for name, n in lengths.items() if n != 20 and name.startswith(("bbl_", "bbh_"))}
 
 
 @pytest.fixture
