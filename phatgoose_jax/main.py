@@ -1,10 +1,11 @@
 """The gin entry point, t5x style: every stage of the pipeline runs from gin files plus overrides.
 
-  python -m phatgoose_jax.main --gin_file=gin/models/t5_1_1_tiny.gin --gin_file=gin/runs/train_expert.gin \\
+  python -m phatgoose_jax.main --gin_file=models/t5_1_1_tiny.gin --gin_file=runs/train_expert.gin \\
       --gin.BASE="'/ckpt/base'" --gin.TASK="'demo_reverse'" --gin.LIBRARY="'/lib'" --gin.WORKDIR="'/tmp/w'"
 
-A run file binds `pipeline.run.stage` to a stage (`@pipeline.train_expert`, ...); `pipeline.run()` calls it. Gin
-files are looked up in the working directory and in the repository's `gin/` directory. Every binding and
+A run file binds `run.stage` to a stage (`@train.train_expert`, `@evaluate.evaluate`, ...); `run()` calls it.
+A `--gin_file` is a path, or the name of one of the package's gin files (`runs/...`, `models/...`), which are
+found by absolute path inside the installed package (never through the working directory). Every binding and
 file is parsed before any work starts; a malformed or unknown binding raises `UsageError` naming it.
 """
 import argparse
@@ -12,20 +13,30 @@ import contextlib
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import gin
 
 import phatgoose_jax
-from phatgoose_jax import pipeline
+from phatgoose_jax import assembly, distributed, evaluate, train, utils  # noqa: F401 (gin configurables)
 from phatgoose_jax.cli import UsageError
 
-GIN_DIR = Path(phatgoose_jax.__file__).resolve().parent.parent / "gin"
+GIN_DIR = phatgoose_jax.GIN_DIR
 
 
-def search_paths() -> list:
-  return [os.getcwd(), str(GIN_DIR)]
+def resolve(path: str) -> str:
+  """A gin file's absolute path: the package's gin file of that name if there is one, else `path`."""
+  packaged = GIN_DIR / path
+  return str(packaged) if packaged.is_file() else os.path.abspath(path)
+
+
+@gin.configurable
+def run(stage=gin.REQUIRED, setup=()):
+  """Call the configured stage (a gin reference to a stage function) after the `setup` callables (e.g. a
+  registration of extra seqio tasks)."""
+  for fn in setup:
+    fn()
+  return stage()
 
 
 def _binding_error(binding: str, error: Exception) -> UsageError:
@@ -53,13 +64,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], require: bool = Tru
   """Parse gin files, then each binding on its own, so a failure names the file or binding at fault.
   With `require`, macros left at `%gin.REQUIRED` are refused too."""
   gin.clear_config()
-  for path in search_paths():
-    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-      gin.add_config_file_search_path(path)
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  if prefixes[:1] != [str(GIN_DIR)]:  # the package's files first: a same-named file in the cwd never shadows them
+    prefixes.insert(0, str(GIN_DIR))
   with _quiet_search():
     for path in gin_files:
       try:
-        gin.parse_config_file(path)
+        gin.parse_config_file(resolve(path))
       except Exception as e:  # gin surfaces parse errors as many types (tokenize, syntax, value, import)
         raise UsageError(f"bad gin file {path!r}: {type(e).__name__}: {e}") from e
   for binding in bindings:
@@ -87,8 +98,8 @@ def check_required() -> None:
 def check_configs() -> None:
   """Build the configured model and LoRA configs now, so a bad value fails before any work."""
   try:
-    pipeline.model_config()
-    pipeline.lora_config()
+    utils.model_config()
+    utils.lora_config()
   except (ValueError, TypeError) as e:
     raise UsageError(f"bad model configuration: {e}") from e
 
@@ -97,15 +108,25 @@ def run_configured(gin_files: Sequence[str], bindings: Sequence[str]):
   """Parse, then run the configured stage; missing required values become usage errors."""
   parse(gin_files, bindings)
   try:
-    gin.get_bindings("phatgoose_jax.pipeline.run")["stage"]
+    gin.get_bindings("phatgoose_jax.main.run")["stage"]
   except (KeyError, ValueError) as e:
-    raise UsageError("no stage to run: bind pipeline.run.stage (e.g. include a gin/runs/*.gin file)") from e
+    raise UsageError("no stage to run: bind run.stage (e.g. include a gin/runs/*.gin file)") from e
   try:
-    return pipeline.run()
+    return run()
   except RuntimeError as e:
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise UsageError(str(e).splitlines()[0]) from e
     raise
+
+
+def multihost_flags(argv: Sequence[str]) -> argparse.Namespace:
+  """The multi-host flags (`distributed.add_flags`) among `argv`; anything else is a usage error."""
+  parser = argparse.ArgumentParser(prog="phatgoose", add_help=False)
+  distributed.add_flags(parser)
+  args, unknown = parser.parse_known_args(list(argv))
+  if unknown:
+    raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+  return args
 
 
 def split_args(argv: Sequence[str]) -> tuple:
@@ -133,11 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.main", description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin.KEY=VALUE", dest="unused", help="one gin binding (repeatable)")
+  distributed.add_flags(parser)
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     files, bindings, rest = split_args(argv)
-    if rest:
-      parser.parse_args(rest)
+    args = parser.parse_args(rest)
+    distributed.initialize_from_args(args)
     run_configured(files, bindings)
   except UsageError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)

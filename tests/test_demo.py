@@ -7,7 +7,7 @@ import tempfile
 import gin
 import pytest
 
-from phatgoose_jax import main, pipeline
+from phatgoose_jax import data, main, train
 from phatgoose_jax.cli import main as cli_main
 from phatgoose_jax.demo import diagnostics, run, suite, suite_tokens
 
@@ -70,15 +70,17 @@ def test_library_holds_one_gated_expert_per_held_in_task(two_runs):
 
 
 def test_held_out_data_never_reaches_expert_building(two_runs):
-  with pytest.raises(pipeline.HeldOutError):
-    pipeline.train_expert(base=str(two_runs / "a" / "base"), task=suite_tokens.HELD_OUT_TASKS[0],
-                          library=str(two_runs / "a" / "library"), workdir=str(two_runs / "leak"), num_steps=1)
+  held_out = data.HeldOut(frozenset(suite_tokens.HELD_OUT_TASKS), suite_tokens.is_held_out)
+  with pytest.raises(data.HeldOutError):
+    train.train_expert(base=str(two_runs / "a" / "base"), task=suite_tokens.HELD_OUT_TASKS[0],
+                       library=str(two_runs / "a" / "library"), workdir=str(two_runs / "leak"), num_steps=1,
+                       held_out=held_out)
   sizes = suite.SuiteSizes(train=20, held_out=2)
   for task in (suite_tokens.REORDER_TASKS[0], suite_tokens.MIX_TASKS[0]):
-    with pytest.raises(pipeline.HeldOutError):
-      pipeline.check_held_in([], suite_tokens.eval_examples(task, 0, sizes))
-  pipeline.check_held_in(list(suite_tokens.HELD_IN_TASKS),
-                         suite_tokens.train_examples(suite_tokens.HELD_IN_TASKS[0], "train", 0, sizes))
+    with pytest.raises(data.HeldOutError):
+      held_out.check_texts([e["inputs"] for e in suite_tokens.eval_examples(task, 0, sizes)])
+  held_out.check_tasks(list(suite_tokens.HELD_IN_TASKS))
+  held_out.check_texts([e["inputs"] for e in suite_tokens.train_examples(suite_tokens.HELD_IN_TASKS[0], "train", 0, sizes)])
 
 
 def test_unknown_suite_is_refused(tmp_path):

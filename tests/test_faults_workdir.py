@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from phatgoose_jax import library as lib
-from phatgoose_jax import pipeline
+from phatgoose_jax import train, utils
 from phatgoose_jax.checkpoints import hf, names
 from phatgoose_jax.demo import suite
 from phatgoose_jax.training import workdir as workdirs
@@ -56,7 +56,7 @@ def test_the_resumed_step_is_orbax_latest_step(tmp_path):
 
 
 def random_variables(model, seed, **collections):
-  """Stands for `pipeline.init_variables`: random lora and gates of the model's rank, the given collections."""
+  """Stands for `utils.init_variables`: random lora and gates of the model's rank, the given collections."""
   lora, gates = trees.random_expert(seed, rank=model.experts.rank)
   return {"lora": names.unflatten(lora), "gates": names.unflatten(gates), **collections}
 
@@ -68,27 +68,27 @@ def stages(tmp_path, monkeypatch):
   base = str(tmp_path / "base")
   hf.save_hf(base, trees.TINY, trees.random_params())
   suite.register(0, suite.SuiteSizes(train=8, validation=2, held_out=2))
-  monkeypatch.setattr(pipeline, "init_variables", random_variables)
-  monkeypatch.setattr(pipeline, "fit", lambda model, variables, *args, **kwargs: variables)
+  monkeypatch.setattr(utils, "init_variables", random_variables)
+  monkeypatch.setattr(train, "fit", lambda model, variables, *args, **kwargs: variables)
   return base
 
 
 def test_training_stages_refuse_another_runs_workdir(tmp_path, stages, capsys):
   base, library = stages, str(tmp_path / "lib")
   work = lambda name: str(tmp_path / name)
-  pipeline.train_expert(base=base, task="demo_reverse", library=library, workdir=work("w_reverse"), num_steps=2)
+  train.train_expert(base=base, task="demo_reverse", library=library, workdir=work("w_reverse"), num_steps=2)
   with pytest.raises(workdirs.WorkdirMismatch, match='task: "demo_reverse" vs "demo_upper"'):
-    pipeline.train_expert(base=base, task="demo_upper", library=library, workdir=work("w_reverse"), num_steps=2)
-  pipeline.train_expert(base=base, task="demo_upper", library=library, workdir=work("w_upper"), num_steps=2)
-  pipeline.train_gate(base=base, library=library, name="demo_reverse", workdir=work("g_reverse"), num_steps=2)
+    train.train_expert(base=base, task="demo_upper", library=library, workdir=work("w_reverse"), num_steps=2)
+  train.train_expert(base=base, task="demo_upper", library=library, workdir=work("w_upper"), num_steps=2)
+  train.train_gate(base=base, library=library, name="demo_reverse", workdir=work("g_reverse"), num_steps=2)
   with pytest.raises(workdirs.WorkdirMismatch, match='name: "demo_reverse" vs "demo_upper"'):
-    pipeline.train_gate(base=base, library=library, name="demo_upper", workdir=work("g_reverse"), num_steps=2)
+    train.train_gate(base=base, library=library, name="demo_upper", workdir=work("g_reverse"), num_steps=2)
   with pytest.raises(workdirs.WorkdirMismatch, match='stage: "expert" vs "multitask"'):
-    pipeline.train_multitask(task="demo_reverse", output=work("multi"), workdir=work("w_reverse"), base=base,
+    train.train_multitask(task="demo_reverse", output=work("multi"), workdir=work("w_reverse"), base=base,
                              num_steps=2)
   assert lib.ExpertLibrary(library).names() == ["demo_reverse", "demo_upper"]
   os.makedirs(os.path.join(work("w_reverse"), "checkpoints", "2"))
   capsys.readouterr()
-  pipeline.train_expert(base=base, task="demo_reverse", library=str(tmp_path / "lib2"), workdir=work("w_reverse"),
+  train.train_expert(base=base, task="demo_reverse", library=str(tmp_path / "lib2"), workdir=work("w_reverse"),
                         num_steps=2)
   assert f"resuming {work('w_reverse')} from step 2" in capsys.readouterr().err

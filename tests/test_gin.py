@@ -1,10 +1,12 @@
 """The gin entry point: files found from any directory, overrides applied, bad bindings named before work."""
 import pathlib
+import subprocess
+import sys
 
 import gin
 import pytest
 
-from phatgoose_jax import main, pipeline
+from phatgoose_jax import main, utils
 from phatgoose_jax.cli import UsageError
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
@@ -23,8 +25,12 @@ def test_repo_gin_dir_is_found_from_the_package():
 
 
 def test_every_gin_file_parses(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # found through the package-relative search path, not the cwd
-  for path in sorted(GIN_DIR.rglob("*.gin")):
+  monkeypatch.chdir(tmp_path)  # found through the package's absolute path, not the cwd
+  for shadow in ("runs", "models"):  # same-named folders in the working directory change nothing
+    (tmp_path / shadow).mkdir()
+    (tmp_path / shadow / "train_expert.gin").write_text("this is not gin\n")
+    (tmp_path / shadow / "common.gin").write_text("this is not gin\n")
+  for path in sorted(p for p in GIN_DIR.rglob("*.gin") if p.parts[len(GIN_DIR.parts)] != "t5x"):  # t5x's own
     main.parse([str(path.relative_to(GIN_DIR))], [], require=False)
     gin.clear_config()
 
@@ -32,18 +38,18 @@ def test_every_gin_file_parses(tmp_path, monkeypatch):
 def test_model_files_bind_sizes_and_rank_16():
   for size in ("tiny", "small", "base", "large", "xl", "xxl"):
     main.parse([f"models/t5_1_1_{size}.gin"], [])
-    assert gin.query_parameter("phatgoose_jax.pipeline.model_config.size") == size
-    assert pipeline.lora_config().rank == 16
+    assert gin.query_parameter("phatgoose_jax.utils.model_config.size") == size
+    assert utils.lora_config().rank == 16
 
 
 def test_overrides_are_applied():
   main.parse(["models/t5_1_1_tiny.gin", "runs/train_expert.gin"],
-             REQUIRED + ["pipeline.train_expert.num_steps = 7", "pipeline.fit.batch_size = 4"])
-  assert gin.query_parameter("pipeline.train_expert.num_steps") == 7
-  assert gin.query_parameter("pipeline.fit.batch_size") == 4
+             REQUIRED + ["train.train_expert.num_steps = 7", "train.fit.batch_size = 4"])
+  assert gin.query_parameter("train.train_expert.num_steps") == 7
+  assert gin.query_parameter("train.fit.batch_size") == 4
   assert gin.query_parameter("%TASK") == "demo_reverse"
-  assert gin.query_parameter("pipeline.optimizer.learning_rate") == 5e-3
-  assert gin.query_parameter("pipeline.optimizer.warmup_fraction") == 0.06
+  assert gin.query_parameter("utils.optimizer.learning_rate") == 5e-3
+  assert gin.query_parameter("utils.optimizer.warmup_fraction") == 0.06
 
 
 def test_flag_forms_split():
@@ -54,8 +60,8 @@ def test_flag_forms_split():
   assert rest == ["--other"]
 
 
-@pytest.mark.parametrize("binding", ["pipeline.train_expert.num_stepz = 3", "pipeline.no_such_thing.x = 1",
-                                     "pipeline.train_expert.num_steps = (3", "= 4"])
+@pytest.mark.parametrize("binding", ["train.train_expert.num_stepz = 3", "train.no_such_thing.x = 1",
+                                     "train.train_expert.num_steps = (3", "= 4"])
 def test_bad_binding_is_named(binding):
   with pytest.raises(UsageError, match="bad gin binding") as error:
     main.parse(["runs/train_expert.gin"], REQUIRED + [binding])
@@ -65,7 +71,7 @@ def test_bad_binding_is_named(binding):
 def test_bad_binding_fails_before_any_work(tmp_path, capsys):
   workdir = tmp_path / "w"
   argv = ["--gin_file=runs/train_expert.gin", f"--gin.WORKDIR='{workdir}'", "--gin.BASE='/b'",
-          "--gin.TASK='demo_reverse'", "--gin.LIBRARY='/l'", "--gin.pipeline.train_expert.num_stepz=3"]
+          "--gin.TASK='demo_reverse'", "--gin.LIBRARY='/l'", "--gin.train.train_expert.num_stepz=3"]
   assert main.main(argv) == 2
   assert "num_stepz" in capsys.readouterr().err
   assert not workdir.exists()
@@ -83,4 +89,12 @@ def test_unknown_gin_file_is_a_usage_error():
 
 def test_bad_model_value_fails_at_parse_time():
   with pytest.raises(UsageError, match="bad model configuration"):
-    main.parse(["models/t5_1_1_tiny.gin"], ["pipeline.model_config.overrides = {'d_modl': 8}"])
+    main.parse(["models/t5_1_1_tiny.gin"], ["utils.model_config.overrides = {'d_modl': 8}"])
+
+
+def test_cli_help_imports_no_numerical_stack():
+  """`phatgoose --help` and every subcommand's parser build without jax, TensorFlow or seqio (a fast start)."""
+  code = ("import sys; from phatgoose_jax.cli import build_parser; build_parser(); "
+          "heavy = [m for m in ('jax', 'tensorflow', 'seqio', 'numpy') if m in sys.modules]; "
+          "assert not heavy, heavy")
+  subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Pipeline stages on a tiny model for a few steps: base -> expert -> gate -> assemble -> evaluate -> route stats."""
+"""The stages on a tiny model for a few steps: base -> expert -> gate -> assemble -> evaluate -> route stats."""
 import json
 import os
 import tempfile
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from phatgoose_jax import library as lib
-from phatgoose_jax import main, pipeline
+from phatgoose_jax import assembly, data, main, train
+from phatgoose_jax import evaluate as stages
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.cli import main as cli_main
 from phatgoose_jax.demo import run, suite
@@ -16,8 +17,9 @@ from phatgoose_jax.demo import run, suite
 # Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
 run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 
-SMALL = ["pipeline.runner.batch_size = 16", "pipeline.routing.router_examples = 16"]
+SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.router_examples = 16"]
 SKILLS = ("demo_reverse", "demo_upper")
+HELD_OUT = data.HeldOut(frozenset(suite.HELD_OUT_TASKS), suite.is_held_out)
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +28,16 @@ def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
   main.parse(["demo_smoke.gin"], SMALL)  # the smoke demo's model, lengths and step counts
   suite.register(0, suite.SuiteSizes(train=32, validation=8, held_out=6))
-  pipeline.declare_held_out(suite.HELD_OUT_TASKS, suite.is_held_out)
-  base = pipeline.train_multitask(task=suite.PRETRAIN_TASK, output=str(root / "base"), workdir=str(root / "w_base"),
-                                  finetune="full", num_steps=4)
+  base = train.train_multitask(task=suite.PRETRAIN_TASK, output=str(root / "base"), workdir=str(root / "w_base"),
+                               finetune="full", num_steps=4, held_out=HELD_OUT)
   library = str(root / "library")
   manifests = {}
   for i, task in enumerate(SKILLS):
-    manifests[task] = pipeline.train_expert(base=base, task=task, library=library, num_steps=3, seed=i,
-                                            workdir=str(root / f"w_{task}"))
-  gated = {task: pipeline.train_gate(base=base, library=library, name=task, num_steps=2,
-                                     workdir=str(root / f"w_{task}_gate")) for task in SKILLS}
-  routed = pipeline.assemble(base=base, library=library, output=str(root / "routed"), router="phatgoose")
+    manifests[task] = train.train_expert(base=base, task=task, library=library, num_steps=3, seed=i,
+                                         workdir=str(root / f"w_{task}"), held_out=HELD_OUT)
+  gated = {task: train.train_gate(base=base, library=library, name=task, num_steps=2,
+                                  workdir=str(root / f"w_{task}_gate"), held_out=HELD_OUT) for task in SKILLS}
+  routed = assembly.assemble(base=base, library=library, output=str(root / "routed"), router="phatgoose")
   yield {"root": root, "base": base, "library": library, "manifests": manifests, "gated": gated, "routed": routed}
   gin.clear_config()
 
@@ -73,26 +74,29 @@ def test_training_resumes_from_its_checkpoint(built):
 def test_assembled_checkpoint_loads_as_a_routed_model(built):
   restored = native.load_native(built["routed"])
   assert restored.expert_config.mode == "routed" and restored.expert_config.num_experts == 2
-  model, variables, weights = pipeline.load_model(checkpoint=built["routed"])
-  assert weights is None and "experts" in variables
-  runner = pipeline.runner(model, variables)
-  assert all(np.isfinite(runner.score([("reverse: abc", "cba"), ("upper: abc", "ABC")])))
+  loaded = assembly.load(built["routed"])
+  assert loaded.expert_weights is None and "experts" in loaded.variables
+  pairs = [("reverse: abc", "cba"), ("upper: abc", "ABC")]
+  scores = stages.runner(loaded, data.vocabulary(SKILLS[0])).score(pairs)
+  assert all(np.isfinite(scores))
+  from_library = assembly.load(built["base"], built["library"], "phatgoose")
+  np.testing.assert_array_equal(scores, stages.runner(from_library, data.vocabulary(SKILLS[0])).score(pairs))
 
 
 def test_evaluate_writes_json_and_markdown(built):
   out = os.path.join(built["root"], "eval")
-  results = pipeline.evaluate(task=suite.HELD_OUT_MIXTURE, output_dir=out, checkpoint=built["routed"])
+  results = stages.evaluate(task=suite.HELD_OUT_MIXTURE, output_dir=out, base=built["routed"])
   assert set(results["tasks"]) == set(suite.HELD_OUT_TASKS) and 0.0 <= results["score"] <= 1.0
   with open(os.path.join(out, "results.json")) as f:
-    assert json.load(f)["checkpoint"]["score"] == results["score"]
+    assert json.load(f)["model"]["score"] == results["score"]
   with open(os.path.join(out, "results.md")) as f:
     assert f.read().startswith("| method |")
 
 
 def test_route_stats_writes_json_and_png(built):
   out = os.path.join(built["root"], "routes")
-  stats = pipeline.route_stats(task=suite.HELD_OUT_TASKS[0], output_dir=out, base=built["base"],
-                               library=built["library"], router="phatgoose")
+  stats = stages.route_stats(task=suite.HELD_OUT_TASKS[0], output_dir=out, base=built["base"],
+                             library=built["library"], router="phatgoose")
   fractions = stats[suite.HELD_OUT_TASKS[0]]
   assert len(fractions) == 36  # 2 encoder layers x 7 modules + 2 decoder layers x 11
   assert all(abs(sum(f) - 1.0) < 1e-6 and len(f) == 2 for f in fractions.values())
@@ -101,11 +105,11 @@ def test_route_stats_writes_json_and_png(built):
 
 
 def test_held_out_tasks_and_examples_are_refused(built):
-  with pytest.raises(pipeline.HeldOutError):
-    pipeline.train_expert(base=built["base"], task=suite.HELD_OUT_TASKS[0], library=built["library"],
-                          workdir=os.path.join(built["root"], "never"), num_steps=1)
-  with pytest.raises(pipeline.HeldOutError):
-    pipeline.check_held_in([], [{"inputs": "reverse: cat | upper: dog"}])
+  with pytest.raises(data.HeldOutError):
+    train.train_expert(base=built["base"], task=suite.HELD_OUT_TASKS[0], library=built["library"],
+                       workdir=os.path.join(built["root"], "never"), num_steps=1, held_out=HELD_OUT)
+  with pytest.raises(data.HeldOutError):
+    HELD_OUT.check_texts(["reverse: cat | upper: dog"])
   assert not os.path.exists(os.path.join(built["root"], "never"))
 
 
@@ -129,5 +133,5 @@ def test_a_flan_pool_library_is_never_evaluated_on_t0_held_out(built, tmp_path):
   flan_library.add("wsc_expert", expert.lora, base=expert.manifest["base"], gates=expert.gates,
                    dataset="flan_super_glue_wsc")
   with pytest.raises(ValueError, match="must not be evaluated on T0 held-out"):
-    pipeline.evaluate(task="t0_held_out", output_dir=str(tmp_path / "out"), base=built["base"],
-                      library=str(tmp_path / "flan"))
+    stages.evaluate(task="t0_held_out", output_dir=str(tmp_path / "out"), base=built["base"],
+                    library=str(tmp_path / "flan"))

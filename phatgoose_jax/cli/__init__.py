@@ -1,9 +1,12 @@
 """The `phatgoose` command: one subcommand family per module of this package.
 
 Each module listed in `_COMMAND_MODULES` exposes `register(subparsers)`, which adds its subcommands and
-sets `func` (called with the parsed arguments, returning an exit code) on each of them.
+sets `func` (called with the parsed arguments, returning an exit code) on each of them. Command modules
+import the numerical stack (jax, TensorFlow, seqio) only when a command runs, so `--help` is fast. Native
+start-up log lines of TensorFlow and XLA (CUDA probes on a CPU machine) are hidden unless `--verbose`.
 """
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -22,6 +25,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="phatgoose", description=__doc__.splitlines()[0])
+  parser.add_argument("--verbose", action="store_true", help="show TensorFlow / XLA start-up log lines")
   subparsers = parser.add_subparsers(dest="command", required=True)
   for name in _COMMAND_MODULES:
     try:
@@ -46,9 +50,35 @@ def _describe(error: Exception) -> str:
   return str(error)
 
 
+@contextlib.contextmanager
+def _native_stderr_hidden():
+  """File descriptor 2 sent to /dev/null: native libraries log there before any Python logging exists."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(os.devnull, "w") as null:
+    os.dup2(null.fileno(), 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def load_numerical_stack(verbose: bool = False) -> None:
+  """Import TensorFlow (through seqio) and jax once, their native start-up lines hidden unless `verbose`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+  with contextlib.nullcontext() if verbose else _native_stderr_hidden():
+    importlib.import_module("seqio")
+    importlib.import_module("jax").devices()
+
+
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, "passthrough", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.extra = extra
+  load_numerical_stack(args.verbose)
   try:
     return int(args.func(args) or 0)
   except (UsageError, OSError, UnicodeDecodeError) as e:

@@ -1,23 +1,21 @@
 """`phatgoose library`: build and inspect an expert library (see phatgoose_jax/library.py).
 
   phatgoose library list --library DIR [--json]
-  phatgoose library add CHECKPOINT --library DIR --name NAME (--base HF_DIR | --checkpoint DIR) [--dataset D]
+  phatgoose library add CHECKPOINT --library DIR --name NAME --base BASE [--dataset D]
   phatgoose library remove NAME --library DIR
   phatgoose library verify --library DIR [--json] [--repair]
-  phatgoose library import-peft ADAPTER_DIR --base HF_DIR --library DIR --name NAME [--dataset D]
+  phatgoose library import-peft ADAPTER_DIR --base BASE --library DIR --name NAME [--dataset D]
   phatgoose library export-peft --library DIR --name NAME --out DIR
-  phatgoose library import-reference FILE --base HF_DIR --library DIR [--names n0,n1,...]
-  phatgoose library assemble --library DIR --names n0,n1,... --router R [--top_k K] --out DIR
+  phatgoose library import-reference FILE --base BASE --library DIR [--names n0,n1,...]
 
 CHECKPOINT is a native checkpoint directory (checkpoints/native.py) whose state holds a `lora` collection
 (and optionally `gates`), or a safetensors file of flat `lora/<module>/lora_a|lora_b` and
-`gates/<module>/gate` keys. `--base` / `--checkpoint` name the base model (a Hugging Face directory or a
-native checkpoint holding `params`), whose fingerprint every expert of a library must share. `list` shows
+`gates/<module>/gate` keys. `--base` names the base model, a checkpoint of any format (`checkpoints.load`:
+phatgoose-jax, Hugging Face or t5x), whose fingerprint every expert of a library must share. `list` shows
 an entry whose manifest cannot be read as corrupt (`remove` deletes it). `verify` exits 1 when an entry is
 corrupt, does not fit the library or holds NaN / Inf; `--repair` first finishes or undoes interrupted
-writes. A library's refusals are one-line errors (exit code 2). `assemble` writes a native checkpoint of
-the routed (or merged) experts for the routers that need no data (phatgoose, arrow, merged,
-merged_products, uniform).
+writes. A library's refusals are one-line errors (exit code 2). A routed model is written as one checkpoint
+by `phatgoose assemble`.
 """
 import functools
 import json
@@ -27,16 +25,11 @@ import warnings
 
 from phatgoose_jax.cli import UsageError
 
-NO_DATA_ROUTERS = ("phatgoose", "arrow", "merged", "merged_products", "uniform")
-# Routers that need each expert's training data -> the derived artifact they cache from it.
-DATA_ROUTER_KINDS = {"average_activation": "average_activation", "retrieval": "retrieval_base"}
 P3_POOL_SIZE = 36
 
 
 def _add_base(parser) -> None:
-  base = parser.add_mutually_exclusive_group(required=True)
-  base.add_argument("--base", help="the base model as a Hugging Face T5 directory")
-  base.add_argument("--checkpoint", help="the base model as a native checkpoint holding `params`")
+  parser.add_argument("--base", required=True, help="the base model: a phatgoose-jax, Hugging Face or t5x checkpoint")
 
 
 def register(subparsers) -> None:
@@ -78,11 +71,6 @@ def register(subparsers) -> None:
                                          "for 36 experts, else expert_<i>)")
   reference.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype")
   _add_base(reference)
-  assemble = command("assemble", run_assemble, "write experts combined by a router as a native checkpoint")
-  assemble.add_argument("--names", required=True, help="comma-separated expert names")
-  assemble.add_argument("--router", default="phatgoose", choices=NO_DATA_ROUTERS)
-  assemble.add_argument("--top_k", type=int, default=2)
-  assemble.add_argument("--out", required=True)
 
 
 def _library_errors(func):
@@ -105,18 +93,15 @@ def _library(args, must_exist=True):
 
 
 def _load_base(args):
-  """(T5Config, params) of --base or --checkpoint."""
-  from phatgoose_jax.checkpoints import hf, native  # pylint: disable=import-outside-toplevel
+  """(T5Config, params) of the --base checkpoint, whatever its format."""
+  from phatgoose_jax import checkpoints  # pylint: disable=import-outside-toplevel
   try:
-    if args.base:
-      return hf.load_hf(args.base)
-    loaded = native.load_native(args.checkpoint)
+    loaded = checkpoints.load(args.base)
   except (OSError, ValueError) as e:
     raise UsageError(f"cannot load the base model: {e}") from e
-  state = loaded.state
-  if "params" not in state:
-    raise UsageError(f"native checkpoint {args.checkpoint} holds {sorted(state)}, not the base model's `params`")
-  return loaded.t5_config, state["params"]
+  if loaded.experts.mode != "none":
+    raise UsageError(f"{args.base} carries experts ({loaded.experts.mode}); give the base model they were trained on")
+  return loaded.config, loaded.variables["params"]
 
 
 def _fingerprint(args):
@@ -267,57 +252,3 @@ def run_import_reference(args) -> int:
   return 0
 
 
-def _check_cached(lib, names, router: str) -> None:
-  """Refuse a router that needs the experts' training data (average activations, retrieval) when an expert
-  lacks the artifact it caches from that data: scoring has no training data to compute it from."""
-  kind = DATA_ROUTER_KINDS.get(router)
-  missing = [n for n in names if kind and lib.load_derived(n, kind) is None]
-  if missing:
-    raise UsageError(f"--router {router} needs artifacts computed from each expert's training data, and library "
-                     f"{lib.path} has none cached for {missing}: run `phatgoose evaluate --base BASE --library "
-                     f"{lib.path} --router {router} --task TASK --output_dir DIR` once (with any TASK; it computes "
-                     f"and caches them), or choose a router that needs no data: {', '.join(NO_DATA_ROUTERS)}")
-
-
-@_library_errors
-def load_routed(args, config, params):
-  """The `cli.model.LoadedModel` of `--library DIR --router NAME --top_k K` on the base (config, params):
-  every readable expert of the library (a warning line for each corrupt entry), routed by NAME from the
-  library's cached artifacts."""
-  from phatgoose_jax import library, routers  # pylint: disable=import-outside-toplevel
-  from phatgoose_jax.cli.model import LoadedModel  # pylint: disable=import-outside-toplevel
-  from phatgoose_jax.models import EncoderDecoderModel  # pylint: disable=import-outside-toplevel
-  lib = _library(args)
-  if args.router == "oracle":
-    raise UsageError("the oracle router needs each example's label; it cannot run on inputs alone")
-  for name, why in lib.unreadable().items():
-    print(f"warning: skipping expert {name!r}: {why}", file=sys.stderr)
-  names = [m["name"] for m in lib.list()]
-  lib.check_consistent(names)
-  if names and lib.manifest(names[0])["base"] != library.base_fingerprint(config, params):
-    raise UsageError(f"library {lib.path} was built on another base model than the one given")
-  _check_cached(lib, names, args.router)
-  kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
-  kwargs.update({"params": params} if args.router in DATA_ROUTER_KINDS else {})
-  try:
-    routing = lib.route(names, args.router, **kwargs)
-  except (ValueError, ImportError) as e:
-    raise UsageError(str(e)) from e
-  weights = routing.expert_weights
-  return LoadedModel(EncoderDecoderModel(config, routing.expert_config), routing.variables(params),
-                     None if weights is None else lambda tokens: weights({"encoder_input_tokens": tokens}))
-
-
-def run_assemble(args) -> int:
-  from phatgoose_jax import routers  # pylint: disable=import-outside-toplevel
-  from phatgoose_jax.checkpoints import native  # pylint: disable=import-outside-toplevel
-  lib = _library(args)
-  kwargs = {"top_k": args.top_k} if args.router in routers.PER_TOKEN else {}
-  try:
-    routing = lib.route([n.strip() for n in args.names.split(",")], args.router, **kwargs)
-  except ValueError as e:  # the library's refusals (LibraryError) and the router's
-    raise UsageError(str(e)) from e
-  native.save_native(args.out, {routing.collection_name: routing.collection}, lib.t5_config(),
-                     routing.expert_config)
-  print(f"wrote {args.router} experts {routing.expert_config} to {args.out}")
-  return 0

@@ -1,57 +1,48 @@
-"""Pipeline subcommands: thin wrappers over the gin entry point (`python -m phatgoose_jax.main`).
+"""Stage subcommands, one per run file `gin/runs/<stage>.gin`, plus `phatgoose demo`.
 
-  phatgoose train-expert    --base B --task T --library L --workdir W [--name N]
-  phatgoose train-gate      --base B --library L --name N --workdir W [--task T]
-  phatgoose train-multitask --task T --output O --workdir W [--base B] [--finetune lora|full]
-  phatgoose assemble        --base B --library L --output O [--router R]
-  phatgoose evaluate        --base B --task T --output_dir D [--library L --router R] [--expert_pool P]
-  phatgoose route-stats     --base B --library L --task T --output_dir D [--router R]
-  phatgoose demo            [--workdir DIR] [--seed N] [--smoke]
+  phatgoose train-expert | train-gate | train-multitask | assemble | evaluate | route-stats  [flags]
+  phatgoose demo [--suite tokens|keyword] [--workdir DIR] [--seed N] [--smoke]
 
-Each runs its run file `gin/runs/<stage>.gin` (plus `--model SIZE`'s `gin/models/t5_1_1_<SIZE>.gin` and any
-`--gin_file F`); flags set that file's macros, and `--gin KEY=VALUE` (repeatable) adds any other binding.
-Bindings are all parsed before work starts; a bad one is reported by name (exit code 2).
+A stage's flags are its run file's macros, read from the file: `--base` sets `BASE`, and a macro bound to
+`%gin.REQUIRED` is a required flag; the help is the comment after the macro (or its default). `--model SIZE`
+adds `gin/models/t5_1_1_<SIZE>.gin`, `--gin_file F` and `--gin KEY=VALUE` (repeatable) add any other file or
+binding, and the multi-host flags (`--coordinator_address`, `--process_count`, `--process_index`) pass through
+to the gin entry point `python -m phatgoose_jax.main`. Bindings are all parsed before work starts; a bad
+one is reported by name (exit code 2).
 """
 import json
 import os
+import re
 import tempfile
 import time
+from pathlib import Path
 
-# subcommand -> (run file, help, [(flag, macro, required, help)])
-_STAGES = {
-    "train-expert": ("runs/train_expert.gin", "train one LoRA expert and add it to a library (algorithm.md §2)", [
-        ("--base", "BASE", True, "base model: native checkpoint, Hugging Face or t5x directory"),
-        ("--task", "TASK", True, "training task or mixture"),
-        ("--library", "LIBRARY", True, "expert library directory"),
-        ("--workdir", "WORKDIR", True, "checkpoints (resumed when present) and TensorBoard logs"),
-        ("--name", "NAME", False, "expert name (default: the task)")]),
-    "train-gate": ("runs/train_gate.gin", "train a library expert's gate (algorithm.md §3)", [
-        ("--base", "BASE", True, "base model the expert was trained on"),
-        ("--library", "LIBRARY", True, "expert library directory"),
-        ("--name", "NAME", True, "the expert's name in the library"),
-        ("--workdir", "WORKDIR", True, "checkpoints and TensorBoard logs"),
-        ("--task", "TASK", False, "training task (default: the expert's dataset)")]),
-    "train-multitask": ("runs/train_multitask.gin", "one model on the union of a mixture (algorithm.md §5)", [
-        ("--task", "TASK", True, "training task or mixture"),
-        ("--output", "OUTPUT", True, "library ('lora') or checkpoint directory ('full')"),
-        ("--workdir", "WORKDIR", True, "checkpoints and TensorBoard logs"),
-        ("--base", "BASE", False, "base model (required for 'lora'; 'full' without it trains from scratch)"),
-        ("--finetune", "FINETUNE", False, "'lora' (default) or 'full'")]),
-    "assemble": ("runs/assemble.gin", "library experts + router -> routed checkpoint", [
-        ("--base", "BASE", True, "base model"), ("--library", "LIBRARY", True, "expert library directory"),
-        ("--output", "OUTPUT", True, "checkpoint directory to write"),
-        ("--router", "ROUTER", False, "router name (default phatgoose)")]),
-    "evaluate": ("runs/eval_routed.gin", "score a task or mixture; results.json + results.md", [
-        ("--base", "BASE", True, "base model"), ("--task", "TASK", True, "task or mixture name"),
-        ("--output_dir", "OUTPUT_DIR", True, "where results go"),
-        ("--library", "LIBRARY", False, "expert library (without it: the base model alone)"),
-        ("--router", "ROUTER", False, "router name (default phatgoose)"),
-        ("--expert_pool", "EXPERT_POOL", False, "'p3' or 'flan': the pool the library's experts come from")]),
-    "route-stats": ("runs/route_stats.gin", "per dataset and layer, the experts a router chooses (JSON + PNG)", [
-        ("--base", "BASE", True, "base model"), ("--library", "LIBRARY", True, "expert library directory"),
-        ("--task", "TASK", True, "task or mixture name"), ("--output_dir", "OUTPUT_DIR", True, "where results go"),
-        ("--router", "ROUTER", False, "per-token router (default phatgoose)")]),
-}
+import phatgoose_jax
+
+GIN_DIR = phatgoose_jax.GIN_DIR
+SHARED_RUN_FILES = ("common.gin", "demo.gin")
+_MACRO = re.compile(r"^([A-Z][A-Z0-9_]*) = (.+?)\s*(?:#\s*(.*))?$")
+
+
+def stage_files() -> dict:
+  """{subcommand: run file}: every run file but the shared ones, `train_expert.gin` -> `train-expert`."""
+  runs = sorted(p for p in (GIN_DIR / "runs").glob("*.gin") if p.name not in SHARED_RUN_FILES)
+  return {p.stem.replace("_", "-"): p for p in runs}
+
+
+def run_file_flags(path: Path) -> tuple:
+  """(help, [(flag, macro, required, help)]) of a run file: its first comment line, and its macros."""
+  lines = path.read_text().splitlines()
+  help_text = lines[0].lstrip("# ").rstrip(".") if lines and lines[0].startswith("#") else path.stem
+  flags = []
+  for line in lines:
+    match = _MACRO.match(line)
+    if match:
+      macro, value, comment = match.groups()
+      required = value == "%gin.REQUIRED"
+      flags.append((f"--{macro.lower()}", macro, required, comment or ("required" if required else
+                                                                       f"default {value}")))
+  return help_text, flags
 
 
 def _add_gin_flags(parser) -> None:
@@ -60,14 +51,15 @@ def _add_gin_flags(parser) -> None:
 
 
 def register(subparsers) -> None:
-  for command, (run_file, help_text, flags) in _STAGES.items():
-    parser = subparsers.add_parser(command, help=help_text)
-    for flag, macro, required, flag_help in flags:
+  for command, run_file in stage_files().items():
+    help_text, flags = run_file_flags(run_file)
+    parser = subparsers.add_parser(command, help=help_text, description=help_text)
+    for flag, _, required, flag_help in flags:
       parser.add_argument(flag, required=required, help=flag_help)
     parser.add_argument("--model", help="T5 size whose gin/models file to include (tiny, small, ... xxl)")
-    parser.add_argument("--vocab", help="'byte' or a SentencePiece .model path")
     _add_gin_flags(parser)
-    parser.set_defaults(func=run_stage, run_file=run_file, macros=[(f, m) for f, m, _, _ in flags])
+    parser.set_defaults(func=run_stage, run_file=str(run_file), macros=[(f, m) for f, m, _, _ in flags],
+                        passthrough=True)
   demo = subparsers.add_parser("demo", help="the whole pipeline on a built-in synthetic suite (offline, CPU)")
   demo.add_argument("--suite", choices=("tokens", "keyword"), default="tokens",
                     help="'tokens': held-in tasks over disjoint alphabets (default); 'keyword': string skills on the "
@@ -90,13 +82,12 @@ def _bindings(args) -> list:
     value = getattr(args, flag.lstrip("-"))
     if value is not None:
       bindings.append(f"{macro} = {value!r}")
-  if args.vocab:
-    bindings.append(f"VOCABULARY = {args.vocab!r}")
   return bindings + list(args.gin)
 
 
 def run_stage(args) -> int:
-  from phatgoose_jax import main  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax import distributed, main  # pylint: disable=import-outside-toplevel (a fast --help)
+  distributed.initialize_from_args(main.multihost_flags(args.extra))
   result = main.run_configured(_gin_files(args), _bindings(args))
   if isinstance(result, dict) and "score" in result:
     print(json.dumps({"name": result["name"], "score": result["score"],

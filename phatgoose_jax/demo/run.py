@@ -4,7 +4,7 @@
 
 Suites: `tokens` (default, `demo/suite_tokens.py`: six held-in tasks over disjoint alphabets) and `keyword`
 (`demo/suite.py`: six string skills on the same words, told apart only by a keyword). Stages, all through
-`pipeline` (the same functions as the CLI) and one expert library:
+the stage functions (the same as the CLI's) and one expert library:
   1. pre-train a tiny T5 base on the suite's pretraining task (full training from scratch);
   2. for each held-in task, as an independent contributor would: a LoRA expert, then its gate;
   3. the multitask reference: one LoRA on the union of the held-in data (a separate library);
@@ -28,7 +28,8 @@ from typing import Dict, Optional
 import gin
 import jax
 
-from phatgoose_jax import pipeline
+from phatgoose_jax import assembly, data, tasks, train
+from phatgoose_jax import evaluate as stages
 from phatgoose_jax.demo import diagnostics, suite, suite_tokens
 from phatgoose_jax.evaluation import evaluator, route_stats
 
@@ -48,38 +49,38 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# ---- the pipeline stages the demo calls (all of its calls into `pipeline`) --------------------------------
+# ---- the stages the demo calls (all of its calls into `train`, `stages` and `assembly`) -------------------
 
 
-def train_models(s, workdir: str, seed: int, steps: dict) -> tuple:
+def train_models(s, workdir: str, seed: int, steps: dict, held_out: data.HeldOut) -> tuple:
   """(base, library, multitask library): the base, each held-in task's expert then its gate (from that task's
   data only), and the multitask reference."""
-  base = pipeline.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),
-                                  workdir=os.path.join(workdir, "train", "base"), finetune="full",
-                                  num_steps=steps["base"], seed=seed)
+  base = train.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),
+                               workdir=os.path.join(workdir, "train", "base"), finetune="full",
+                               num_steps=steps["base"], seed=seed, held_out=held_out)
   library = os.path.join(workdir, "library")
   for i, task in enumerate(s.HELD_IN_TASKS):
-    pipeline.train_expert(base=base, task=task, library=library, num_steps=steps["expert"], seed=seed + i,
-                          workdir=os.path.join(workdir, "train", f"{task}_expert"))
-    pipeline.train_gate(base=base, library=library, name=task, num_steps=steps["gate"], seed=seed + i,
-                        workdir=os.path.join(workdir, "train", f"{task}_gate"))
-  multitask = pipeline.train_multitask(task=s.HELD_IN_MIXTURE, output=os.path.join(workdir, "multitask"),
-                                       workdir=os.path.join(workdir, "train", "multitask"), base=base,
-                                       finetune="lora", num_steps=steps["multitask"], seed=seed)
+    train.train_expert(base=base, task=task, library=library, num_steps=steps["expert"], seed=seed + i,
+                       workdir=os.path.join(workdir, "train", f"{task}_expert"), held_out=held_out)
+    train.train_gate(base=base, library=library, name=task, num_steps=steps["gate"], seed=seed + i,
+                     workdir=os.path.join(workdir, "train", f"{task}_gate"), held_out=held_out)
+  multitask = train.train_multitask(task=s.HELD_IN_MIXTURE, output=os.path.join(workdir, "multitask"),
+                                    workdir=os.path.join(workdir, "train", "multitask"), base=base,
+                                    finetune="lora", num_steps=steps["multitask"], seed=seed, held_out=held_out)
   return base, library, multitask
 
 
 def evaluate(s, base: str, workdir: str, method: str, split: str, **kwargs) -> dict:
   """One method's results on the held-in validation tasks (split 'heldin') or the held-out tasks."""
   task = s.HELD_IN_EVAL_MIXTURE if split == "heldin" else s.HELD_OUT_MIXTURE
-  return pipeline.evaluate(task=task, output_dir=os.path.join(workdir, "eval", split, method), base=base,
-                           method=method, **kwargs)
+  return stages.evaluate(task=task, output_dir=os.path.join(workdir, "eval", split, method), base=base,
+                         method=method, **kwargs)
 
 
-def routed_runner(base: str, library: str, router: str):
+def routed_runner(base: str, library: str, router: str, task: str):
   """A score runner of the library's experts under a per-token `router`."""
-  model, variables, _ = pipeline.load_model(base, library=library, router=router)
-  return pipeline.runner(model, variables)
+  loaded = assembly.load(base, library, router)
+  return stages.runner(loaded, data.vocabulary(task))
 
 
 # ---- the table ----------------------------------------------------------------------------------------
@@ -110,12 +111,11 @@ def evaluate_methods(s, base: str, library: str, multitask: str, workdir: str) -
 
 def routing_accuracies(s, base: str, library: str, max_examples: int) -> tuple:
   """({per-token router: routing accuracy on held-in validation data}, chance k/E)."""
-  from phatgoose_jax import tasks  # pylint: disable=import-outside-toplevel
   examples = tasks.get_eval_examples(s.HELD_IN_EVAL_MIXTURE, max_examples)
   names = sorted(s.HELD_IN_TASKS)  # the library's expert order
   accuracy = {}
   for router in PER_TOKEN_METHODS:
-    runner = routed_runner(base, library, router)
+    runner = routed_runner(base, library, router, s.HELD_IN_EVAL_MIXTURE)
     counts = {t: diagnostics.routing_counts(runner, examples[t], names.index(s.oracle_expert(t)))
               for t in s.HELD_IN_EVAL_TASKS}
     accuracy[router] = diagnostics.routing_accuracy(counts)
@@ -127,8 +127,8 @@ def routing_figures(s, base: str, library: str, workdir: str, max_examples: int)
   """PHATGOOSE's expert choices per layer on held-in (`routing.png`) and held-out tasks (`routing_heldout.png`)."""
   labels = [t[len(s.PREFIX):] for t in sorted(s.HELD_IN_TASKS)]
   for task, name in ((s.HELD_IN_EVAL_MIXTURE, "routing.png"), (s.HELD_OUT_MIXTURE, "routing_heldout.png")):
-    stats = pipeline.route_stats(task=task, output_dir=os.path.join(workdir, "route_stats", name[:-4]), base=base,
-                                 library=library, router="phatgoose", max_examples=max_examples)
+    stats = stages.route_stats(task=task, output_dir=os.path.join(workdir, "route_stats", name[:-4]), base=base,
+                               library=library, router="phatgoose", max_examples=max_examples)
     route_stats.plot(stats, os.path.join(workdir, name), labels,
                      title=f"PHATGOOSE, {'held-in' if task == s.HELD_IN_EVAL_MIXTURE else 'held-out'} tasks: "
                            "share of top-k slots per expert")
@@ -177,9 +177,10 @@ def run_demo(workdir: str, seed: int = 0, suite_name: str = "tokens", train_exam
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(cache_dir or os.path.join(workdir, "jax_cache"))
   s.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples))
-  pipeline.declare_held_out(s.HELD_OUT_TASKS, s.is_held_out)
+  held_out = data.HeldOut(frozenset(s.HELD_OUT_TASKS), s.is_held_out)
   base, library, multitask = train_models(s, workdir, seed, {"base": base_steps, "expert": expert_steps,
-                                                             "gate": gate_steps, "multitask": multitask_steps})
+                                                             "gate": gate_steps, "multitask": multitask_steps},
+                                          held_out)
   results = evaluate_methods(s, base, library, multitask, workdir)
   accuracy, chance = routing_accuracies(s, base, library, routing_examples)
   routing_figures(s, base, library, workdir, routing_examples)

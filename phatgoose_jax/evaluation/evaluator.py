@@ -20,9 +20,12 @@ import jax
 import numpy as np
 import seqio
 
+from phatgoose_jax import tasks
 from phatgoose_jax import vocab as vocab_lib
+from phatgoose_jax.checkpoints import names
 from phatgoose_jax.evaluation import metrics, task_eval
 from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
+from phatgoose_jax.tasks import flan
 
 
 @dataclasses.dataclass
@@ -87,23 +90,14 @@ class Runner:
   def intermediates(self, inputs: Sequence[str], targets: Sequence[str]) -> tuple:
     """(features, sown `intermediates` `{'module/path/name': array}`) of one teacher-forced batch."""
     batch = self.features(inputs, targets)
-    state = _apply_intermediates(self.model, self.variables, {k: self._put(v) for k, v in batch.items()})
-    return batch, state
-
-
-def _apply_intermediates(model: EncoderDecoderModel, variables: dict, batch: dict) -> dict:
-  """The model's jitted apply, teacher-forced, returning the sown `intermediates` flattened."""
-  from phatgoose_jax.checkpoints import names  # pylint: disable=import-outside-toplevel
-  apply = model._apply  # pylint: disable=protected-access
-  _, state = apply(variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                   batch["decoder_target_tokens"], mutable=("intermediates",))
-  return {k: np.asarray(v[0] if isinstance(v, tuple) else v)
-          for k, v in names.flatten(jax.device_get(state["intermediates"])).items()}
+    _, aux = self.model.jit_score(self.variables, {k: self._put(v) for k, v in batch.items()},
+                                  return_intermediates=True)
+    flat = names.flatten(jax.device_get(aux["intermediates"]))
+    return batch, {k: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
 
 
 def task_list(name: str) -> List[str]:
   """The task names of a task or mixture (a `bigbench/...` path is one task)."""
-  from phatgoose_jax import tasks  # pylint: disable=import-outside-toplevel
   provider = tasks.get_task_or_mixture(name)
   return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [name]
 
@@ -111,7 +105,6 @@ def task_list(name: str) -> List[str]:
 def evaluate(name: str, runner: Runner, max_examples: Optional[int] = None, expert_pool: Optional[str] = None,
              **dirs) -> dict:
   """Scores of each task of `name` and their unweighted mean (`task_eval.evaluate_task` per task)."""
-  from phatgoose_jax.tasks import flan  # pylint: disable=import-outside-toplevel
   flan.check_evaluation(expert_pool, name)
   results = {}
   for task in task_list(name):

@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from phatgoose_jax import tasks
 from phatgoose_jax.routers.average_activation import uses_encoder_mask
 
 ROUTE_INDEX = "route_index"
@@ -38,7 +39,6 @@ def module_fractions(intermediates: Mapping[str, np.ndarray], batch: Mapping[str
 
 def collect(name: str, runner, max_examples: Optional[int] = 200, **dirs) -> Dict[str, Dict[str, list]]:
   """`{task: {module: [fraction per expert]}}` for every task of the task or mixture `name`."""
-  from phatgoose_jax import tasks  # pylint: disable=import-outside-toplevel
   num_experts = runner.model.experts.num_experts
   stats = {}
   for task, examples in tasks.get_eval_examples(name, max_examples, **dirs).items():

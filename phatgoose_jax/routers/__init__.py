@@ -17,20 +17,50 @@ import numpy as np
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.experts.config import ExpertConfig
 
-# Router name -> "module:function" under phatgoose_jax.routers.
+class RouterSpec(NamedTuple):
+  """A router of the registry: where its builder is and what it declares it needs.
+
+  per_token: routes every token at every module (takes `top_k`); otherwise one mixture per example or
+    one merged expert.
+  needs: inputs its builder takes beyond the library: 'params' (the base model's weights), 'data'
+    (batches of each expert's training data as t5x features), 'examples' (the same with their texts).
+    Routers that need data reuse what an earlier run cached in the library when no data is given.
+  """
+  builder: str
+  per_token: bool
+  needs: tuple = ()
+
+
 ROUTERS = {
-    "phatgoose": "phatgoose:build",
-    "average_activation": "average_activation:build",
-    "arrow": "arrow:build",
-    "spectr": "spectr:build",
-    "merged": "merging:build_average",
-    "merged_products": "merging:build_products",
-    "uniform": "fixed:build_uniform",
-    "oracle": "fixed:build_oracle",
-    "retrieval": "retrieval:build",
+    "phatgoose": RouterSpec("phatgoose:build", per_token=True),
+    "average_activation": RouterSpec("average_activation:build", per_token=True, needs=("params", "data")),
+    "arrow": RouterSpec("arrow:build", per_token=True),
+    "spectr": RouterSpec("spectr:build", per_token=True),
+    "merged": RouterSpec("merging:build_average", per_token=False),
+    "merged_products": RouterSpec("merging:build_products", per_token=False),
+    "uniform": RouterSpec("fixed:build_uniform", per_token=False),
+    "oracle": RouterSpec("fixed:build_oracle", per_token=False, needs=("labels",)),
+    "retrieval": RouterSpec("retrieval:build", per_token=False, needs=("params", "examples")),
 }
-# The routers that route per token and so take `top_k` and `impl`; the others fix one mixture per example.
-PER_TOKEN = ("phatgoose", "average_activation", "arrow", "spectr")
+PER_TOKEN = tuple(name for name, spec in ROUTERS.items() if spec.per_token)
+# Routers whose builders produce a routed `experts` collection and so take the routing `impl`.
+ROUTED = PER_TOKEN + ("uniform", "oracle", "retrieval")
+
+
+def spec(name: str) -> RouterSpec:
+  if name not in ROUTERS:
+    raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
+  return ROUTERS[name]
+
+
+def options(name: str, *, top_k: int = 2, impl: str = "auto", params: Optional[Mapping] = None) -> dict:
+  """The keyword arguments router `name` takes from a model's settings: `top_k` for per-token routers,
+  `impl` for routed ones, the base `params` for those that declare they need them."""
+  router = spec(name)
+  kwargs = {"top_k": top_k} if router.per_token else {}
+  kwargs.update({"impl": impl} if name in ROUTED else {})
+  kwargs.update({"params": params} if "params" in router.needs and params is not None else {})
+  return kwargs
 
 
 class Routing(NamedTuple):
@@ -50,9 +80,7 @@ class Routing(NamedTuple):
 
 def build(name: str, library, names: List[str], **kwargs) -> Routing:
   """Run the router `name` on the library experts `names`."""
-  if name not in ROUTERS:
-    raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
-  module, function = ROUTERS[name].split(":")
+  module, function = spec(name).builder.split(":")
   builder = getattr(importlib.import_module(f"{__name__}.{module}"), function)
   return builder(library, names, **kwargs)
 

@@ -1,0 +1,136 @@
+"""The one data path: a registered seqio task or mixture -> its preprocessors -> `EncDecFeatureConverter`.
+
+Every stage that trains or builds a router reads its data here: `seqio.Task.get_dataset` runs the task's
+own preprocessors (prompt rendering, tokenization with the task's vocabulary, EOS), the examples are
+trimmed to the configured lengths (EOS kept: seqio's `append_eos_after_trim` rule), and seqio's
+`EncDecFeatureConverter` (no packing) makes t5x's features:
+  encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights
+  <int32>[num_examples, length].
+Each process reads only its shard of the examples (`shard_info`, seqio's `ShardInfo`).
+
+`HeldOut` names what must never reach expert, gate or router building (held-out tasks, and optionally
+held-out examples recognised from their input text); the stages receive it explicitly.
+"""
+import dataclasses
+import logging
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+FEATURES = ("inputs", "targets")
+
+
+class HeldOutError(ValueError):
+  """Held-out data was passed to a stage that builds experts, gates or routers."""
+
+
+class TruncationError(ValueError):
+  """Examples longer than the configured lengths, with truncation refused (`strict_lengths`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Task names, and optionally a predicate on an example's input text, that are held out."""
+  tasks: FrozenSet[str] = frozenset()
+  predicate: Optional[Callable[[str], bool]] = None
+
+  def check_tasks(self, names: Sequence[str]) -> None:
+    leaked = sorted(set(names) & set(self.tasks))
+    if leaked:
+      raise HeldOutError(f"held-out tasks {leaked} must not be used to build experts, gates or routers")
+
+  def check_texts(self, texts: Sequence[str]) -> None:
+    if self.predicate is None:
+      return
+    for text in texts:
+      if self.predicate(text):
+        raise HeldOutError(f"a held-out example reached expert / router building: {text!r}")
+
+
+NOTHING_HELD_OUT = HeldOut()
+
+
+@gin.configurable
+def feature_lengths(inputs: int = 512, targets: int = 512) -> Dict[str, int]:
+  """Task feature lengths: inputs and targets each truncated to 512 tokens, EOS kept (algorithm.md §1)."""
+  return {"inputs": inputs, "targets": targets}
+
+
+def task_names(name: str) -> List[str]:
+  """The tasks of a registered task or mixture."""
+  provider = seqio.get_mixture_or_task(name)
+  return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
+
+
+def vocabulary(name: str) -> seqio.Vocabulary:
+  """The vocabulary of a task's (or a mixture's first task's) `inputs` feature."""
+  return seqio.get_mixture_or_task(task_names(name)[0]).output_features["inputs"].vocabulary
+
+
+def _trim(ids: np.ndarray, length: int, eos_id: int) -> np.ndarray:
+  """At most `length` ids; a trimmed sequence ends with EOS (seqio's append_eos_after_trim)."""
+  return ids if len(ids) <= length else np.concatenate([ids[:length - 1], [eos_id]]).astype(ids.dtype)
+
+
+def _read(task: seqio.Task, split: str, max_examples: Optional[int], shard_info) -> List[dict]:
+  dataset = task.get_dataset(None, split=split, shuffle=False, shard_info=shard_info, num_epochs=1)
+  if max_examples is not None:
+    dataset = dataset.take(max_examples)
+  return list(dataset.as_numpy_iterator())
+
+
+def _convert(rows: Sequence[dict], lengths: Mapping[str, int]) -> Dict[str, np.ndarray]:
+  """t5x features of tokenized rows through seqio's EncDecFeatureConverter (no packing)."""
+  signature = {k: tf.TensorSpec([None], tf.int32) for k in FEATURES}
+  dataset = tf.data.Dataset.from_generator(lambda: ({k: r[k] for k in FEATURES} for r in rows),
+                                           output_signature=signature)
+  converted = seqio.EncDecFeatureConverter(pack=False)(dataset, dict(lengths))
+  batches = list(converted.batch(max(len(rows), 1)).as_numpy_iterator())
+  return {k: v.astype(np.int32) for k, v in batches[0].items()}
+
+
+def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples: Optional[int] = None,
+             held_out: HeldOut = NOTHING_HELD_OUT, shard_info: Optional[seqio.ShardInfo] = None,
+             strict_lengths: bool = False) -> Dict[str, np.ndarray]:
+  """t5x features of a task or mixture split (every task of a mixture, at most `max_examples` each), plus
+  `inputs_pretokenized` <object>[num_examples] (the input texts, for routers that read text).
+
+  `lengths` are {"inputs": L_in, "targets": L_out}. Longer examples are trimmed (EOS kept) with a warning
+  giving their count, or refused with `strict_lengths`. Held-out tasks and examples are refused.
+  """
+  names = task_names(name)
+  held_out.check_tasks(names)
+  rows = []
+  for task_name in names:
+    task = seqio.get_mixture_or_task(task_name)
+    if split not in task.splits:
+      raise KeyError(f"task {task_name} has no {split!r} split (it has {list(task.splits)})")
+    rows += _read(task, split, max_examples, shard_info)
+  if not rows:
+    raise ValueError(f"{name} has no {split!r} examples")
+  texts = [r["inputs_pretokenized"].decode("utf-8") for r in rows]
+  held_out.check_texts(texts)
+  eos = vocabulary(name).eos_id
+  long = sum(any(len(r[k]) > lengths[k] for k in FEATURES) for r in rows)
+  if long and strict_lengths:
+    raise TruncationError(f"{long} of {len(rows)} examples of {name} ({split}) are longer than {dict(lengths)} "
+                          f"tokens; raise the lengths or drop strict_lengths to trim them")
+  if long:
+    logging.warning("%d of %d examples of %s (%s) are longer than %s tokens and were trimmed", long, len(rows),
+                    name, split, dict(lengths))
+  trimmed = [{k: _trim(r[k], lengths[k], eos) for k in FEATURES} for r in rows]
+  return dict(_convert(trimmed, lengths), inputs_pretokenized=np.array(texts, dtype=object))
+
+
+def batches(features: Mapping[str, np.ndarray], batch_size: int) -> List[Dict[str, np.ndarray]]:
+  """Consecutive batches (the last one shorter) of a features dict."""
+  size = len(next(iter(features.values())))
+  return [{k: v[i:i + batch_size] for k, v in features.items()} for i in range(0, size, batch_size)]
+
+
+def model_features(features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Only the arrays a model step takes (the texts stay behind)."""
+  return {k: v for k, v in features.items() if k != "inputs_pretokenized"}

@@ -1,0 +1,92 @@
+"""What every stage shares, t5x `utils.py` style: the configured model, optimiser and mesh, and variables
+initialised, restored and placed on that mesh.
+
+The model's configuration comes from gin (`gin/models/*.gin` bind `model_config` and `lora_config`); a
+checkpoint supplies weights only and must match the configured architecture (`checkpoints.load(expect=)`).
+Without a model file (`size=None`) the checkpoint's architecture is used; dropout and dtype always come
+from the configuration.
+"""
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from phatgoose_jax import partitioning
+from phatgoose_jax.checkpoints import Loaded, load
+from phatgoose_jax.experts.config import ExpertConfig
+from phatgoose_jax.models import EncoderDecoderModel
+from phatgoose_jax.t5 import config as t5_config
+from phatgoose_jax.training import optimizers
+
+
+@gin.configurable
+def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size: Optional[str] = None,
+                 overrides: Optional[dict] = None, dropout_rate: float = 0.1,
+                 dtype: str = "float32") -> Optional[t5_config.T5Config]:
+  """The configured T5 v1.1: a preset (`tiny`, `small` ... `xxl`) with optional architecture `overrides`.
+
+  Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout and
+  dtype are always the configured ones."""
+  if size is not None:
+    return t5_config.preset(size, **(overrides or {})).replace(dropout_rate=dropout_rate, dtype=dtype)
+  if checkpoint_config is None:
+    return None
+  return checkpoint_config.replace(dropout_rate=dropout_rate, dtype=dtype)
+
+
+def restore_base(path: str) -> Loaded:
+  """The checkpoint at `path` (any format) checked against the configured architecture, with the
+  configured model config."""
+  loaded = load(path, expect=model_config())
+  return loaded._replace(config=model_config(loaded.config))
+
+
+@gin.configurable
+def lora_config(rank: int = 16, targets: Sequence[str] = t5_config.ALL_TARGETS) -> ExpertConfig:
+  """The single-expert LoRA of algorithm.md §2 (rank 16 on every linear layer)."""
+  return ExpertConfig(mode="lora", rank=rank, targets=tuple(targets))
+
+
+@gin.configurable
+def optimizer(num_steps: int, learning_rate: float = 5e-3, warmup_fraction: float = 0.06,
+              clip_norm: float = 1.0, weight_decay: float = 0.0):
+  """AdamW, linear warmup over the first 6% of steps then constant, clipping at 1.0 (algorithm.md §2)."""
+  return optimizers.make_optimizer("adamw", learning_rate, num_steps, warmup_fraction, weight_decay, clip_norm)
+
+
+@gin.configurable
+def sharding(mesh=None, rules=None) -> tuple:
+  """(Mesh, logical axis rules): `partitioning.make_mesh()` and the standard rules unless given."""
+  return mesh or partitioning.make_mesh(), tuple(rules or partitioning.standard_logical_axis_rules())
+
+
+@functools.lru_cache(maxsize=None)
+def get_model(config: t5_config.T5Config, experts: ExpertConfig = ExpertConfig()) -> EncoderDecoderModel:
+  """One `EncoderDecoderModel` per (config, experts): its jitted functions compile once per process."""
+  return EncoderDecoderModel(config, experts)
+
+
+def _reboxed(boxed: Any, values: Any) -> Any:
+  """`values` (plain arrays) carrying the logical axis names of the matching boxed tree."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v)) if is_box(b) else jnp.asarray(v),
+                      boxed, values, is_leaf=is_box)
+
+
+def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict:
+  """Boxed fresh variables of `model`, with the given collections (plain arrays) put in place."""
+  variables = model.get_initial_variables(jax.random.key(seed))
+  for name, values in collections.items():
+    variables[name] = _reboxed(variables[name], values)
+  return variables
+
+
+def place(model: EncoderDecoderModel, variables: dict, mesh, rules) -> dict:
+  """`variables` placed with the NamedShardings their logical axes give on `mesh`."""
+  abstract = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0)))
+  abstract = {k: abstract[k] for k in variables}
+  shardings = partitioning.variables_shardings(abstract, mesh, rules)
+  return jax.device_put(partitioning.unbox(variables), shardings)
