@@ -67,17 +67,17 @@ def test_score_refuses_non_utf8_input(tmp_path, base_dir, capsys):
   path = tmp_path / "latin1.jsonl"
   path.write_bytes(json.dumps({"inputs": "ok", "targets": "ok"}).encode() + b"\n" +
                    '{"inputs": "caf\u00e9", "targets": "x"}\n'.encode("latin-1"))
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", str(path)], "line 2", "not UTF-8",
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", str(path)], "line 2", "not UTF-8",
                     "iconv")
 
 
 def test_score_refuses_a_missing_vocab_file(base_dir, inputs, capsys):
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", inputs, "--vocab", "/no/such/spiece.model"],
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", inputs, "--vocab", "/no/such/spiece.model"],
                     "no SentencePiece model at '/no/such/spiece.model'", "--vocab byte")
 
 
 def test_score_refuses_batch_size_zero(base_dir, inputs, capsys):
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", inputs, "--batch_size", "0"],
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", inputs, "--batch_size", "0"],
                     "--batch_size must be at least 1, got 0")
 
 
@@ -118,7 +118,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, library_dir, inputs, 
   """The base model does not even exist: the output error must come first."""
   for output in (str(tmp_path / "no_dir" / "out.jsonl"), str(tmp_path)):
     for command in ("score", "generate"):
-      fails_in_one_line(capsys, [command, "--hf_dir", str(tmp_path / "missing_base"), "--input", inputs,
+      fails_in_one_line(capsys, [command, "--base", str(tmp_path / "missing_base"), "--input", inputs,
                                  "--output", output], "cannot write --output", "pass a writable path")
 
 
@@ -128,7 +128,7 @@ def test_a_failed_run_leaves_outputs_as_they_were(tmp_path, base_dir, capsys):
   kept, fresh = tmp_path / "kept.jsonl", tmp_path / "fresh.jsonl"
   kept.write_text("previous results\n")
   for output in (kept, fresh):
-    fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", str(bad), "--output", str(output)],
+    fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", str(bad), "--output", str(output)],
                       "line 1: not valid JSON")
   assert kept.read_text() == "previous results\n" and not fresh.exists()
 
@@ -140,12 +140,12 @@ def test_texts_over_the_length_are_counted_and_can_be_refused(tmp_path, base_dir
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   output = tmp_path / "out.jsonl"
   output.write_text("previous results\n")
-  code = cli.main(["score", "--hf_dir", base_dir, "--input", str(path), "--output", str(output)])
+  code = cli.main(["score", "--base", base_dir, "--input", str(path), "--output", str(output)])
   _, err = capsys.readouterr()
   assert code == 0 and "warning: 2 of 4 examples (lines 1, 4) have inputs or targets longer than 512 tokens" in err
   results = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["num_target_tokens"] for r in results] == [2, 2, vocab.MAX_LENGTH, vocab.MAX_LENGTH]
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", str(path), "--error_on_truncation"],
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", str(path), "--error_on_truncation"],
                     "2 of 4 examples (lines 1, 4)", "longer than 512 tokens")
 
 
@@ -155,7 +155,7 @@ def test_nonfinite_scores_are_an_error_not_json(tmp_path, inputs, capsys):
   broken = str(tmp_path / "nan_base")
   hf.save_hf(broken, CFG, names.unflatten(flat))
   output = tmp_path / "out.jsonl"
-  fails_in_one_line(capsys, ["score", "--hf_dir", broken, "--input", inputs, "--output", str(output)],
+  fails_in_one_line(capsys, ["score", "--base", broken, "--input", inputs, "--output", str(output)],
                     "non-finite results (NaN or Inf) for 1 of 1 examples")
   assert not output.exists()
 
@@ -164,7 +164,7 @@ def test_score_refuses_a_mixed_library_naming_the_entry(tmp_path, base_dir, libr
   other = lib.ExpertLibrary(str(tmp_path / "other"))
   other.add("odd", trees.random_expert(3, rank=2)[0], base=lib.ExpertLibrary(library_copy).manifest("x")["base"])
   shutil.copytree(os.path.join(other.path, "odd"), os.path.join(library_copy, "odd"))
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", inputs, "--library", library_copy],
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", inputs, "--library", library_copy],
                     "mixes experts", "'odd' (its LoRA rank is 2")
   code = cli.main(["library", "verify", "--library", library_copy])
   out, _ = capsys.readouterr()
@@ -173,15 +173,18 @@ def test_score_refuses_a_mixed_library_naming_the_entry(tmp_path, base_dir, libr
 
 @pytest.mark.parametrize("router", ["average_activation", "retrieval"])
 def test_data_routers_without_cached_data_say_what_to_run(base_dir, library_dir, inputs, capsys, router):
-  fails_in_one_line(capsys, ["score", "--hf_dir", base_dir, "--input", inputs, "--library", library_dir,
+  fails_in_one_line(capsys, ["score", "--base", base_dir, "--input", inputs, "--library", library_dir,
                              "--router", router],
-                    f"--router {router} needs artifacts computed from each expert's training data",
+                    f"--router {router} reads each expert's training data",
                     f"run `phatgoose evaluate --base BASE --library {library_dir} --router {router}")
 
 
-def test_a_corrupt_manifest_is_listed_and_can_be_removed(library_copy, capsys):
+def test_a_corrupt_manifest_is_listed_and_can_be_removed(base_dir, library_copy, inputs, capsys):
   with open(os.path.join(library_copy, "y", lib.MANIFEST), "w") as f:
     f.write("{truncated")
+  code = cli.main(["score", "--base", base_dir, "--input", inputs, "--library", library_copy, "--top_k", "1"])
+  out, err = capsys.readouterr()
+  assert code == 0 and "warning: skipping expert 'y': corrupt manifest" in err and "sum_logprob" in out
   code = cli.main(["library", "list", "--library", library_copy])
   out, _ = capsys.readouterr()
   lines = out.splitlines()

@@ -136,7 +136,7 @@ def batches(records: list, batch_size: int):
     yield records[start:start + batch_size]
 
 
-def score_records(loaded: LoadedModel, records: list, batch_size: int) -> list[dict]:
+def score_records(loaded: assembly.LoadedModel, records: list, batch_size: int) -> list[dict]:
   """Per-record {'sum_logprob', 'mean_logprob', 'num_target_tokens'} (algorithm.md §6 rank-classification score)."""
   results = []
   for chunk in batches(records, batch_size):
@@ -150,7 +150,7 @@ def score_records(loaded: LoadedModel, records: list, batch_size: int) -> list[d
   return results
 
 
-def generate_records(loaded: LoadedModel, records: list, batch_size: int, max_decode_length: int) -> list[list]:
+def generate_records(loaded: assembly.LoadedModel, records: list, batch_size: int, max_decode_length: int) -> list[list]:
   """Greedy output ids (up to and excluding EOS) per record."""
   outputs = []
   for chunk in batches(records, batch_size):
