@@ -1,0 +1,179 @@
+"""Our T5 under real t5x: the offline train and eval examples as t5x's own commands, frozen sub-trees, the
+params layout t5x checkpoints need, and routed scores equal to our model's (algorithm.md §4-§6)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax
+import gin
+import jax
+import numpy as np
+import optax
+import pytest
+import seqio
+
+t5x = pytest.importorskip("t5x")
+
+from flax.linen import partitioning as flax_partitioning  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from phatgoose_jax import library as lib  # noqa: E402
+from phatgoose_jax import models, t5x_model  # noqa: E402
+from phatgoose_jax.checkpoints import names  # noqa: E402
+from phatgoose_jax.experts.config import ExpertConfig  # noqa: E402
+from phatgoose_jax.t5.config import PRESETS  # noqa: E402
+
+from random_trees import TINY, random_batch, random_expert, random_params  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_STEPS = 2
+# Tiny step counts and batches, so each command is dominated by t5x's start-up and compilation.
+TRAIN_OVERRIDES = [f"--gin.TRAIN_STEPS_RELATIVE={TRAIN_STEPS}", f"--gin.EVAL_PERIOD={TRAIN_STEPS}",
+                   "--gin.EVAL_STEPS=1", "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 24}"]
+BYTES = seqio.ByteVocabulary()
+SHAPES = {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
+
+
+def run_t5x(script, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+  done = subprocess.run([sys.executable, "-m", f"t5x.{script}", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+
+
+def restore_params(checkpoint_dir) -> dict:
+  """The flat `target` (params) of a t5x orbax checkpoint."""
+  state = ocp.PyTreeCheckpointer().restore(str(checkpoint_dir / "state"))
+  return flax.traverse_util.flatten_dict(state["target"], sep="/")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp("t5x_expert")
+  run_t5x("train", "--gin_file=gin/t5x/examples/tiny_offline_train_expert.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          *TRAIN_OVERRIDES)
+  return model_dir
+
+
+def test_offline_train_example_updates_only_the_lora_subtree(trained):
+  before = restore_params(trained / "checkpoint_0")
+  after = restore_params(trained / f"checkpoint_{TRAIN_STEPS}")
+  assert set(before) == set(after)
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  lora = {k for k in before if k.startswith("lora/")}
+  assert lora and changed == lora
+  base = {k for k in before if k not in lora}
+  assert base == set(names.param_shapes(TINY))
+
+
+def test_offline_eval_example_writes_seqio_metrics(trained, tmp_path):
+  run_t5x("eval", "--gin_file=gin/t5x/examples/tiny_offline_eval.gin",
+          f"--gin.CHECKPOINT_PATH='{trained / f'checkpoint_{TRAIN_STEPS}'}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'")
+  metrics_file = tmp_path / "inference_eval" / "demo_reverse_eval-metrics.jsonl"
+  metrics = json.loads(metrics_file.read_text().splitlines()[-1])  # one JSON object per evaluated step
+  assert metrics["step"] == TRAIN_STEPS
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("size", sorted(PRESETS))
+def test_model_gin_files_bind_the_presets(size):
+  gin.clear_config()
+  gin.add_config_file_search_path(str(REPO))
+  try:
+    gin.parse_config_file(f"gin/t5x/models/t5_1_1_{size}.gin")
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert isinstance(model, t5x.models.EncoderDecoderModel)
+  assert model.config == PRESETS[size].replace(dropout_rate=0.1)
+  assert model.experts.mode == "none"
+
+
+def test_params_hold_the_stock_base_tree_and_expert_subtrees_with_logical_axes():
+  experts = ExpertConfig(mode="gated", rank=4)
+  model = t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None, experts=experts)
+  variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, SHAPES), jax.random.PRNGKey(0))
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  base = {k: v.shape for k, v in flat.items() if not k.startswith(("lora/", "gates/"))}
+  assert base == {k: tuple(s) for k, s in names.param_shapes(TINY).items()}
+  ours = jax.eval_shape(models.EncoderDecoderModel(TINY, experts).get_initial_variables, jax.random.PRNGKey(0))
+  expected_axes = {}
+  for collection in ("params", "lora", "gates"):
+    boxed = flax.traverse_util.flatten_dict(ours[collection], is_leaf=lambda _, v: hasattr(v, "names"), sep="/")
+    prefix = "" if collection == "params" else f"{collection}/"
+    expected_axes.update({prefix + k: tuple(v.names) for k, v in boxed.items()})
+  axes = flax.traverse_util.flatten_dict(flax_partitioning.get_axis_names(variables["params_axes"]), sep="/")
+  assert {k: tuple(v) for k, v in axes.items()} == expected_axes
+
+
+def test_train_only_updates_its_subtrees_and_freezes_the_rest():
+  params = flax.core.freeze({"encoder": {"kernel": np.ones(3, np.float32)},
+                             "lora": {"lora_a": np.ones(2, np.float32)},
+                             "gates": {"gate": np.ones(2, np.float32)}})
+  optimizer = t5x_model.train_only(["lora"], optax.sgd(0.5))
+  state = optimizer.init_state(params)
+  grads = jax.tree.map(np.ones_like, params)
+  new_params, _ = optimizer.apply_gradient(optimizer.hyper_params, params, state, grads)
+  np.testing.assert_array_equal(new_params["lora"]["lora_a"], [0.5, 0.5])
+  np.testing.assert_array_equal(new_params["encoder"]["kernel"], params["encoder"]["kernel"])
+  np.testing.assert_array_equal(new_params["gates"]["gate"], params["gates"]["gate"])
+
+
+@pytest.fixture(scope="module")
+def expert_library(tmp_path_factory):
+  base = random_params()
+  library = lib.ExpertLibrary(str(tmp_path_factory.mktemp("library")))
+  for seed, name in enumerate(["a", "b", "c"]):
+    lora, gates = random_expert(seed, rank=4)
+    library.add(name, lora, base=lib.base_fingerprint(TINY, base), gates=gates, dataset=f"{name}_data")
+  return library.path, base
+
+
+def test_routed_scores_under_t5x_equal_our_models(expert_library):
+  """t5x's score_batch (sum over weighted token scores, and our mean of it) on the library's routed model ==
+  our model's sum and mean log-likelihoods on the same variables."""
+  path, base = expert_library
+  routing = t5x_model.library_routing(path, "phatgoose", top_k=2)
+  model = t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None, routing=routing, length_normalize=True)
+  initial = jax.jit(lambda rng: model.get_initial_variables(rng, SHAPES))(jax.random.PRNGKey(0))
+  for got, want in zip(jax.tree.leaves(initial["params"]["experts"]), jax.tree.leaves(routing.collection)):
+    np.testing.assert_array_equal(got, want)
+  batch = random_batch()
+  batch["decoder_loss_weights"] = (batch["decoder_target_tokens"] > 0).astype(np.int32)
+  params = {**jax.tree.map(np.asarray, base), "experts": initial["params"]["experts"]}
+  mean, intermediates = jax.jit(model.score_batch, static_argnums=2)(params, batch, True)
+  total = np.sum(intermediates["decoder"]["token_scores"][0], axis=-1)
+  ours = models.EncoderDecoderModel(TINY, routing.expert_config)
+  _, our = ours.jit_score(routing.variables(base), batch, return_intermediates=True)
+  np.testing.assert_allclose(total, our["sum_logprob"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mean, our["mean_logprob"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mean * our["num_target_tokens"], total, rtol=1e-5)
+
+
+def test_routers_with_per_example_weights_are_refused(expert_library):
+  with pytest.raises(ValueError, match="per-example weights"):
+    t5x_model.library_routing(expert_library[0], "uniform")
+
+
+def test_routing_and_expert_config_are_exclusive(expert_library):
+  routing = t5x_model.library_routing(expert_library[0], "phatgoose", top_k=1)
+  with pytest.raises(ValueError, match="either"):
+    t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None, experts=ExpertConfig(mode="lora"), routing=routing)
+
+
+def test_routing_that_does_not_fit_the_model_lists_the_differences(expert_library):
+  routing = t5x_model.library_routing(expert_library[0], "phatgoose", top_k=1)
+  model = t5x_model.T5xEncoderDecoderModel(TINY.replace(d_ff=48), BYTES, BYTES, None, routing=routing)
+  with pytest.raises(ValueError, match="wi_0/lora_b: configured"):
+    jax.eval_shape(lambda rng: model.get_initial_variables(rng, SHAPES), jax.random.PRNGKey(0))
+
+
+def test_packed_batches_are_refused_with_the_fix():
+  model = t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None)
+  batch = random_batch()
+  params = jax.eval_shape(lambda rng: model.get_initial_variables(rng, SHAPES), jax.random.PRNGKey(0))["params"]
+  batch["encoder_segment_ids"] = np.ones_like(batch["encoder_input_tokens"])
+  with pytest.raises(ValueError, match="pack = False"):
+    jax.eval_shape(lambda p: model.loss_fn(p, batch, None), params)
