@@ -104,12 +104,13 @@ def test_import_reference_then_assemble(tmp_path, base_dir, capsys):
                              experts[1][0]["encoder/layers_0/attention/key/lora_a"], rtol=1e-2)
 
   out = str(tmp_path / "routed")
-  assert run(capsys, "library", "assemble", "--library", library, "--names", "z,x", "--router", "phatgoose",
-             "--top_k", "1", "--out", out)[0] == 0
+  assert run(capsys, "assemble", "--base", base_dir, "--library", library, "--router", "phatgoose", "--output", out,
+             "--gin", "assembly.routing.top_k = 1", "--gin", "assembly.routing.impl = 'dense'")[0] == 0
   saved = native.load_native(out)
-  assert saved.expert_config == ExpertConfig(mode="routed", rank=RANK, num_experts=2, top_k=1)
+  assert saved.expert_config == ExpertConfig(mode="routed", rank=RANK, num_experts=3, top_k=1)
   router = saved.state["experts"]["encoder"]["layers_1"]["mlp"]["wo"]["router"]
-  np.testing.assert_array_equal(np.asarray(router[0]), experts[2][1]["encoder/layers_1/mlp/wo/gate"])
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(router[i]), experts[i][1]["encoder/layers_1/mlp/wo/gate"])
 
 
 def test_refusals_are_usage_errors(tmp_path, base_dir, capsys):
@@ -136,7 +137,7 @@ def test_score_with_a_library_routes_its_experts(tmp_path, base_dir, capsys):
   assert run(capsys, "library", "import-reference", path, "--base", base_dir, "--library", library)[0] == 0
   inputs = tmp_path / "in.jsonl"
   inputs.write_text(json.dumps({"input_ids": [5, 6, 7, 1], "target_ids": [8, 9, 1]}) + "\n")
-  common = ["score", "--hf_dir", base_dir, "--input", str(inputs), "--library", library]
+  common = ["score", "--base", base_dir, "--input", str(inputs), "--library", library]
   scores = {}
   for router in ("phatgoose", "uniform"):
     code, out, err = run(capsys, *common, "--router", router, "--top_k", "1")
@@ -147,5 +148,5 @@ def test_score_with_a_library_routes_its_experts(tmp_path, base_dir, capsys):
   assert code == 2 and "needs each example's label" in err
   other = str(tmp_path / "other_base")
   hf.save_hf(other, CFG, random_params(seed=1))
-  code, _, err = run(capsys, "score", "--hf_dir", other, "--input", str(inputs), "--library", library)
+  code, _, err = run(capsys, "score", "--base", other, "--input", str(inputs), "--library", library)
   assert code == 2 and "another base model" in err
