@@ -26,7 +26,7 @@ from flax.linen import partitioning as flax_partitioning
 from t5x import models as t5x_models
 from t5x import optimizers as t5x_optimizers
 
-from phatgoose_jax import models, routers
+from phatgoose_jax import assembly, checkpoints, models, routers
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.library import ExpertLibrary
 from phatgoose_jax.t5.config import T5Config
@@ -177,18 +177,19 @@ def train_only(subtrees: Sequence[str], optimizer: optax.GradientTransformation
       optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels))
 
 
-def library_routing(library: str, router: str = "phatgoose", names: Optional[Sequence[str]] = None,
+def library_routing(library: str, base: str, router: str = "phatgoose", names: Optional[Sequence[str]] = None,
                     top_k: int = 2, impl: str = "dense") -> routers.Routing:
-  """Experts `names` (default: all) of the library at `library`, combined by `router` (routers.build);
-  `top_k` and `impl` go to the per-token routers.
+  """Experts `names` (default: all) of the library at `library`, combined by `router` (`assembly.route`).
 
-  Only routers whose combination is in the weights work under t5x: per-token routers and merging. Routers
-  that mix experts with per-example weights (uniform, oracle, retrieval) need an `expert_weights` feature
-  t5x's batches do not carry.
+  `base` is the checkpoint the experts were trained on, in any format `checkpoints.load` reads (in
+  gin/t5x/routed.gin, by default the one t5x restores): its fingerprint is checked against the library, and
+  routers that need the base weights get them. Only routers whose combination is in the weights work under
+  t5x: per-token routers and merging. Routers that mix experts with per-example weights (uniform, oracle,
+  retrieval) need an `expert_weights` feature t5x's batches do not carry.
   """
   lib = ExpertLibrary(library)
-  kwargs = {"top_k": top_k, "impl": impl} if router in routers.PER_TOKEN else {}
-  routing = routers.build(router, lib, list(names) if names else lib.names(), **kwargs)
+  params = checkpoints.load(base).variables["params"]
+  routing = assembly.route(lib, list(names) if names else lib.names(), params, router, top_k, impl)
   if routing.expert_weights is not None:
     raise ValueError(f"router {router!r} mixes experts with per-example weights, which t5x batches cannot "
                      f"carry; under t5x use a per-token router {routers.PER_TOKEN} or merging")

@@ -20,8 +20,8 @@ from flax.linen import partitioning as flax_partitioning  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from phatgoose_jax import library as lib  # noqa: E402
-from phatgoose_jax import models, t5x_model  # noqa: E402
-from phatgoose_jax.checkpoints import names  # noqa: E402
+from phatgoose_jax import assembly, models, t5x_model  # noqa: E402
+from phatgoose_jax.checkpoints import names, native  # noqa: E402
 from phatgoose_jax.experts.config import ExpertConfig  # noqa: E402
 from phatgoose_jax.t5.config import PRESETS  # noqa: E402
 
@@ -123,48 +123,56 @@ def test_train_only_updates_its_subtrees_and_freezes_the_rest():
 
 @pytest.fixture(scope="module")
 def expert_library(tmp_path_factory):
+  """(library path, base checkpoint path, base params): three gated experts trained on a native base."""
   base = random_params()
+  base_dir = str(tmp_path_factory.mktemp("base"))
+  native.save_native(base_dir, {"params": base}, TINY)
   library = lib.ExpertLibrary(str(tmp_path_factory.mktemp("library")))
   for seed, name in enumerate(["a", "b", "c"]):
     lora, gates = random_expert(seed, rank=4)
     library.add(name, lora, base=lib.base_fingerprint(TINY, base), gates=gates, dataset=f"{name}_data")
-  return library.path, base
+  return library.path, base_dir, base
 
 
-def test_routed_scores_under_t5x_equal_our_models(expert_library):
+def test_routed_scores_under_t5x_equal_our_loaders(expert_library):
   """t5x's score_batch (sum over weighted token scores, and our mean of it) on the library's routed model ==
-  our model's sum and mean log-likelihoods on the same variables."""
-  path, base = expert_library
-  routing = t5x_model.library_routing(path, "phatgoose", top_k=2)
+  the sum and mean log-likelihoods of the model our CLI loads (`assembly.load_model`) on the same experts."""
+  path, base_dir, base = expert_library
+  routing = t5x_model.library_routing(path, base_dir, "phatgoose", top_k=2)
   model = t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None, routing=routing, length_normalize=True)
   initial = jax.jit(lambda rng: model.get_initial_variables(rng, SHAPES))(jax.random.PRNGKey(0))
-  for got, want in zip(jax.tree.leaves(initial["params"]["experts"]), jax.tree.leaves(routing.collection)):
-    np.testing.assert_array_equal(got, want)
   batch = random_batch()
   batch["decoder_loss_weights"] = (batch["decoder_target_tokens"] > 0).astype(np.int32)
   params = {**jax.tree.map(np.asarray, base), "experts": initial["params"]["experts"]}
   mean, intermediates = jax.jit(model.score_batch, static_argnums=2)(params, batch, True)
   total = np.sum(intermediates["decoder"]["token_scores"][0], axis=-1)
-  ours = models.EncoderDecoderModel(TINY, routing.expert_config)
-  _, our = ours.jit_score(routing.variables(base), batch, return_intermediates=True)
+  ours = assembly.load_model(base_dir, library=path, router="phatgoose", top_k=2, impl="dense")
+  assert ours.model.experts == model.experts
+  _, our = ours.model.jit_score(ours.variables, batch, return_intermediates=True)
   np.testing.assert_allclose(total, our["sum_logprob"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mean, our["mean_logprob"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(mean * our["num_target_tokens"], total, rtol=1e-5)
 
 
+def test_library_routing_checks_the_base_fingerprint(expert_library, tmp_path):
+  native.save_native(str(tmp_path), {"params": random_params(seed=1)}, TINY)
+  with pytest.raises(lib.LibraryError, match="another base model"):
+    t5x_model.library_routing(expert_library[0], str(tmp_path))
+
+
 def test_routers_with_per_example_weights_are_refused(expert_library):
   with pytest.raises(ValueError, match="per-example weights"):
-    t5x_model.library_routing(expert_library[0], "uniform")
+    t5x_model.library_routing(expert_library[0], expert_library[1], "uniform")
 
 
 def test_routing_and_expert_config_are_exclusive(expert_library):
-  routing = t5x_model.library_routing(expert_library[0], "phatgoose", top_k=1)
+  routing = t5x_model.library_routing(*expert_library[:2], "phatgoose", top_k=1)
   with pytest.raises(ValueError, match="either"):
     t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, None, experts=ExpertConfig(mode="lora"), routing=routing)
 
 
 def test_routing_that_does_not_fit_the_model_lists_the_differences(expert_library):
-  routing = t5x_model.library_routing(expert_library[0], "phatgoose", top_k=1)
+  routing = t5x_model.library_routing(*expert_library[:2], "phatgoose", top_k=1)
   model = t5x_model.T5xEncoderDecoderModel(TINY.replace(d_ff=48), BYTES, BYTES, None, routing=routing)
   with pytest.raises(ValueError, match="wi_0/lora_b: configured"):
     jax.eval_shape(lambda rng: model.get_initial_variables(rng, SHAPES), jax.random.PRNGKey(0))
