@@ -41,12 +41,13 @@ LogicalRules = Sequence[tuple]
 def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:
   """t5x's 1-D data / 1-D model rules plus the expert axis (t5x `standard_logical_axis_rules`, MoE contrib).
 
-  Activations shard `batch` over 'data'; weights shard their wide dimension (`vocab`, `mlp`, `heads`,
+  Activations shard `batch` over 'data' and 'expert' (as t5x's MoE rules do: outside the routed mix the
+  expert axis is one more data axis); weights shard their wide dimension (`vocab`, `mlp`, `heads`,
   `joined_kv`) over 'model' and the `expert` dimension over 'expert'; `embed`, `kv`, `rank`, position
   buckets and `length` stay replicated. `additional_rules` come first, so they override these.
   """
   rules = (
-      ("batch", "data"),
+      ("batch", ("data", "expert")),
       ("vocab", "model"),
       ("embed", None),
       ("mlp", "model"),

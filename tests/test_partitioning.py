@@ -8,6 +8,8 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from phatgoose_jax import partitioning
+from phatgoose_jax.experts.config import ExpertConfig
+from phatgoose_jax.t5.config import preset
 
 RULES = partitioning.standard_logical_axis_rules()
 MESH_2x2x2 = AbstractMesh((2, 2, 2), partitioning.MESH_AXES)
@@ -15,7 +17,7 @@ MESH_2x2x2 = AbstractMesh((2, 2, 2), partitioning.MESH_AXES)
 
 def test_standard_rules_follow_t5x_and_add_expert_and_rank():
   rules = dict(RULES)
-  assert rules["batch"] == "data" and rules["expert"] == "expert" and rules["rank"] is None
+  assert rules["batch"] == ("data", "expert") and rules["expert"] == "expert" and rules["rank"] is None
   assert all(rules[n] == "model" for n in ("vocab", "mlp", "heads", "joined_kv"))
   assert all(rules[n] is None for n in ("embed", "kv", "relpos_buckets", "length"))
   override = partitioning.standard_logical_axis_rules([("embed", "model")])
@@ -65,7 +67,45 @@ def test_variables_shardings_follow_the_boxed_tree():
 
 def test_batch_sharding_and_divisibility():
   mesh = partitioning.make_mesh()
-  assert partitioning.batch_sharding(mesh, RULES).spec == P("data")
-  partitioning.check_batch_divisible(6, MESH_2x2x2, RULES)
-  with pytest.raises(ValueError, match="batch size 5"):
-    partitioning.check_batch_divisible(5, MESH_2x2x2, RULES)
+  assert partitioning.batch_sharding(mesh, RULES).spec == P(("data", "expert"))
+  partitioning.check_batch_divisible(12, MESH_2x2x2, RULES)
+  with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 devices"):
+    partitioning.check_batch_divisible(6, MESH_2x2x2, RULES)  # data x expert = 4
+
+
+def test_one_process_feeds_every_row():
+  mesh = partitioning.make_mesh()
+  assert partitioning.process_batch_rows(mesh, RULES, 8) == slice(0, 8)
+  assert partitioning.data_shard(mesh, RULES) == (0, 1)
+
+
+def _expected_bytes(config, expert_config, model, expert):
+  """Per-device float32 bytes of a T5 with routed experts, counted from the architecture by hand."""
+  d, kv, ff, r, e = config.d_model, config.joined_kv, config.d_ff, expert_config.rank, expert_config.num_experts
+  attention = [(d, kv)] * 3 + [(kv, d)]           # query, key, value (d -> kv), out (kv -> d)
+  mlp = [(d, ff), (d, ff), (ff, d)]                 # wi_0, wi_1, wo
+  enc = config.num_encoder_layers * (attention + mlp)
+  dec = config.num_decoder_layers * (2 * attention + mlp)
+  split = lambda n: n // model if n in (kv, ff) else n  # joined_kv and mlp widths go over 'model'
+  kernels = sum(split(i) * split(o) for i, o in enc + dec)
+  vocab = config.vocab_size if config.vocab_size % model else config.vocab_size // model
+  norms = d * (2 * config.num_encoder_layers + 3 * config.num_decoder_layers + 2)
+  relpos = 2 * config.relative_attention_num_buckets * (config.num_heads // model)
+  params = kernels + 2 * vocab * d + norms + relpos
+  experts = sum((e // expert) * (split(i) * r + r * split(o) + split(i)) for i, o in enc + dec)
+  return 4 * params, 4 * experts
+
+
+def test_describe_reports_mesh_rules_and_per_device_bytes():
+  config = preset("tiny", vocab_size=256, d_kv=4)  # joined_kv 16, d_model 32, d_ff 64: widths told apart
+  experts = ExpertConfig(mode="routed", num_experts=4, rank=4)
+  text = partitioning.describe(config, experts, MESH_2x2x2, RULES)
+  assert text.startswith("mesh: data=2, model=2, expert=2 (8 x abstract devices)")
+  assert "  expert           -> expert" in text and "  batch            -> ('data', 'expert')" in text
+  rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ") and "->" not in line}
+  params, expert_bytes = _expected_bytes(config, experts, model=2, expert=2)
+  assert partitioning._bytes(params) == " ".join(rows["params"][4:6])
+  assert partitioning._bytes(expert_bytes) == " ".join(rows["experts"][4:6])
+  assert "replicated, not split" not in text
+  odd = partitioning.describe(config, experts.replace(num_experts=3), MESH_2x2x2, RULES)
+  assert "replicated, not split" in odd and "('expert', size 3)" in odd

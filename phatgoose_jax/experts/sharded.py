@@ -81,8 +81,6 @@ def mix(u, lora_a, lora_b, weights, index, scale, *, impl="dense", kernel_axes=N
   reduce_axes = (EXPERT_AXIS,) + ((in_axes,) if isinstance(in_axes, str) else tuple(in_axes or ()))
 
   def local(u, lora_a, lora_b, weights, index):
-    # Each shard uses u and w differently: marked as varying over 'expert', their gradients are psummed.
-    u, weights = (jax.lax.pcast(x, EXPERT_AXIS, to="varying") for x in (u, weights))
     num_local = lora_a.shape[0]
     offset = index - jax.lax.axis_index(EXPERT_AXIS) * num_local
     mine = (offset >= 0) & (offset < num_local)
@@ -91,7 +89,7 @@ def mix(u, lora_a, lora_b, weights, index, scale, *, impl="dense", kernel_axes=N
 
   k = index.shape[-1]
   out = jax.shard_map(
-      local, mesh=mesh, out_specs=PartitionSpec(tok, out_axes),
+      local, mesh=mesh, out_specs=PartitionSpec(tok, out_axes), check_vma=False,
       in_specs=(PartitionSpec(tok, in_axes), PartitionSpec(EXPERT_AXIS, in_axes, None),
                 PartitionSpec(EXPERT_AXIS, None, out_axes), PartitionSpec(tok, None), PartitionSpec(tok, None)),
   )(u.reshape(tokens, d_in), lora_a, lora_b, weights.reshape(tokens, k), index.reshape(tokens, k))
