@@ -18,6 +18,9 @@ t5x = pytest.importorskip("t5x")
 
 from flax.linen import partitioning as flax_partitioning  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+import t5x.partitioning  # noqa: E402
+import t5x.utils  # noqa: E402
 
 from phatgoose_jax import library as lib  # noqa: E402
 from phatgoose_jax import assembly, models, t5x_model  # noqa: E402
@@ -106,6 +109,23 @@ def test_params_hold_the_stock_base_tree_and_expert_subtrees_with_logical_axes()
     expected_axes.update({prefix + k: tuple(v.names) for k, v in boxed.items()})
   axes = flax.traverse_util.flatten_dict(flax_partitioning.get_axis_names(variables["params_axes"]), sep="/")
   assert {k: tuple(v) for k, v in axes.items()} == expected_axes
+
+
+def test_pjit_partitioner_shards_params_and_optimizer_state_by_our_logical_axes():
+  optimizer = t5x_model.train_only(["lora"], optax.adamw(1e-3))
+  model = t5x_model.T5xEncoderDecoderModel(TINY, BYTES, BYTES, optimizer, experts=ExpertConfig(mode="lora", rank=4))
+  partitioner = t5x.partitioning.PjitPartitioner(
+      num_partitions=1, logical_axis_rules=t5x.partitioning.standard_logical_axis_rules())
+  initializer = t5x.utils.TrainStateInitializer(optimizer_def=optimizer, init_fn=model.get_initial_variables,
+                                                input_shapes=SHAPES, partitioner=partitioner)
+  specs = flax.traverse_util.flatten_dict(initializer.train_state_axes.state_dict(), sep="/")
+  query = "encoder/layers_0/attention/query"
+  assert specs[f"target/{query}/kernel"] == P(None, "model")  # ('embed', 'joined_kv')
+  assert specs[f"target/lora/{query}/lora_a"] == P(None, None)  # ('embed', 'rank')
+  assert specs[f"target/lora/{query}/lora_b"] == P(None, "model")  # ('rank', 'joined_kv')
+  moments = {k: v for k, v in specs.items() if k.startswith("state/") and k.endswith(f"{query}/lora_b")}
+  assert len(moments) == 2 and set(moments.values()) == {P(None, "model")}  # AdamW's mu and nu
+  assert not any(k.startswith("state/") and k.endswith(f"{query}/kernel") for k in specs)  # frozen: no state
 
 
 def test_train_only_updates_its_subtrees_and_freezes_the_rest():
