@@ -35,7 +35,7 @@ def fixed_batch() -> dict:
 
 def train(workdir: str) -> dict:
   model = models.EncoderDecoderModel(preset("tiny"), ExpertConfig(mode="lora", rank=4))
-  variables = model.get_initial_variables(jax.random.key(0))
+  variables = jax.jit(model.get_initial_variables)(jax.random.key(0))
   kw = dict(trainable=["lora/.*"], optimizer=optimizers.make_optimizer(learning_rate=1e-2, num_steps=STEPS),
             mesh=partitioning.make_mesh(*MESH), workdir=workdir, checkpoint_every=2, log_every=1, tensorboard=False)
   trained = trainer_lib.Trainer(model.loss_fn, variables, **kw)
