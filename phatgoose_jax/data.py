@@ -6,7 +6,8 @@ trimmed to the configured lengths (EOS kept: seqio's `append_eos_after_trim` rul
 `EncDecFeatureConverter` (no packing) makes t5x's features:
   encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights
   <int32>[num_examples, length].
-Each process reads only its shard of the examples (`shard_info`, seqio's `ShardInfo`).
+Each process reads only its shard of the examples (`shard_info`, seqio's `ShardInfo`). Wherever a task name
+is taken, a JSONL file of the user's own data may be given instead (`resolve`, `tasks/jsonl.py`).
 
 `HeldOut` names what must never reach expert, gate or router building (held-out tasks, and optionally
 held-out examples recognised from their input text); the stages receive it explicitly.
@@ -19,6 +20,8 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from phatgoose_jax.tasks import jsonl
 
 FEATURES = ("inputs", "targets")
 
@@ -59,9 +62,16 @@ def feature_lengths(inputs: int = 512, targets: int = 512) -> Dict[str, int]:
   return {"inputs": inputs, "targets": targets}
 
 
+@gin.configurable(allowlist=["jsonl_vocabulary"])
+def resolve(name: str, jsonl_vocabulary: Optional[str] = None) -> str:
+  """The registered name of a task: `name` itself, or for a JSONL file of the user's own data the task it is
+  registered as (`tasks.jsonl`; `jsonl_vocabulary`: 'byte', a SentencePiece path, default the T5 model)."""
+  return jsonl.register(name, jsonl_vocabulary) if jsonl.is_jsonl(name) else name
+
+
 def task_names(name: str) -> List[str]:
-  """The tasks of a registered task or mixture."""
-  provider = seqio.get_mixture_or_task(name)
+  """The tasks of a registered task or mixture (or of a JSONL file, registered as a task)."""
+  provider = seqio.get_mixture_or_task(resolve(name))
   return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
 
 

@@ -44,6 +44,7 @@ def evaluate(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: str
              held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> dict:
   """Score a task or mixture (rank classification / greedy generation, algorithm.md §6); process 0 writes
   `output_dir/results.json` and `output_dir/results.md`. Returns the results."""
+  task = data.resolve(task)
   expert_pool = _expert_pool(library, expert_pool)
   flan.check_evaluation(expert_pool, task)  # before any model is loaded (algorithm.md §6)
   os.makedirs(output_dir, exist_ok=True)
@@ -61,6 +62,7 @@ def route_stats(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: 
                 max_examples: Optional[int] = 200, data_dirs: Optional[dict] = None,
                 held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> dict:
   """Per dataset and layer, the fraction of top-k choices each expert gets; JSON + one heatmap per dataset."""
+  task = data.resolve(task)
   os.makedirs(output_dir, exist_ok=True)
   loaded = assembly.load(base, library, router, names, held_out)
   if loaded.model.experts.mode != "routed" or loaded.expert_weights is not None:

@@ -4,14 +4,15 @@ Registered names: `p3_<key>` / `p3_<key>_eval` (36 held-in P3 datasets; mixtures
 `p3_held_in_eval`), `t0_<key>` (11 T0 held-out; mixture `t0_held_out`), `bbl_<task>` (17 BIG-bench Lite;
 mixture `bigbench_lite`), `bbh_<task>` (22 BIG-bench Hard; mixture `bigbench_hard`). The FLAN pool is
 registered from its directory by `flan.register_pool`. Besides registered names, `bigbench/<task>` and
-`bigbench/<task>/<subtask>` name any task of the BIG-bench directory.
+`bigbench/<task>/<subtask>` name any task of the BIG-bench directory, and a `.jsonl` path a user's own data
+(`jsonl.py`).
 """
 import itertools
 from typing import Optional
 
 import seqio
 
-from phatgoose_jax.tasks import bigbench, p3, seqio_tasks, sources
+from phatgoose_jax.tasks import bigbench, jsonl, p3, seqio_tasks, sources
 
 BIGBENCH_PREFIX = "bigbench/"
 
@@ -26,6 +27,8 @@ def get_task_or_mixture(name: str):
   """The seqio Task or Mixture called `name`, or an unregistered task for a `bigbench/...` path."""
   if name.startswith(BIGBENCH_PREFIX):
     return bigbench.make_task(name[len(BIGBENCH_PREFIX):])
+  if jsonl.is_jsonl(name):
+    return seqio.get_mixture_or_task(jsonl.register(name))
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError as e:

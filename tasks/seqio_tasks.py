@@ -8,7 +8,7 @@ row with its target). Data is read only when a dataset is requested: registratio
 """
 import functools
 import itertools
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import seqio
 import tensorflow as tf
@@ -103,19 +103,20 @@ def rank_classification_metric(targets, scores) -> dict:
   return {"accuracy": metrics.rank_classification_accuracy(pick(scores), pick(idx), pick(choice), pick(correct))}
 
 
-def add_task(name: str, source: seqio.DataSource, evaluation: bool) -> seqio.Task:
+def add_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None) -> seqio.Task:
   """Registers (or re-registers) a text task: evaluation tasks get rank-classification rows."""
   seqio.TaskRegistry.remove(name)
-  task = make_task(name, source, evaluation)
+  task = make_task(name, source, evaluation, features)
   seqio.TaskRegistry.add_provider(name, task)
   return task
 
 
-def make_task(name: str, source: seqio.DataSource, evaluation: bool) -> seqio.Task:
+def make_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None) -> seqio.Task:
+  """A text task tokenized with `features` (default: the T5 SentencePiece `output_features()`)."""
   text_steps = [rank_classification] if evaluation else []
   steps = text_steps + [seqio.CacheDatasetPlaceholder(), seqio.preprocessors.tokenize,
                         seqio.preprocessors.append_eos_after_trim]
-  return seqio.Task(name, source, output_features(), preprocessors=steps,
+  return seqio.Task(name, source, features or output_features(), preprocessors=steps,
                     postprocess_fn=row_key if evaluation else None,
                     metric_fns=[rank_classification_metric] if evaluation else [])
 

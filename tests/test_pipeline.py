@@ -17,7 +17,8 @@ from phatgoose_jax.demo import run, suite
 # Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
 run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 
-SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.router_examples = 16"]
+SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.router_examples = 16",
+         "data.resolve.jsonl_vocabulary = 'byte'"]
 SKILLS = ("demo_reverse", "demo_upper")
 HELD_OUT = data.HeldOut(frozenset(suite.HELD_OUT_TASKS), suite.is_held_out)
 
@@ -135,3 +136,22 @@ def test_a_flan_pool_library_is_never_evaluated_on_t0_held_out(built, tmp_path):
   with pytest.raises(ValueError, match="must not be evaluated on T0 held-out"):
     stages.evaluate(task="t0_held_out", output_dir=str(tmp_path / "out"), base=built["base"],
                     library=str(tmp_path / "flan"))
+
+
+def test_own_jsonl_data_trains_an_expert_and_is_evaluated(built, tmp_path):
+  """`--task path.jsonl`: a user's training file becomes an expert, an evaluation file is scored by rank
+  classification through the same data path (README, "Your own data")."""
+  words = ["cat", "dog", "bird", "fish", "frog", "mole", "newt", "owl"]
+  (tmp_path / "reverse.jsonl").write_text("".join(
+      json.dumps({"inputs": f"reverse: {w}", "targets": w[::-1]}) + "\n" for w in words))
+  (tmp_path / "quiz.jsonl").write_text("".join(
+      json.dumps({"inputs": f"reverse: {w}", "choices": [w, w[::-1]], "answer": 1}) + "\n" for w in words[:4]))
+  library = str(tmp_path / "lib")
+  manifest = train.train_expert(base=built["base"], task=str(tmp_path / "reverse.jsonl"), library=library,
+                                name="mine", num_steps=2, workdir=str(tmp_path / "w"))
+  assert manifest["dataset"] == str(tmp_path / "reverse.jsonl")
+  features = data.examples(str(tmp_path / "reverse.jsonl"), "train", {"inputs": 16, "targets": 8})
+  assert list(features["inputs_pretokenized"]) == [f"reverse: {w}" for w in words]
+  results = stages.evaluate(task=str(tmp_path / "quiz.jsonl"), output_dir=str(tmp_path / "out"), base=built["base"],
+                            library=library, router="merged")
+  assert results["tasks"]["jsonl_quiz"]["num_examples"] == 4

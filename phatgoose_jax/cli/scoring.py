@@ -99,6 +99,10 @@ def _ids(record, text_key, ids_key, vocabulary, vocab_size, lineno) -> tuple:
   if text_key in record:
     if not isinstance(record[text_key], str):
       raise UsageError(f"line {lineno}: {text_key!r} must be a string")
+    try:
+      vocab_lib.check_fits(vocabulary, vocab_size)  # text needs the model's own vocabulary; raw ids do not
+    except ValueError as e:
+      raise UsageError(f"line {lineno}: {e}") from e
     ids = vocab_lib.encode(vocabulary, record[text_key])
     limit = vocab_lib.MAX_LENGTH
     return ids, len(ids) == limit and len(vocab_lib.encode(vocabulary, record[text_key], limit + 1)) > limit
@@ -211,10 +215,6 @@ def _prepare(args, need_targets):
   except (FileNotFoundError, ValueError) as e:
     raise UsageError(str(e)) from e
   loaded = load_model(args)
-  try:
-    vocab_lib.check_fits(vocabulary, loaded.model.config.vocab_size)
-  except ValueError as e:
-    raise UsageError(str(e)) from e
   records = read_jsonl(args.input, vocabulary, loaded.model.config.vocab_size, need_targets,
                        args.error_on_truncation)
   return vocabulary, loaded, records

@@ -207,13 +207,7 @@ def output_features() -> dict:
 
 
 def _add(name: str, source, evaluation: bool) -> None:
-  steps = ([seqio_tasks.rank_classification] if evaluation else []) + [
-      seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add_provider(name, seqio.Task(
-      name, source, output_features(), preprocessors=steps,
-      postprocess_fn=seqio_tasks.row_key if evaluation else None,
-      metric_fns=[seqio_tasks.rank_classification_metric] if evaluation else []))
+  seqio_tasks.add_task(name, source, evaluation, output_features())
 
 
 def register_tasks(training: Sequence[str], evaluation: Sequence[str], train_fn: Callable[[str, str], List[dict]],
