@@ -29,8 +29,10 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["phatgoose_jax", "phatgoose_jax.*"]) + ["phatgoose_jax.tasks"],
-    package_dir={"phatgoose_jax.tasks": "tasks"},
+    packages=setuptools.find_packages(include=["phatgoose_jax", "phatgoose_jax.*"]) + ["phatgoose_jax.tasks",
+                                                                                          "phatgoose_jax.gin"],
+    package_dir={"phatgoose_jax.tasks": "tasks", "phatgoose_jax.gin": "gin"},
+    package_data={"phatgoose_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers==5.23.0",

@@ -2,6 +2,7 @@
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import gin
 import pytest
@@ -98,3 +99,13 @@ def test_cli_help_imports_no_numerical_stack():
           "heavy = [m for m in ('jax', 'tensorflow', 'seqio', 'numpy') if m in sys.modules]; "
           "assert not heavy, heavy")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_built_wheel_carries_every_gin_file(tmp_path):
+  """`pip install .` (non-editable) installs the gin files inside the package, where `GIN_DIR` finds them."""
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(GIN_DIR.parent),
+                  "-w", str(tmp_path)], check=True, cwd=tmp_path)
+  (wheel,) = tmp_path.glob("phatgoose_jax-*.whl")
+  packaged = {n[len("phatgoose_jax/gin/"):] for n in zipfile.ZipFile(wheel).namelist()
+              if n.startswith("phatgoose_jax/gin/")}
+  assert packaged == {str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin")}
