@@ -1,5 +1,6 @@
 """Routing (algorithm.md §4, §5) against an independent numpy computation, and its failure modes."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -39,7 +40,7 @@ def random_case(num_experts, d_in=12, d_out=10, rank=3, seed=0):
 
 @pytest.mark.parametrize("num_experts", [1, 3, 7])
 @pytest.mark.parametrize("k_choice", ["1", "2", "E"])
-@pytest.mark.parametrize("impl", ["dense", "gather", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "gather", "ragged", "blocks"])
 def test_route_matches_numpy(num_experts, k_choice, impl):
   k = num_experts if k_choice == "E" else min(int(k_choice), num_experts)
   u, router, a, b = random_case(num_experts, seed=num_experts * 10 + k)
@@ -97,3 +98,79 @@ def test_route_jits_under_grad():
   loss = lambda a_: routing.route(u, router, a_, b, top_k=2, scale=1.0, impl="gather")[0].sum()  # noqa: E731
   grad = jax.jit(jax.grad(loss))(a)
   assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).sum() > 0
+
+
+def routed_case(num_experts, k, tokens=300, d_in=24, d_out=20, rank=4, seed=0):
+  """Token activations with a router, experts scaled so that outputs are O(1), and the top-k choice."""
+  u, router, a, b = random_case(num_experts, d_in, d_out, rank, seed)
+  u = np.random.default_rng(seed).normal(size=(3, tokens // 3, d_in)).astype(np.float32)
+  weights, index = routing.top_k_weights(routing.phatgoose_scores(u, router), k)
+  return u, router, a * 0.3, b * 0.3, weights, index
+
+
+EXPERTS_AND_K = [(1, 1), (3, 1), (3, 2), (36, 1), (36, 2), (166, 1), (166, 2)]
+
+
+@pytest.mark.parametrize("num_experts,k", EXPERTS_AND_K)
+def test_blocks_equal_dense_reference(num_experts, k):
+  u, _, a, b, weights, index = routed_case(num_experts, k, seed=num_experts + k)
+  want = routing.mix_dense(u, a, b, weights, index, 0.5)
+  got = jax.jit(routing.mix_blocks, static_argnums=5)(u, a, b, weights, index, 0.5)
+  assert float(jnp.abs(want).max()) > 0.1
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_experts,k", [(1, 1), (3, 2), (36, 1), (166, 2)])
+def test_blocks_gradients_equal_dense_reference(num_experts, k):
+  """d/d(u, router, lora_a, lora_b) of <route(...), c> through the blocks path equals the dense reference's."""
+  u, router, a, b, _, _ = routed_case(num_experts, k, tokens=120, seed=num_experts * 3 + k)
+  cotangent = np.random.default_rng(1).normal(size=u.shape[:-1] + (b.shape[-1],)).astype(np.float32)
+
+  def loss(impl):
+    def f(*args):
+      return jnp.sum(routing.route(*args, top_k=k, scale=0.5, impl=impl)[0] * cotangent)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+  want, got = loss("dense")(u, router, a, b), loss("blocks")(u, router, a, b)
+  for name, w, g in zip(["u", "router", "lora_a", "lora_b"], want, got):
+    assert float(jnp.abs(w).max()) > 0 or (name == "router" and num_experts == 1), name  # one expert: w = 1
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("num_experts,k", [(3, 2), (36, 2), (166, 1)])
+def test_expert_blocks_layout(num_experts, k):
+  """Every (token, choice) pair sits in exactly one slot, each block holds one expert's pairs, and the
+  static block count bounds the padded groups."""
+  index = np.asarray(routed_case(num_experts, k, seed=9)[-1])
+  flat = index.reshape(-1)
+  block = routing.block_size(flat.size, num_experts, 4)
+  slot_pair, block_expert = map(np.asarray, routing.expert_blocks(index, num_experts, block))
+  filled = slot_pair[slot_pair < flat.size]
+  np.testing.assert_array_equal(np.sort(filled), np.arange(flat.size))
+  slot_expert = np.where(slot_pair < flat.size, flat[np.minimum(slot_pair, flat.size - 1)], -1)
+  per_block = slot_expert.reshape(-1, block)
+  assert np.all((per_block == block_expert[:, None]) | (per_block == -1))
+  sizes = np.bincount(flat, minlength=num_experts)
+  assert np.sum(-(-sizes // block)) <= len(block_expert)
+
+
+def test_blocks_memory_is_bounded():
+  """No temporary of the gather path's tokens k d_in r or the dense path's tokens E d_out floats: the
+  compiled blocks path needs O(tokens k (r + d_out)) plus one chunk."""
+  tokens, d_in, d_out, rank, num_experts, k = 4096, 64, 64, 16, 166, 2
+  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in
+            [(tokens, d_in), (num_experts, d_in), (num_experts, d_in, rank), (num_experts, rank, d_out)]]
+
+  def temp_bytes(impl):
+    fn = jax.jit(lambda u, r, a, b: routing.route(u, r, a, b, top_k=k, scale=1.0, impl=impl)[0])
+    return fn.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+  bound = 4 * (4 * tokens * k * (rank + d_out) + 4 * routing.CHUNK_ROWS * (d_in + d_out))
+  assert temp_bytes("blocks") < bound < min(4 * tokens * num_experts * d_out, 4 * tokens * k * d_in * rank)
+  assert temp_bytes("gather") > bound and temp_bytes("dense") > bound
+
+
+def test_auto_is_blocks_on_cpu_never_dense():
+  assert jax.default_backend() == "cpu"
+  assert routing.resolve_impl("auto") == "blocks"
+  assert routing.resolve_impl("gather") == "gather"

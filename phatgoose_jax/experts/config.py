@@ -7,7 +7,7 @@ from typing import Optional
 
 from phatgoose_jax.t5.config import ALL_TARGETS
 
-ROUTING_IMPLS = ("dense", "gather", "ragged", "auto")
+ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "auto")
 ROUTER_SCORES = ("standardized", "arrow", "spectr")
 
 
@@ -21,9 +21,11 @@ class ExpertConfig:
     'gated'  one expert with its gate: `W u + sigmoid(v . u) (B A u) * scale` (algorithm.md §3);
     'routed' E experts, per-token top-k routing over router vectors        (algorithm.md §4, §5).
   `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score or Arrow's |u . e|.
-  `impl` picks the routed computation: 'dense' (every expert, masked: the reference), 'gather' (only the
-  chosen experts' weights, gathered per token), 'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`),
-  or 'auto' (the grouped matmul; see routing.resolve_impl).
+  `impl` picks the routed computation, all exact: 'dense' (every expert, masked: the reference, memory
+  O(tokens E d_out)), 'gather' (the chosen experts' weights gathered per token, memory O(tokens k d_in r)),
+  'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`: the accelerator path), 'blocks' (tokens sorted
+  by expert into fixed-size blocks, batched matmuls over chunks of blocks: the CPU path, bounded memory), or
+  'auto' ('blocks' on CPU, 'ragged' on GPU/TPU; see routing.resolve_impl and benchmarks/README.md).
   """
   mode: str = "none"
   rank: int = 16

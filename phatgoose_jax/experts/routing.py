@@ -3,11 +3,13 @@
 Each formula is written once here. Shapes: `u` <float>[..., d_in] token activations; `router`
 <float>[E, d_in] one vector per expert; `lora_a` <float>[E, d_in, r]; `lora_b` <float>[E, r, d_out].
 
-Three mixing implementations share one contract, `mix(u, lora_a, lora_b, weights, index, scale)`:
-  * `mix_dense`  computes every expert and masks: the numerical reference;
-  * `mix_gather` gathers only the chosen experts' weights per token (fast on CPU);
+Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights, index, scale)`:
+  * `mix_dense`  computes every expert and masks: the numerical reference, memory O(tokens E d_out);
+  * `mix_gather` gathers the chosen experts' weights per token, memory O(tokens k d_in r);
   * `mix_ragged` groups token-expert pairs by expert and runs `jax.lax.ragged_dot` (grouped matmul,
-    the accelerator path).
+    the accelerator path; a slow masked loop on CPU);
+  * `mix_blocks` groups the pairs by expert into fixed-size blocks and runs batched matmuls over chunks
+    of blocks (the CPU path; exact, no capacity, no dropped tokens).
 All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
 never their parameters.
 """
@@ -105,13 +107,86 @@ def mix_ragged(u, lora_a, lora_b, weights, index, scale):
   return mixed.reshape(*lead, -1) * scale
 
 
+BLOCK_MIN, BLOCK_MAX = 8, 128
+CHUNK_ROWS = 512
+
+
+def block_size(pairs: int, num_experts: int, rank: int) -> int:
+  """Rows per block: the power of two nearest below sqrt(pairs r / E), in [8, 128].
+
+  Per block the path gathers one expert's A (d_in r values) and bs token rows (bs d_in), and pads each
+  expert's group by < bs rows; traffic ~ d_in (pairs r / bs + E bs) is least at bs = sqrt(pairs r / E).
+  """
+  best = math.sqrt(pairs * rank / num_experts)
+  return int(min(BLOCK_MAX, max(BLOCK_MIN, 2 ** math.floor(math.log2(max(best, 1.0))))))
+
+
+def expert_blocks(index: jax.Array, num_experts: int, block: int):
+  """Lay the (token, choice) pairs out sorted by expert, each expert's group padded to a multiple of `block`.
+
+  With P = index.size pairs, at most min(E, P) groups are non-empty, so sum_e ceil(n_e / block) <=
+  (P + min(E, P) (block - 1)) / block = `num_blocks`, a static bound. Returns (slot_pair <int32>[num_blocks
+  * block]: the flat pair in each slot, P for padding; block_expert <int32>[num_blocks]).
+  """
+  flat = index.reshape(-1)
+  pairs = flat.shape[0]
+  num_blocks = (pairs + min(num_experts, pairs) * (block - 1)) // block
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=num_experts)
+  padded = (sizes + block - 1) // block * block
+  expert = flat[order]
+  slot = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert] + (jnp.cumsum(padded) - padded)[expert]
+  slot_pair = jnp.full(num_blocks * block, pairs, jnp.int32).at[slot].set(order.astype(jnp.int32))
+  block_end = jnp.cumsum(padded // block)
+  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), num_experts - 1)
+  return slot_pair, block_expert.astype(jnp.int32)
+
+
+def mix_blocks(u, lora_a, lora_b, weights, index, scale):
+  """Grouped matmul in plain JAX: pairs sorted by expert into fixed-size blocks (`expert_blocks`); a scan
+  over chunks of CHUNK_ROWS rows gathers each chunk's token rows and its blocks' A and B, computes
+  y = (w scale) (x A) B per block with two batched matmuls, and scatter-adds y into the token outputs.
+
+  Padding slots carry weight 0 and are dropped by the scatter. Extra memory: the layout, O(tokens k), and
+  one chunk, O(CHUNK_ROWS (d_in + d_out) + chunk blocks (d_in + d_out) r), whatever the token count.
+  """
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  num_experts, rank, d_out = lora_b.shape
+  x = jnp.asarray(u).reshape(-1, d_in)
+  tokens, k = x.shape[0], index.shape[-1]
+  block = block_size(tokens * k, num_experts, rank)
+  slot_pair, block_expert = expert_blocks(index, num_experts, block)
+  per_chunk = max(1, CHUNK_ROWS // block)
+  pad = -block_expert.shape[0] % per_chunk
+  block_expert = jnp.pad(block_expert, (0, pad)).reshape(-1, per_chunk)
+  slot_pair = jnp.pad(slot_pair, (0, pad * block), constant_values=tokens * k).reshape(block_expert.shape[0], -1)
+  pair_weight = jnp.append(jnp.ravel(weights).astype(x.dtype) * scale, jnp.zeros((), x.dtype))[slot_pair]
+  lora_a, lora_b = jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype)
+
+  def chunk(out, args):
+    pair, weight, expert = args
+    token = pair // k  # == tokens for padding: clamped for the gather, dropped by the scatter
+    rows = x[jnp.minimum(token, tokens - 1)].reshape(per_chunk, block, d_in)
+    hidden = jnp.einsum("bti,bir->btr", rows, lora_a[expert]) * weight.reshape(per_chunk, block, 1)
+    update = jnp.einsum("btr,bro->bto", hidden, lora_b[expert]).reshape(-1, d_out)
+    return out.at[token].add(update, mode="drop"), None
+
+  out, _ = jax.lax.scan(chunk, jnp.zeros((tokens, d_out), x.dtype), (slot_pair, pair_weight, block_expert))
+  return out.reshape(*lead, d_out)
+
+
 def resolve_impl(impl: str) -> str:
-  """'auto' is the grouped matmul: fastest of the three at real widths on CPU as well as on accelerators
-  (benchmarks/routing_speed.py, T5-small, E=8, k=2, CPU: routed/unrouted 1.51 ragged, 2.30 dense, 3.37 gather)."""
-  return "ragged" if impl == "auto" else impl
+  """'auto' -> 'blocks' on CPU, 'ragged' (XLA's grouped matmul) on GPU and TPU; any other name is itself.
+
+  Measured on a 2-core CPU, float32, one routed linear layer at T5-XL sizes (benchmarks/routed_layer.py):
+  see benchmarks/README.md. Accelerators: not measured.
+  """
+  if impl != "auto":
+    return impl
+  return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
-MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged}
+MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks}
 
 
 def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="dense"):
