@@ -50,7 +50,7 @@ def route(library: lib.ExpertLibrary, names: Sequence[str], params: Mapping, rou
   names = list(names)
   check_base(library, names, library.t5_config(), params)
   kwargs = dict(routers.options(router, top_k=top_k, impl=impl, params=params), **(router_inputs or {}))
-  return library.route(names, router, **kwargs)
+  return routers.build(router, library, names, **kwargs)
 
 
 def load_model(base: str, library: Optional[str] = None, router: str = "phatgoose", top_k: int = 2,

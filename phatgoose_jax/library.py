@@ -37,7 +37,6 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 import flax.linen as nn
 import numpy as np
 
-from phatgoose_jax import routers
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.t5.config import ALL_TARGETS, T5Config
 from phatgoose_jax.experts.config import ExpertConfig
@@ -601,21 +600,6 @@ class ExpertLibrary:
     if metadata.get("weights_sha256") != self.manifest(name)["weights"]["sha256"]:
       return None
     return arrays if key is None or metadata.get("key") == key else None
-
-  def route(self, names: Sequence[str], router: str = "phatgoose", **router_kwargs) -> "routers.Routing":
-    """The experts `names` (in this order) combined by `router` (see `routers.ROUTERS`); refuses experts
-    that do not share the library's base model, rank and targets (`check_consistent`)."""
-    missing = [n for n in names if n not in self.names()]
-    if missing or not names:
-      raise LibraryError(f"library {self.path} has no experts {missing or '(none asked)'}; it has {self.names()}")
-    self.check_consistent(names)
-    return routers.build(router, self, list(names), **router_kwargs)
-
-  def assemble(self, names: Sequence[str], router: str = "phatgoose", **router_kwargs) -> tuple:
-    """`(ExpertConfig, collection)`: the `experts` collection (`lora_a` [E, d_in, r], `lora_b` [E, r, d_out],
-    `router` [E, d_in] per module) for routed routers, the `lora` collection for merged ones."""
-    routing = self.route(names, router, **router_kwargs)
-    return routing.expert_config, routing.collection
 
 
 def expert_config(manifest: Mapping, **overrides) -> ExpertConfig:

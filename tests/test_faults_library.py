@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+from phatgoose_jax import routers
 from phatgoose_jax import library as lib
 from phatgoose_jax.t5.config import preset
 
@@ -233,9 +234,9 @@ def test_verify_and_routing_refuse_a_mixed_library(mixed):
   with pytest.raises(lib.LibraryError, match=r"mixes experts.*'odd' \(its LoRA rank is 2"):
     mixed.check_consistent(["e0", "odd"])
   with pytest.raises(lib.LibraryError, match="'odd'"):
-    mixed.route(["e0", "e1", "odd"], "phatgoose")
+    routers.build("phatgoose", mixed, ["e0", "e1", "odd"])
   mixed.check_consistent(["e0", "e1"])
-  assert mixed.route(["e0", "e1"], "phatgoose").expert_config.num_experts == 2
+  assert routers.build("phatgoose", mixed, ["e0", "e1"]).expert_config.num_experts == 2
 
 
 def test_nonfinite_weights_are_refused_on_add_and_reported_by_verify(pristine, base):
@@ -269,7 +270,7 @@ def test_a_corrupt_manifest_is_listed_as_such_and_spares_the_others(pristine, ba
   assert [m["name"] for m in library.list()] == ["e0"]
   assert list(library.unreadable()) == ["e1"] and "corrupt manifest" in library.unreadable()["e1"]
   assert library.t5_config() == CFG
-  assert library.route(["e0"], "phatgoose", top_k=1).expert_config.num_experts == 1
+  assert routers.build("phatgoose", library, ["e0"], top_k=1).expert_config.num_experts == 1
   library.add("e2", random_expert(2)[0], base=base)
   assert [(p.entry, p.level) for p in library.verify()] == [("e1", "error")]
   library.remove("e1")
@@ -278,7 +279,7 @@ def test_a_corrupt_manifest_is_listed_as_such_and_spares_the_others(pristine, ba
 
 def test_a_library_that_cannot_be_written_computes_caches_in_memory(pristine, monkeypatch):
   library = lib.ExpertLibrary(pristine)
-  expected = library.route(["e0", "e1"], "arrow", top_k=1).collection
+  expected = routers.build("arrow", library, ["e0", "e1"], top_k=1).collection
   for name in ("e0", "e1"):
     shutil.rmtree(os.path.join(pristine, name, lib.DERIVED))
 
@@ -286,7 +287,7 @@ def test_a_library_that_cannot_be_written_computes_caches_in_memory(pristine, mo
     raise PermissionError(13, "Permission denied", path)
   monkeypatch.setattr(lib.os, "makedirs", denied)
   monkeypatch.setattr(lib, "_save_safetensors", denied)
-  routing = lib.ExpertLibrary(pristine).route(["e0", "e1"], "arrow", top_k=1)
+  routing = routers.build("arrow", lib.ExpertLibrary(pristine), ["e0", "e1"], top_k=1)
   assert library.derived_kinds("e0") == [] and library.derived_kinds("e1") == []
   np.testing.assert_array_equal(routing.collection["encoder"]["layers_0"]["mlp"]["wo"]["router"],
                                 expected["encoder"]["layers_0"]["mlp"]["wo"]["router"])

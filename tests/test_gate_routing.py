@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from phatgoose_jax import routers
 from phatgoose_jax import library as lib
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
@@ -52,7 +53,7 @@ def library(tmp_path_factory):
 
 def test_trained_gates_route_each_task_to_its_own_expert(library):
   library, base = library
-  routing_ = library.route(list(RANGES), "phatgoose", top_k=1)
+  routing_ = routers.build("phatgoose", library, list(RANGES), top_k=1)
   model = EncoderDecoderModel(CFG, routing_.expert_config)
   variables = routing_.variables(base)
   for i, (lo, hi) in enumerate(RANGES.values()):

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
+from phatgoose_jax import routers
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names, peft
 from phatgoose_jax.models import EncoderDecoderModel
@@ -44,7 +45,7 @@ def test_round_trip_add_list_remove_assemble(filled, base):
   assert manifest["base"] == json.loads(json.dumps(base[1]))
   assert manifest["weights"]["sha256"] == lib.file_sha256(os.path.join(library.path, "e1", lib.WEIGHTS))
 
-  config, collection = library.assemble(["e2", "e0"], router="phatgoose", top_k=1)
+  config, collection = routers.build("phatgoose", library, ["e2", "e0"], top_k=1)[:2]
   assert config == ExpertConfig(mode="routed", rank=RANK, targets=ALL_TARGETS, num_experts=2, top_k=1)
   flat = names.flatten(collection)
   for module in names.module_paths(CFG):
@@ -58,7 +59,7 @@ def test_round_trip_add_list_remove_assemble(filled, base):
   assert library.names() == ["e0", "e2"] and [m["name"] for m in library.list()] == ["e0", "e2"]
   assert sorted(os.listdir(library.path)) == ["e0", "e2"]
   with pytest.raises(lib.LibraryError, match=r"has no experts \['e1'\]"):
-    library.assemble(["e1"])
+    routers.build("phatgoose", library, ["e1"])
 
 
 def test_bfloat16_storage_rounds_and_keeps_float32_interface(tmp_path, base):
@@ -195,7 +196,7 @@ def test_routed_model_of_one_expert_top1_equals_the_single_expert_model(tmp_path
   library = lib.ExpertLibrary(str(tmp_path))
   lora, gates = random_expert(11)
   library.add("only", lora, base=base[1], gates=gates)
-  routing = library.route(["only"], "phatgoose", top_k=1)
+  routing = routers.build("phatgoose", library, ["only"], top_k=1)
   assert routing.expert_config == models["routed1"].experts
   batch = random_batch(1)
   routed = np.asarray(models["routed1"].logits(routing.variables(base[0]), batch))
@@ -227,7 +228,7 @@ def test_peft_expert_routed_equals_numpy(tmp_path, base, models):
 
   library = lib.ExpertLibrary(str(tmp_path / "lib"))
   library.add("peft", peft.load_peft(str(adapter), CFG).lora, base=base[1])
-  routing = library.route(["peft"], "uniform")
+  routing = routers.build("uniform", library, ["peft"])
   assert routing.expert_config == models["routed1"].experts
   batch = random_batch(2)
   routed = np.asarray(models["routed1"].logits(routing.variables(base[0]), batch))

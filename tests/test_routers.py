@@ -59,27 +59,31 @@ def library(tmp_path, params, experts):
 
 
 def test_registry_names_every_router_and_refuses_unknown_ones(library):
-  assert sorted(routers.ROUTERS) == sorted(["phatgoose", "average_activation", "arrow", "merged", "merged_products",
-                                            "uniform", "oracle", "retrieval"])
+  assert sorted(routers.ROUTERS) == sorted(["phatgoose", "average_activation", "arrow", "spectr", "merged",
+                                            "merged_products", "uniform", "oracle", "retrieval"])
+  assert routers.PER_TOKEN == ("phatgoose", "average_activation", "arrow", "spectr")
+  assert {n for n, s in routers.ROUTERS.items() if s.needs} == {"average_activation", "oracle", "retrieval"}
+  assert routers.options("retrieval", top_k=3, params={}) == {"impl": "auto", "params": {}}
+  assert routers.options("arrow", top_k=3, params={}) == {"top_k": 3, "impl": "auto"}
   with pytest.raises(ValueError, match="unknown router 'moe'"):
-    library.route(NAMES, "moe")
+    routers.build("moe", library, NAMES)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_top_k_is_any_value_from_one_to_e(library, top_k):
-  assert library.assemble(NAMES, "phatgoose", top_k=top_k)[0].top_k == top_k
+  assert routers.build("phatgoose", library, NAMES, top_k=top_k).expert_config.top_k == top_k
 
 
 def test_top_k_above_e_is_refused(library):
   with pytest.raises(ValueError, match="top_k must be in"):
-    library.assemble(NAMES, "phatgoose", top_k=4)
+    routers.build("phatgoose", library, NAMES, top_k=4)
 
 
 def test_phatgoose_refuses_experts_without_gates(tmp_path, params, experts):
   library = lib.ExpertLibrary(str(tmp_path))
   library.add("nogate", experts["a"][0], base=lib.base_fingerprint(CFG, params))
   with pytest.raises(ValueError, match=r"\['nogate'\] have no gate vectors"):
-    library.assemble(["nogate"])
+    routers.build("phatgoose", library, ["nogate"])
 
 
 def test_zero_gate_vectors_give_finite_scores(tmp_path, params):
@@ -87,7 +91,7 @@ def test_zero_gate_vectors_give_finite_scores(tmp_path, params):
   lora, gates = random_expert(5, gate_scale=0.0)
   with pytest.warns(lib.UntrainedGateWarning):
     library.add("zero", lora, base=lib.base_fingerprint(CFG, params), gates=gates)
-  _, collection = library.assemble(["zero"], top_k=1)
+  _, collection = routers.build("phatgoose", library, ["zero"], top_k=1)[:2]
   router = collection["encoder"]["layers_0"]["attention"]["query"]["router"]
   u = np.random.default_rng(0).standard_normal((4, CFG.d_model)).astype(np.float32)
   assert np.all(np.isfinite(np.asarray(routing.phatgoose_scores(u, router))))
@@ -119,7 +123,7 @@ def numpy_average_activations(params, lora, data):
 
 def test_average_activation_is_the_masked_mean_of_sown_inputs_and_is_cached(library, params, experts):
   data = {"a": batches(1), "b": batches(2)}
-  config, collection = library.assemble(["a", "b"], "average_activation", params=params, data=data, top_k=1)
+  config, collection = routers.build("average_activation", library, ["a", "b"], params=params, data=data, top_k=1)[:2]
   assert config.score == "standardized" and config.num_experts == 2
   flat = names.flatten(collection)
   for e, name in enumerate(["a", "b"]):
@@ -128,11 +132,11 @@ def test_average_activation_is_the_masked_mean_of_sown_inputs_and_is_cached(libr
     for path, vector in expected.items():
       np.testing.assert_allclose(flat[f"{path}/router"][e], vector, rtol=1e-4, atol=1e-5)
   assert "average_activation" in library.derived_kinds("a")
-  _, cached = library.assemble(["a", "b"], "average_activation", top_k=1)
+  _, cached = routers.build("average_activation", library, ["a", "b"], top_k=1)[:2]
   key = "decoder/layers_1/mlp/wo/router"
   np.testing.assert_array_equal(names.flatten(cached)[key], flat[key])
   with pytest.raises(ValueError, match="no cached average activations for expert 'c'"):
-    library.assemble(["c"], "average_activation", top_k=1)
+    routers.build("average_activation", library, ["c"], top_k=1)
 
 
 def test_arrow_vector_is_the_top_input_singular_vector_of_the_update():
@@ -146,7 +150,7 @@ def test_arrow_vector_is_the_top_input_singular_vector_of_the_update():
 
 
 def test_arrow_router_uses_arrow_scores_and_caches_vectors(library, experts):
-  config, collection = library.assemble(NAMES, "arrow", top_k=2)
+  config, collection = routers.build("arrow", library, NAMES, top_k=2)[:2]
   assert config.score == "arrow" and config.top_k == 2
   flat = names.flatten(collection)
   path = "decoder/layers_0/encoder_decoder_attention/out"
@@ -164,13 +168,13 @@ def test_merged_variants(library, experts):
   a = [l[f"{path}/lora_a"].astype(np.float64) for l in loras]
   b = [l[f"{path}/lora_b"].astype(np.float64) for l in loras]
 
-  config, collection = library.assemble(NAMES, "merged")
+  config, collection = routers.build("merged", library, NAMES)[:2]
   assert (config.mode, config.rank, config.lora_scale) == ("lora", RANK, 1 / RANK)
   leaf = names.flatten(collection)
   np.testing.assert_allclose(leaf[f"{path}/lora_a"], np.mean(a, axis=0), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(leaf[f"{path}/lora_b"], np.mean(b, axis=0), rtol=1e-6, atol=1e-7)
 
-  config, collection = library.assemble(NAMES, "merged_products")
+  config, collection = routers.build("merged_products", library, NAMES)[:2]
   assert (config.mode, config.rank, config.lora_scale) == ("lora", 3 * RANK, 1 / RANK)
   leaf = names.flatten(collection)
   got = lora_lib.lora_update(u, leaf[f"{path}/lora_a"], leaf[f"{path}/lora_b"], config.lora_scale)
@@ -182,23 +186,23 @@ def test_merged_variants(library, experts):
 
 
 def test_uniform_weights_every_expert_equally(library):
-  routing_ = library.route(NAMES, "uniform")
+  routing_ = routers.build("uniform", library, NAMES)
   assert routing_.expert_config.top_k == 3
   np.testing.assert_allclose(routing_.expert_weights(batches(0)[0]), np.full((3, 3), 1 / 3))
 
 
 def test_oracle_maps_labels_to_experts(library):
   batch = {**batches(0)[0], "task": ["c_data", "a", "b_data"]}
-  np.testing.assert_array_equal(library.route(NAMES, "oracle").expert_weights(batch), np.eye(3)[[2, 0, 1]])
-  custom = library.route(["b", "a"], "oracle", label_to_expert={"x": "a", "y": "b"}, label_key="family")
+  np.testing.assert_array_equal(routers.build("oracle", library, NAMES).expert_weights(batch), np.eye(3)[[2, 0, 1]])
+  custom = routers.build("oracle", library, ["b", "a"], label_to_expert={"x": "a", "y": "b"}, label_key="family")
   np.testing.assert_array_equal(custom.expert_weights({"family": ["y", "x"]}), np.eye(2))
   with pytest.raises(KeyError, match="no expert for labels \\['zzz'\\]"):
-    library.route(NAMES, "oracle").expert_weights({"task": ["zzz"]})
+    routers.build("oracle", library, NAMES).expert_weights({"task": ["zzz"]})
 
 
 def test_retrieval_picks_the_expert_of_the_nearest_stored_example(library, params):
   examples = {n: batches(10 + i, count=1) for i, n in enumerate(NAMES)}
-  routing_ = library.route(NAMES, "retrieval", examples=examples, params=params)
+  routing_ = routers.build("retrieval", library, NAMES, examples=examples, params=params)
   assert library.derived_kinds("a") == ["retrieval_base"]
   stored = [examples[n][0]["encoder_input_tokens"] for n in NAMES]
   query = {"encoder_input_tokens": np.stack([stored[2][0], stored[0][1], stored[1][2]])}
@@ -210,14 +214,14 @@ def test_retrieval_picks_the_expert_of_the_nearest_stored_example(library, param
       keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
   np.testing.assert_array_equal(retrieval.nearest_owner(queries, keys, np.repeat(np.arange(3), 3)),
                                 np.argmax(cosine, axis=1) // 3)
-  cached = library.route(NAMES, "retrieval", params=params)
+  cached = routers.build("retrieval", library, NAMES, params=params)
   np.testing.assert_array_equal(cached.expert_weights(query), np.eye(3)[[2, 0, 1]])
 
 
 def test_minilm_retrieval_without_the_extra_gives_a_clear_error(library, monkeypatch):
   monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if the extra were not installed
   with pytest.raises(ImportError, match=r"phatgoose-jax\[retrieval\]"):
-    library.route(NAMES, "retrieval", embedder="minilm", examples={})
+    routers.build("retrieval", library, NAMES, embedder="minilm", examples={})
 
 
 def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, monkeypatch):
@@ -226,7 +230,7 @@ def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, mon
   texts = {"a": ["The striker scored a goal in the final minute of the match.", "The team won the league title."],
            "b": ["Bake the bread in a hot oven for forty minutes.", "Whisk the eggs with sugar and flour."],
            "c": ["The stock market fell sharply after the bank raised interest rates.", "Shares rallied on earnings."]}
-  routing_ = library.route(NAMES, "retrieval", embedder="minilm", examples={n: [{"inputs": t}] for n, t in texts.items()})
+  routing_ = routers.build("retrieval", library, NAMES, embedder="minilm", examples={n: [{"inputs": t}] for n, t in texts.items()})
   query = {"inputs": ["Investors sold bonds as inflation rose.", "The goalkeeper saved a penalty.",
                       "Knead the dough and let it rise."]}
   np.testing.assert_array_equal(routing_.expert_weights(query), np.eye(3)[[2, 0, 1]])
@@ -235,7 +239,7 @@ def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, mon
 def test_fixed_mixture_routing_runs_in_the_model(library, params):
   """The uniform mixture through the model equals per-token routing over all-zero routers with k = E."""
   from phatgoose_jax.models import EncoderDecoderModel
-  routing_ = library.route(NAMES, "uniform")
+  routing_ = routers.build("uniform", library, NAMES)
   model = EncoderDecoderModel(CFG, routing_.expert_config)
   batch = batches(4, count=1)[0]
   variables = routing_.variables(params)

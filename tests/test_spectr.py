@@ -90,7 +90,7 @@ def library(tmp_path_factory, params):
 
 def test_library_router_holds_each_experts_basis_and_caches_it(library):
   assert "spectr" in routers.PER_TOKEN
-  config, collection = library.assemble(["a", "b", "c"], "spectr", top_k=2)
+  config, collection = routers.build("spectr", library, ["a", "b", "c"], top_k=2)[:2]
   assert config.score == "spectr" and config.num_experts == 3
   path = "decoder/layers_0/encoder_decoder_attention/out"
   lora = library.load("b").lora
@@ -101,7 +101,7 @@ def test_library_router_holds_each_experts_basis_and_caches_it(library):
 
 
 def test_routed_model_with_spectr_decodes_with_cache_as_the_full_forward(library, params):
-  routed = library.route(["a", "b", "c"], "spectr", top_k=2)
+  routed = routers.build("spectr", library, ["a", "b", "c"], top_k=2)
   model = EncoderDecoderModel(CFG, routed.expert_config)
   variables = jax.tree.map(np.asarray, routed.variables(params))
   batch = random_batch()

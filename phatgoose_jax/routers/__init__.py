@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.experts.config import ExpertConfig
 
@@ -78,11 +79,17 @@ class Routing(NamedTuple):
     return {"params": params, self.collection_name: self.collection}
 
 
-def build(name: str, library, names: List[str], **kwargs) -> Routing:
-  """Run the router `name` on the library experts `names`."""
+def build(name: str, library, names: Sequence[str], **kwargs) -> Routing:
+  """Run the router `name` on the library experts `names` (in this order); refuses experts the library does
+  not hold, or that do not share its base model, rank and targets (`ExpertLibrary.check_consistent`)."""
+  missing = [n for n in names if n not in library.names()]
+  if missing or not names:
+    raise lib.LibraryError(f"library {library.path} has no experts {missing or '(none asked)'}; it has "
+                        f"{library.names()}")
+  library.check_consistent(list(names))
   module, function = spec(name).builder.split(":")
   builder = getattr(importlib.import_module(f"{__name__}.{module}"), function)
-  return builder(library, names, **kwargs)
+  return builder(library, list(names), **kwargs)
 
 
 def stack(loras: Sequence[Mapping[str, np.ndarray]], vectors: Sequence[Mapping[str, np.ndarray]],
