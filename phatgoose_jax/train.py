@@ -26,6 +26,7 @@ from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
+from phatgoose_jax.training import optimizers
 from phatgoose_jax.training import workdir as workdirs
 from phatgoose_jax.training.data import DeterministicBatches
 from phatgoose_jax.training.trainer import Trainer
@@ -61,11 +62,13 @@ def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], t
   resumes. The kept variables are those of the best validation loss (or the last step without
   `validation`). `train` holds this process's shard of the data; each process feeds its rows of a batch.
   """
-  if num_steps < 1 or batch_size < 1:
-    raise ValueError(f"num_steps and batch_size must be >= 1, got num_steps={num_steps}, batch_size={batch_size}")
+  for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("accum_steps", accum_steps)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); bind it as a "
+                       f"number, e.g. --gin \"train.fit.{name} = 32\"")
   mesh, rules = utils.sharding()
   eval_fn = None if validation is None else _eval_loss_fn(model, validation, batch_size)
-  trainer = Trainer(model.loss_fn, variables, trainable=trainable, optimizer=utils.optimizer(num_steps), mesh=mesh,
+  trainer = Trainer(model.loss_fn, variables, trainable=trainable, optimizer=optimizers.make_optimizer(num_steps=num_steps), mesh=mesh,
                     rules=rules, workdir=workdir, checkpoint_every=checkpoint_every or num_steps,
                     eval_fn=eval_fn, eval_every=eval_every or num_steps, seed=dropout_seed, accum_steps=accum_steps,
                     log_every=max(1, num_steps // 20))

@@ -1,5 +1,5 @@
-"""What every stage shares, t5x `utils.py` style: the configured model, optimiser and mesh, and variables
-initialised, restored and placed on that mesh.
+"""What every stage shares, t5x `utils.py` style: the configured model and mesh, and variables initialised,
+restored and placed on that mesh (the optimiser is `training.optimizers.make_optimizer`, configured in gin).
 
 The model's configuration comes from gin (`gin/models/*.gin` bind `model_config` and `lora_config`); a
 checkpoint supplies weights only and must match the configured architecture (`checkpoints.load(expect=)`).
@@ -19,7 +19,6 @@ from phatgoose_jax.checkpoints import Loaded, load
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5 import config as t5_config
-from phatgoose_jax.training import optimizers
 
 
 @gin.configurable
@@ -48,13 +47,6 @@ def restore_base(path: str) -> Loaded:
 def lora_config(rank: int = 16, targets: Sequence[str] = t5_config.ALL_TARGETS) -> ExpertConfig:
   """The single-expert LoRA of algorithm.md §2 (rank 16 on every linear layer)."""
   return ExpertConfig(mode="lora", rank=rank, targets=tuple(targets))
-
-
-@gin.configurable
-def optimizer(num_steps: int, learning_rate: float = 5e-3, warmup_fraction: float = 0.06,
-              clip_norm: float = 1.0, weight_decay: float = 0.0):
-  """AdamW, linear warmup over the first 6% of steps then constant, clipping at 1.0 (algorithm.md §2)."""
-  return optimizers.make_optimizer("adamw", learning_rate, num_steps, warmup_fraction, weight_decay, clip_norm)
 
 
 @gin.configurable

@@ -49,8 +49,8 @@ def test_overrides_are_applied():
   assert gin.query_parameter("train.train_expert.num_steps") == 7
   assert gin.query_parameter("train.fit.batch_size") == 4
   assert gin.query_parameter("%TASK") == "demo_reverse"
-  assert gin.query_parameter("utils.optimizer.learning_rate") == 5e-3
-  assert gin.query_parameter("utils.optimizer.warmup_fraction") == 0.06
+  assert gin.query_parameter("optimizers.make_optimizer.learning_rate") == 5e-3
+  assert gin.query_parameter("optimizers.make_optimizer.warmup_fraction") == 0.06
 
 
 def test_flag_forms_split():

@@ -28,13 +28,13 @@ from typing import Dict, Optional
 import gin
 import jax
 
-from phatgoose_jax import assembly, data, tasks, train
+from phatgoose_jax import assembly, data, routers, tasks, train
 from phatgoose_jax import evaluate as stages
 from phatgoose_jax.demo import diagnostics, suite, suite_tokens
 from phatgoose_jax.evaluation import evaluator, route_stats
 
 SUITES = {"tokens": suite_tokens, "keyword": suite}
-PER_TOKEN_METHODS = ("average_activation", "arrow", "spectr", "phatgoose")
+PER_TOKEN_METHODS = routers.PER_TOKEN
 ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "spectr", "retrieval", "phatgoose")
 METHODS = ("base", "best_individual") + ROUTED_METHODS + ("multitask", "oracle")
 
