@@ -102,6 +102,7 @@ def test_accumulation_equals_one_big_batch():
     t = trainer_lib.Trainer(loss_fn, variables, trainable=["lora/.*"], optimizer=optax.sgd(0.5),
                             accum_steps=accum, log_every=1)
     results.append(t.train(batches, 2)["lora"])
+    assert [h["step"] for h in t.history] == [1, 2] and t.local_rows(8) == slice(0, 8)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), *results)
   assert not leaves_equal(results[0], nn.meta.unbox(variables)["lora"])
 

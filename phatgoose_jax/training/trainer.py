@@ -39,7 +39,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
-from phatgoose_jax import partitioning
+from phatgoose_jax import distributed, partitioning
 from phatgoose_jax.training import optimizers
 
 LossFn = Callable[[Any, dict, jax.Array], tuple]
@@ -156,7 +156,7 @@ class Trainer:
                                out_shardings=(self._state_sh, self._replicated), donate_argnums=(0,))
 
     self.manager = self._checkpoint_manager(keep, best_fn, best_mode) if workdir else None
-    self.writer = self._metric_writer() if workdir and tensorboard and jax.process_index() == 0 else None
+    self.writer = self._metric_writer() if workdir and tensorboard and distributed.is_writer() else None
     self.history = []
     if self.manager is not None and self.manager.latest_step() is not None:
       self.state = self._restore(self.manager.latest_step())
@@ -278,7 +278,7 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       metrics = {k: float(v) for k, v in self.eval_fn(self.variables()).items()}
     self._write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
+    if distributed.is_writer():
       tqdm.tqdm.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.6g}" for k, v in metrics.items()))
     return metrics
 
@@ -308,7 +308,7 @@ class Trainer:
     Returns all variables (plain arrays) after the last update.
     """
     step = int(self.state["step"])
-    bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=jax.process_index() > 0)
+    bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=not distributed.is_writer())
     if step == 0 and self.eval_fn is not None:
       self.evaluate()
     first = step
