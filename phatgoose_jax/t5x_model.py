@@ -10,10 +10,11 @@ Under t5x each of them becomes a top-level sub-tree of `params` beside the base:
   params/experts/<module path>/lora_a, lora_b, router                  E routed experts     (algorithm.md §4)
 
 `T5xNetwork` moves them between the two layouts with `nn.map_variables`, so the flax module itself is
-untouched. A stock t5x checkpoint of the base restores as it is (`RestoreCheckpointConfig.fallback_to_scratch`
-fills in the sub-trees it lacks), and `train_only(('lora',), optimizer)` trains one sub-tree with everything
-else frozen: "expert stage" and "gate stage" are a choice of sub-tree in gin (gin/t5x/lora_expert.gin,
-gin/t5x/gate.gin). Logical axis names travel to t5x's `PjitPartitioner` as its `params_axes` collection.
+untouched. A stock t5x checkpoint of the base restores as it is: the gin files' `RestoreCheckpointConfig` skips
+the sub-trees it lacks (`assignment_map` to None) and fills them from their initialisers
+(`fallback_to_scratch`). `train_only(('lora',), optimizer)` trains one sub-tree with everything else frozen:
+"expert stage" and "gate stage" are a choice of sub-tree in gin (gin/t5x/lora_expert.gin, gin/t5x/gate.gin).
+Logical axis names travel to t5x's `PjitPartitioner` as its `params_axes` collection.
 """
 from typing import Optional, Sequence
 
@@ -32,8 +33,7 @@ from phatgoose_jax.library import ExpertLibrary
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.t5.network import Transformer
 
-EXPERT_COLLECTIONS = ("lora", "gates", "experts")
-MAPPED_COLLECTIONS = ("params",) + EXPERT_COLLECTIONS
+EXPERT_COLLECTIONS = tuple(c for c in models.VARIABLE_COLLECTIONS if c != "params")  # lora, gates, experts
 
 
 def collections_from_params(variables: dict) -> dict:
@@ -79,7 +79,7 @@ class _T5xConvention(Transformer):
 
 
 # Our `Transformer` with t5x's call convention and its expert collections inside `params`.
-T5xNetwork = nn.map_variables(_T5xConvention, MAPPED_COLLECTIONS, trans_in_fn=collections_from_params,
+T5xNetwork = nn.map_variables(_T5xConvention, models.VARIABLE_COLLECTIONS, trans_in_fn=collections_from_params,
                               trans_out_fn=params_from_collections, mutable=True,
                               methods=["__call__", "encode", "decode"])
 

@@ -33,7 +33,7 @@ from random_trees import TINY, random_batch, random_expert, random_params  # noq
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 2
 # Tiny step counts and batches, so each command is dominated by t5x's start-up and compilation.
-TRAIN_OVERRIDES = [f"--gin.TRAIN_STEPS_RELATIVE={TRAIN_STEPS}", f"--gin.EVAL_PERIOD={TRAIN_STEPS}",
+TRAIN_OVERRIDES = [f"--gin.TRAIN_STEPS={TRAIN_STEPS}", f"--gin.EVAL_PERIOD={TRAIN_STEPS}",
                    "--gin.EVAL_STEPS=1", "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 24}"]
 BYTES = seqio.ByteVocabulary()
 SHAPES = {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
