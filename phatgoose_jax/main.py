@@ -117,7 +117,7 @@ def run_configured(gin_files: Sequence[str], bindings: Sequence[str]):
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise UsageError(str(e).splitlines()[0]) from e
     raise
-  except (ValueError, KeyError) as e:  # what a stage refuses: bad data, configuration or checkpoint
+  except (ValueError, KeyError, OSError) as e:  # what a stage refuses: bad data, configuration or checkpoint
     raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 

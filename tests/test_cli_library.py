@@ -150,3 +150,30 @@ def test_score_with_a_library_routes_its_experts(tmp_path, base_dir, capsys):
   hf.save_hf(other, CFG, random_params(seed=1))
   code, _, err = run(capsys, "score", "--base", other, "--input", str(inputs), "--library", library)
   assert code == 2 and "another base model" in err
+
+
+def test_every_base_format_is_accepted_and_an_assembled_checkpoint_scores_like_its_library(tmp_path, base_dir, capsys):
+  """`--base` takes a native checkpoint as well as a Hugging Face one (the same fingerprint), and `score` on
+  an assembled checkpoint gives the scores of the library-routed model: the experts come with it."""
+  native_base = str(tmp_path / "native_base")
+  native.save_native(native_base, {"params": hf.load_hf(base_dir)[1]}, CFG)
+  library = str(tmp_path / "lib")
+  for i in range(2):
+    lora, gates = random_expert(i)
+    flat = str(tmp_path / f"e{i}.safetensors")
+    from safetensors.numpy import save_file
+    save_file({**{f"lora/{k}": v for k, v in lora.items()}, **{f"gates/{k}": v for k, v in gates.items()}}, flat)
+    base = native_base if i == 0 else base_dir
+    assert run(capsys, "library", "add", flat, "--library", library, "--base", base, "--name", f"e{i}")[0] == 0
+  routed = str(tmp_path / "routed")
+  assert run(capsys, "assemble", "--base", native_base, "--library", library, "--output", routed,
+             "--gin", "assembly.routing.top_k = 1")[0] == 0
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text('{"input_ids": [5, 6, 7], "target_ids": [8, 9]}\n{"input_ids": [3], "target_ids": [4, 2]}\n')
+  code, from_checkpoint, _ = run(capsys, "score", "--base", routed, "--input", str(inputs))
+  assert code == 0
+  code, from_library, _ = run(capsys, "score", "--base", base_dir, "--library", library, "--top_k", "1",
+                              "--input", str(inputs))
+  assert code == 0 and from_checkpoint == from_library
+  plain = run(capsys, "score", "--base", base_dir, "--input", str(inputs))[1]
+  assert plain != from_checkpoint  # the experts were not dropped

@@ -7,7 +7,7 @@ import zipfile
 import gin
 import pytest
 
-from phatgoose_jax import main, utils
+from phatgoose_jax import main, train, utils
 from phatgoose_jax.cli import UsageError
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
@@ -101,3 +101,16 @@ def test_a_built_wheel_carries_every_gin_file(tmp_path):
   packaged = {n[len("phatgoose_jax/gin/"):] for n in zipfile.ZipFile(wheel).namelist()
               if n.startswith("phatgoose_jax/gin/")}
   assert packaged == {str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin")}
+
+
+def test_a_stage_refusal_is_one_line_with_exit_code_2(tmp_path, capsys):
+  argv = ["--gin_file=runs/train_expert.gin", f"--gin.BASE='{tmp_path / 'no_base'}'", "--gin.TASK='no_such_task'",
+          "--gin.LIBRARY='/l'", f"--gin.WORKDIR='{tmp_path / 'w'}'"]
+  assert main.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert "no_such_task" in err and len(err.splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_a_wrongly_typed_count_is_refused_by_name():
+  with pytest.raises(ValueError, match="batch_size must be a positive integer, got '16'"):
+    train.fit(None, {}, [], {}, None, "/never", num_steps=2, batch_size="16")
