@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import gin
 
 import phatgoose_jax
-from phatgoose_jax import assembly, distributed, evaluate, train, utils  # noqa: F401 (gin configurables)
+from phatgoose_jax import assembly, distributed, evaluate, partitioning, train, utils  # noqa: F401 (gin)
 from phatgoose_jax.cli import UsageError
 
 GIN_DIR = phatgoose_jax.GIN_DIR
@@ -131,6 +131,21 @@ def multihost_flags(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+@gin.configurable
+def dry_run(num_experts: int = 0, top_k: int = 2) -> str:
+  """What the configured run would hold, from shapes only (`partitioning.describe`): the mesh, the rules and
+  the parameter bytes per device of the configured model with one LoRA expert, or with `num_experts` routed
+  experts (`--gin main.dry_run.num_experts=36`)."""
+  config = utils.model_config()
+  if config is None:
+    raise UsageError("--dry_run needs the model's architecture: add a model file (--model SIZE or "
+                     "--gin_file=models/t5_1_1_<size>.gin)")
+  lora = utils.lora_config()
+  experts = lora.replace(mode="routed", num_experts=num_experts, top_k=top_k) if num_experts else lora
+  mesh, rules = utils.sharding()
+  return partitioning.describe(config, experts, mesh, rules)
+
+
 def split_args(argv: Sequence[str]) -> tuple:
   """(gin files, bindings, other args) from `--gin_file=F`, `--gin.KEY=VALUE` / `--gin KEY=VALUE`."""
   files, bindings, rest = [], [], []
@@ -156,13 +171,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.main", description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin.KEY=VALUE", dest="unused", help="one gin binding (repeatable)")
+  parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules and per-device parameter "
+                      "bytes of the configured run, then stop")
   distributed.add_flags(parser)
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     files, bindings, rest = split_args(argv)
     args = parser.parse_args(rest)
     distributed.initialize_from_args(args)
-    run_configured(files, bindings)
+    if args.dry_run:
+      parse(files, bindings, require=False)
+      print(dry_run())
+    else:
+      run_configured(files, bindings)
   except UsageError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2

@@ -9,6 +9,7 @@ import pytest
 
 from phatgoose_jax import main, train, utils
 from phatgoose_jax.cli import UsageError
+from phatgoose_jax.cli import main as cli_main
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 REQUIRED = ["BASE = '/b'", "TASK = 'demo_reverse'", "LIBRARY = '/l'", "WORKDIR = '/w'"]
@@ -114,3 +115,12 @@ def test_a_stage_refusal_is_one_line_with_exit_code_2(tmp_path, capsys):
 def test_a_wrongly_typed_count_is_refused_by_name():
   with pytest.raises(ValueError, match="batch_size must be a positive integer, got '16'"):
     train.fit(None, {}, [], {}, None, "/never", num_steps=2, batch_size="16")
+
+
+def test_dry_run_describes_the_run_without_training(tmp_path, capsys):
+  argv = ["train-expert", "--base", "/b", "--task", "t", "--library", str(tmp_path / "lib"), "--workdir",
+          str(tmp_path / "w"), "--model", "xl", "--dry_run", "--gin", "main.dry_run.num_experts = 36"]
+  assert cli_main(argv) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("mesh: ") and "experts" in out and "expert           -> expert" in out
+  assert not (tmp_path / "w").exists() and not (tmp_path / "lib").exists()

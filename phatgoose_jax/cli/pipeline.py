@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     for flag, _, required, flag_help in flags:
       parser.add_argument(flag, required=required, help=flag_help)
     parser.add_argument("--model", help="T5 size whose gin/models file to include (tiny, small, ... xxl)")
+    parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules and per-device parameter "
+                        "bytes of this run (needs --model), then stop")
     _add_gin_flags(parser)
     parser.set_defaults(func=run_stage, run_file=str(run_file), macros=[(f, m) for f, m, _, _ in flags],
                         passthrough=True)
@@ -88,6 +90,10 @@ def _bindings(args) -> list:
 def run_stage(args) -> int:
   from phatgoose_jax import distributed, main  # pylint: disable=import-outside-toplevel (a fast --help)
   distributed.initialize_from_args(main.multihost_flags(args.extra))
+  if args.dry_run:
+    main.parse(_gin_files(args), _bindings(args), require=False)
+    print(main.dry_run())
+    return 0
   result = main.run_configured(_gin_files(args), _bindings(args))
   if isinstance(result, dict) and "score" in result:
     print(json.dumps({"name": result["name"], "score": result["score"],
