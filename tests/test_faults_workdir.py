@@ -92,3 +92,13 @@ def test_training_stages_refuse_another_runs_workdir(tmp_path, stages, capsys):
   train.train_expert(base=base, task="demo_reverse", library=str(tmp_path / "lib2"), workdir=work("w_reverse"),
                         num_steps=2)
   assert f"resuming {work('w_reverse')} from step 2" in capsys.readouterr().err
+
+
+def test_gate_training_of_an_imported_expert_without_a_dataset_names_the_fix(tmp_path, stages):
+  """An expert imported without `--dataset` records none: its gate needs `--task`, said in one line."""
+  library = lib.ExpertLibrary(str(tmp_path / "lib"))
+  lora, _ = trees.random_expert(0, rank=16)
+  library.add("imported", lora, base=lib.base_fingerprint(trees.TINY, hf.load_hf(stages)[1]))
+  with pytest.raises(ValueError, match=r"records no training dataset .*--task TASK"):
+    train.train_gate(base=stages, library=library.path, name="imported", workdir=str(tmp_path / "g"), num_steps=2)
+  assert not os.path.exists(tmp_path / "g")
