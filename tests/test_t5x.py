@@ -52,32 +52,19 @@ def restore_params(checkpoint_dir) -> dict:
   return flax.traverse_util.flatten_dict(state["target"], sep="/")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp("t5x_expert")
-  run_t5x("train", "--gin_file=gin/t5x/examples/tiny_offline_train_expert.gin", f"--gin.MODEL_DIR='{model_dir}'",
-          *TRAIN_OVERRIDES)
-  return model_dir
-
-
-def test_offline_train_example_updates_only_the_lora_subtree(trained):
-  before = restore_params(trained / "checkpoint_0")
-  after = restore_params(trained / f"checkpoint_{TRAIN_STEPS}")
+def assert_only_lora_changed(before_dir, after_dir):
+  """Between two checkpoints of the expert stage exactly params/lora changed; the rest is t5x's T5 1.1 tree."""
+  before, after = restore_params(before_dir), restore_params(after_dir)
   assert set(before) == set(after)
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   lora = {k for k in before if k.startswith("lora/")}
   assert lora and changed == lora
-  base = {k for k in before if k not in lora}
-  assert base == set(names.param_shapes(TINY))
+  assert set(before) - lora == set(names.param_shapes(TINY))
 
 
-def test_offline_eval_example_writes_seqio_metrics_from_our_scores(trained, tmp_path):
+def assert_seqio_scores_are_ours(checkpoint, outputs):
   """t5x's eval through seqio: each candidate's score is our model's mean log-likelihood on the checkpoint's
   weights, and the metric is rank-classification accuracy over those scores (algorithm.md §6)."""
-  checkpoint = trained / f"checkpoint_{TRAIN_STEPS}"
-  run_t5x("eval", "--gin_file=gin/t5x/examples/tiny_offline_eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
-          f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'")
-  outputs = tmp_path / "inference_eval"
   metrics = json.loads((outputs / "demo_reverse_eval-metrics.jsonl").read_text().splitlines()[-1])
   rows = [json.loads(line) for line in (outputs / f"demo_reverse_eval-{TRAIN_STEPS:06d}.jsonl").open()]
   assert metrics["step"] == TRAIN_STEPS and len(rows) > 100
@@ -101,6 +88,18 @@ def test_offline_eval_example_writes_seqio_metrics_from_our_scores(trained, tmp_
   batch = {"encoder_input_tokens": models.pad_tokens(inputs, max(map(len, inputs))),
            "decoder_target_tokens": targets, "decoder_input_tokens": models.shift_right(targets)}
   np.testing.assert_allclose(ours.jit_score(variables, batch), [r["score"] for r in sample], rtol=1e-4, atol=1e-5)
+
+
+def test_offline_examples_train_an_expert_then_evaluate_it_through_seqio(tmp_path):
+  """Both example commands in order (one test, so that parallel test workers train once)."""
+  model_dir = tmp_path / "expert"
+  run_t5x("train", "--gin_file=gin/t5x/examples/tiny_offline_train_expert.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          *TRAIN_OVERRIDES)
+  checkpoint = model_dir / f"checkpoint_{TRAIN_STEPS}"
+  assert_only_lora_changed(model_dir / "checkpoint_0", checkpoint)
+  run_t5x("eval", "--gin_file=gin/t5x/examples/tiny_offline_eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+          f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'")
+  assert_seqio_scores_are_ours(checkpoint, tmp_path / "eval" / "inference_eval")
 
 
 @pytest.mark.parametrize("size", sorted(PRESETS))
