@@ -18,7 +18,7 @@ from phatgoose_jax import distributed
 from phatgoose_jax.cli import UsageError
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
-TIMEOUT_S = 420
+TIMEOUT_S = 900  # per process; the three take about 45 s of CPU each (tiny T5: imports, compile)
 
 
 def free_port() -> int:
@@ -28,12 +28,13 @@ def free_port() -> int:
 
 
 def start(out: pathlib.Path, workdir: pathlib.Path, devices: int, *flags: str) -> subprocess.Popen:
+  """A worker whose output goes to `out/log` (a pipe nobody reads could fill and stall the collectives)."""
   out.mkdir()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), "--workdir", str(workdir),
-                           "--devices", str(devices), *flags], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  with open(out / "log", "w") as log:
+    return subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), "--workdir", str(workdir),
+                             "--devices", str(devices), *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -44,14 +45,15 @@ def test_two_processes_train_like_one(tmp_path):
       procs.append(start(tmp_path / f"p{i}", tmp_path / "shared_workdir", 2, "--coordinator_address", address,
                          "--process_count", "2", "--process_index", str(i)))
     procs.append(start(tmp_path / "single", tmp_path / "single_workdir", 4))
-    logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  for p, out in zip(procs, ("p0", "p1", "single")):
+    assert p.returncode == 0, (tmp_path / out / "log").read_text()[-3000:]
 
   multi, single = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("p0", "single"))
   assert not (tmp_path / "p1" / "report.json").exists()  # only process 0 writes results
