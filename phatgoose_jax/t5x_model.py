@@ -30,6 +30,7 @@ from t5x import optimizers as t5x_optimizers
 from phatgoose_jax import assembly, checkpoints, models, routers
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.library import ExpertLibrary
+from phatgoose_jax.library import base_fingerprint as lib_fingerprint
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.t5.network import Transformer
 
@@ -194,3 +195,20 @@ def library_routing(library: str, base: str, router: str = "phatgoose", names: O
     raise ValueError(f"router {router!r} mixes experts with per-example weights, which t5x batches cannot "
                      f"carry; under t5x use a per-token router {routers.PER_TOKEN} or merging")
   return routing
+
+
+def assembled_routing(checkpoint: str, base: str) -> routers.Routing:
+  """The experts an assembled checkpoint (`phatgoose assemble`) carries: its ExpertConfig and its `experts`
+  (or merged `lora`) collection. t5x restores the base weights from its own checkpoint; `base` (any format
+  `checkpoints.load` reads, in gin/t5x/routed.gin the one t5x restores) must hold the same base weights as
+  the assembled checkpoint (their fingerprints are compared)."""
+  loaded = checkpoints.load(checkpoint)
+  if loaded.experts.mode not in ("routed", "lora"):
+    raise ValueError(f"{checkpoint} carries no experts (mode {loaded.experts.mode!r}); write one with "
+                     f"`phatgoose assemble`")
+  restored = checkpoints.load(base)
+  if (lib_fingerprint(loaded.config, loaded.variables["params"]) !=
+      lib_fingerprint(restored.config, restored.variables["params"])):
+    raise ValueError(f"the assembled checkpoint {checkpoint} was built on another base model than {base}")
+  collection = "experts" if loaded.experts.mode == "routed" else "lora"
+  return routers.Routing(loaded.experts, loaded.variables[collection])

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Sequence
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from phatgoose_jax import data, distributed
 from phatgoose_jax import library as lib
@@ -74,7 +75,8 @@ def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], t
                     log_every=max(1, num_steps // 20))
   rows = trainer.local_rows(batch_size)
   trainer.train(DeterministicBatches(data.model_features(train), rows.stop - rows.start, seed), num_steps)
-  return jax.device_get(trainer.best_variables())
+  best = trainer.best_variables()
+  return jax.device_get(best) if jax.process_count() == 1 else multihost_utils.process_allgather(best, tiled=True)
 
 
 def datasets(task: str, held_out: data.HeldOut, max_train_examples: Optional[int],

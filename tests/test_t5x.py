@@ -196,6 +196,18 @@ def test_routed_scores_under_t5x_equal_our_loaders(expert_library):
   np.testing.assert_allclose(mean * our["num_target_tokens"], total, rtol=1e-5)
 
 
+def test_an_assembled_checkpoint_gives_t5x_the_same_experts_as_its_library(expert_library, tmp_path):
+  path, base_dir, _ = expert_library
+  out = assembly.assemble(base=base_dir, library=path, output=str(tmp_path / "routed"), router="phatgoose")
+  from_checkpoint = t5x_model.assembled_routing(out, base_dir)
+  from_library = t5x_model.library_routing(path, base_dir, "phatgoose", top_k=2, impl="auto")
+  assert from_checkpoint.expert_config == from_library.expert_config
+  jax.tree.map(np.testing.assert_array_equal, from_checkpoint.collection, from_library.collection)
+  native.save_native(str(tmp_path / "other"), {"params": random_params(seed=1)}, TINY)
+  with pytest.raises(ValueError, match="another base model"):
+    t5x_model.assembled_routing(out, str(tmp_path / "other"))
+
+
 def test_library_routing_checks_the_base_fingerprint(expert_library, tmp_path):
   native.save_native(str(tmp_path), {"params": random_params(seed=1)}, TINY)
   with pytest.raises(lib.LibraryError, match="another base model"):

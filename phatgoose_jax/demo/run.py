@@ -55,9 +55,9 @@ def enable_compilation_cache(cache_dir: str) -> None:
 def train_models(s, workdir: str, seed: int, steps: dict, held_out: data.HeldOut) -> tuple:
   """(base, library, multitask library): the base, each held-in task's expert then its gate (from that task's
   data only), and the multitask reference."""
-  base = train.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),
+  base = train.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),  # the base's own data
                                workdir=os.path.join(workdir, "train", "base"), finetune="full",
-                               num_steps=steps["base"], seed=seed, held_out=held_out)
+                               num_steps=steps["base"], seed=seed)
   library = os.path.join(workdir, "library")
   for i, task in enumerate(s.HELD_IN_TASKS):
     train.train_expert(base=base, task=task, library=library, num_steps=steps["expert"], seed=seed + i,
