@@ -128,5 +128,19 @@ def zero_vectors(expert) -> Dict[str, np.ndarray]:
   return {m: np.zeros(expert.lora[f"{m}/lora_a"].shape[0], np.float32) for m in modules_of(expert.lora)}
 
 
+def weight_derived(library, experts: Sequence, kind: str, compute: Callable[[Mapping], dict]) -> List[dict]:
+  """Per expert, `compute(expert.lora)` (a function of its weights alone), cached in the library under
+  `kind` and keyed by the sha256 of those weights."""
+  out = []
+  for expert in experts:
+    name, key = expert.manifest["name"], expert.manifest["weights"]["sha256"]
+    cached = library.load_derived(name, kind, key)
+    if cached is None:
+      cached = compute(expert.lora)
+      library.save_derived(name, kind, cached, key)
+    out.append(cached)
+  return out
+
+
 def load_all(library, names: Sequence[str]) -> list:
   return [library.load(n) for n in names]

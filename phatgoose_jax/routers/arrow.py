@@ -6,21 +6,16 @@ so `M = lora_a @ lora_b = Delta^T` and that vector is the top LEFT singular vect
 """
 import numpy as np
 
-from phatgoose_jax.routers import Routing, load_all, modules_of, routed
+from phatgoose_jax.routers import Routing, load_all, modules_of, routed, weight_derived
+from phatgoose_jax.routers.spectr import spectral_basis
 
 KIND = "arrow"
 
 
 def arrow_vector(lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
-  """Top left singular vector of M = lora_a @ lora_b (unit norm, sign arbitrary), without forming M.
-
-  With lora_a = Q_a R_a and lora_b^T = Q_b R_b (thin QR), M = Q_a (R_a R_b^T) Q_b^T; if R_a R_b^T = U S V^T
-  then M = (Q_a U) S (Q_b V)^T, so the answer is Q_a U[:, 0].
-  """
-  q_a, r_a = np.linalg.qr(np.asarray(lora_a, np.float64))
-  _, r_b = np.linalg.qr(np.asarray(lora_b, np.float64).T)
-  u, _, _ = np.linalg.svd(r_a @ r_b.T)
-  return (q_a @ u[:, 0]).astype(np.float32)
+  """Top left singular vector of M = lora_a @ lora_b (unit norm, sign arbitrary), without forming M: the
+  first column of SpectR's spectral basis (`spectr.spectral_basis`)."""
+  return spectral_basis(lora_a, lora_b)[:, 0]
 
 
 def arrow_vectors(lora: dict) -> dict:
@@ -31,12 +26,5 @@ def arrow_vectors(lora: dict) -> dict:
 def build(library, names, *, top_k: int = 2, impl: str = "dense") -> Routing:
   """Arrow routing: scores |u . e| / (10 sqrt(d_in)); vectors cached in the library, keyed by the weights."""
   experts = load_all(library, names)
-  vectors = []
-  for e in experts:
-    name, key = e.manifest["name"], e.manifest["weights"]["sha256"]
-    cached = library.load_derived(name, KIND, key)
-    if cached is None:
-      cached = arrow_vectors(e.lora)
-      library.save_derived(name, KIND, cached, key)
-    vectors.append(cached)
+  vectors = weight_derived(library, experts, KIND, arrow_vectors)
   return routed(experts, vectors, top_k=top_k, impl=impl, score="arrow")

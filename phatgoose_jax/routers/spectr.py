@@ -17,7 +17,7 @@ Delta^T` and `V_e` is the matrix of M's r LEFT singular vectors.
 """
 import numpy as np
 
-from phatgoose_jax.routers import Routing, load_all, modules_of, routed
+from phatgoose_jax.routers import Routing, load_all, modules_of, routed, weight_derived
 
 KIND = "spectr"
 
@@ -43,12 +43,5 @@ def spectral_bases(lora: dict) -> dict:
 def build(library, names, *, top_k: int = 2, impl: str = "dense") -> Routing:
   """SpectR routing: s_e = ||V_e^T u||; bases cached in the library, keyed by the expert's weights."""
   experts = load_all(library, names)
-  bases = []
-  for e in experts:
-    name, key = e.manifest["name"], e.manifest["weights"]["sha256"]
-    cached = library.load_derived(name, KIND, key)
-    if cached is None:
-      cached = spectral_bases(e.lora)
-      library.save_derived(name, KIND, cached, key)
-    bases.append(cached)
+  bases = weight_derived(library, experts, KIND, spectral_bases)
   return routed(experts, bases, top_k=top_k, impl=impl, score="spectr")
