@@ -41,3 +41,16 @@ def random_batch(seed=0, batch=3, in_len=9, out_len=7, config=TINY):
     enc[2, in_len - 1:] = 0
   tgt[1, out_len - 2:] = 0
   return {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt), "decoder_target_tokens": tgt}
+
+
+def cached_decoding_logits(model, variables, batch) -> np.ndarray:
+  """<float32>[batch, target_length, vocab]: the decoder's logits one cached step at a time, teacher-forced."""
+  encoded = model.encode(variables, batch["encoder_input_tokens"])
+  length = batch["decoder_input_tokens"].shape[1]
+  cache = model.init_cache(variables, encoded, batch["encoder_input_tokens"], length)
+  steps = []
+  for t in range(length):
+    logits, cache = model.decode_step(variables, cache, encoded, batch["encoder_input_tokens"],
+                                      batch["decoder_input_tokens"][:, t:t + 1])
+    steps.append(np.asarray(logits[:, 0]))
+  return np.stack(steps, 1)

@@ -12,7 +12,7 @@ from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
 from phatgoose_jax.experts.config import ExpertConfig
 
-from random_trees import random_batch
+from random_trees import cached_decoding_logits, random_batch
 
 GOLDEN = pathlib.Path(__file__).parent / "testdata" / "t5_tiny_params.json"
 CFG = preset("tiny")
@@ -60,15 +60,8 @@ def test_cached_decoding_equals_full_forward(mode):
       variables[collection] = randomize(variables[collection], 2)
   batch = random_batch()
   full = np.asarray(model.logits(variables, batch))
-  encoded = model.encode(variables, batch["encoder_input_tokens"])
-  cache = model.init_cache(variables, encoded, batch["encoder_input_tokens"], full.shape[1])
-  steps = []
-  for t in range(full.shape[1]):
-    logits, cache = model.decode_step(variables, cache, encoded, batch["encoder_input_tokens"],
-                                      batch["decoder_input_tokens"][:, t:t + 1])
-    steps.append(np.asarray(logits[:, 0]))
   valid = batch["decoder_target_tokens"] > 0
-  np.testing.assert_allclose(np.stack(steps, 1)[valid], full[valid], atol=1e-4)
+  np.testing.assert_allclose(cached_decoding_logits(model, variables, batch)[valid], full[valid], atol=1e-4)
 
 
 def test_greedy_decoding_follows_argmax_of_full_forward():

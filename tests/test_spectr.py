@@ -14,7 +14,7 @@ from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.routers import spectr
 from phatgoose_jax.t5.config import preset
 
-from random_trees import random_batch, random_expert, random_params
+from random_trees import cached_decoding_logits, random_batch, random_expert, random_params
 
 CFG = preset("tiny")
 RANK = 4
@@ -107,12 +107,5 @@ def test_routed_model_with_spectr_decodes_with_cache_as_the_full_forward(library
   batch = random_batch()
   full = np.asarray(model.logits(variables, batch))
   assert np.all(np.isfinite(full))
-  encoded = model.encode(variables, batch["encoder_input_tokens"])
-  cache = model.init_cache(variables, encoded, batch["encoder_input_tokens"], full.shape[1])
-  steps = []
-  for t in range(full.shape[1]):
-    logits, cache = model.decode_step(variables, cache, encoded, batch["encoder_input_tokens"],
-                                      batch["decoder_input_tokens"][:, t:t + 1])
-    steps.append(np.asarray(logits[:, 0]))
   valid = batch["decoder_target_tokens"] > 0
-  np.testing.assert_allclose(np.stack(steps, 1)[valid], full[valid], atol=1e-4)
+  np.testing.assert_allclose(cached_decoding_logits(model, variables, batch)[valid], full[valid], atol=1e-4)
