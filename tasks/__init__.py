@@ -24,9 +24,9 @@ def register_all() -> None:
 
 
 def get_task_or_mixture(name: str):
-  """The seqio Task or Mixture called `name`, or an unregistered task for a `bigbench/...` path."""
+  """The seqio Task or Mixture called `name`; a `bigbench/...` path or a `.jsonl` file is registered first."""
   if name.startswith(BIGBENCH_PREFIX):
-    return bigbench.make_task(name[len(BIGBENCH_PREFIX):])
+    return bigbench.register_path(name[len(BIGBENCH_PREFIX):])
   if jsonl.is_jsonl(name):
     return seqio.get_mixture_or_task(jsonl.register(name))
   try:

@@ -218,11 +218,11 @@ def seqio_name(task: str) -> str:
   return "bigbench:" + task.replace("/", ".")
 
 
-def make_task(task: str):
-  """An unregistered seqio task over BIG-bench `task` ("name" or "name/subtask")."""
+def register_path(task: str):
+  """Registers (or re-registers) BIG-bench `task` ("name" or "name/subtask") as seqio task `seqio_name(task)`."""
   source = seqio_tasks.text_source(lambda split: read_examples(task), seqio_tasks.EVAL_SIGNATURE,
                                    splits=("validation",))
-  return seqio_tasks.make_task(seqio_name(task), source, evaluation=True)
+  return seqio_tasks.add_task(seqio_name(task), source, evaluation=True)
 
 
 def _examples_fn(spec: sources.BigBenchTask):

@@ -3,9 +3,15 @@ idempotent registration (algorithm.md §6).
 
 An evaluation source yields one example per (example, prompt) with fields `inputs`, `target`, `choices`,
 `correct`, `references`, `metric` and `idx`; the `rank_classification` preprocessor expands it into one row
-per answer choice (`inputs`, `targets`, `idx`, `choice_idx`, `is_correct`; a generative example gives one
-row with its target). Data is read only when a dataset is requested: registration touches no file.
+per answer choice (`inputs`, `targets`, `idx`, `choice_idx`, `is_correct`, `metric`, `references`; a
+generative example gives one row with its target). Every evaluation task carries both metric functions, each
+reading only the rows of its kind: `rank_classification_metric` (a score metric: the example's highest-scoring
+choice) and `generation_metrics` (a predict metric: greedy outputs against the references). Data is read only
+when a dataset is requested: registration touches no file; `first_examples(n)` caps the examples of the
+evaluation datasets created inside it.
 """
+import contextlib
+import contextvars
 import functools
 import itertools
 from typing import Callable, Iterable, Iterator, Optional
@@ -26,6 +32,23 @@ EVAL_SIGNATURE = {
     "idx": tf.TensorSpec([], tf.int32),
 }
 TRAIN_SIGNATURE = {"inputs": tf.TensorSpec([], tf.string), "targets": tf.TensorSpec([], tf.string)}
+RANK_CLASSIFICATION = "accuracy"
+GENERATION_METRICS = {
+    "exact_match": lambda outputs, refs: metrics.exact_match(outputs, [r[0] for r in refs]),
+    "multi_answer_exact_match": metrics.multi_answer_exact_match,
+    "rouge_l": lambda outputs, refs: metrics.rouge_l(outputs, [r[0] for r in refs]),
+}
+_FIRST_EXAMPLES = contextvars.ContextVar("first_examples", default=None)
+
+
+@contextlib.contextmanager
+def first_examples(n: Optional[int]):
+  """Evaluation datasets created inside the block serve only their first `n` examples (None: all)."""
+  token = _FIRST_EXAMPLES.set(n)
+  try:
+    yield
+  finally:
+    _FIRST_EXAMPLES.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,9 +87,12 @@ class TextSource(seqio.FunctionDataSource):
   def _dataset_fn(self, split, shuffle_files, seed=None):
     del shuffle_files, seed
     opened = [_opened(self.examples_fn, split)]
+    limit = _FIRST_EXAMPLES.get() if self.signature is EVAL_SIGNATURE else None
     def rows():
       examples = opened.pop() if opened else self.examples_fn(split)
-      return _indexed(examples) if self.signature is EVAL_SIGNATURE else examples
+      if self.signature is not EVAL_SIGNATURE:
+        return examples
+      return itertools.islice(_indexed(examples), limit)
     return tf.data.Dataset.from_generator(rows, output_signature=self.signature)
 
 
@@ -75,7 +101,8 @@ def text_source(examples_fn: Callable, signature: dict, splits=("train", "valida
 
 
 def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """One row per answer choice: inputs, targets (the choice), idx, choice_idx, is_correct (algorithm.md §6)."""
+  """One row per answer choice: inputs, targets (the choice), idx, choice_idx, is_correct, and the example's
+  metric and references (algorithm.md §6)."""
   def expand(ex):
     has_choices = tf.size(ex["choices"]) > 0
     targets = tf.cond(has_choices, lambda: ex["choices"], lambda: tf.reshape(ex["target"], [1]))
@@ -83,24 +110,42 @@ def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
     n = tf.size(targets)
     return tf.data.Dataset.from_tensor_slices({
         "inputs": tf.fill([n], ex["inputs"]), "targets": targets, "idx": tf.fill([n], ex["idx"]),
-        "choice_idx": tf.range(n, dtype=tf.int32), "is_correct": correct})
+        "choice_idx": tf.range(n, dtype=tf.int32), "is_correct": correct,
+        "metric": tf.fill([n], ex["metric"]), "references": tf.tile(ex["references"][None], [n, 1])})
   return dataset.flat_map(expand)
 
 
 def row_key(output, example=None, is_target=False):
-  """Postprocessor: a target row becomes (idx, choice_idx, is_correct) for `rank_classification_metric`."""
+  """Postprocessor: a target row becomes {idx, choice_idx, is_correct, metric, references} for the metric
+  functions; a prediction stays its text."""
   if not is_target:
     return output
-  return int(example["idx"]), int(example["choice_idx"]), bool(example["is_correct"])
+  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  return {"idx": int(example["idx"]), "choice_idx": int(example["choice_idx"]),
+          "is_correct": bool(example["is_correct"]), "metric": text(example["metric"]),
+          "references": [text(r) for r in example["references"]]}
 
 
 def rank_classification_metric(targets, scores) -> dict:
-  """seqio score metric: accuracy over examples with more than one choice (scores: mean log-likelihoods)."""
-  idx, choice, correct = (list(col) for col in zip(*targets))
-  counts = {i: idx.count(i) for i in set(idx)}
-  keep = [counts[i] > 1 for i in idx]
-  pick = lambda col: [v for v, k in zip(col, keep) if k]
-  return {"accuracy": metrics.rank_classification_accuracy(pick(scores), pick(idx), pick(choice), pick(correct))}
+  """seqio score metric: accuracy of the rank-classification rows (scores: mean log-likelihoods, the
+  highest choice wins); {} when the task has none."""
+  rows = [(t, s) for t, s in zip(targets, scores) if t["metric"] == RANK_CLASSIFICATION]
+  if not rows:
+    return {}
+  column = lambda key: [t[key] for t, _ in rows]
+  return {RANK_CLASSIFICATION: metrics.rank_classification_accuracy(
+      [s for _, s in rows], column("idx"), column("choice_idx"), column("is_correct"))}
+
+
+def generation_metrics(targets, predictions) -> dict:
+  """seqio predict metric: each generative metric of the task over its rows' greedy outputs and references
+  (`GENERATION_METRICS`); {} when the task has no generative rows."""
+  values = {}
+  for name, metric_fn in GENERATION_METRICS.items():
+    rows = [(t, p) for t, p in zip(targets, predictions) if t["metric"] == name]
+    if rows:
+      values[name] = metric_fn([p for _, p in rows], [t["references"] for t, _ in rows])
+  return values
 
 
 def add_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None) -> seqio.Task:
@@ -118,7 +163,7 @@ def make_task(name: str, source: seqio.DataSource, evaluation: bool, features: O
                         seqio.preprocessors.append_eos_after_trim]
   return seqio.Task(name, source, features or output_features(), preprocessors=steps,
                     postprocess_fn=row_key if evaluation else None,
-                    metric_fns=[rank_classification_metric] if evaluation else [])
+                    metric_fns=[rank_classification_metric, generation_metrics] if evaluation else [])
 
 
 def add_mixture(name: str, task_names) -> None:

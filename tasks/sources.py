@@ -214,15 +214,17 @@ def bigbench_spec(task: str) -> Optional[BigBenchTask]:
 
 def generation_length(name: str) -> int:
   """Maximum number of generated tokens for a task, as the official gin files set `max_gen_length`:
-  colm/datasets/bigbench.gin for `bbl_<task>`, `bbh_<task>` and `bigbench/<task>`, colm/datasets/p3_t5xl.gin
-  for `p3_<key>_eval`; else the official default 20."""
+  colm/datasets/bigbench.gin for `bbl_<task>`, `bbh_<task>`, `bigbench/<task>` and `bigbench:<task>`,
+  colm/datasets/p3_t5xl.gin for `p3_<key>_eval`; else the official default 20."""
   prefix, _, rest = name.partition("_")
   tables = {"bbl": BIGBENCH_LITE, "bbh": BIGBENCH_HARD,
             "p3": {f"{s.key}_eval": s for s in P3_HELD_IN}}
   if prefix in tables and rest in tables[prefix]:
     spec = tables[prefix][rest]
+  elif name.startswith(("bigbench/", "bigbench:")):  # a BIG-bench path, or its seqio name (bigbench.seqio_name)
+    spec = bigbench_spec(name[len("bigbench/"):].replace(".", "/"))
   else:
-    spec = bigbench_spec(name[len("bigbench/"):]) if name.startswith("bigbench/") else None
+    spec = None
   return (spec.max_gen_length if spec else None) or DEFAULT_MAX_GEN_LENGTH
 
 

@@ -1,4 +1,5 @@
-"""The evaluator: length-normalised scores equal to the model's own, per-example weights see the task, tables."""
+"""The evaluator (seqio.Evaluator): length-normalised scores equal to the model's own, generative rows decoded
+greedily and scored by their metric, per-example weights see the task and texts, tables."""
 import json
 
 import jax
@@ -6,8 +7,11 @@ import numpy as np
 import pytest
 import seqio
 
+from phatgoose_jax import tasks
+from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.demo import suite
 from phatgoose_jax.evaluation import evaluator
+from phatgoose_jax.tasks import jsonl, seqio_tasks
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
 from phatgoose_jax.experts.config import ExpertConfig
@@ -26,27 +30,62 @@ def runner():
 
 
 def _direct_mean_logprob(runner, inputs, target):
+  """Unpadded, unbatched, inputs trimmed to the runner's length keeping EOS."""
   vocab = seqio.ByteVocabulary()
-  enc = np.array([list(vocab.encode(inputs)) + [1]], np.int32)
-  tgt = np.array([list(vocab.encode(target)) + [1]], np.int32)
+  enc = np.array([vocab_lib.encode(vocab, inputs, runner.input_length)], np.int32)
+  tgt = np.array([vocab_lib.encode(vocab, target, runner.target_length)], np.int32)
   logits = runner.model.logits(runner.variables, {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt),
                                                   "decoder_target_tokens": tgt})
   log_probs = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
   return float(np.mean(np.take_along_axis(np.asarray(log_probs), tgt[..., None], -1)))
 
 
-def test_scores_are_mean_target_log_likelihoods(runner):
-  pairs = [("reverse: cat", "tac"), ("upper: dog | upper: ab", "DOG AB"), ("x", "a longer one")]
-  scores = runner.score(pairs * 4)  # more rows than one batch
-  assert len(scores) == 12
-  for (inputs, target), score in zip(pairs, scores):
-    assert score == pytest.approx(_direct_mean_logprob(runner, inputs, target), abs=1e-4)
+def _rows_and_outputs(task, runner, fn_name):
+  seqio_eval = evaluator.seqio_evaluator(task, runner)
+  rows = list(seqio_eval.cached_task_datasets[task].as_numpy_iterator())
+  outputs = getattr(runner, fn_name)(task, rows)(seqio_eval.cached_model_datasets[task])
+  return rows, dict(outputs)
 
 
-def test_generate_returns_one_string_per_input(runner):
-  outputs = runner.generate(["reverse: cat"] * 9)
-  assert len(outputs) == 9 and all(isinstance(o, str) for o in outputs)
-  assert len(set(outputs)) == 1
+def test_seqio_scores_are_mean_target_log_likelihoods(runner):
+  task = suite.HELD_OUT_TASKS[0]
+  rows, scores = _rows_and_outputs(task, runner, "score_fn")
+  assert sorted(scores) == list(range(len(rows))) and len(rows) > runner.batch_size  # more rows than a batch
+  for i, row in enumerate(rows):
+    direct = _direct_mean_logprob(runner, row["inputs_pretokenized"].decode(), row["targets_pretokenized"].decode())
+    assert scores[i] == pytest.approx(direct, abs=1e-4)
+
+
+def _register_generative(name, examples):
+  def examples_fn(split):
+    del split
+    return iter([dict(inputs=i, target=t, choices=[], correct=[], references=[t], metric="exact_match")
+                 for i, t in examples])
+  source = seqio_tasks.text_source(examples_fn, seqio_tasks.EVAL_SIGNATURE, splits=("validation",))
+  seqio_tasks.add_task(name, source, evaluation=True, features=jsonl.output_features("byte"))
+
+
+def test_generative_task_scored_by_its_metric_on_greedy_outputs(runner):
+  examples = [("reverse: cat", "tac"), ("upper: ab", "AB"), ("x", "y")] * 3
+  _register_generative("test_generative", examples)
+  rows, outputs = _rows_and_outputs("test_generative", runner, "predict_fn")
+  vocab = seqio.ByteVocabulary()
+  for i, (inputs, _) in enumerate(examples):  # the greedy decoding of each input on its own
+    enc = np.array([list(vocab.encode(inputs)) + [1] + [0] * 8], np.int32)
+    alone = runner.model.predict_batch(runner.variables, {"encoder_input_tokens": enc,
+                                                          "decoder_input_tokens": np.zeros((1, 16), np.int32)})
+    np.testing.assert_array_equal(outputs[i], np.asarray(alone)[0])
+  decoded = [vocab_lib.decode(vocab, outputs[i]) for i in range(len(rows))]
+  expected = np.mean([d == t for d, (_, t) in zip(decoded, examples)])
+  result = evaluator.evaluate("test_generative", runner)
+  assert result["tasks"]["test_generative"] == {"num_examples": 9, "metrics": {"exact_match": expected},
+                                                "score": expected}
+
+
+def test_rank_classification_rows_are_not_decoded(runner):
+  task = suite.HELD_OUT_TASKS[0]
+  _, outputs = _rows_and_outputs(task, runner, "predict_fn")
+  assert all(not np.any(tokens) for tokens in outputs.values())
 
 
 def test_evaluate_a_mixture_by_name(runner):
@@ -55,6 +94,11 @@ def test_evaluate_a_mixture_by_name(runner):
   for task in results["tasks"].values():
     assert task["num_examples"] == 3 and set(task["metrics"]) == {"accuracy"}
   assert results["score"] == pytest.approx(np.mean([t["score"] for t in results["tasks"].values()]))
+
+
+def test_first_examples_caps_examples_not_rows(runner):
+  result = evaluator.evaluate(suite.HELD_OUT_TASKS[0], runner, max_examples=2)
+  assert result["tasks"][suite.HELD_OUT_TASKS[0]]["num_examples"] == 2
 
 
 def test_per_example_weights_see_the_task_and_texts(runner):
@@ -67,8 +111,10 @@ def test_per_example_weights_see_the_task_and_texts(runner):
   routed = EncoderDecoderModel(CONFIG, ExpertConfig(mode="routed", rank=2, num_experts=2, top_k=2))
   variables = unbox(routed.get_initial_variables(jax.random.key(1)))
   run = evaluator.Runner(routed, variables, seqio.ByteVocabulary(), weights, 8, 24, 16)
-  assert np.isfinite(run.score([("upper: ab", "AB")], task="demo_upper")).all()
-  assert seen == [("demo_upper", "upper: ab", (8, 24))]
+  task = suite.HELD_OUT_TASKS[0]
+  result = evaluator.evaluate(task, run, max_examples=1)
+  first = tasks.get_eval_examples(task, 1)[task][0]["inputs"]
+  assert np.isfinite(result["score"]) and seen[0] == (task, first, (8, 24))
 
 
 def test_markdown_table_and_files(tmp_path):

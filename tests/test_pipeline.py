@@ -13,6 +13,7 @@ from phatgoose_jax import evaluate as stages
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.cli import main as cli_main
 from phatgoose_jax.demo import run, suite
+from phatgoose_jax.evaluation import evaluator
 
 # Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
 run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
@@ -77,11 +78,17 @@ def test_assembled_checkpoint_loads_as_a_routed_model(built):
   assert restored.expert_config.mode == "routed" and restored.expert_config.num_experts == 2
   loaded = assembly.load(built["routed"])
   assert loaded.expert_weights is None and "experts" in loaded.variables
-  pairs = [("reverse: abc", "cba"), ("upper: abc", "ABC")]
-  scores = stages.runner(loaded, data.vocabulary(SKILLS[0])).score(pairs)
-  assert all(np.isfinite(scores))
-  from_library = assembly.load(built["base"], built["library"], "phatgoose")
-  np.testing.assert_array_equal(scores, stages.runner(from_library, data.vocabulary(SKILLS[0])).score(pairs))
+  task = suite.HELD_OUT_TASKS[0]
+
+  def scores(model):
+    runner = stages.runner(model, data.vocabulary(task))
+    seqio_eval = evaluator.seqio_evaluator(task, runner, max_examples=4)
+    rows = list(seqio_eval.cached_task_datasets[task].as_numpy_iterator())
+    return np.array([s for _, s in sorted(runner.score_fn(task, rows)(seqio_eval.cached_model_datasets[task]))])
+
+  assembled = scores(loaded)
+  assert assembled.size > 4 and np.all(np.isfinite(assembled))
+  np.testing.assert_array_equal(assembled, scores(assembly.load(built["base"], built["library"], "phatgoose")))
 
 
 def test_evaluate_writes_json_and_markdown(built):

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from phatgoose_jax.evaluation import task_eval
+from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.tasks import p3, promptsource, sources
+from text_runner import TextRunner
 
 EXAMPLES = {
     "super_glue/rte": {"premise": "The cat sat on the mat.", "hypothesis": "A cat is sitting.", "idx": 0, "label": 0},
@@ -121,8 +122,8 @@ def test_t0_task_end_to_end_from_local_jsonl(shared_data, tmp_path):
   (tmp_path / "super_glue" / "rte" / "validation.jsonl").write_text("\n".join(map(json.dumps, rows)))
   # A model that always prefers "Yes"/"True" (the first choice): right on row 0, wrong on row 1, and row 2
   # (label -1, no target) is skipped, over each of the 10 original-task templates.
-  score_fn = lambda pairs: [0.0 if target in ("Yes", "True") else -1.0 for _, target in pairs]
-  result = task_eval.evaluate_task("t0_rte", score_fn, generate_fn=None, expert_pool="p3",
-                                   templates_dir=shared_data / "promptsource_templates", data_dir=tmp_path)
+  runner = TextRunner(lambda inputs, target: 0.0 if target in ("Yes", "True") else -1.0)
+  result = evaluator.evaluate("t0_rte", runner, expert_pool="p3",
+                              templates_dir=shared_data / "promptsource_templates", data_dir=tmp_path)
   assert result["tasks"]["t0_rte"] == {"num_examples": 20, "metrics": {"accuracy": 0.5}, "score": 0.5}
   assert result["score"] == 0.5

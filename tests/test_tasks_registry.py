@@ -7,8 +7,9 @@ import pytest
 import seqio
 
 from phatgoose_jax import tasks
-from phatgoose_jax.evaluation import task_eval
+from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.tasks import flan, sources
+from text_runner import TextRunner
 
 P3 = ("ag_news amazon_polarity cosmos_qa samsum quartz ropes wiki_bio paws wiki_qa social_i_qa qasc quail dream "
       "wiqa quarel sciq quoref duorc_paraphraserc rotten_tomatoes yelp_review_full common_gen gigaword xsum "
@@ -104,20 +105,20 @@ def test_flan_pool_is_never_evaluated_on_t0_held_out():
     with pytest.raises(ValueError, match="must not be evaluated on T0 held-out"):
       flan.check_evaluation("flan", name)
     with pytest.raises(ValueError, match="must not be evaluated on T0 held-out"):
-      task_eval.evaluate_task(name, score_fn=None, generate_fn=None, expert_pool="flan")
+      evaluator.evaluate(name, TextRunner(), expert_pool="flan")
   flan.check_evaluation("flan", "bigbench_hard")
   flan.check_evaluation("p3", "t0_held_out")
 
 
 def test_evaluate_bigbench_generation_and_choices(shared_data):
   # repeat_copy_logic is generative (exact match): echoing the reference scores 1, an empty answer 0.
-  result = task_eval.evaluate_task("bbl_repeat_copy_logic", score_fn=None, generate_fn=lambda xs: [""] * len(xs),
-                                   max_examples=4, bigbench_dir=shared_data / "bigbench")
+  result = evaluator.evaluate("bbl_repeat_copy_logic", TextRunner(lambda i, t: 0.0), max_examples=4,
+                              bigbench_dir=shared_data / "bigbench")
   assert result["tasks"]["bbl_repeat_copy_logic"] == {"num_examples": 4, "metrics": {"exact_match": 0.0},
                                                        "score": 0.0}
   # strategyqa is multiple choice; a model preferring "Yes" is right exactly on the examples whose answer is Yes.
   examples = tasks.get_eval_examples("bbl_strategyqa", 10, bigbench_dir=shared_data / "bigbench")["bbl_strategyqa"]
   expected = sum(e["choices"][e["correct"].index(True)] == "Yes" for e in examples) / 10
-  result = task_eval.evaluate_task("bbl_strategyqa", lambda pairs: [float(t == "Yes") for _, t in pairs], None,
-                                   max_examples=10, bigbench_dir=shared_data / "bigbench")
+  result = evaluator.evaluate("bbl_strategyqa", TextRunner(lambda i, t: float(t == "Yes")), max_examples=10,
+                              bigbench_dir=shared_data / "bigbench")
   assert result["score"] == pytest.approx(expected)

@@ -1,20 +1,24 @@
-"""Evaluate a model on tasks and mixtures: rank classification and greedy generation (algorithm.md §6).
+"""Evaluate a model on tasks and mixtures through seqio: rank classification and greedy generation (algorithm.md §6).
 
-A `Runner` turns a model and its variables into the two functions `task_eval` needs:
-  score(pairs)     -> mean target-token log-likelihood of each (input, target) pair (length-normalised:
-                      rank classification picks the highest, i.e. the lowest mean cross-entropy);
-  generate(inputs) -> greedy decodings.
-Batches have a fixed shape (`batch_size` rows of `input_length` / `target_length` tokens, padded), so each
-jitted function compiles once, and are placed with the mesh's batch sharding. Per-example routers
-(uniform, oracle, retrieval) give `expert_weights(batch) -> <float32>[b, E]`; the batch they see holds the
-encoded inputs, their texts (`inputs`) and the task name (`task`, the oracle's label).
+Each task of a task or mixture is evaluated by a `seqio.Evaluator`: the task's preprocessors make one row per
+answer choice (or one per generative example), seqio's `EncDecFeatureConverter` makes the model features at
+the configured lengths (trimming keeps EOS), and the task's own metric functions (`tasks/seqio_tasks.py`)
+compute the numbers from what a `Runner` gives them:
+  score_fn   -> every row's target log-likelihood from `EncoderDecoderModel.score_batch` (length-normalised:
+                rank classification picks the highest mean, i.e. the lowest length-normalised cross-entropy);
+  predict_fn -> greedy decodings (`predict_batch_with_aux`) of the generative rows, at most the task's
+                generation length (`sources.generation_length`, the official `max_gen_length`).
+Batches have a fixed shape (`batch_size` rows, padded), so each jitted function compiles once, and are placed
+with the mesh's batch sharding. Per-example routers (uniform, oracle, retrieval) give `expert_weights(batch) ->
+<float32>[b, E]`; the batch they see holds the encoded inputs, their texts (`inputs`) and the task name
+(`task`, the oracle's label).
 Results: `{"name", "tasks": {task: {num_examples, metrics, score}}, "score"}`; a dataset's score is the mean of
 its metrics and a benchmark's the unweighted mean over its datasets.
 """
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -23,14 +27,16 @@ import seqio
 from phatgoose_jax import tasks
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.checkpoints import names
-from phatgoose_jax.evaluation import metrics, task_eval
+from phatgoose_jax.evaluation import metrics
 from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
-from phatgoose_jax.tasks import flan
+from phatgoose_jax.tasks import flan, seqio_tasks, sources
+
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
 
 
 @dataclasses.dataclass
 class Runner:
-  """A model ready to score and generate text in fixed-shape, sharded batches."""
+  """A model ready to score and decode seqio evaluation datasets in fixed-shape, sharded batches."""
   model: EncoderDecoderModel
   variables: dict
   vocabulary: seqio.Vocabulary
@@ -43,49 +49,55 @@ class Runner:
   def _put(self, x):
     return x if self.batch_sharding is None else jax.device_put(x, self.batch_sharding)
 
-  def _encode(self, texts: Sequence[str], length: int) -> np.ndarray:
-    return pad_tokens([vocab_lib.encode(self.vocabulary, t, length) for t in texts], length, self.batch_size)
-
-  def _weights(self, inputs: Sequence[str], encoded: np.ndarray, task: Optional[str]):
+  def _with_weights(self, batch: Dict[str, np.ndarray], texts: Sequence[str], task: Optional[str]) -> dict:
+    """The batch placed on the mesh, with the per-example router's `expert_weights` when there is one."""
+    placed = {k: self._put(v) for k, v in batch.items()}
     if self.expert_weights is None:
-      return None
-    texts = list(inputs) + [""] * (self.batch_size - len(inputs))
-    batch = {"encoder_input_tokens": encoded, "inputs": texts, "task": [task] * self.batch_size}
-    return self._put(np.asarray(self.expert_weights(batch), np.float32))
+      return placed
+    texts = list(texts) + [""] * (self.batch_size - len(texts))
+    seen = {"encoder_input_tokens": batch["encoder_input_tokens"], "inputs": texts, "task": [task] * self.batch_size}
+    return {**placed, "expert_weights": self._put(np.asarray(self.expert_weights(seen), np.float32))}
+
+  def batches(self, dataset, rows: Sequence[Mapping], task: str) -> Iterator[tuple]:
+    """(row indices, batch) over an enumerated model-feature dataset; `rows` are its task rows (texts)."""
+    for index, features in dataset.batch(self.batch_size).as_numpy_iterator():
+      batch = {k: _pad_rows(np.asarray(features[k], np.int32), self.batch_size) for k in MODEL_FEATURES}
+      texts = [_text(rows[i]["inputs_pretokenized"]) for i in index]
+      yield index, self._with_weights(batch, texts, task)
+
+  def score_fn(self, task: str, rows: Sequence[Mapping]) -> Callable:
+    """seqio score_fn: dataset -> [(index, mean target log-likelihood)]."""
+    def score(dataset):
+      out = []
+      for index, batch in self.batches(dataset, rows, task):
+        out += zip(index.tolist(), np.asarray(self.model.jit_score(self.variables, batch))[:len(index)].tolist())
+      return out
+    return score
+
+  def predict_fn(self, task: str, rows: Sequence[Mapping]) -> Callable:
+    """seqio predict_fn: dataset -> [(index, greedy tokens)]; only generative rows are decoded (the others
+    get an empty output, which no metric reads)."""
+    length = min(self.target_length, sources.generation_length(task))
+    generative = np.array([_text(r["metric"]) != seqio_tasks.RANK_CLASSIFICATION for r in rows])
+
+    def predict(dataset):
+      out = []
+      for index, batch in self.batches(dataset, rows, task):
+        tokens = np.zeros((len(index), length), np.int32)
+        if generative[index].any():
+          batch = {**batch, "decoder_input_tokens": np.zeros((self.batch_size, length), np.int32)}
+          tokens = np.asarray(self.model.jit_predict(self.variables, batch)[0])[:len(index)]
+        out += zip(index.tolist(), list(tokens))
+      return out
+    return predict
 
   def features(self, inputs: Sequence[str], targets: Sequence[str]) -> Dict[str, np.ndarray]:
-    """One padded batch of t5x features (at most `batch_size` examples)."""
-    encoded = self._encode(inputs, self.input_length)
-    targets = self._encode(targets, self.target_length)
-    return {"encoder_input_tokens": encoded, "decoder_input_tokens": shift_right(targets),
+    """One padded batch of t5x features from texts (at most `batch_size` examples)."""
+    encode = lambda texts, length: pad_tokens([vocab_lib.encode(self.vocabulary, t, length) for t in texts],
+                                              length, self.batch_size)
+    targets = encode(targets, self.target_length)
+    return {"encoder_input_tokens": encode(inputs, self.input_length), "decoder_input_tokens": shift_right(targets),
             "decoder_target_tokens": targets}
-
-  def _chunks(self, items: Sequence) -> List[Sequence]:
-    return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-
-  def score(self, pairs: Sequence[tuple], task: Optional[str] = None) -> List[float]:
-    """Mean log-likelihood of each target given its input."""
-    out = []
-    for chunk in self._chunks(list(pairs)):
-      inputs, targets = [p[0] for p in chunk], [p[1] for p in chunk]
-      batch = self.features(inputs, targets)
-      weights = self._weights(inputs, batch["encoder_input_tokens"], task)
-      batch = {k: self._put(v) for k, v in batch.items()}
-      scores = self.model.jit_score(self.variables, batch if weights is None else {**batch, "expert_weights": weights})
-      out += np.asarray(scores)[:len(chunk)].tolist()
-    return out
-
-  def generate(self, inputs: Sequence[str], task: Optional[str] = None) -> List[str]:
-    """Greedy decodings of at most `target_length` tokens."""
-    out = []
-    for chunk in self._chunks(list(inputs)):
-      encoded = self._encode(chunk, self.input_length)
-      weights = self._weights(chunk, encoded, task)
-      batch = {"encoder_input_tokens": self._put(encoded),
-               "decoder_input_tokens": np.zeros((len(encoded), self.target_length), np.int32)}
-      tokens, _ = self.model.jit_predict(self.variables, batch if weights is None else {**batch, "expert_weights": weights})
-      out += [vocab_lib.decode(self.vocabulary, row) for row in np.asarray(tokens)[:len(chunk)]]
-    return out
 
   def intermediates(self, inputs: Sequence[str], targets: Sequence[str]) -> tuple:
     """(features, sown `intermediates` `{'module/path/name': array}`) of one teacher-forced batch."""
@@ -96,22 +108,53 @@ class Runner:
     return batch, {k: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
 
 
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  return np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1))
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def task_list(name: str) -> List[str]:
-  """The task names of a task or mixture (a `bigbench/...` path is one task)."""
+  """The seqio task names of a task or mixture (a `bigbench/...` path or `.jsonl` file is registered first)."""
   provider = tasks.get_task_or_mixture(name)
-  return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [name]
+  return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
+
+
+def seqio_evaluator(task: str, runner: Runner, max_examples: Optional[int] = None, **dirs) -> seqio.Evaluator:
+  """A `seqio.Evaluator` of one registered task: its evaluation split (validation, else its first), the first
+  `max_examples` examples, read now (`dirs`: data directories) and cached, at the runner's lengths."""
+  provider = seqio.get_mixture_or_task(task)
+  split = "validation" if "validation" in provider.splits else provider.splits[0]
+  with sources.using_dirs(**dirs), seqio_tasks.first_examples(max_examples):
+    evaluator = seqio.Evaluator(task, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+                                sequence_length={"inputs": runner.input_length, "targets": runner.target_length},
+                                async_compute_metrics=False)
+  if not evaluator.eval_tasks:
+    raise ValueError(f"{task} is not an evaluation task (it has no metric functions)")
+  return evaluator
+
+
+def evaluate_task(task: str, runner: Runner, max_examples: Optional[int] = None, **dirs) -> dict:
+  """{"num_examples", "metrics", "score"} of one task, computed by its seqio metric functions."""
+  evaluator = seqio_evaluator(task, runner, max_examples, **dirs)
+  rows = list(evaluator.cached_task_datasets[task].as_numpy_iterator())
+  if not rows:
+    raise ValueError(f"{task} has no examples to evaluate")
+  future, _ = evaluator.evaluate(compute_metrics=True, score_fn=runner.score_fn(task, rows),
+                                 predict_fn=runner.predict_fn(task, rows))
+  values = {k: float(v) for k, v in future.result()[task].items()}
+  return {"num_examples": len({int(r["idx"]) for r in rows}), "metrics": values,
+          "score": metrics.dataset_score(values)}
 
 
 def evaluate(name: str, runner: Runner, max_examples: Optional[int] = None, expert_pool: Optional[str] = None,
              **dirs) -> dict:
-  """Scores of each task of `name` and their unweighted mean (`task_eval.evaluate_task` per task)."""
+  """Scores of each task of `name` (`evaluate_task`) and their unweighted mean; `expert_pool` names the
+  experts' pool ("p3" or "flan"): the FLAN pool is refused on T0 held-out tasks."""
   flan.check_evaluation(expert_pool, name)
-  results = {}
-  for task in task_list(name):
-    result = task_eval.evaluate_task(task, lambda pairs, t=task: runner.score(pairs, t),
-                                     lambda inputs, t=task: runner.generate(inputs, t), max_examples=max_examples,
-                                     expert_pool=expert_pool, **dirs)
-    results.update(result["tasks"])
+  results = {task: evaluate_task(task, runner, max_examples, **dirs) for task in task_list(name)}
   return {"name": name, "tasks": results,
           "score": metrics.benchmark_score({t: r["score"] for t, r in results.items()})}
 
