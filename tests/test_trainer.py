@@ -216,3 +216,89 @@ def test_batch_must_split_into_micro_batches():
   t = trainer_lib.Trainer(loss_fn, variables, accum_steps=3)
   with pytest.raises(ValueError, match="not divisible by accum_steps=3"):
     t.train(data.DeterministicBatches(make_examples(), 8), 1)
+
+
+class StepMetrics:
+  """A fake validation metric by step, recording the steps validated and the `lora` leaves seen there."""
+
+  def __init__(self, by_step, key="score"):
+    self.by_step, self.key, self.seen, self.trainer = by_step, key, {}, None
+
+  def __call__(self, variables):
+    step = int(self.trainer.state["step"])
+    self.seen[step] = jax.tree.map(np.asarray, variables["lora"])
+    return {self.key: self.by_step[step]}
+
+
+def _selecting_trainer(tmp_path, metrics, **kw):
+  variables, loss_fn = make_model()
+  t = trainer_lib.Trainer(loss_fn, variables, workdir=str(tmp_path), eval_fn=metrics, best_fn=lambda m: m["score"],
+                          best_mode="max", **kw)
+  metrics.trainer = t
+  return t
+
+
+def expected_best(scores: dict, mode: str = "max") -> int:
+  """The official rule, independently: walk the validations in order, replace the kept one when the new
+  result is >= (<= for a loss) the kept one (src/procedures/evaluator.py:122-136)."""
+  best = None
+  for step in sorted(scores):
+    if best is None or (scores[step] >= scores[best] if mode == "max" else scores[step] <= scores[best]):
+      best = step
+  return best
+
+
+def test_selection_validates_step_0_every_interval_and_the_last_step_ties_to_the_later(tmp_path):
+  by_step = {0: 0.5, 100: 0.75, 200: 0.75, 250: 0.25}
+  metrics = StepMetrics(by_step)
+  t = _selecting_trainer(tmp_path, metrics, eval_every=100, checkpoint_every=250)
+  t.train(data.DeterministicBatches(make_examples(), 8), 250)
+  assert sorted(metrics.seen) == [0, 100, 200, 250]
+  assert t.best_step == expected_best(by_step) == 200
+  assert leaves_equal(t.best_variables()["lora"], metrics.seen[200])
+  assert not leaves_equal(metrics.seen[100], metrics.seen[200])
+
+
+def test_step_0_is_a_candidate(tmp_path):
+  by_step = {0: 0.9, 2: 0.5, 4: 0.1}
+  metrics = StepMetrics(by_step)
+  t = _selecting_trainer(tmp_path, metrics, eval_every=2, checkpoint_every=4)
+  t.train(data.DeterministicBatches(make_examples(), 8), 4)
+  assert t.best_step == expected_best(by_step) == 0
+  assert leaves_equal(t.best_variables()["lora"], nn.meta.unbox(make_model()[0])["lora"])
+
+
+def test_a_minimised_loss_also_ties_to_the_later_step(tmp_path):
+  by_step = {0: 3.0, 2: 1.0, 4: 1.0, 6: 2.0}
+  metrics = StepMetrics(by_step, key="loss")
+  variables, loss_fn = make_model()
+  t = trainer_lib.Trainer(loss_fn, variables, workdir=str(tmp_path), eval_fn=metrics, eval_every=2,
+                          checkpoint_every=6)
+  metrics.trainer = t
+  t.train(data.DeterministicBatches(make_examples(), 8), 6)
+  assert t.best_step == expected_best(by_step, "min") == 4
+  assert leaves_equal(t.best_variables()["lora"], metrics.seen[4])
+
+
+class Crash(RuntimeError):
+  pass
+
+
+def test_a_resumed_run_selects_as_an_uninterrupted_one(tmp_path):
+  by_step = {0: 0.2, 2: 0.6, 4: 0.6, 6: 0.4}
+  batches = data.DeterministicBatches(make_examples(), 8, seed=1)
+  straight = _selecting_trainer(tmp_path / "a", StepMetrics(by_step), eval_every=2, checkpoint_every=2)
+  straight.train(batches, 6)
+
+  def crashing(step):
+    if step == 5:
+      raise Crash("interrupted")
+    return batches(step)
+
+  with pytest.raises(Crash):
+    _selecting_trainer(tmp_path / "b", StepMetrics(by_step), eval_every=2, checkpoint_every=2).train(crashing, 6)
+  resumed = _selecting_trainer(tmp_path / "b", StepMetrics(by_step), eval_every=2, checkpoint_every=2)
+  assert int(resumed.state["step"]) == 4
+  resumed.train(batches, 6)
+  assert straight.best_step == resumed.best_step == 4
+  assert leaves_equal(straight.best_variables(), resumed.best_variables())

@@ -17,6 +17,17 @@ Dropout's rng is `fold_in(fold_in(key(seed), s), i)` and the batch is `batch_fn(
 the step, so a resumed run recomputes the same updates and ends bitwise equal to an uninterrupted one.
 Trainable leaves and optimiser state are float32; the compute dtype is the model's business.
 
+Checkpoint selection (algorithm.md §2): the candidates are step 0, every `eval_every`-th step and the last
+step; each is validated by `eval_fn` and checkpointed with its metrics, and the kept one maximises
+
+  key(step) = (+-best_fn(metrics), step)        (+ for best_mode 'max', - for 'min')
+
+so ties go to the later step, as the official `>=` does (src/procedures/evaluator.py:122-136). The official
+run validates at step 0 (colm/experiments/train.gin:61) and at every step % validation_step_interval == 0
+(src/procedures/trainer.py:188-192); the last step is a candidate here too, so a run shorter than the
+interval still keeps a trained step (with 1000 steps and an interval of 100 the candidates are the official
+ones). The key is stored with each checkpoint, so a resumed run selects as an uninterrupted one.
+
 Multi-host: every process runs the same loop. `batch_fn(s)` returns this process's rows of step s's
 batch (`partitioning.process_batch_rows`; the whole batch on one process), from which each step builds the
 global batch with `jax.make_array_from_process_local_data`; orbax saves and restores across processes, and
@@ -94,6 +105,15 @@ def eval_loss(metrics: dict) -> float:
   return metrics["loss"]
 
 
+SELECTION_STEP = "selection/step"  # the step stored among a candidate checkpoint's metrics
+
+
+def selection_key(metrics: dict, best_fn: Callable[[dict], float], best_mode: str) -> tuple:
+  """(+-best_fn(metrics), step): the kept candidate maximises it, so ties go to the later step (see above)."""
+  value = best_fn(metrics)
+  return (value if best_mode == "max" else -value, metrics[SELECTION_STEP])
+
+
 @gin.configurable
 class Trainer:
   """Jitted, sharded training of a regex-chosen subset of `variables`, with checkpoints and resume.
@@ -108,11 +128,12 @@ class Trainer:
     workdir: where `checkpoints/` and `tensorboard/` go; no checkpoints or event files when None. A
       workdir holding checkpoints resumes from the latest one.
     checkpoint_every: save every this many steps (and at the last step of `train`).
-    keep: how many best checkpoints to keep (by `best_fn` over the validation metrics; the latest is
-      always kept too, for resume), or the latest `keep` when there is no `eval_fn`.
-    eval_fn: `eval_fn(variables) -> {name: scalar}`, run at step 0, every `eval_every` steps and at
-      every checkpoint.
-    best_fn, best_mode: the keep-best criterion over eval metrics and whether to 'min'imise or 'max'imise.
+    keep: how many best checkpoints to keep (by `selection_key` over the validation metrics; the latest
+      is always kept too, for resume), or the latest `keep` when there is no `eval_fn`.
+    eval_fn: `eval_fn(variables) -> {name: scalar}`, run at the candidate steps (step 0, every
+      `eval_every` steps, the last step), each of which is checkpointed.
+    best_fn, best_mode: the keep-best criterion over eval metrics and whether to 'min'imise or 'max'imise
+      it; ties go to the later step.
     accum_steps: micro-batches per update; it must divide the batch size.
     loss_weight_key: the metric giving a micro-batch's weight in accumulation (see module docstring).
     seed: dropout rngs are `fold_in(key(seed), step)`.
@@ -182,14 +203,13 @@ class Trainer:
 
   def _checkpoint_manager(self, keep: int, best_fn, best_mode: str) -> ocp.CheckpointManager:
     if self.eval_fn is None:
-      policy = checkpoint_managers.LatestN(n=keep)
-      best_fn = None
+      policy, key = checkpoint_managers.LatestN(n=keep), None
     else:
+      key = lambda metrics: selection_key(metrics, best_fn, best_mode)
       policy = checkpoint_managers.AnyPreservationPolicy([
           checkpoint_managers.LatestN(n=1),
-          checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep,
-                                    keep_checkpoints_without_metrics=False)])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_fn, best_mode=best_mode)
+          checkpoint_managers.BestN(get_metric_fn=key, n=keep, keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=key, best_mode="max")
     return ocp.CheckpointManager(os.path.join(os.path.abspath(self.workdir), "checkpoints"), options=options)
 
   def _restore(self, step: int) -> dict:
@@ -204,13 +224,14 @@ class Trainer:
     return restored
 
   def save(self, metrics: Optional[dict] = None):
-    """Checkpoint the current state (with its validation `metrics`, for keep-best)."""
+    """Checkpoint the current state; with its validation `metrics` it is a selection candidate."""
     step = int(self.state["step"])
+    metrics = None if metrics is None else {**metrics, SELECTION_STEP: step}
     self.manager.save(step, args=ocp.args.StandardSave(self.state), metrics=metrics, force=True)
 
   @property
   def best_step(self) -> Optional[int]:
-    """The kept checkpoint with the best validation metric (the latest one when there is no `eval_fn`)."""
+    """The kept candidate of the largest `selection_key` (the latest checkpoint when there is no `eval_fn`)."""
     self.manager.wait_until_finished()
     return self.manager.best_step()
 
@@ -282,6 +303,15 @@ class Trainer:
       tqdm.tqdm.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.6g}" for k, v in metrics.items()))
     return metrics
 
+  def _validate_and_checkpoint(self, step: int, num_steps: int):
+    """At a candidate step (0, every `eval_every`, the last) validate and checkpoint with the metrics; at
+    other `checkpoint_every` steps checkpoint for resume only."""
+    candidate = self.eval_fn is not None and (step % self.eval_every == 0 or step == num_steps)
+    metrics = self.evaluate() if candidate else None
+    if self.manager is not None and (candidate or (step > 0 and step % self.checkpoint_every == 0)
+                                     or step == num_steps):
+      self.save(metrics)
+
   def _check_batch(self, batch: dict):
     sizes = {k: np.shape(v)[0] for k, v in batch.items()}
     if len(set(sizes.values())) != 1:
@@ -309,8 +339,8 @@ class Trainer:
     """
     step = int(self.state["step"])
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=not distributed.is_writer())
-    if step == 0 and self.eval_fn is not None:
-      self.evaluate()
+    if step == 0 and (self.manager is None or self.manager.latest_step() is None):
+      self._validate_and_checkpoint(step, num_steps)
     first = step
     while step < num_steps:
       batch = batch_fn(step)
@@ -325,12 +355,7 @@ class Trainer:
         self.history.append({"step": step, **metrics})
         self._write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4g}")
-      is_checkpoint = self.manager is not None and (step % self.checkpoint_every == 0 or step == num_steps)
-      eval_metrics = None
-      if self.eval_fn is not None and (step % self.eval_every == 0 or is_checkpoint):
-        eval_metrics = self.evaluate()
-      if is_checkpoint:
-        self.save(eval_metrics)
+      self._validate_and_checkpoint(step, num_steps)
     bar.close()
     if self.writer is not None:
       self.writer.flush()
