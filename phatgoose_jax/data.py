@@ -75,6 +75,23 @@ def task_names(name: str) -> List[str]:
   return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
 
 
+def validation_task(name: str) -> Optional[str]:
+  """The evaluation task that selects a checkpoint of training task (or mixture) `name`, or None.
+
+  One rule: `<name>_eval` when it is registered and every task in it is scored by a metric (P3 `p3_<key>` ->
+  `p3_<key>_eval`, `p3_held_in` -> `p3_held_in_eval`, the demo's `tok_<X>` / `demo_<skill>` -> their `_eval`
+  tasks). The official trainer validates on the dataset's EVAL scope (colm/datasets/p3_t5xl.gin, e.g.
+  D/P3SOCIALIQA/EVAL: the validation split, original templates in turn). Tasks without one (FLAN-pool experts,
+  JSONL files, base pre-training) return None: the caller selects by validation loss (algorithm.md §2).
+  """
+  candidate = resolve(name) + "_eval"
+  if candidate not in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()):
+    return None
+  provider = seqio.get_mixture_or_task(candidate)
+  members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  return candidate if all(task.metric_fns for task in members) else None
+
+
 def vocabulary(name: str) -> seqio.Vocabulary:
   """The vocabulary of a task's (or a mixture's first task's) `inputs` feature."""
   return seqio.get_mixture_or_task(task_names(name)[0]).output_features["inputs"].vocabulary

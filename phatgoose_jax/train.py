@@ -10,10 +10,22 @@ Data comes through seqio (`data.examples`: the task's preprocessors and `EncDecF
 process reading its shard; the `Trainer` (optax, orbax checkpoints that resume, TensorBoard) runs on the
 configured (data, model, expert) mesh. A work directory belongs to one run (`training.workdir.claim`).
 Held-out data never reaches these stages: `held_out` (a `data.HeldOut`) refuses it.
+
+Checkpoint selection (algorithm.md §2, `selection`): an expert (and a multitask model) keeps the candidate step
+(0, every `fit.eval_every` = 100 steps, the last) of the best validation TASK METRIC, ties to the later step,
+validated on `data.validation_task(task)` as the official trainer validates on the dataset's EVAL scope
+(colm/experiments/train_single_task_loralinear.gin:6, src/procedures/evaluator.py:122-136). A gate keeps its
+last step: the official gate run trains 100 steps with only the step-100 validation (train_gate.sh:74 runs
+P/TRAIN alone), so its kept weights are the last step's.
+
+Multi-host: every process trains and validates; only process 0 logs and writes the library (or a native
+checkpoint); the others wait at a barrier and return what it wrote, read back (`_written_once`).
 """
+import dataclasses
 import functools
+import logging
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import gin
 import jax
@@ -22,9 +34,10 @@ from jax.experimental import multihost_utils
 
 from phatgoose_jax import data, distributed
 from phatgoose_jax import library as lib
-from phatgoose_jax import utils
+from phatgoose_jax import partitioning, utils
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
+from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.training import optimizers
@@ -50,49 +63,114 @@ def _eval_loss_fn(model: EncoderDecoderModel, features: Dict[str, np.ndarray], b
   return eval_fn
 
 
+def _eval_metric_fn(model: EncoderDecoderModel, task: str, vocabulary, max_examples: Optional[int],
+                    batch_size: int):
+  """variables -> {"score", "<task>/<metric>"...}: `evaluator.evaluate` of evaluation task `task` (its score is
+  the mean of its metrics, a mixture's the mean over its tasks: algorithm.md §6)."""
+  mesh, rules = utils.sharding()
+  lengths = data.feature_lengths()
+
+  def eval_fn(variables):
+    runner = evaluator.Runner(model, variables, vocabulary, batch_size=batch_size, input_length=lengths["inputs"],
+                              target_length=lengths["targets"],
+                              batch_sharding=partitioning.batch_sharding(mesh, rules))
+    result = evaluator.evaluate(task, runner, max_examples=max_examples)
+    return {"score": result["score"], **{f"{t}/{m}": v for t, r in result["tasks"].items()
+                                         for m, v in r["metrics"].items()}}
+  return eval_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """How `fit` chooses the kept step: `eval_fn(variables) -> metrics`, whose `key` is `mode` ('max'/'min')."""
+  eval_fn: Callable[[dict], dict]
+  key: str
+  mode: str
+
+
+def _warn(message: str, *args) -> None:
+  if distributed.is_writer():
+    logging.warning(message, *args)
+
+
+@gin.configurable(allowlist=["batch_size"])
+def selection(model: EncoderDecoderModel, task: str, held_out: data.HeldOut, max_examples: Optional[int] = None,
+              batch_size: int = 64) -> Optional[Selection]:
+  """The checkpoint selection of a run training on `task` (algorithm.md §2).
+
+  With an evaluation task `data.validation_task(task)`: its score (the task metric, e.g. rank-classification
+  accuracy), maximised, over at most `max_examples` examples per task (None: the whole validation split, as
+  the official EVAL datasets, colm/datasets/p3_t5xl.gin). Without one, a logged warning and the token-weighted
+  loss on the task's `validation` split (minimised); without that either, a warning and None (the last step is
+  kept). The official trainer has no loss fallback: a dataset without metrics is skipped
+  (src/procedures/evaluator.py:79) and the step-0 weights would stay kept.
+  """
+  eval_task = data.validation_task(task)
+  if eval_task is not None:
+    held_out.check_tasks(data.task_names(eval_task))
+    return Selection(_eval_metric_fn(model, eval_task, data.vocabulary(task), max_examples, batch_size), "score",
+                     "max")
+  try:  # the whole split in every process, so that all of them compute the same loss and keep the same step
+    features = data.examples(task, "validation", data.feature_lengths(), max_examples=max_examples,
+                             held_out=held_out)
+  except (ValueError, KeyError):
+    _warn("%s has no evaluation task (%s_eval) and no validation split: the last step is kept", task, task)
+    return None
+  _warn("%s has no evaluation task (%s_eval): checkpoints are selected by the validation loss", task, task)
+  return Selection(_eval_loss_fn(model, features, batch_size), "loss", "min")
+
+
 @gin.configurable(denylist=["model", "variables", "trainable", "train", "validation", "workdir"])
 def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], train: Dict[str, np.ndarray],
-        validation: Optional[Dict[str, np.ndarray]], workdir: str, num_steps: int, batch_size: int = 32,
+        validation: Optional[Selection], workdir: str, num_steps: int, batch_size: int = 32,
         seed: int = 0, dropout_seed: int = 0, accum_steps: int = 1, checkpoint_every: Optional[int] = None,
-        eval_every: Optional[int] = None) -> dict:
-  """Train the `trainable` leaves of `variables` on `train` features; returns the best variables.
+        eval_every: int = 100) -> dict:
+  """Train the `trainable` leaves of `variables` on `train` features; returns the kept variables.
 
   `batch_size` is the effective (global) batch, split into `accum_steps` micro-batches. `seed` orders the
   data; `dropout_seed` draws dropout masks (a constant of the compiled step, so runs that share it share
   compiled code). Checkpoints (orbax) and TensorBoard go under `workdir`; an existing checkpoint there
-  resumes. The kept variables are those of the best validation loss (or the last step without
-  `validation`). `train` holds this process's shard of the data; each process feeds its rows of a batch.
+  resumes. The kept variables are those of the best `validation` candidate (step 0, every `eval_every`
+  steps, the last step; ties to the later one: `trainer.selection_key`), or of the last step without
+  `validation`. `train` holds this process's shard of the data; each process feeds its rows of a batch.
   """
-  for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("accum_steps", accum_steps)):
+  for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("accum_steps", accum_steps),
+                      ("eval_every", eval_every)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); bind it as a "
                        f"number, e.g. --gin \"train.fit.{name} = 32\"")
   mesh, rules = utils.sharding()
-  eval_fn = None if validation is None else _eval_loss_fn(model, validation, batch_size)
+  select = {} if validation is None else {"eval_fn": validation.eval_fn, "best_mode": validation.mode,
+                                          "best_fn": lambda metrics: metrics[validation.key]}
   trainer = Trainer(model.loss_fn, variables, trainable=trainable, optimizer=optimizers.make_optimizer(num_steps=num_steps), mesh=mesh,
                     rules=rules, workdir=workdir, checkpoint_every=checkpoint_every or num_steps,
-                    eval_fn=eval_fn, eval_every=eval_every or num_steps, seed=dropout_seed, accum_steps=accum_steps,
-                    log_every=max(1, num_steps // 20))
+                    eval_every=eval_every, seed=dropout_seed, accum_steps=accum_steps,
+                    log_every=max(1, num_steps // 20), **select)
   rows = trainer.local_rows(batch_size)
   trainer.train(DeterministicBatches(data.model_features(train), rows.stop - rows.start, seed), num_steps)
   best = trainer.best_variables()
   return jax.device_get(best) if jax.process_count() == 1 else multihost_utils.process_allgather(best, tiled=True)
 
 
-def datasets(task: str, held_out: data.HeldOut, max_train_examples: Optional[int],
-             max_validation_examples: Optional[int]) -> tuple:
-  """(train, validation or None) features of `task`, this process's shard of each."""
+def train_examples(task: str, held_out: data.HeldOut, max_train_examples: Optional[int]) -> dict:
+  """The training features of `task`, this process's shard."""
   mesh, rules = utils.sharding()
-  shard = distributed.shard_info(mesh, rules)
-  lengths = data.feature_lengths()
-  train = data.examples(task, "train", lengths, max_examples=max_train_examples, held_out=held_out,
-                        shard_info=shard)
-  try:
-    validation = data.examples(task, "validation", lengths, max_examples=max_validation_examples,
-                               held_out=held_out, shard_info=shard)
-  except (ValueError, KeyError):
-    validation = None
-  return train, validation
+  return data.examples(task, "train", data.feature_lengths(), max_examples=max_train_examples, held_out=held_out,
+                       shard_info=distributed.shard_info(mesh, rules))
+
+
+def _written_once(write: Callable[[], object], read: Callable[[], object], barrier: str):
+  """`write()` in process 0 only (`distributed.is_writer`); every process waits at the barrier `barrier`,
+  then the others return `read()`: all processes return the same value."""
+  written = write() if distributed.is_writer() else None
+  multihost_utils.sync_global_devices(barrier)
+  return written if distributed.is_writer() else read()
+
+
+def _library_add(library: str, name: str, lora, **kwargs) -> dict:
+  """`ExpertLibrary.add` by process 0; every process returns the entry's manifest."""
+  return _written_once(lambda: lib.ExpertLibrary(library).add(name, lora, **kwargs),
+                       lambda: lib.ExpertLibrary(library).manifest(name), f"library add {library} {name}")
 
 
 def _training_record(task: str, num_train: int, started: float, **extra) -> dict:
@@ -104,11 +182,12 @@ def _training_record(task: str, num_train: int, started: float, **extra) -> dict
 def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: str = gin.REQUIRED,
                  workdir: str = gin.REQUIRED, name: Optional[str] = None, num_steps: int = 1000,
                  seed: int = 0, max_train_examples: Optional[int] = None,
-                 max_validation_examples: Optional[int] = 1000,
+                 max_validation_examples: Optional[int] = None,
                  held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> dict:
-  """Train one LoRA expert on `task` (base frozen, algorithm.md §2) and add it to `library`; its manifest."""
+  """Train one LoRA expert on `task` (base frozen, algorithm.md §2), keep the step of the best validation
+  task metric (`selection`), and add it to `library` (process 0); its manifest."""
   started = time.time()
-  train, validation = datasets(task, held_out, max_train_examples, max_validation_examples)
+  train = train_examples(task, held_out, max_train_examples)
   loaded = utils.restore_base(base)
   params = loaded.variables["params"]
   model = utils.get_model(loaded.config, utils.lora_config())
@@ -116,21 +195,23 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
   workdirs.claim(workdir, {"stage": "expert", "task": task, "name": name or task, "base": fingerprint,
                            "config": {"rank": model.experts.rank, "targets": model.experts.targets,
                                       "num_steps": num_steps, "seed": seed}})
+  validation = selection(model, task, held_out, max_examples=max_validation_examples)
   trained = fit(model, utils.init_variables(model, seed, params=params), ["lora/.*"], train, validation, workdir,
                 num_steps, seed=seed)
   record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="expert",
                             num_steps=num_steps, seed=seed)
-  return lib.ExpertLibrary(library).add(name or task, trained["lora"], base=fingerprint, dataset=task,
-                                        training={"expert": record})
+  return _library_add(library, name or task, trained["lora"], base=fingerprint, dataset=task,
+                      training={"expert": record})
 
 
 @gin.configurable
 def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str = gin.REQUIRED,
                workdir: str = gin.REQUIRED, task: Optional[str] = None, num_steps: int = 100, seed: int = 0,
-               max_train_examples: Optional[int] = None, max_validation_examples: Optional[int] = 1000,
+               max_train_examples: Optional[int] = None,
                held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> dict:
-  """Train the gates of library expert `name` on its dataset (expert frozen, algorithm.md §3); stores
-  expert + gate in place of the expert."""
+  """Train the gates of library expert `name` on its dataset (expert frozen, algorithm.md §3) and keep the last
+  step (as the official gate run does: module docstring); process 0 stores expert + gate in place of the
+  expert."""
   library_ = lib.ExpertLibrary(library)
   expert = library_.load(name)
   task = task or expert.manifest["dataset"]
@@ -138,7 +219,7 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
     raise ValueError(f"expert {name!r} records no training dataset (it was imported); name the task its gate "
                      f"trains on (--task TASK)")
   started = time.time()
-  train, validation = datasets(task, held_out, max_train_examples, max_validation_examples)
+  train = train_examples(task, held_out, max_train_examples)
   loaded = utils.restore_base(base)
   params = loaded.variables["params"]
   if lib.base_fingerprint(loaded.config, params) != expert.manifest["base"]:
@@ -147,10 +228,10 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
   workdirs.claim(workdir, {"stage": "gate", "task": task, "name": name, "base": expert.manifest["base"],
                            "config": {"num_steps": num_steps, "seed": seed}})
   variables = utils.init_variables(model, seed, params=params, lora=ckpt_names.unflatten(expert.lora))
-  trained = fit(model, variables, ["gates/.*"], train, validation, workdir, num_steps, seed=seed)
+  trained = fit(model, variables, ["gates/.*"], train, None, workdir, num_steps, seed=seed)
   record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="gate", num_steps=num_steps,
                             seed=seed)
-  return library_.add(name, expert.lora, base=expert.manifest["base"], gates=trained["gates"],
+  return _library_add(library, name, expert.lora, base=expert.manifest["base"], gates=trained["gates"],
                       dataset=expert.manifest["dataset"], dtype=expert.manifest["dtype"],
                       training=dict(expert.manifest["training"], gate=record), replace=True)
 
@@ -159,20 +240,21 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
 def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
                     base: Optional[str] = None, finetune: str = "lora", name: str = "multitask",
                     num_steps: int = 1000, seed: int = 0, max_train_examples: Optional[int] = None,
-                    max_validation_examples: Optional[int] = 1000,
+                    max_validation_examples: Optional[int] = None,
                     held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> str:
   """One model on the union of `task`'s data (needs all of it at once; a reference, algorithm.md §5).
 
   finetune='full' trains every parameter (from `base`, or from scratch without one: base pretraining,
   with the configured model) and writes a native checkpoint to `output`; finetune='lora' trains one LoRA
-  on `base` and adds it to the library at `output` as expert `name`. Returns `output`.
+  on `base` and adds it to the library at `output` as expert `name` (process 0 writes either). Kept: the step
+  `selection` picks. Returns `output`.
   """
   if finetune not in ("full", "lora"):
     raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
   if base is None and (finetune == "lora" or utils.model_config() is None):
     raise ValueError("training without a base needs finetune='full' and a configured model (a gin/models file)")
   started = time.time()
-  train, validation = datasets(task, held_out, max_train_examples, max_validation_examples)
+  train = train_examples(task, held_out, max_train_examples)
   if base is None:
     config, params = utils.model_config(), None
   else:
@@ -184,13 +266,15 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   workdirs.claim(workdir, {"stage": "multitask", "task": task, "name": name,
                            "base": None if params is None else lib.base_fingerprint(config, params),
                            "config": {"finetune": finetune, "num_steps": num_steps, "seed": seed}})
+  validation = selection(model, task, held_out, max_examples=max_validation_examples)
   trained = fit(model, variables, ["params/.*"] if full else ["lora/.*"], train, validation, workdir, num_steps,
                 seed=seed)
   if full:
-    native.save_native(output, {"params": trained["params"]}, config.replace(dropout_rate=0.0), overwrite=True)
+    _written_once(lambda: native.save_native(output, {"params": trained["params"]}, config.replace(dropout_rate=0.0),
+                                             overwrite=True), lambda: None, f"native checkpoint {output}")
   else:
     record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="multitask",
                               num_steps=num_steps, seed=seed)
-    lib.ExpertLibrary(output).add(name, trained["lora"], base=lib.base_fingerprint(config, params), dataset=task,
-                                  training={"multitask": record})
+    _library_add(output, name, trained["lora"], base=lib.base_fingerprint(config, params), dataset=task,
+                 training={"multitask": record})
   return output
