@@ -59,11 +59,14 @@ def library(tmp_path, params, experts):
 
 
 def test_registry_names_every_router_and_refuses_unknown_ones(library):
-  assert sorted(routers.ROUTERS) == sorted(["phatgoose", "average_activation", "arrow", "spectr", "merged",
-                                            "merged_products", "uniform", "oracle", "retrieval"])
-  assert routers.PER_TOKEN == ("phatgoose", "average_activation", "arrow", "spectr")
-  assert {n for n, s in routers.ROUTERS.items() if s.needs} == {"average_activation", "oracle", "retrieval"}
-  assert routers.options("retrieval", top_k=3, params={}) == {"impl": "auto", "params": {}}
+  assert sorted(routers.ROUTERS) == sorted(["phatgoose", "average_activation", "average_activation_pooled", "arrow",
+                                            "spectr", "merged", "merged_products", "uniform", "oracle", "retrieval",
+                                            "retrieval_t5"])
+  assert routers.PER_TOKEN == ("phatgoose", "average_activation", "average_activation_pooled", "arrow", "spectr")
+  assert {n for n, s in routers.ROUTERS.items() if s.needs} == {"average_activation", "average_activation_pooled",
+                                                                "oracle", "retrieval", "retrieval_t5"}
+  assert routers.options("retrieval_t5", top_k=3, params={}) == {"impl": "auto", "params": {}}
+  assert routers.options("retrieval", top_k=3, params={}) == {"impl": "auto"}
   assert routers.options("arrow", top_k=3, params={}) == {"top_k": 3, "impl": "auto"}
   with pytest.raises(ValueError, match="unknown router 'moe'"):
     routers.build("moe", library, NAMES)
@@ -121,9 +124,10 @@ def numpy_average_activations(params, lora, data):
   return {p: sums[p] / counts[p] for p in sums}
 
 
-def test_average_activation_is_the_masked_mean_of_sown_inputs_and_is_cached(library, params, experts):
+def test_pooled_average_activation_is_the_masked_mean_of_sown_inputs_and_is_cached(library, params, experts):
   data = {"a": batches(1), "b": batches(2)}
-  config, collection = routers.build("average_activation", library, ["a", "b"], params=params, data=data, top_k=1)[:2]
+  config, collection = routers.build("average_activation_pooled", library, ["a", "b"], params=params, data=data,
+                                     top_k=1)[:2]
   assert config.score == "standardized" and config.num_experts == 2
   flat = names.flatten(collection)
   for e, name in enumerate(["a", "b"]):
@@ -131,12 +135,12 @@ def test_average_activation_is_the_masked_mean_of_sown_inputs_and_is_cached(libr
     assert set(expected) == set(names.module_paths(CFG))
     for path, vector in expected.items():
       np.testing.assert_allclose(flat[f"{path}/router"][e], vector, rtol=1e-4, atol=1e-5)
-  assert "average_activation" in library.derived_kinds("a")
-  _, cached = routers.build("average_activation", library, ["a", "b"], top_k=1)[:2]
+  assert "average_activation_pooled" in library.derived_kinds("a")
+  _, cached = routers.build("average_activation_pooled", library, ["a", "b"], top_k=1)[:2]
   key = "decoder/layers_1/mlp/wo/router"
   np.testing.assert_array_equal(names.flatten(cached)[key], flat[key])
   with pytest.raises(ValueError, match="no cached average activations for expert 'c'"):
-    routers.build("average_activation", library, ["c"], top_k=1)
+    routers.build("average_activation_pooled", library, ["c"], top_k=1)
 
 
 def test_arrow_vector_is_the_top_input_singular_vector_of_the_update():
@@ -200,9 +204,9 @@ def test_oracle_maps_labels_to_experts(library):
     routers.build("oracle", library, NAMES).expert_weights({"task": ["zzz"]})
 
 
-def test_retrieval_picks_the_expert_of_the_nearest_stored_example(library, params):
+def test_t5_retrieval_picks_the_expert_of_the_nearest_stored_example(library, params):
   examples = {n: batches(10 + i, count=1) for i, n in enumerate(NAMES)}
-  routing_ = routers.build("retrieval", library, NAMES, examples=examples, params=params)
+  routing_ = routers.build("retrieval_t5", library, NAMES, examples=examples, params=params)
   assert library.derived_kinds("a") == ["retrieval_base"]
   stored = [examples[n][0]["encoder_input_tokens"] for n in NAMES]
   query = {"encoder_input_tokens": np.stack([stored[2][0], stored[0][1], stored[1][2]])}
@@ -214,14 +218,14 @@ def test_retrieval_picks_the_expert_of_the_nearest_stored_example(library, param
       keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
   np.testing.assert_array_equal(retrieval.nearest_owner(queries, keys, np.repeat(np.arange(3), 3)),
                                 np.argmax(cosine, axis=1) // 3)
-  cached = routers.build("retrieval", library, NAMES, params=params)
+  cached = routers.build("retrieval_t5", library, NAMES, params=params)
   np.testing.assert_array_equal(cached.expert_weights(query), np.eye(3)[[2, 0, 1]])
 
 
 def test_minilm_retrieval_without_the_extra_gives_a_clear_error(library, monkeypatch):
   monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if the extra were not installed
   with pytest.raises(ImportError, match=r"phatgoose-jax\[retrieval\]"):
-    routers.build("retrieval", library, NAMES, embedder="minilm", examples={})
+    routers.build("retrieval", library, NAMES, examples={})
 
 
 def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, monkeypatch):
@@ -230,7 +234,8 @@ def test_minilm_retrieval_routes_to_the_semantically_nearest_expert(library, mon
   texts = {"a": ["The striker scored a goal in the final minute of the match.", "The team won the league title."],
            "b": ["Bake the bread in a hot oven for forty minutes.", "Whisk the eggs with sugar and flour."],
            "c": ["The stock market fell sharply after the bank raised interest rates.", "Shares rallied on earnings."]}
-  routing_ = routers.build("retrieval", library, NAMES, embedder="minilm", examples={n: [{"inputs": t}] for n, t in texts.items()})
+  routing_ = routers.build("retrieval", library, NAMES, examples={n: [{"inputs": t}] for n, t in texts.items()})
+  assert library.derived_kinds("a") == ["retrieval_minilm"]
   query = {"inputs": ["Investors sold bonds as inflation rose.", "The goalkeeper saved a penalty.",
                       "Knead the dough and let it rise."]}
   np.testing.assert_array_equal(routing_.expert_weights(query), np.eye(3)[[2, 0, 1]])

@@ -35,17 +35,20 @@ class RouterSpec(NamedTuple):
 ROUTERS = {
     "phatgoose": RouterSpec("phatgoose:build", per_token=True),
     "average_activation": RouterSpec("average_activation:build", per_token=True, needs=("params", "data")),
+    "average_activation_pooled": RouterSpec("average_activation:build_pooled", per_token=True,
+                                            needs=("params", "data")),
     "arrow": RouterSpec("arrow:build", per_token=True),
     "spectr": RouterSpec("spectr:build", per_token=True),
     "merged": RouterSpec("merging:build_average", per_token=False),
     "merged_products": RouterSpec("merging:build_products", per_token=False),
     "uniform": RouterSpec("fixed:build_uniform", per_token=False),
     "oracle": RouterSpec("fixed:build_oracle", per_token=False, needs=("labels",)),
-    "retrieval": RouterSpec("retrieval:build", per_token=False, needs=("params", "examples")),
+    "retrieval": RouterSpec("retrieval:build", per_token=False, needs=("examples",)),
+    "retrieval_t5": RouterSpec("retrieval:build_t5", per_token=False, needs=("params", "examples")),
 }
 PER_TOKEN = tuple(name for name, spec in ROUTERS.items() if spec.per_token)
 # Routers whose builders produce a routed `experts` collection and so take the routing `impl`.
-ROUTED = PER_TOKEN + ("uniform", "oracle", "retrieval")
+ROUTED = PER_TOKEN + ("uniform", "oracle", "retrieval", "retrieval_t5")
 
 
 def spec(name: str) -> RouterSpec:

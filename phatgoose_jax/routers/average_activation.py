@@ -1,15 +1,37 @@
-"""Average activation: router vector = the mean input activation of each module over the expert's data,
-computed with that expert installed (algorithm.md §5); then routed exactly like PHATGOOSE.
+"""Average activation (algorithm.md §5): router vectors from the mean input activation of each module over
+the expert's training data, computed with that expert installed; then routed exactly like PHATGOOSE.
 
-  v_{e,l} = sum_{x, t} m_{x,t} u_{l}(x)_t / sum_{x, t} m_{x,t}
+`average_activation` is the official computation (r-three/phatgoose 4fd5790, the A2 architecture of
+colm/models/t5xl/moe_lora_rank16_a2.gin, run by colm/experiments/bash_scripts/reinit_router_embedding.sh:103):
 
-over examples x of expert e's data and their token positions t, with `u_l` the input of module l (sown
-in the `activations` collection) in the 'lora' model carrying expert e. The mask m drops padding: the
-encoder's for encoder modules and for cross-attention key / value (whose inputs are encoder states), the
+  1. Sample: of the expert's P (example, template) pairs (the rows of its data, in order), the 1000 pairs
+     `numpy.random.default_rng(42).choice(P, 1000, replace=False)` when P > 1000, else all P in order
+     (src/data/p3.py:96-112; seed 42 from src/data/dataset.py:67,90; max_examples_per_dataset=1000 at
+     reinit_router_embedding.sh:103). They run in batches of 32 in sample order (colm/datasets/p3_t5xl.gin:12,
+     unshuffled: src/procedures/evaluator.py:36) through greedy generation (the "gen" interface,
+     src/models/interface_mixin.py:247-262: at most `MAX_GEN_LENGTH` = 20 positions with the start token).
+  2. Per example x and module l (src/models/addons/moe.py:865-888):
+
+       ubar_l(x) = sum_t w_t u_l(x)_t / (sum_t w_t + 1e-6)
+
+     over the positions t the module last saw, with w_t = 0 at encoder padding for modules that see encoder
+     positions (encoder modules, cross-attention key / value), else 1. The hook overwrites the recorded input
+     at every generation step (src/models/addons/monitor.py:61-66, moe.py:790-794) and cross-attention
+     key / value run once (their projections are cached), so for every other decoder module ubar_l(x) is its
+     input at the batch's last generation step n, one position: n = the step at which the batch's last row
+     emits EOS, at most MAX_GEN_LENGTH - 1.
+  3. v_l = (1 / N) sum_x ubar_l(x), the mean of the per-example means (src/procedures/utils/
+     analysis_processors.py:208-233); every module, decoder ones included, gets its own v_l
+     (scripts/insert_averaged_hiddens.py:88-91).
+
+`average_activation_pooled` pools tokens instead: v_l = sum_{x, t} m_{x,t} u_l(x)_t / sum_{x, t} m_{x,t} over
+all given data, teacher-forced, with m the encoder's padding mask for modules that see encoder positions and the
 decoder targets' for every other decoder module.
+
+`u_l` is the input of module l, sown in the `activations` collection of the 'lora' model carrying expert e.
 """
 import functools
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +39,18 @@ import numpy as np
 
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names as ckpt_names
+from phatgoose_jax.models import EOS_ID, EncoderDecoderModel, shift_right
 from phatgoose_jax.routers import Routing, load_all, routed
-from phatgoose_jax.models import network
 from phatgoose_jax.t5.network import Transformer
 
 KIND = "average_activation"
+KIND_POOLED = "average_activation_pooled"
+SAMPLE_SIZE = 1000
+SAMPLE_SEED = 42
+BATCH_SIZE = 32
+MAX_GEN_LENGTH = 20
+EPSILON = 1e-6
+FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
 
 
 def uses_encoder_mask(module_path: str) -> bool:
@@ -30,10 +59,55 @@ def uses_encoder_mask(module_path: str) -> bool:
   return stack == "encoder" or (block == "encoder_decoder_attention" and kind in ("key", "value"))
 
 
-def token_mask(module_path: str, batch: Mapping) -> jax.Array:
-  """<bool>[b, L] non-pad positions of the tokens module `module_path` sees."""
-  tokens = batch["encoder_input_tokens"] if uses_encoder_mask(module_path) else batch["decoder_target_tokens"]
-  return jnp.asarray(tokens) > 0
+def sample_pairs(num_pairs: int, size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED) -> np.ndarray:
+  """Indices of the sampled (example, template) pairs, in sample order (src/data/p3.py:96-112)."""
+  if num_pairs <= size:
+    return np.arange(num_pairs)
+  return np.random.default_rng(seed).choice(num_pairs, size, replace=False)
+
+
+def generation_steps(generated: np.ndarray, eos_id: int = EOS_ID) -> int:
+  """The decoder steps greedy generation runs for a batch of `generated` <int>[b, steps] tokens: until every
+  row has emitted EOS, at most `steps`."""
+  eos = np.asarray(generated) == eos_id
+  return int(np.max(np.where(eos.any(axis=1), eos.argmax(axis=1) + 1, eos.shape[1])))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def example_means(module: Transformer, variables: Mapping, encoder_tokens: jax.Array, decoder_inputs: jax.Array,
+                  last: jax.Array) -> dict:
+  """`{module: ubar <float32>[b, d_in]}`: each example's recorded input (module docstring, step 2), decoder
+  modules at position `last` of the teacher-forced `decoder_inputs` (no decoder padding mask, as in
+  generation)."""
+  _, state = module.apply(variables, encoder_tokens, decoder_inputs, jnp.ones_like(decoder_inputs),
+                          mutable=["activations"])
+  encoder_weights = (encoder_tokens > 0).astype(jnp.float32)
+  last_weights = jax.nn.one_hot(jnp.full(decoder_inputs.shape[:1], last), decoder_inputs.shape[1])
+  means = {}
+  for key, (u,) in ckpt_names.flatten(state["activations"]).items():
+    path = key.rsplit("/", 1)[0]
+    weights = encoder_weights if uses_encoder_mask(path) else last_weights
+    total = jnp.einsum("bld,bl->bd", u.astype(jnp.float32), weights)
+    means[path] = total / (jnp.sum(weights, axis=1, keepdims=True) + EPSILON)
+  return means
+
+
+def official_means(model: EncoderDecoderModel, variables: Mapping, encoder_tokens: np.ndarray,
+                   batch_size: int = BATCH_SIZE, max_gen_length: int = MAX_GEN_LENGTH) -> dict:
+  """`{module: v <float32>[d_in]}`: the mean over the rows of `encoder_tokens` of their recorded inputs, in
+  batches of `batch_size` generated greedily (module docstring, steps 2-3)."""
+  totals, count = {}, 0
+  for start in range(0, len(encoder_tokens), batch_size):
+    tokens = jnp.asarray(encoder_tokens[start:start + batch_size])
+    batch = {"encoder_input_tokens": tokens,
+             "decoder_input_tokens": jnp.zeros((len(tokens), max_gen_length - 1), jnp.int32)}
+    generated = np.asarray(model.jit_predict(variables, batch)[0])
+    last = generation_steps(generated) - 1
+    means = example_means(model.module, variables, tokens, jnp.asarray(shift_right(generated)), last)
+    for path, mean in means.items():
+      totals[path] = totals.get(path, 0.0) + np.sum(np.asarray(mean, np.float64), axis=0)
+    count += len(tokens)
+  return {p: (t / count).astype(np.float32) for p, t in totals.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -44,45 +118,73 @@ def masked_sums(module: Transformer, variables: Mapping, batch: Mapping) -> dict
   sums = {}
   for key, (u,) in ckpt_names.flatten(state["activations"]).items():
     path = key.rsplit("/", 1)[0]
-    mask = token_mask(path, batch).astype(jnp.float32)
+    tokens = batch["encoder_input_tokens"] if uses_encoder_mask(path) else batch["decoder_target_tokens"]
+    mask = (tokens > 0).astype(jnp.float32)
     sums[path] = (jnp.einsum("bld,bl->d", u.astype(jnp.float32), mask), jnp.sum(mask))
   return sums
 
 
-def activation_means(module: Transformer, variables: Mapping, batches: Sequence[Mapping]) -> dict:
-  """`{module: v <float32>[d_in]}`: the masked mean of each module's input over all `batches`."""
+def pooled_means(module: Transformer, variables: Mapping, batches: Sequence[Mapping]) -> dict:
+  """`{module: v <float32>[d_in]}`: the masked mean of each module's input over all tokens of `batches`."""
   totals, counts = {}, {}
   for batch in batches:
-    batch = {k: batch[k] for k in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")}
-    for path, (total, count) in masked_sums(module, variables, batch).items():
+    for path, (total, count) in masked_sums(module, variables, {k: batch[k] for k in FEATURES}).items():
       totals[path] = totals.get(path, 0.0) + np.asarray(total, np.float64)
       counts[path] = counts.get(path, 0.0) + float(count)
   return {p: (totals[p] / max(counts[p], 1.0)).astype(np.float32) for p in totals}
 
 
-def expert_vectors(library, expert, params: Optional[Mapping], batches: Optional[Sequence[Mapping]]) -> dict:
-  """The expert's average activations: from the library cache when computed from these `batches` (or,
-  without batches, from whatever data they were computed from), else computed and cached."""
+def expert_vectors(library, expert, kind: str, batches: Optional[Sequence[Mapping]],
+                   compute: Optional[Callable[[object, Sequence[Mapping]], dict]]) -> dict:
+  """The expert's vectors of `kind`: from the library cache when computed from these `batches` (or, without
+  batches, from whatever data they were computed from), else `compute(expert, batches)`, cached."""
   name = expert.manifest["name"]
-  key = None if batches is None else lib.data_key(batches)
-  cached = library.load_derived(name, KIND, key)
+  cached = library.load_derived(name, kind, None if batches is None else lib.data_key(batches))
   if cached is not None:
     return cached
-  if batches is None or params is None:
+  if batches is None or compute is None:
     raise ValueError(f"no cached average activations for expert {name!r}: pass params= and data={{{name!r}: "
                      f"[batches of its training data]}}")
-  module = network(library.t5_config(), lib.expert_config(expert.manifest))
-  variables = {"params": params, "lora": ckpt_names.unflatten(expert.lora)}
-  vectors = activation_means(module, variables, batches)
-  library.save_derived(name, KIND, vectors, key)
+  vectors = compute(expert, batches)
+  library.save_derived(name, kind, vectors, lib.data_key(batches))
   return vectors
+
+
+def lora_model(library, expert, params: Mapping) -> tuple:
+  """(the 'lora' model carrying `expert`, its variables)."""
+  model = EncoderDecoderModel(library.t5_config(), lib.expert_config(expert.manifest))
+  return model, {"params": params, "lora": ckpt_names.unflatten(expert.lora)}
+
+
+def official_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
+  """The official average activations of `expert` over the pairs sampled from the rows of `batches`."""
+  tokens = np.concatenate([np.asarray(b["encoder_input_tokens"]) for b in batches])
+  return official_means(*lora_model(library, expert, params), tokens[sample_pairs(len(tokens))])
+
+
+def pooled_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
+  """The token-pooled average activations of `expert` over all of `batches`."""
+  model, variables = lora_model(library, expert, params)
+  return pooled_means(model.module, variables, batches)
+
+
+def build_kind(library, names, kind: str, compute: Callable, params: Optional[Mapping],
+               data: Optional[Mapping[str, Sequence]], top_k: int, impl: str) -> Routing:
+  experts = load_all(library, names)
+  compute = None if params is None else functools.partial(compute, library, params)
+  vectors = [expert_vectors(library, e, kind, (data or {}).get(e.manifest["name"]), compute) for e in experts]
+  return routed(experts, vectors, top_k=top_k, impl=impl)
 
 
 def build(library, names, *, params: Optional[Mapping] = None, data: Optional[Mapping[str, Sequence]] = None,
           top_k: int = 2, impl: str = "dense") -> Routing:
-  """Routes by average activations; `data` maps expert names to lists of batches of their training data
-  (t5x features), `params` are the base model's. Cached vectors are reused when `data` is left out."""
-  experts = load_all(library, names)
-  data = data or {}
-  vectors = [expert_vectors(library, e, params, data.get(e.manifest["name"])) for e in experts]
-  return routed(experts, vectors, top_k=top_k, impl=impl)
+  """Routes by the official average activations (module docstring). `data` maps expert names to lists of
+  batches of their training data (t5x features; the rows are its (example, template) pairs in order),
+  `params` are the base model's. Cached vectors are reused when `data` is left out."""
+  return build_kind(library, names, KIND, official_vectors, params, data, top_k, impl)
+
+
+def build_pooled(library, names, *, params: Optional[Mapping] = None,
+                 data: Optional[Mapping[str, Sequence]] = None, top_k: int = 2, impl: str = "dense") -> Routing:
+  """Routes by token-pooled average activations over all of `data` (module docstring); as `build`."""
+  return build_kind(library, names, KIND_POOLED, pooled_vectors, params, data, top_k, impl)

