@@ -32,9 +32,20 @@ def standardize(x: jax.Array) -> jax.Array:
 
 
 def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
-  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (algorithm.md §4). Returns <float32>[..., E]."""
+  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (algorithm.md §4). Returns <float32>[..., E].
+
+  For bfloat16 `u`, the official bf16 evaluation (torch.autocast over bf16 parameters,
+  src/models/addons/moe.py:406-420): LN in float32 of the bf16 activation and router vector, the dot
+  product of their bf16 roundings (float32 accumulation) rounded to bf16, then scaled by sqrt(1/d_in) in
+  bf16. Returns <bfloat16>[..., E] then.
+  """
   d_in = u.shape[-1]
-  return jnp.einsum("...i,ei->...e", standardize(u), standardize(router)) / math.sqrt(d_in)
+  if u.dtype != jnp.bfloat16:
+    return jnp.einsum("...i,ei->...e", standardize(u), standardize(router)) / math.sqrt(d_in)
+  bf16 = jnp.bfloat16
+  dots = jnp.einsum("...i,ei->...e", standardize(u).astype(bf16), standardize(router.astype(bf16)).astype(bf16),
+                    preferred_element_type=jnp.float32).astype(bf16)
+  return (dots.astype(jnp.float32) * math.sqrt(1 / d_in)).astype(bf16)
 
 
 def arrow_scores(u: jax.Array, router: jax.Array) -> jax.Array:
@@ -63,11 +74,14 @@ SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores, "spectr": spe
 def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """p = softmax(s); keep the top k; w = p_topk / (sum p_topk + 1e-6)  (algorithm.md §4).
 
-  Returns (weights <float32>[..., k], index <int32>[..., k]).
+  Returns (weights <float32>[..., k], index <int32>[..., k]). For bfloat16 `scores`, the official bf16
+  evaluation: the softmax in float32 rounded to bf16 before the top-k (src/models/addons/moe.py:480, :487),
+  the renormalisation in float32 rounded to bf16 (moe.py:670-677); weights <bfloat16> then.
   """
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
   top_p, index = jax.lax.top_k(probs, k)
-  return top_p / (jnp.sum(top_p, axis=-1, keepdims=True) + RENORM_EPS), index
+  top_p32 = top_p.astype(jnp.float32)
+  return (top_p32 / (jnp.sum(top_p32, axis=-1, keepdims=True) + RENORM_EPS)).astype(scores.dtype), index
 
 
 def dense_expert_weights(weights: jax.Array, index: jax.Array, num_experts: int) -> jax.Array:
