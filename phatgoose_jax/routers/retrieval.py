@@ -14,6 +14,7 @@ and test examples alike (retriever.sh:18 includes the answer choices). `retrieva
 T5 encoder instead: its final states mean-pooled over non-pad tokens (`encoder_input_tokens`). Stored
 embeddings are cached in the library per expert and router.
 """
+import functools
 import importlib.util
 import os
 from typing import Callable, List, Mapping, Optional, Sequence
@@ -72,13 +73,14 @@ def _packaged_minilm_dir() -> str:
 
 
 def minilm_embedder(model_path: Optional[str] = None, text_key: str = "inputs") -> Callable[[Mapping], np.ndarray]:
-  """batch -> <float32>[b, 384]: all-MiniLM-L6-v2 embeddings of the rows' `retrieval_text`."""
+  """batch -> <float32>[b, 384]: all-MiniLM-L6-v2 embeddings of the rows' `retrieval_text`. The model loads
+  on the first call (a router whose stored embeddings are missing fails before loading anything)."""
   try:
     from sentence_transformers import SentenceTransformer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(MISSING_EXTRA) from e
-  encoder = SentenceTransformer(model_path or _packaged_minilm_dir(), device="cpu")
-  return lambda batch: np.asarray(encoder.encode(batch_texts(batch, text_key)), np.float32)
+  encoder = functools.cache(lambda: SentenceTransformer(model_path or _packaged_minilm_dir(), device="cpu"))
+  return lambda batch: np.asarray(encoder().encode(batch_texts(batch, text_key)), np.float32)
 
 
 def nearest_owner(queries: np.ndarray, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
