@@ -9,8 +9,8 @@ the stage functions (the same as the CLI's) and one expert library:
   2. for each held-in task, as an independent contributor would: a LoRA expert, then its gate;
   3. the multitask reference: one LoRA on the union of the held-in data (a separate library);
   4. evaluate on the held-in validation tasks and the held-out tasks: base, every single expert
-     (best_individual: best held-out average), merged, uniform, average_activation, arrow, spectr, retrieval,
-     phatgoose, multitask, oracle;
+     (best_individual: best held-out average), merged, uniform, average_activation, arrow, spectr, retrieval
+     (`retrieval_t5`: the base encoder embeds), phatgoose, multitask, oracle;
   5. diagnostics (`demo/diagnostics.py`): routing accuracy of every per-token router on held-in validation
      data, 95% intervals of the held-out scores, PHATGOOSE's routing per layer (`routing.png` on held-in
      tasks, `routing_heldout.png`) and the score chart (`scores.png`).
@@ -34,9 +34,11 @@ from phatgoose_jax.demo import diagnostics, suite, suite_tokens
 from phatgoose_jax.evaluation import evaluator, route_stats
 
 SUITES = {"tokens": suite_tokens, "keyword": suite}
-PER_TOKEN_METHODS = routers.PER_TOKEN
 ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "spectr", "retrieval", "phatgoose")
+PER_TOKEN_METHODS = tuple(m for m in ROUTED_METHODS if m in routers.PER_TOKEN)
 METHODS = ("base", "best_individual") + ROUTED_METHODS + ("multitask", "oracle")
+# The demo installs without sentence-transformers: its retrieval row embeds with the base T5 encoder.
+DEMO_ROUTERS = {"retrieval": "retrieval_t5"}
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -89,7 +91,7 @@ def routed_runner(base: str, library: str, router: str, task: str):
 def method_options(s, library: str, multitask: str) -> Dict[str, dict]:
   """The evaluate() arguments of every method but base and best_individual."""
   labels = {t: s.oracle_expert(t) for t in s.HELD_IN_EVAL_TASKS + s.HELD_OUT_TASKS}
-  options = {m: {"library": library, "router": m} for m in ROUTED_METHODS}
+  options = {m: {"library": library, "router": DEMO_ROUTERS.get(m, m)} for m in ROUTED_METHODS}
   options["multitask"] = {"library": multitask, "router": "merged", "names": ["multitask"]}
   options["oracle"] = {"library": library, "router": "oracle", "router_options": {"oracle_labels": labels}}
   return options
