@@ -10,6 +10,8 @@ load with its experts.
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import gin
+import jax
+import jax.numpy as jnp
 
 from phatgoose_jax import data
 from phatgoose_jax import library as lib
@@ -53,6 +55,16 @@ def route(library: lib.ExpertLibrary, names: Sequence[str], params: Mapping, rou
   return routers.build(router, library, names, **kwargs)
 
 
+def in_compute_dtype(variables: Mapping, dtype: str) -> Mapping:
+  """The variables for a model computing in `dtype`: with 'bfloat16' every floating array in bfloat16, as the
+  official bf16 evaluation casts all frozen parameters (r-three/phatgoose src/models/manipulations/basic.py:54-59);
+  else unchanged. With the bf16 compute (`utils.model_config.dtype`) this is that evaluation (algorithm.md §4)."""
+  if dtype != "bfloat16":
+    return variables
+  return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                variables)
+
+
 def load_model(base: str, library: Optional[str] = None, router: str = "phatgoose", top_k: int = 2,
                names: Optional[Sequence[str]] = None, impl: str = "auto", router_inputs: Optional[Mapping] = None,
                config: Optional[T5Config] = None, length_normalize: bool = True,
@@ -60,13 +72,16 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   """The model of checkpoint `base` (any format), routed over `library`'s experts when one is given.
 
   `config`: the configured architecture (dtype and dropout included) that the checkpoint must match; by
-  default the checkpoint's architecture with dropout off (and compute `dtype` if given). `router_inputs` are extra builder arguments
-  (e.g. `data` for average_activation, `examples` for retrieval, `label_to_expert` for oracle).
+  default the checkpoint's architecture with dropout off, computing in `dtype` if given, else in the configured
+  `utils.model_config.dtype`: 'bfloat16' is the official bf16 evaluation (bf16 parameters, `in_compute_dtype`,
+  and router math, `experts/routing.py`). `router_inputs` are extra builder arguments (e.g. `data` for
+  average_activation, `examples` for retrieval, `label_to_expert` for oracle).
   """
   loaded = load_checkpoint(base, expect=config)
-  model_config = config or loaded.config.replace(dropout_rate=0.0, **({"dtype": dtype} if dtype else {}))
+  model_config = config or loaded.config.replace(dropout_rate=0.0, dtype=dtype or utils.model_config(loaded.config).dtype)
   if library is None:
-    return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize), loaded.variables)
+    return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize),
+                       in_compute_dtype(loaded.variables, model_config.dtype))
   if loaded.experts.mode != "none":
     raise ValueError(f"{base} already carries experts ({loaded.experts.mode}); give its base model to route over "
                      f"a library")
@@ -74,7 +89,7 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   params = loaded.variables["params"]
   routing = route(library_, names or library_.names(), params, router, top_k, impl, router_inputs)
   model = EncoderDecoderModel(model_config, routing.expert_config, length_normalize)
-  return LoadedModel(model, routing.variables(params), routing.expert_weights)
+  return LoadedModel(model, in_compute_dtype(routing.variables(params), model_config.dtype), routing.expert_weights)
 
 
 def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut, max_examples: int,
