@@ -41,8 +41,7 @@ def _direct_mean_logprob(runner, inputs, target):
 
 
 def _rows_and_outputs(task, runner, fn_name):
-  seqio_eval = evaluator.seqio_evaluator(task, runner)
-  rows = list(seqio_eval.cached_task_datasets[task].as_numpy_iterator())
+  seqio_eval, rows = evaluator.seqio_evaluator(task, runner)
   outputs = getattr(runner, fn_name)(task, rows)(seqio_eval.cached_model_datasets[task])
   return rows, dict(outputs)
 

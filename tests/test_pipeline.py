@@ -82,8 +82,7 @@ def test_assembled_checkpoint_loads_as_a_routed_model(built):
 
   def scores(model):
     runner = stages.runner(model, data.vocabulary(task))
-    seqio_eval = evaluator.seqio_evaluator(task, runner, max_examples=4)
-    rows = list(seqio_eval.cached_task_datasets[task].as_numpy_iterator())
+    seqio_eval, rows = evaluator.seqio_evaluator(task, runner, max_examples=4)
     return np.array([s for _, s in sorted(runner.score_fn(task, rows)(seqio_eval.cached_model_datasets[task]))])
 
   assembled = scores(loaded)

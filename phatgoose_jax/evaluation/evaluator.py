@@ -16,7 +16,9 @@ Results: `{"name", "tasks": {task: {num_examples, metrics, score}}, "score"}`; a
 its metrics and a benchmark's the unweighted mean over its datasets.
 """
 import dataclasses
+import functools
 import json
+import logging
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -122,24 +124,35 @@ def task_list(name: str) -> List[str]:
   return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
 
 
-def seqio_evaluator(task: str, runner: Runner, max_examples: Optional[int] = None, **dirs) -> seqio.Evaluator:
-  """A `seqio.Evaluator` of one registered task: its evaluation split (validation, else its first), the first
-  `max_examples` examples, read now (`dirs`: data directories) and cached, at the runner's lengths."""
-  provider = seqio.get_mixture_or_task(task)
-  split = "validation" if "validation" in provider.splits else provider.splits[0]
-  with sources.using_dirs(**dirs), seqio_tasks.first_examples(max_examples):
-    evaluator = seqio.Evaluator(task, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
-                                sequence_length={"inputs": runner.input_length, "targets": runner.target_length},
-                                async_compute_metrics=False)
+def seqio_evaluator(task: str, runner: Runner, max_examples: Optional[int] = None, **dirs) -> tuple:
+  """(`seqio.Evaluator`, its task rows) of one registered task: its evaluation split (validation, else its
+  first), the first `max_examples` examples (`dirs`: data directories), at the runner's lengths. Built once
+  per registered task object and settings, then reused: every method of a comparison reads the same data."""
+  lengths = (("inputs", runner.input_length), ("targets", runner.target_length))
+  dirs = tuple(sorted((k, os.fspath(v)) for k, v in dirs.items() if v is not None))
+  return _cached_evaluator(seqio.get_mixture_or_task(task), lengths, max_examples, dirs)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_evaluator(task: seqio.Task, lengths: tuple, max_examples: Optional[int], dirs: tuple) -> tuple:
+  split = "validation" if "validation" in task.splits else task.splits[0]
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # fixed lengths (one compilation) and no seqio loggers are intended
+  try:
+    with sources.using_dirs(**dict(dirs)), seqio_tasks.first_examples(max_examples):
+      evaluator = seqio.Evaluator(task.name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+                                  sequence_length=dict(lengths), async_compute_metrics=False)
+  finally:
+    absl_logger.setLevel(level)
   if not evaluator.eval_tasks:
-    raise ValueError(f"{task} is not an evaluation task (it has no metric functions)")
-  return evaluator
+    raise ValueError(f"{task.name} is not an evaluation task (it has no metric functions)")
+  return evaluator, list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
 
 
 def evaluate_task(task: str, runner: Runner, max_examples: Optional[int] = None, **dirs) -> dict:
   """{"num_examples", "metrics", "score"} of one task, computed by its seqio metric functions."""
-  evaluator = seqio_evaluator(task, runner, max_examples, **dirs)
-  rows = list(evaluator.cached_task_datasets[task].as_numpy_iterator())
+  evaluator, rows = seqio_evaluator(task, runner, max_examples, **dirs)
   if not rows:
     raise ValueError(f"{task} has no examples to evaluate")
   future, _ = evaluator.evaluate(compute_metrics=True, score_fn=runner.score_fn(task, rows),
