@@ -110,17 +110,15 @@ def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: dat
 
 @gin.configurable(denylist=["library_", "names", "router", "held_out"])
 def router_inputs(library_: lib.ExpertLibrary, names: Sequence[str], router: str, held_out: data.HeldOut,
-                  router_examples: int = 1000, batch_size: int = 64, retrieval_embedder: str = "base",
-                  oracle_labels: Optional[dict] = None) -> dict:
+                  router_examples: int = 1000, batch_size: int = 64, oracle_labels: Optional[dict] = None) -> dict:
   """What router `router` declares it needs beyond the base weights: its experts' data (at most
-  `router_examples` per expert), the retrieval embedder, the oracle's label map."""
+  `router_examples` per expert), the oracle's label map."""
   needs = routers.spec(router).needs
   inputs = {}
   if "data" in needs:
     inputs["data"] = expert_data(library_, names, held_out, router_examples, batch_size)
   if "examples" in needs:
-    inputs.update(examples=expert_data(library_, names, held_out, router_examples, batch_size),
-                  embedder=retrieval_embedder)
+    inputs["examples"] = expert_data(library_, names, held_out, router_examples, batch_size)
   if "labels" in needs and oracle_labels is not None:
     inputs["label_to_expert"] = oracle_labels
   return inputs

@@ -128,26 +128,18 @@ def nearest_expert_routing(library, names, embed, kind: str, examples: Optional[
                 expert_weights=lambda batch: one_hot_weights(nearest_owner(embed(batch), keys, owners), len(names)))
 
 
-def check_embedder(router: str, embedder: Optional[str], own: str, other: str) -> None:
-  if embedder not in (None, own):
-    raise ValueError(f"router {router!r} embeds with {own!r}; for the {embedder!r} embedder choose router {other!r}")
-
-
 def build(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
-          model_path: Optional[str] = None, text_key: str = "inputs", embedder: Optional[str] = None,
-          impl: str = "dense") -> Routing:
+          model_path: Optional[str] = None, text_key: str = "inputs", impl: str = "dense") -> Routing:
   """The official retrieval: all-MiniLM-L6-v2 over `retrieval_text`. `examples` maps expert names to
   batches of their training data with `text_key` instances (and `answer_choices` lists when the data has them)."""
-  check_embedder("retrieval", embedder, "minilm", "retrieval_t5")
   return nearest_expert_routing(library, names, minilm_embedder(model_path, text_key), "retrieval_minilm",
                                 examples, impl)
 
 
 def build_t5(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
-             params: Optional[Mapping] = None, embedder: Optional[str] = None, impl: str = "dense") -> Routing:
+             params: Optional[Mapping] = None, impl: str = "dense") -> Routing:
   """Retrieval over the base T5 encoder's mean-pooled states. `examples` maps expert names to batches of
   their data (t5x features); `params` are the base model's."""
-  check_embedder("retrieval_t5", embedder, "base", "retrieval")
   if params is None:
     raise ValueError("router 'retrieval_t5' needs the base model's params=")
   return nearest_expert_routing(library, names, base_embedder(library.t5_config(), params), "retrieval_base",
