@@ -1,10 +1,15 @@
 """Routing (algorithm.md §4, §5) against an independent numpy computation, and its failure modes."""
+import importlib
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phatgoose_jax.experts import routing
+from phatgoose_jax import routers
+from phatgoose_jax.experts import routing, sharded
+from phatgoose_jax.experts.config import ExpertConfig
 
 
 def np_standardize(x):
@@ -170,7 +175,16 @@ def test_blocks_memory_is_bounded():
   assert temp_bytes("gather") > bound and temp_bytes("dense") > bound
 
 
-def test_auto_is_blocks_on_cpu_never_dense():
+def test_auto_is_gather_for_a_decoding_step_blocks_above_never_dense():
   assert jax.default_backend() == "cpu"
-  assert routing.resolve_impl("auto") == "blocks"
-  assert routing.resolve_impl("gather") == "gather"
+  assert routing.resolve_impl("auto", 2 * 8) == routing.resolve_impl("auto", routing.GATHER_MAX_PAIRS) == "gather"
+  assert routing.resolve_impl("auto", routing.GATHER_MAX_PAIRS + 1) == routing.resolve_impl("auto") == "blocks"
+  assert routing.resolve_impl("gather", 10 ** 6) == "gather"
+
+
+def test_every_router_and_the_config_default_to_auto():
+  builders = [routers.ROUTERS[name].builder for name in routers.ROUTED]
+  functions = [getattr(importlib.import_module(f"phatgoose_jax.routers.{b.split(':')[0]}"), b.split(":")[1])
+               for b in builders] + [routers.options, routers.routed, routing.route, sharded.route]
+  assert {inspect.signature(f).parameters["impl"].default for f in functions} == {"auto"}
+  assert ExpertConfig().impl == "auto"

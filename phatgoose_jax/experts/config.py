@@ -25,7 +25,8 @@ class ExpertConfig:
   O(tokens E d_out)), 'gather' (the chosen experts' weights gathered per token, memory O(tokens k d_in r)),
   'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`: the accelerator path), 'blocks' (tokens sorted
   by expert into fixed-size blocks, batched matmuls over chunks of blocks: the CPU path, bounded memory), or
-  'auto' ('blocks' on CPU, 'ragged' on GPU/TPU; see routing.resolve_impl and benchmarks/README.md).
+  'auto', the default: the measured fastest by platform and token count ('gather' for a decoding step's few
+  tokens and 'blocks' otherwise on CPU, 'ragged' on GPU/TPU; see routing.resolve_impl). Never 'dense'.
   """
   mode: str = "none"
   rank: int = 16
@@ -33,7 +34,7 @@ class ExpertConfig:
   num_experts: int = 0
   top_k: int = 2
   score: str = "standardized"
-  impl: str = "dense"
+  impl: str = "auto"
   scale: Optional[float] = None
 
   def __post_init__(self):

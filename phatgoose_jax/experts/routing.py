@@ -14,6 +14,7 @@ All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: ex
 never their parameters.
 """
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -189,25 +190,39 @@ def mix_blocks(u, lora_a, lora_b, weights, index, scale):
   return out.reshape(*lead, d_out)
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'blocks' on CPU, 'ragged' (XLA's grouped matmul) on GPU and TPU; any other name is itself.
+GATHER_MAX_PAIRS = 64
 
-  Measured on a 2-core CPU, float32, one routed linear layer at T5-XL sizes (benchmarks/routed_layer.py):
-  see benchmarks/README.md. Accelerators: not measured.
+
+def resolve_impl(impl: str, pairs: Optional[int] = None) -> str:
+  """'auto' -> the measured fastest exact path for `pairs` = tokens x k (token, expert) pairs; other names
+  are themselves. The dense reference is never chosen.
+
+  CPU: 'gather' up to GATHER_MAX_PAIRS pairs (a decoding step routes batch x k rows per layer; there the
+  blocks path's fixed cost, an argsort, a scatter and a scan per layer, dominates and the gather path's
+  tokens k d_in r intermediate is at most 64 d_in r floats), 'blocks' above. Measured on a 2-core CPU,
+  float32, r=16, k=2, one routed T5-base layer, routed / plain-layer time (benchmarks/routed_layer.py
+  --tokens N --shapes 768x768,768x3072, load 4-8), blocks vs gather:
+    8 tokens (16 pairs):   E=36 12.8 / 1.8 and 2.8 / 1.3;  E=166 3.8 / 2.0 and 2.9 / 1.7;
+    32 tokens (64 pairs):  E=36  2.4 / 2.0 and 1.7 / 2.1;  E=166 2.6 / 1.5 and 2.0 / 2.1;
+    128 tokens (256 pairs): E=36 1.9 / 3.4 and 1.4 / 5.3; E=166 3.1 / 2.5 and 3.2 / 7.6;
+  and at 2048 tokens (T5-XL layers) blocks 1.3-1.5, gather 5.2, dense 7.4 (benchmarks/README.md).
+  GPU and TPU: 'ragged' (XLA's grouped matmul; not measured here). Unknown `pairs`: the large-batch choice.
   """
   if impl != "auto":
     return impl
-  return "blocks" if jax.default_backend() == "cpu" else "ragged"
+  if jax.default_backend() != "cpu":
+    return "ragged"
+  return "gather" if pairs is not None and pairs <= GATHER_MAX_PAIRS else "blocks"
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks}
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="dense"):
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto"):
   """The routed LoRA update of one linear layer: scores -> top-k weights -> mixed expert outputs.
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
   weights, index = top_k_weights(SCORES[score](u, router), top_k)
-  update = MIXERS[resolve_impl(impl)](u, lora_a, lora_b, weights, index, scale)
+  update = MIXERS[resolve_impl(impl, index.size)](u, lora_a, lora_b, weights, index, scale)
   return update, weights, index

@@ -63,7 +63,7 @@ def _model_axes(mesh, kernel_axes, d_in: int, d_out: int) -> tuple:
   return (None, out_axes) if out_axes is not None else (in_axes, None)
 
 
-def mix(u, lora_a, lora_b, weights, index, scale, *, impl="dense", kernel_axes=None):
+def mix(u, lora_a, lora_b, weights, index, scale, *, impl="auto", kernel_axes=None):
   """The routed mix of `routing.MIXERS[impl]` with the experts split over the context mesh's 'expert' axis.
 
   Same arguments and result as the mixers; `kernel_axes` are the layer kernel's logical (input, output)
@@ -73,7 +73,7 @@ def mix(u, lora_a, lora_b, weights, index, scale, *, impl="dense", kernel_axes=N
   if lora_a.shape[0] % mesh.shape[EXPERT_AXIS]:
     raise ValueError(f"{lora_a.shape[0]} experts cannot be split over an 'expert' mesh axis of size "
                      f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
-  mixer = routing.MIXERS[routing.resolve_impl(impl)]
+  mixer = routing.MIXERS[routing.resolve_impl(impl, index.size)]
   lead, d_in, d_out = u.shape[:-1], u.shape[-1], lora_b.shape[-1]
   tokens = math.prod(lead)
   tok = _split_if_divides(mesh, DATA_AXIS, tokens)
@@ -96,7 +96,7 @@ def mix(u, lora_a, lora_b, weights, index, scale, *, impl="dense", kernel_axes=N
   return out.reshape(*lead, d_out)
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="dense", kernel_axes=None):
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", kernel_axes=None):
   """`routing.route` with the experts split over the context mesh's 'expert' axis (see the module docstring).
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).

@@ -116,7 +116,7 @@ def modules_of(lora: Mapping[str, np.ndarray]) -> List[str]:
 
 
 def routed(experts: Sequence, vectors: Sequence[Mapping[str, np.ndarray]], *, top_k: int = 2,
-           impl: str = "dense", score: str = "standardized",
+           impl: str = "auto", score: str = "standardized",
            expert_weights: Optional[Callable] = None) -> Routing:
   """A 'routed' Routing over library `Expert`s with the given per-module router vectors."""
   manifest = experts[0].manifest

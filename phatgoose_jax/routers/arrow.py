@@ -23,7 +23,7 @@ def arrow_vectors(lora: dict) -> dict:
   return {m: arrow_vector(lora[f"{m}/lora_a"], lora[f"{m}/lora_b"]) for m in modules_of(lora)}
 
 
-def build(library, names, *, top_k: int = 2, impl: str = "dense") -> Routing:
+def build(library, names, *, top_k: int = 2, impl: str = "auto") -> Routing:
   """Arrow routing: scores |u . e| / (10 sqrt(d_in)); vectors cached in the library, keyed by the weights."""
   experts = load_all(library, names)
   vectors = weight_derived(library, experts, KIND, arrow_vectors)

@@ -177,7 +177,7 @@ def build_kind(library, names, kind: str, compute: Callable, params: Optional[Ma
 
 
 def build(library, names, *, params: Optional[Mapping] = None, data: Optional[Mapping[str, Sequence]] = None,
-          top_k: int = 2, impl: str = "dense") -> Routing:
+          top_k: int = 2, impl: str = "auto") -> Routing:
   """Routes by the official average activations (module docstring). `data` maps expert names to lists of
   batches of their training data (t5x features; the rows are its (example, template) pairs in order),
   `params` are the base model's. Cached vectors are reused when `data` is left out."""
@@ -185,6 +185,6 @@ def build(library, names, *, params: Optional[Mapping] = None, data: Optional[Ma
 
 
 def build_pooled(library, names, *, params: Optional[Mapping] = None,
-                 data: Optional[Mapping[str, Sequence]] = None, top_k: int = 2, impl: str = "dense") -> Routing:
+                 data: Optional[Mapping[str, Sequence]] = None, top_k: int = 2, impl: str = "auto") -> Routing:
   """Routes by token-pooled average activations over all of `data` (module docstring); as `build`."""
   return build_kind(library, names, KIND_POOLED, pooled_vectors, params, data, top_k, impl)

@@ -25,7 +25,7 @@ def _batch_size(batch: Mapping) -> int:
   return len(batch["encoder_input_tokens"])
 
 
-def build_uniform(library, names, *, impl: str = "dense") -> Routing:
+def build_uniform(library, names, *, impl: str = "auto") -> Routing:
   experts = load_all(library, names)
   count = len(experts)
   return routed(experts, [zero_vectors(e) for e in experts], top_k=count, impl=impl,
@@ -40,7 +40,7 @@ def default_label_map(experts) -> dict:
 
 
 def build_oracle(library, names, *, label_to_expert: Optional[Mapping[str, str]] = None, label_key: str = "task",
-                 impl: str = "dense") -> Routing:
+                 impl: str = "auto") -> Routing:
   """The expert of each example's label: `batch[label_key]` is a sequence of labels (e.g. dataset names),
   mapped to expert names by `label_to_expert` (default: each expert's name and source dataset)."""
   experts = load_all(library, names)

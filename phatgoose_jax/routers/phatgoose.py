@@ -2,7 +2,7 @@
 from phatgoose_jax.routers import Routing, load_all, routed
 
 
-def build(library, names, *, top_k: int = 2, impl: str = "dense") -> Routing:
+def build(library, names, *, top_k: int = 2, impl: str = "auto") -> Routing:
   """Router vector of expert e at module l = its gate v_{e,l}; scores LN(u) . LN(v_e) / sqrt(d_in)."""
   experts = load_all(library, names)
   ungated = [e.manifest["name"] for e in experts if not e.gates]

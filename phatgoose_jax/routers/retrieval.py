@@ -129,7 +129,7 @@ def nearest_expert_routing(library, names, embed, kind: str, examples: Optional[
 
 
 def build(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
-          model_path: Optional[str] = None, text_key: str = "inputs", impl: str = "dense") -> Routing:
+          model_path: Optional[str] = None, text_key: str = "inputs", impl: str = "auto") -> Routing:
   """The official retrieval: all-MiniLM-L6-v2 over `retrieval_text`. `examples` maps expert names to
   batches of their training data with `text_key` instances (and `answer_choices` lists when the data has them)."""
   return nearest_expert_routing(library, names, minilm_embedder(model_path, text_key), "retrieval_minilm",
@@ -137,7 +137,7 @@ def build(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]]
 
 
 def build_t5(library, names, *, examples: Optional[Mapping[str, Sequence[Mapping]]] = None,
-             params: Optional[Mapping] = None, impl: str = "dense") -> Routing:
+             params: Optional[Mapping] = None, impl: str = "auto") -> Routing:
   """Retrieval over the base T5 encoder's mean-pooled states. `examples` maps expert names to batches of
   their data (t5x features); `params` are the base model's."""
   if params is None:

@@ -40,7 +40,7 @@ def spectral_bases(lora: dict) -> dict:
   return {m: spectral_basis(lora[f"{m}/lora_a"], lora[f"{m}/lora_b"]) for m in modules_of(lora)}
 
 
-def build(library, names, *, top_k: int = 2, impl: str = "dense") -> Routing:
+def build(library, names, *, top_k: int = 2, impl: str = "auto") -> Routing:
   """SpectR routing: s_e = ||V_e^T u||; bases cached in the library, keyed by the expert's weights."""
   experts = load_all(library, names)
   bases = weight_derived(library, experts, KIND, spectral_bases)
