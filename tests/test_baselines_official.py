@@ -41,30 +41,38 @@ def library(tmp_path, params):
   return library
 
 
-def hf_greedy_inputs(model, variables, tokens, max_length=aa.MAX_GEN_LENGTH):
-  """The decoder inputs of every step Hugging Face's greedy `generate(max_length=20)` runs: one cached step at
-  a time, pad after EOS, until every row has emitted EOS or max_length - 1 steps. -> (<int>[b, steps],
-  <bool>[b] whether each row emitted EOS)."""
+def greedy_rows(model, variables, tokens, steps=aa.MAX_GEN_LENGTH - 1):
+  """Each row's greedy tokens <int>[b, steps], one cached step at a time, pad after EOS (rows are independent)."""
   encoded = model.encode(variables, tokens)
-  cache = model.init_cache(variables, encoded, tokens, max_length - 1)
-  inputs, done = [np.zeros(len(tokens), np.int32)], np.zeros(len(tokens), bool)
-  for step in range(max_length - 1):
-    logits, cache = model.decode_step(variables, cache, encoded, tokens, inputs[-1][:, None])
+  cache = model.init_cache(variables, encoded, tokens, steps)
+  token, done, out = np.zeros(len(tokens), np.int32), np.zeros(len(tokens), bool), []
+  for _ in range(steps):
+    logits, cache = model.decode_step(variables, cache, encoded, tokens, token[:, None])
     token = np.where(done, 0, np.argmax(np.asarray(logits[:, 0]), axis=-1)).astype(np.int32)
     done |= token == EOS_ID
-    if done.all() or step == max_length - 2:
+    out.append(token)
+  return np.stack(out, axis=1)
+
+
+def hf_decoder_inputs(rows):
+  """The decoder inputs of every step Hugging Face's greedy `generate(max_length=20)` runs on a batch of these
+  rows: it stops once every row has emitted EOS, after at most 19 steps. -> <int>[b, steps run]."""
+  steps = rows.shape[1]
+  for step in range(steps):
+    if np.all(np.any(rows[:, :step + 1] == EOS_ID, axis=1)):
+      steps = step + 1
       break
-    inputs.append(token)
-  return np.stack(inputs, axis=1), done
+  return np.concatenate([np.zeros((len(rows), 1), np.int32), rows[:, :steps - 1]], axis=1)
 
 
-def numpy_official_average(params, lora, tokens, batch_size=32):
-  """src/models/addons/moe.py:865-888 per example, analysis_processors.py:208-233 over examples."""
-  model, variables = EncoderDecoderModel(TINY, LORA), {"params": params, "lora": names.unflatten(lora)}
+def numpy_official_average(params, lora, tokens, rows, batch_size=32):
+  """src/models/addons/moe.py:865-888 per example, analysis_processors.py:208-233 over examples; `rows` are
+  the examples' greedy generations."""
+  variables = {"params": params, "lora": names.unflatten(lora)}
   sums, steps = {}, []
   for start in range(0, len(tokens), batch_size):
     enc = tokens[start:start + batch_size]
-    dec = hf_greedy_inputs(model, variables, enc)[0]
+    dec = hf_decoder_inputs(rows[start:start + batch_size])
     steps.append(dec.shape[1])
     _, state = LORA_APPLY(variables, enc, dec, np.ones_like(dec), mutable=("activations",))
     for key, (u,) in names.flatten(state["activations"]).items():
@@ -100,12 +108,14 @@ def test_average_activation_is_the_official_mean_of_per_example_means(library, p
   rng = np.random.default_rng(0)
   pool = rng.integers(2, TINY.vocab_size, (30, 9)).astype(np.int32)
   pool[::3, 6:] = 0
-  tokens = pool[hf_greedy_inputs(model, variables, pool)[1]]  # rows whose generation emits EOS
+  generated = greedy_rows(model, variables, pool)
+  finished = np.any(generated == EOS_ID, axis=1)  # rows whose generation emits EOS
+  tokens, generated = pool[finished], generated[finished]
   monkeypatch.setattr(aa, "sample_pairs", functools.partial(aa.sample_pairs, size=len(tokens) - 3))
   data = {"a": [{"encoder_input_tokens": tokens[:8]}, {"encoder_input_tokens": tokens[8:]}]}
   collection = routers.build("average_activation", library, ["a"], params=params, data=data, top_k=1)[1]
-  sample = tokens[np.random.default_rng(42).choice(list(range(len(tokens))), len(tokens) - 3, replace=False)]
-  expected, steps = numpy_official_average(params, lora, sample)
+  sample = np.random.default_rng(42).choice(list(range(len(tokens))), len(tokens) - 3, replace=False)
+  expected, steps = numpy_official_average(params, lora, tokens[sample], generated[sample])
   assert steps[0] < aa.MAX_GEN_LENGTH - 1  # the decoder vectors come from an early last step
   flat = names.flatten(collection)
   assert set(expected) == set(names.module_paths(TINY))
