@@ -1,13 +1,15 @@
 """Whole-model cost of per-token routing: routed / unrouted T5 forward and one cached decoding step.
 
 Usage: python benchmarks/routed_model.py [--cases base:36,small:166] [--batch 4] [--input_length 128]
-         [--target_length 32] [--top_k 2] [--rank 16] [--impls blocks,gather] [--rounds 5] [--json]
+         [--target_length 32] [--top_k 2] [--rank 16] [--impls auto] [--rounds 5] [--json]
 
 Every linear layer (attention q, k, v, o and FFN wi_0, wi_1, wo) carries E routed LoRA experts with random
 weights and router vectors. Times (medians of interleaved rounds, compilation excluded): the teacher-forced
 forward (`EncoderDecoderModel.logits`) over batch x (input_length + target_length) tokens, and one
 `decode_step` with a KV cache (batch tokens through the decoder; cross-attention keys and values come from
-the encoded input).
+the encoded input). The default compares the unrouted model with `impl='auto'` only (blocks for the
+forward's tokens, gather for a decoding step's batch x k pairs: routing.resolve_impl), one routed model to
+compile per case; `--impls blocks,gather` compares the paths (two more compilations of the routed T5).
 """
 import jax
 import jax.numpy as jnp
@@ -71,7 +73,7 @@ def main():
   p.add_argument("--target_length", type=int, default=32)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--impls", default="blocks,gather")
+  p.add_argument("--impls", default="auto")
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args()
   args.impls = args.impls.split(",")
