@@ -101,7 +101,7 @@ def check_configs() -> None:
     utils.model_config()
     utils.lora_config()
   except (ValueError, TypeError) as e:
-    raise UsageError(f"bad model configuration: {e}") from e
+    raise UsageError(f"bad model configuration: {str(e).splitlines()[0]}") from e  # gin appends its call chain
 
 
 def run_configured(gin_files: Sequence[str], bindings: Sequence[str]):

@@ -20,6 +20,8 @@ from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5 import config as t5_config
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 
 @gin.configurable
 def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size: Optional[str] = None,
@@ -28,7 +30,9 @@ def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size
   """The configured T5 v1.1: a preset (`tiny`, `small` ... `xxl`) with optional architecture `overrides`.
 
   Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout and
-  dtype are always the configured ones."""
+  dtype are always the configured ones (`dtype`: 'float32', or 'bfloat16' for the official bf16 evaluation)."""
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model dtype (--precision) must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
   if size is not None:
     return t5_config.preset(size, **(overrides or {})).replace(dropout_rate=dropout_rate, dtype=dtype)
   if checkpoint_config is None:

@@ -210,3 +210,8 @@ def test_verify_repair_restores_an_entry_hidden_by_a_killed_replace(library_copy
   code = cli.main(["library", "verify", "--library", library_copy, "--repair"])  # opening alone recovers, too
   out, _ = capsys.readouterr()
   assert code == 0 and "2 entries, 0 errors" in out and sorted(os.listdir(library_copy)) == ["x", "y"]
+
+
+def test_evaluate_refuses_an_unknown_precision(tmp_path, base_dir, capsys):
+  fails_in_one_line(capsys, ["evaluate", "--base", base_dir, "--task", "demo_upper_eval", "--output_dir",
+                             str(tmp_path / "out"), "--precision", "fp16"], "--precision", "float32, bfloat16")
