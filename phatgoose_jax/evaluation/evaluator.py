@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import jax
 import numpy as np
 import seqio
+from jax.experimental import multihost_utils
 
 from phatgoose_jax import tasks
 from phatgoose_jax import vocab as vocab_lib
@@ -72,7 +73,7 @@ class Runner:
     def score(dataset):
       out = []
       for index, batch in self.batches(dataset, rows, task):
-        out += zip(index.tolist(), np.asarray(self.model.jit_score(self.variables, batch))[:len(index)].tolist())
+        out += zip(index.tolist(), _host(self.model.jit_score(self.variables, batch))[:len(index)].tolist())
       return out
     return score
 
@@ -88,7 +89,7 @@ class Runner:
         tokens = np.zeros((len(index), length), np.int32)
         if generative[index].any():
           batch = {**batch, "decoder_input_tokens": np.zeros((self.batch_size, length), np.int32)}
-          tokens = np.asarray(self.model.jit_predict(self.variables, batch)[0])[:len(index)]
+          tokens = _host(self.model.jit_predict(self.variables, batch)[0])[:len(index)]
         out += zip(index.tolist(), list(tokens))
       return out
     return predict
@@ -108,6 +109,11 @@ class Runner:
                                   return_intermediates=True)
     flat = names.flatten(jax.device_get(aux["intermediates"]))
     return batch, {k: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The whole array in every process (a batch's outputs are sharded over all processes' devices)."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Mapping, Optional
 
+from phatgoose_jax import distributed
+
 OWNER = "owner.json"
 CHECKPOINTS = "checkpoints"
 
@@ -58,7 +60,7 @@ def _write_owner(path: str, identity: dict) -> None:
 def claim(workdir: str, identity: Mapping) -> Optional[int]:
   """Make `workdir` the workdir of the run `identity` (a JSON-able dict: stage, task, name, base, config).
 
-  A new or empty workdir records `identity` in `owner.json`. A workdir recorded with another identity is
+  A new or empty workdir records `identity` in `owner.json` (written by process 0 alone). A workdir recorded with another identity is
   refused (`WorkdirMismatch` naming both); one holding checkpoints but no `owner.json` (older runs) is
   claimed. Returns the step the run resumes from (None for a fresh start), after printing
   `resuming <workdir> from step N` to standard error.
@@ -72,7 +74,7 @@ def claim(workdir: str, identity: Mapping) -> Optional[int]:
     if found:
       raise WorkdirMismatch(f"workdir {workdir} belongs to another run ({'; '.join(found)}, recorded vs this run's): "
                             f"give this run its own workdir, or delete {workdir} to start that one over")
-  else:
+  elif distributed.is_writer():
     os.makedirs(workdir, exist_ok=True)
     _write_owner(path, wanted)
   step = latest_step(workdir)
