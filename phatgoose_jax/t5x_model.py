@@ -179,7 +179,7 @@ def train_only(subtrees: Sequence[str], optimizer: optax.GradientTransformation
 
 
 def library_routing(library: str, base: str, router: str = "phatgoose", names: Optional[Sequence[str]] = None,
-                    top_k: int = 2, impl: str = "dense") -> routers.Routing:
+                    top_k: int = 2, impl: str = "auto") -> routers.Routing:
   """Experts `names` (default: all) of the library at `library`, combined by `router` (`assembly.route`).
 
   `base` is the checkpoint the experts were trained on, in any format `checkpoints.load` reads (in
