@@ -13,7 +13,10 @@ A FLAN-collection expert's rows are rows of the released collection (Hugging Fac
 (template type containing "zs_opt" or "zs_noopt"), rows with an empty input or target dropped, then a
 `np.random.RandomState(1234).choice(n, n, replace=False)` permutation whose first min(int(0.1 n), 10,000) rows
 are the validation split and the rest the train split; training keeps at most 500,000 of them, drawn by
-`np.random.default_rng(42)` (lines 195-203; flanv2_t5xl.gin TRAIN `max_examples_per_dataset`).
+`np.random.default_rng(42)` (lines 195-203; flanv2_t5xl.gin TRAIN `max_examples_per_dataset`). An expert's
+checkpoint is selected on its validation split by ROUGE-L of greedy generations of at most
+`sources.generation_length` tokens (algorithm.md §2; flanv2_t5xl.gin `D/<NAME>/ZS/EVAL`: `interface = "gen"`,
+`metrics = ["rouge"]`): the evaluation task `flan_<expert>_eval`.
 
 The pool contains WSC, COPA, HellaSwag and WiC, so evaluating it on the T0 held-out datasets is refused
 (`check_evaluation`).
@@ -35,6 +38,7 @@ MAX_VALIDATION_ROWS = 10_000  # flat.py line 267
 MAX_TRAIN_ROWS = 500_000  # colm/datasets/flanv2_t5xl.gin: TRAIN max_examples_per_dataset
 TRAIN_SEED = 42  # src/data/dataset.py line 67
 ZERO_SHOT_TEMPLATE_TYPES = ("zs_opt", "zs_noopt")
+VALIDATION_METRIC = "rouge_l"  # flanv2_t5xl.gin: every ZS/EVAL FlanDataset has metrics = ["rouge"]
 
 # (official name, collection, path): 36 P3, 36 Flan 2021, 75 NIv2 categories, then 19 more (7 P3,
 # 4 Dialog, 8 Flan 2021), in the official order.
@@ -245,6 +249,12 @@ def split_examples(path, split: str) -> list:
   return [rows[i] for i in split_indices(len(rows), split)]
 
 
+def validation_examples(path) -> list:
+  """One expert's validation split as generative evaluation examples scored by ROUGE-L against the target."""
+  return [dict(inputs=row["inputs"], target=row["targets"], choices=[], correct=[], references=[row["targets"]],
+               metric=VALIDATION_METRIC) for row in split_examples(path, "validation")]
+
+
 def expert_files(flan_dir=None) -> list:
   root = pathlib.Path(flan_dir or sources.get_dir("flan_dir"))
   files = sorted(root.glob("*.jsonl"))
@@ -258,15 +268,18 @@ def task_name(path) -> str:
 
 
 def register_pool(flan_dir=None) -> list:
-  """Registers one `flan_<expert>` task per expert file (splits "train" and "validation") and, for a full pool
-  of 166, the mixture `flan_166`.
+  """Registers one `flan_<expert>` task per expert file (splits "train" and "validation"), its validation task
+  `flan_<expert>_eval` (`validation_examples`) and, for a full pool of 166, the mixture `flan_166`.
 
-  Lists the directory (this is called on request, never at import). Returns the task names."""
+  Lists the directory (this is called on request, never at import). Returns the training task names."""
   names = []
   for path in expert_files(flan_dir):
     source = seqio_tasks.text_source(lambda split, p=path: split_examples(p, split), seqio_tasks.TRAIN_SIGNATURE,
                                      splits=("train", "validation"))
     names.append(seqio_tasks.add_task(task_name(path), source, evaluation=False).name)
+    validation = seqio_tasks.text_source(lambda split, p=path: validation_examples(p), seqio_tasks.EVAL_SIGNATURE,
+                                         splits=("validation",))
+    seqio_tasks.add_task(names[-1] + "_eval", validation, evaluation=True)
   if len(names) != len(FLAN_EXPERTS):
     raise ValueError(f"the FLAN pool has {len(FLAN_EXPERTS)} experts (algorithm.md §6); {len(names)} expert files "
                      f"found; the {len(names)} tasks are registered, the mixture {MIXTURE} is not")

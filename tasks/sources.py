@@ -204,6 +204,58 @@ BIGBENCH_HARD = {
     "word_sorting": BigBenchTask("word_sorting", "exact_match", 128),
 }
 
+
+# `max_gen_length` of each FLAN-pool expert's validation (`flan_<expert>_eval`), by official expert name
+# (scripts/concatenate.py maps it to its gin dataset): the `D/<NAME>/ZS/EVAL/InterfaceInfo` of every one of the
+# 123 FLAN-collection experts (colm/datasets/flanv2_t5xl.gin lines 29-2139), and the P3-collection experts with a
+# generative EVAL. The other 30 P3-collection experts' EVAL is rank classification (`interface = "mc"`, no
+# length): their generative validation decodes the official default DEFAULT_MAX_GEN_LENGTH.
+FLAN_MAX_GEN_LENGTH = {
+    "Flanv2zsAi2arceasy": 64, "Flanv2zsAi2arcchallenge": 64, "Flanv2zsAlgebralinear1d": 4, "Flanv2zsBoolq": 8,
+    "Flanv2zsCoqa": 256, "Flanv2zsDefpronounresolution": 8, "Flanv2zsDrop": 512, "Flanv2zsFixpunct": 256,
+    "Flanv2zsGemDart": 128, "Flanv2zsGeme2enlg": 64, "Flanv2zsGemwebnlgen": 128, "Flanv2zsGemwikilinguaen": 512,
+    "Flanv2zsGluesst2": 64, "Flanv2zsGluecola": 64, "Flanv2zsGluemnli": 8, "Flanv2zsGlueqnli": 64,
+    "Flanv2zsGluestsb": 64, "Flanv2zsGluewnli": 8, "Flanv2zsLambada": 8, "Flanv2zsNaturalquestionsopen": 32,
+    "Flanv2zsNewsroom": 512, "Flanv2zsOpenbookqa": 32, "Flanv2zsOpinionabstractidebate": 256,
+    "Flanv2zsOpinionabstractrottentomatoes": 512, "Flanv2zsParacrawlenes": 256, "Flanv2zsPiqa": 256,
+    "Flanv2zsQuac": 64, "Flanv2zsSentiment140": 64, "Flanv2zsSnli": 32, "Flanv2zsSquad": 64,
+    "Flanv2zsSupergluemultirc": 64, "Flanv2zsSupergluerecord": 64, "Flanv2zsTriviaqa": 64, "Flanv2zsTruecase": 256,
+    "Flanv2zsUnifiedqascienceinst": 32, "Flanv2zsWordsegment": 256, "Niv2zsTranslation": 512,
+    "Niv2zsProgramexecution": 256, "Niv2zsQuestiongeneration": 128, "Niv2zsSentimentanalysis": 128,
+    "Niv2zsTextcategorization": 16, "Niv2zsTextmatching": 64, "Niv2zsToxiclanguagedetection": 64,
+    "Niv2zsCauseeffectclassification": 64, "Niv2zsInformationextraction": 256, "Niv2zsTextualentailment": 128,
+    "Niv2zsWrongcandidategeneration": 256, "Niv2zsNamedentityrecognition": 256, "Niv2zsCommonsenseclassification": 4,
+    "Niv2zsFillintheblank": 128, "Niv2zsTextcompletion": 128, "Niv2zsSentencecomposition": 128,
+    "Niv2zsTitlegeneration": 128, "Niv2zsLanguageidentification": 8, "Niv2zsQuestionunderstanding": 32,
+    "Niv2zsSentenceperturbation": 256, "Niv2zsAnswerabilityclassification": 4, "Niv2zsSummarization": 512,
+    "Niv2zsCoreferenceresolution": 16, "Niv2zsTextqualityevaluation": 32, "Niv2zsTexttocode": 512,
+    "Niv2zsParaphrasing": 128, "Niv2zsDialoguegeneration": 128, "Niv2zsQuestionrewriting": 128,
+    "Niv2zsWordsemantics": 16, "Niv2zsPostagging": 256, "Niv2zsLinguisticprobing": 4, "Niv2zsStorycomposition": 512,
+    "Niv2zsSpeakeridentification": 16, "Niv2zsWordanalogy": 8, "Niv2zsDatatotext": 128,
+    "Niv2zsStereotypedetection": 8, "Niv2zsNegotiationstrategydetection": 2, "Niv2zsDialogueactrecognition": 8,
+    "Niv2zsGenderclassification": 8, "Niv2zsCoherenceclassification": 4, "Niv2zsExplanation": 512,
+    "Niv2zsEthicsclassification": 8, "Niv2zsWordrelationclassification": 8, "Niv2zsSentenceordering": 8,
+    "Niv2zsAnswerverification": 4, "Niv2zsMathematics": 8, "Niv2zsIntentidentification": 32,
+    "Niv2zsKeywordtagging": 16, "Niv2zsCodetotext": 128, "Niv2zsDialoguestatetracking": 8,
+    "Niv2zsTextsimplification": 128, "Niv2zsStancedetection": 4, "Niv2zsFactverification": 4,
+    "Niv2zsGrammarerrordetection": 512, "Niv2zsSectionclassification": 128, "Niv2zsNumberconversion": 64,
+    "Niv2zsStyletransfer": 64, "Niv2zsSpeakerrelationclassification": 4, "Niv2zsIronydetection": 4,
+    "Niv2zsQuestiondecomposition": 256, "Niv2zsOverlapextraction": 64, "Niv2zsGrammarerrorcorrection": 512,
+    "Niv2zsSpellingerrordetection": 16, "Niv2zsEntitygeneration": 16, "Niv2zsSentenceexpansion": 128,
+    "Niv2zsDiscourseconnectiveidentification": 8, "Niv2zsDiscourserelationclassification": 16,
+    "Niv2zsPoemgeneration": 512, "Niv2zsEntityrelationclassification": 2, "Niv2zsPunctuationerrordetection": 4,
+    "Niv2zsSpamclassification": 4, "Niv2zsPaperreview": 2, "Niv2zsSentencecompression": 128,
+    "Niv2zsPrepositionprediction": 2, "Niv2zsMisc": 256, "Flanv2zsQrecc": 128, "Flanv2zsWikidialog": 512,
+    "Flanv2zsQreccii": 512, "Flanv2zsWikidialogii": 512, "Flanv2zsAeslc": 512, "Flanv2zsWmt16translatecsen": 512,
+    "Flanv2zsWmt16translatedeen": 512, "Flanv2zsWmt16translateruen": 512, "Flanv2zsWmt16translatefien": 512,
+    "Flanv2zsWmt16translateroen": 512, "Flanv2zsWmt16translatetren": 512, "Flanv2zsWmt14translatefren": 512,
+    # P3-collection experts whose official EVAL generates (colm/datasets/p3_t5xl.gin lines 82-1134).
+    "P3Samsum": 128, "P3Ropes": 16, "P3Wikibio": 256, "P3Quoref": 32, "P3Duorc": 64, "P3Commongen": 64,
+    "P3Gigaword": 128, "P3Xsum": 256, "P3Hotpotqa": 64, "P3Multinews": 256, "P3Adversarialqa": 128,
+    "P3Cnndailymail": 128, "P3Webquestions": 32,
+}
+
+
 def bigbench_spec(task: str) -> Optional[BigBenchTask]:
   """The official configuration of a BIG-bench task path ("name[/subtask]") read from BIG-bench's JSON, or
   None for a task the paper does not evaluate."""
@@ -215,10 +267,13 @@ def bigbench_spec(task: str) -> Optional[BigBenchTask]:
 def generation_length(name: str) -> int:
   """Maximum number of generated tokens for a task, as the official gin files set `max_gen_length`:
   colm/datasets/bigbench.gin for `bbl_<task>`, `bbh_<task>`, `bigbench/<task>` and `bigbench:<task>`,
-  colm/datasets/p3_t5xl.gin for `p3_<key>_eval`; else the official default 20."""
+  colm/datasets/p3_t5xl.gin for `p3_<key>_eval`, `FLAN_MAX_GEN_LENGTH` for `flan_<expert>_eval`; else the
+  official default 20."""
   prefix, _, rest = name.partition("_")
   tables = {"bbl": BIGBENCH_LITE, "bbh": BIGBENCH_HARD,
             "p3": {f"{s.key}_eval": s for s in P3_HELD_IN}}
+  if prefix == "flan" and rest.endswith("_eval"):
+    return FLAN_MAX_GEN_LENGTH.get(rest[:-len("_eval")], DEFAULT_MAX_GEN_LENGTH)
   if prefix in tables and rest in tables[prefix]:
     spec = tables[prefix][rest]
   elif name.startswith(("bigbench/", "bigbench:")):  # a BIG-bench path, or its seqio name (bigbench.seqio_name)
