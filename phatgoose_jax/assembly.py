@@ -92,9 +92,10 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   return LoadedModel(model, in_compute_dtype(routing.variables(params), model_config.dtype), routing.expert_weights)
 
 
-def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut, max_examples: int,
-                batch_size: int) -> Dict[str, list]:
-  """{expert: [batches of its training data]}: t5x features plus `inputs` (the input texts)."""
+def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut,
+                max_examples: Optional[int], batch_size: int) -> Dict[str, list]:
+  """{expert: [batches of its training data]} (the first `max_examples` rows, or all): t5x features plus
+  `inputs` (the input texts)."""
   out = {}
   for name in names:
     task = library_.manifest(name)["dataset"]
@@ -110,15 +111,17 @@ def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: dat
 
 @gin.configurable(denylist=["library_", "names", "router", "held_out"])
 def router_inputs(library_: lib.ExpertLibrary, names: Sequence[str], router: str, held_out: data.HeldOut,
-                  router_examples: int = 1000, batch_size: int = 64, oracle_labels: Optional[dict] = None) -> dict:
-  """What router `router` declares it needs beyond the base weights: its experts' data (at most
-  `router_examples` per expert), the oracle's label map."""
+                  activation_examples: Optional[int] = None, retrieval_examples: int = 1000, batch_size: int = 64,
+                  oracle_labels: Optional[dict] = None) -> dict:
+  """What router `router` declares it needs beyond the base weights: its experts' training data (for
+  average activation, all of it by default: the router draws the official seeded sample of 1000 pairs from
+  it; for retrieval, the first `retrieval_examples` rows, the official store), the oracle's label map."""
   needs = routers.spec(router).needs
   inputs = {}
   if "data" in needs:
-    inputs["data"] = expert_data(library_, names, held_out, router_examples, batch_size)
+    inputs["data"] = expert_data(library_, names, held_out, activation_examples, batch_size)
   if "examples" in needs:
-    inputs["examples"] = expert_data(library_, names, held_out, router_examples, batch_size)
+    inputs["examples"] = expert_data(library_, names, held_out, retrieval_examples, batch_size)
   if "labels" in needs and oracle_labels is not None:
     inputs["label_to_expert"] = oracle_labels
   return inputs

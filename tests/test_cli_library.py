@@ -107,7 +107,7 @@ def test_import_reference_then_assemble(tmp_path, base_dir, capsys):
   assert run(capsys, "assemble", "--base", base_dir, "--library", library, "--router", "phatgoose", "--output", out,
              "--gin", "assembly.routing.top_k = 1", "--gin", "assembly.routing.impl = 'dense'")[0] == 0
   saved = native.load_native(out)
-  assert saved.expert_config == ExpertConfig(mode="routed", rank=RANK, num_experts=3, top_k=1)
+  assert saved.expert_config == ExpertConfig(mode="routed", rank=RANK, num_experts=3, top_k=1, impl="dense")
   router = saved.state["experts"]["encoder"]["layers_1"]["mlp"]["wo"]["router"]
   for i in range(3):
     np.testing.assert_array_equal(np.asarray(router[i]), experts[i][1]["encoder/layers_1/mlp/wo/gate"])

@@ -18,7 +18,8 @@ from phatgoose_jax.evaluation import evaluator
 # Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
 run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 
-SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.router_examples = 16",
+SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.activation_examples = 16",
+         "assembly.router_inputs.retrieval_examples = 16",
          "data.resolve.jsonl_vocabulary = 'byte'"]
 SKILLS = ("demo_reverse", "demo_upper")
 HELD_OUT = data.HeldOut(frozenset(suite.HELD_OUT_TASKS), suite.is_held_out)
