@@ -115,12 +115,16 @@ def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.flat_map(expand)
 
 
+def text(value) -> str:
+  """A string feature of a numpy row (bytes) as text."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def row_key(output, example=None, is_target=False):
   """Postprocessor: a target row becomes {idx, choice_idx, is_correct, metric, references} for the metric
   functions; a prediction stays its text."""
   if not is_target:
     return output
-  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
   return {"idx": int(example["idx"]), "choice_idx": int(example["choice_idx"]),
           "is_correct": bool(example["is_correct"]), "metric": text(example["metric"]),
           "references": [text(r) for r in example["references"]]}

@@ -65,7 +65,7 @@ class Runner:
     """(row indices, batch) over an enumerated model-feature dataset; `rows` are its task rows (texts)."""
     for index, features in dataset.batch(self.batch_size).as_numpy_iterator():
       batch = {k: _pad_rows(np.asarray(features[k], np.int32), self.batch_size) for k in MODEL_FEATURES}
-      texts = [_text(rows[i]["inputs_pretokenized"]) for i in index]
+      texts = [seqio_tasks.text(rows[i]["inputs_pretokenized"]) for i in index]
       yield index, self._with_weights(batch, texts, task)
 
   def score_fn(self, task: str, rows: Sequence[Mapping]) -> Callable:
@@ -81,7 +81,7 @@ class Runner:
     """seqio predict_fn: dataset -> [(index, greedy tokens)]; only generative rows are decoded (the others
     get an empty output, which no metric reads)."""
     length = min(self.target_length, sources.generation_length(task))
-    generative = np.array([_text(r["metric"]) != seqio_tasks.RANK_CLASSIFICATION for r in rows])
+    generative = np.array([seqio_tasks.text(r["metric"]) != seqio_tasks.RANK_CLASSIFICATION for r in rows])
 
     def predict(dataset):
       out = []
@@ -118,10 +118,6 @@ def _host(x: jax.Array) -> np.ndarray:
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1))
-
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def task_list(name: str) -> List[str]:
