@@ -62,8 +62,17 @@ def _quiet_search():
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], require: bool = True) -> None:
   """Parse gin files, then each binding on its own, so a failure names the file or binding at fault.
-  With `require`, macros left at `%gin.REQUIRED` are refused too."""
+  With `require`, macros left at `%gin.REQUIRED` are refused too. A refused configuration is cleared, so no
+  binding of it outlives the error."""
   gin.clear_config()
+  try:
+    _parse(gin_files, bindings, require)
+  except UsageError:
+    gin.clear_config()
+    raise
+
+
+def _parse(gin_files: Sequence[str], bindings: Sequence[str], require: bool) -> None:
   prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
   if prefixes[:1] != [str(GIN_DIR)]:  # the package's files first: a same-named file in the cwd never shadows them
     prefixes.insert(0, str(GIN_DIR))

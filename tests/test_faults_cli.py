@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import gin
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -215,3 +216,4 @@ def test_verify_repair_restores_an_entry_hidden_by_a_killed_replace(library_copy
 def test_evaluate_refuses_an_unknown_precision(tmp_path, base_dir, capsys):
   fails_in_one_line(capsys, ["evaluate", "--base", base_dir, "--task", "demo_upper_eval", "--output_dir",
                              str(tmp_path / "out"), "--precision", "fp16"], "--precision", "float32, bfloat16")
+  assert "fp16" not in gin.config_str()  # a refused configuration leaves no binding behind for the next run

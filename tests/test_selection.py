@@ -3,6 +3,7 @@ loss fallback, a tiny end-to-end `train_expert` that keeps its best-accuracy ste
 import json
 import logging
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ def base(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("base") / "base")
   params = jax.device_get(utils.init_variables(model, 0))["params"]
   native.save_native(path, {"params": partitioning.unbox(params)}, utils.model_config())
-  return path
+  yield path
+  gin.clear_config()
 
 
 def test_each_training_task_maps_to_its_evaluation_task(base, tmp_path):
