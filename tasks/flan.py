@@ -2,18 +2,28 @@
 
 The 166 experts, their names and order are the official `full_dataset_dict` of `scripts/concatenate.py`
 (p3_dataset_dict lines 8-45, flanv2_dataset_dict 47-84, niv2_dataset_dict 86-163, add1_dataset_dict 165-185), pinned
-in `FLAN_EXPERTS` as (name, collection, path): collection "P3" experts train on a promptsource dataset
-(`path`, official `P3Dataset`, colm/datasets/p3_t5xl.gin); the others on a FLAN collection subset (official
-`FlanDataset` over `FLANV2/<collection>/<path>`, colm/datasets/flanv2_t5xl.gin), a Natural Instructions v2
-category for collection "NIV2" (`NIV2_CATEGORIES`).
+in `FLAN_EXPERTS` as (name, collection, path). The official code trains expert <NAME> on the gin dataset
+`D/<DATASET>/TRAIN` and validates it on `D/<DATASET>/EVAL`, <DATASET> being its name's value in that dict
+(colm/experiments/bash_scripts/train_single_task_loralinear.sh line 50).
 
-A FLAN-collection expert's rows are rows of the released collection (Hugging Face Open-Orca/FLAN: `inputs`,
-`targets`, `_task_name`, `_template_type`; or `task_name` / `template_type`) in one JSONL file per expert,
-`<flan_dir>/<expert>.jsonl`. Its data follow `FlanDataset` (src/data/flat.py lines 221-273): zero-shot rows only
+The 43 collection "P3" experts train on a promptsource dataset (`path`; official `P3Dataset`,
+colm/datasets/p3_t5xl.gin): their tasks `flan_<expert>` and `flan_<expert>_eval` serve exactly the examples of the
+P3 pool's `p3_<key>` and `p3_<key>_eval` (`p3.train_examples`, `p3.eval_examples` of the dataset
+`sources.FLAN_P3_SOURCES[expert]`): training on every template of the train split (at most 500,000 pairs), the
+checkpoint selected on the EVAL split's original-task templates, by rank-classification accuracy where the EVAL
+is `interface = "mc"` and by the generative metric otherwise (read from the data and templates directories when a
+dataset is requested).
+
+The other 123 experts train on a FLAN collection subset (official `FlanDataset` over
+`FLANV2/<collection>/<path>`, colm/datasets/flanv2_t5xl.gin), a Natural Instructions v2 category for collection
+"NIV2" (`NIV2_CATEGORIES`). Their rows are rows of the released collection (Hugging Face Open-Orca/FLAN:
+`inputs`, `targets`, `_task_name`, `_template_type`; or `task_name` / `template_type`) in one JSONL file per
+expert, `<flan_dir>/<expert>.jsonl`; a file named after a P3-collection expert is refused (those experts never
+read the FLAN directory). Their data follow `FlanDataset` (src/data/flat.py lines 221-273): zero-shot rows only
 (template type containing "zs_opt" or "zs_noopt"), rows with an empty input or target dropped, then a
 `np.random.RandomState(1234).choice(n, n, replace=False)` permutation whose first min(int(0.1 n), 10,000) rows
 are the validation split and the rest the train split; training keeps at most 500,000 of them, drawn by
-`np.random.default_rng(42)` (lines 195-203; flanv2_t5xl.gin TRAIN `max_examples_per_dataset`). An expert's
+`np.random.default_rng(42)` (lines 195-203; flanv2_t5xl.gin TRAIN `max_examples_per_dataset`). Such an expert's
 checkpoint is selected on its validation split by ROUGE-L of greedy generations of at most
 `sources.generation_length` tokens (algorithm.md §2; flanv2_t5xl.gin `D/<NAME>/ZS/EVAL`: `interface = "gen"`,
 `metrics = ["rouge"]`): the evaluation task `flan_<expert>_eval`.
@@ -28,7 +38,7 @@ from typing import Optional
 import numpy as np
 import seqio
 
-from phatgoose_jax.tasks import readers, seqio_tasks, sources
+from phatgoose_jax.tasks import p3, readers, seqio_tasks, sources
 
 POOL = "flan"
 MIXTURE = "flan_166"
@@ -255,34 +265,51 @@ def validation_examples(path) -> list:
                metric=VALIDATION_METRIC) for row in split_examples(path, "validation")]
 
 
-def expert_files(flan_dir=None) -> list:
-  root = pathlib.Path(flan_dir or sources.get_dir("flan_dir"))
-  files = sorted(root.glob("*.jsonl"))
-  if not files:
-    raise sources.missing("the FLAN collection", f"{root}/<expert>.jsonl", sources.DIR_KINDS["flan_dir"][2])
-  return files
-
-
 def task_name(path) -> str:
   return "flan_" + re.sub(r"[^\w.:]", "_", pathlib.Path(path).stem)
 
 
-def register_pool(flan_dir=None) -> list:
-  """Registers one `flan_<expert>` task per expert file (splits "train" and "validation"), its validation task
-  `flan_<expert>_eval` (`validation_examples`) and, for a full pool of 166, the mixture `flan_166`.
+def expert_files(flan_dir=None) -> list:
+  """The FLAN-collection experts' files `<flan_dir>/*.jsonl`, sorted; none named after a P3-collection expert."""
+  root = pathlib.Path(flan_dir or sources.get_dir("flan_dir"))
+  files = sorted(root.glob("*.jsonl"))
+  if not files:
+    raise sources.missing("the FLAN collection", f"{root}/<expert>.jsonl", sources.DIR_KINDS["flan_dir"][2])
+  p3_tasks = {f"flan_{expert}" for expert in sources.FLAN_P3_SOURCES}
+  p3_named = [path.name for path in files if task_name(path) in p3_tasks]
+  if p3_named:
+    raise ValueError(f"{root} holds {', '.join(p3_named)}, named after P3-collection experts, which train and "
+                     f"validate on their P3 datasets, not on FLAN files (algorithm.md §6); remove these files")
+  return files
 
-  Lists the directory (this is called on request, never at import). Returns the training task names."""
-  names = []
-  for path in expert_files(flan_dir):
-    source = seqio_tasks.text_source(lambda split, p=path: split_examples(p, split), seqio_tasks.TRAIN_SIGNATURE,
-                                     splits=("train", "validation"))
-    names.append(seqio_tasks.add_task(task_name(path), source, evaluation=False).name)
-    validation = seqio_tasks.text_source(lambda split, p=path: validation_examples(p), seqio_tasks.EVAL_SIGNATURE,
-                                         splits=("validation",))
-    seqio_tasks.add_task(names[-1] + "_eval", validation, evaluation=True)
-  if len(names) != len(FLAN_EXPERTS):
-    raise ValueError(f"the FLAN pool has {len(FLAN_EXPERTS)} experts (algorithm.md §6); {len(names)} expert files "
-                     f"found; the {len(names)} tasks are registered, the mixture {MIXTURE} is not")
+
+def register_file_expert(path) -> str:
+  """Registers a FLAN-collection expert's task `flan_<expert>` (splits "train" and "validation") and its
+  validation task `flan_<expert>_eval` (`validation_examples`). Returns the training task name."""
+  source = seqio_tasks.text_source(lambda split, p=path: split_examples(p, split), seqio_tasks.TRAIN_SIGNATURE,
+                                   splits=("train", "validation"))
+  name = seqio_tasks.add_task(task_name(path), source, evaluation=False).name
+  validation = seqio_tasks.text_source(lambda split, p=path: validation_examples(p), seqio_tasks.EVAL_SIGNATURE,
+                                       splits=("validation",))
+  seqio_tasks.add_task(name + "_eval", validation, evaluation=True)
+  return name
+
+
+def register_pool(flan_dir=None) -> list:
+  """Registers the 43 P3-collection experts' tasks over their P3 datasets (`p3.register_dataset`), one
+  FLAN-collection expert per file of `flan_dir` (`register_file_expert`) and, with the 123 files of the full
+  pool, the mixture `flan_166`.
+
+  Lists the directory (this is called on request, never at import); reads no data. Returns the training task
+  names."""
+  files = expert_files(flan_dir)
+  names = [p3.register_dataset(f"flan_{expert}", source) for expert, source in sources.FLAN_P3_SOURCES.items()]
+  names += [register_file_expert(path) for path in files]
+  num_files = len(FLAN_EXPERTS) - len(sources.FLAN_P3_SOURCES)
+  if len(files) != num_files:
+    raise ValueError(f"the FLAN pool has {len(FLAN_EXPERTS)} experts, {len(sources.FLAN_P3_SOURCES)} on P3 datasets "
+                     f"and {num_files} on FLAN-collection files (algorithm.md §6); {len(files)} expert files found; "
+                     f"the {len(names)} tasks are registered, the mixture {MIXTURE} is not")
   seqio_tasks.add_mixture(MIXTURE, names)
   return names
 

@@ -15,8 +15,10 @@ dataset in `sources.P3_HELD_IN` / `sources.T0_HELD_OUT`:
   a seeded sample of `max_eval_rows` rows first (p3.py lines 87-95); round robin (row i with template
   i mod T, lines 114-130) for the held-in datasets, every (row, template) pair for T0 held-out; multiple-choice
   pairs are scored by rank classification with the official label `find_label` of the target among the
-  template's answer choices. Pairs whose template renders no target are skipped: the evaluation splits used
-  here are fully labelled, so the official code never meets one.
+  template's answer choices. Generative pairs are scored by the template's metric against the rendered target,
+  or as the dataset pins it (`official_scoring`: web_questions by ROUGE against every answer). Pairs whose
+  template renders no target are skipped: the evaluation splits used here are fully labelled, so the official
+  code never meets one.
 - app_reviews has a train split only: after `np.random.RandomState(1234).shuffle`, its first 10,000 rows are
   evaluated and the rest trained on (p3.py lines 315-324).
 """
@@ -118,6 +120,16 @@ def eval_example(template: promptsource.Template, row: dict) -> Optional[dict]:
   return dict(inputs=parts[0], target=parts[1], choices=[], correct=[], references=[parts[1]], metric=metric)
 
 
+def official_scoring(source: sources.DatasetSource, row: dict, example: dict) -> dict:
+  """A generative example scored as its dataset's EVAL scores it where the dataset pins it: by
+  `source.eval_metric` against the row's `source.references_field` (web_questions: ROUGE against every
+  answer, official `P3WebQuestionsDataset`, src/data/p3.py lines 440-445); else `example` unchanged."""
+  if example["choices"]:
+    return example
+  references = list(row[source.references_field]) if source.references_field else example["references"]
+  return {**example, "metric": source.eval_metric or example["metric"], "references": references}
+
+
 def eval_pairs(num_rows: int, num_templates: int, round_robin: bool) -> list:
   """(row, template) index pairs of an evaluation: row i with template i mod T (round robin), else all."""
   if round_robin:
@@ -134,22 +146,29 @@ def eval_examples(source: sources.DatasetSource, split: Optional[str] = None) ->
   for row, template in eval_pairs(len(rows), len(chosen), source.round_robin):
     example = eval_example(chosen[template], rows[row])
     if example is not None:
-      yield example
+      yield official_scoring(source, rows[row], example)
 
 
 def _split_of(source: sources.DatasetSource, split: str) -> str:
   return source.train_split if split == "train" else source.eval_split
 
 
+def register_dataset(name: str, source: sources.DatasetSource) -> str:
+  """Registers the training task `name` (`train_examples`) and its evaluation task `<name>_eval`
+  (`eval_examples`) of one dataset; their "validation" split is the dataset's evaluation split. Returns `name`."""
+  train = seqio_tasks.text_source(
+      lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE)
+  seqio_tasks.add_task(name, train, evaluation=False)
+  evaluation = seqio_tasks.text_source(
+      lambda split, s=source: eval_examples(s, _split_of(s, split)), seqio_tasks.EVAL_SIGNATURE)
+  seqio_tasks.add_task(f"{name}_eval", evaluation, evaluation=True)
+  return name
+
+
 def register() -> None:
   """Registers the P3 training / evaluation tasks, the T0 held-out tasks and their mixtures."""
   for source in sources.P3_HELD_IN:
-    train = seqio_tasks.text_source(
-        lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE)
-    seqio_tasks.add_task(f"p3_{source.key}", train, evaluation=False)
-    evaluation = seqio_tasks.text_source(
-        lambda split, s=source: eval_examples(s, _split_of(s, split)), seqio_tasks.EVAL_SIGNATURE)
-    seqio_tasks.add_task(f"p3_{source.key}_eval", evaluation, evaluation=True)
+    register_dataset(f"p3_{source.key}", source)
   for source in sources.T0_HELD_OUT:
     evaluation = seqio_tasks.text_source(
         lambda split, s=source: eval_examples(s), seqio_tasks.EVAL_SIGNATURE, splits=("validation",))

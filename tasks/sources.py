@@ -46,7 +46,8 @@ class DatasetSource:
   every template; `max_eval_rows` is a seeded sample of rows taken before templating
   (`max_pretemplate_examples_per_dataset`); `eval_holdout` rows of the train split, after a seeded shuffle,
   are the evaluation rows and the rest the training rows (app_reviews); a generative evaluation decodes at most
-  `max_gen_length` tokens (its EVAL `InterfaceInfo`).
+  `max_gen_length` tokens (its EVAL `InterfaceInfo`) and is scored by `eval_metric` (default: by the
+  template's metric) against the row's `references_field` (default: the rendered target).
   """
   key: str
   templates: str
@@ -61,6 +62,8 @@ class DatasetSource:
   max_eval_rows: Optional[int] = None
   eval_holdout: Optional[int] = None
   max_gen_length: Optional[int] = None
+  eval_metric: Optional[str] = None
+  references_field: Optional[str] = None
 
 
 _p3 = DatasetSource
@@ -134,6 +137,41 @@ T0_HELD_OUT = (
     _p3("wsc", "super_glue/wsc.fixed", ("super_glue", "wsc.fixed"), "super_glue/wsc.fixed:1.0.2", round_robin=False),
 )
 
+# The FLAN pool's P3-collection datasets that neither list above holds (scripts/concatenate.py add1_dataset_dict
+# lines 169-171), with the settings of colm/datasets/p3_t5xl.gin (line of each dataset's first entry): the train
+# split with every template; EVAL on the original-task templates, round robin. race's EVAL is rank
+# classification (`interface = "mc"`, lines 1098, 1115); web_questions' (official `P3WebQuestionsDataset`,
+# src/data/p3.py lines 440-445) generates at most 32 tokens scored by ROUGE (`metrics = ["rouge"]`) against the
+# row's `answers` (lines 1131-1139).
+FLAN_P3_EXTRA = (
+    _p3("race_high", "race/high", ("race", "high")),  # 1088
+    _p3("race_middle", "race/middle", ("race", "middle")),  # 1105
+    _p3("web_questions", "web_questions", ("web_questions", None), eval_split="test", max_gen_length=32,
+        eval_metric="rouge_l", references_field="answers"),  # 1122
+)
+
+_BY_KEY = {s.key: s for s in P3_HELD_IN + T0_HELD_OUT + FLAN_P3_EXTRA}
+
+# The dataset of each of the FLAN pool's 43 P3-collection experts, by official expert name
+# (scripts/concatenate.py p3_dataset_dict lines 8-45, add1_dataset_dict 165-171): the expert trains on its
+# `D/<NAME>/TRAIN` and selects its checkpoint on `D/<NAME>/EVAL` (colm/experiments/bash_scripts/
+# train_single_task_loralinear.sh line 50), i.e. the P3 pool's training / evaluation data of that dataset.
+# HellaSwag, COPA, WiC and WSC are configured as the T0 held-out evaluation (p3_t5xl.gin lines 712-959).
+FLAN_P3_SOURCES = {expert: _BY_KEY[key] for expert, key in (
+    ("P3Agnews", "ag_news"), ("P3Amazonpolarity", "amazon_polarity"), ("P3Cosmosqa", "cosmos_qa"),
+    ("P3Samsum", "samsum"), ("P3Quartz", "quartz"), ("P3Ropes", "ropes"), ("P3Wikibio", "wiki_bio"),
+    ("P3Paws", "paws"), ("P3Wikiqa", "wiki_qa"), ("P3Socialiqa", "social_i_qa"), ("P3Qasc", "qasc"),
+    ("P3Quail", "quail"), ("P3Dream", "dream"), ("P3Wiqa", "wiqa"), ("P3Quarel", "quarel"), ("P3Sciq", "sciq"),
+    ("P3Quoref", "quoref"), ("P3Duorc", "duorc_paraphraserc"), ("P3Rottentomatoes", "rotten_tomatoes"),
+    ("P3Yelp", "yelp_review_full"), ("P3Commongen", "common_gen"), ("P3Gigaword", "gigaword"),
+    ("P3Xsum", "xsum"), ("P3Mrpc", "glue_mrpc"), ("P3Qqp", "glue_qqp"), ("P3Commonsenseqa", "commonsense_qa"),
+    ("P3Cose", "cos_e"), ("P3Wikihop", "wiki_hop"), ("P3Hotpotqa", "hotpot_qa"), ("P3Appreviews", "app_reviews"),
+    ("P3Trec", "trec"), ("P3Multinews", "multi_news"), ("P3Imdb", "imdb"), ("P3Adversarialqa", "adversarial_qa"),
+    ("P3Cnndailymail", "cnn_dailymail"), ("P3Dbpedia14", "dbpedia_14"), ("P3Wscfixed", "wsc"),
+    ("P3Copa", "copa"), ("P3Hswag", "hellaswag"), ("P3Wic", "wic"), ("P3Racehigh", "race_high"),
+    ("P3Racemiddle", "race_middle"), ("P3Webquestions", "web_questions"),
+)}
+
 
 @dataclasses.dataclass(frozen=True)
 class BigBenchTask:
@@ -205,11 +243,10 @@ BIGBENCH_HARD = {
 }
 
 
-# `max_gen_length` of each FLAN-pool expert's validation (`flan_<expert>_eval`), by official expert name
+# `max_gen_length` of each FLAN-collection expert's validation (`flan_<expert>_eval`), by official expert name
 # (scripts/concatenate.py maps it to its gin dataset): the `D/<NAME>/ZS/EVAL/InterfaceInfo` of every one of the
-# 123 FLAN-collection experts (colm/datasets/flanv2_t5xl.gin lines 29-2139), and the P3-collection experts with a
-# generative EVAL. The other 30 P3-collection experts' EVAL is rank classification (`interface = "mc"`, no
-# length): their generative validation decodes the official default DEFAULT_MAX_GEN_LENGTH.
+# 123 FLAN-collection experts (colm/datasets/flanv2_t5xl.gin lines 29-2139). A P3-collection expert decodes its
+# dataset's `max_gen_length` (FLAN_P3_SOURCES).
 FLAN_MAX_GEN_LENGTH = {
     "Flanv2zsAi2arceasy": 64, "Flanv2zsAi2arcchallenge": 64, "Flanv2zsAlgebralinear1d": 4, "Flanv2zsBoolq": 8,
     "Flanv2zsCoqa": 256, "Flanv2zsDefpronounresolution": 8, "Flanv2zsDrop": 512, "Flanv2zsFixpunct": 256,
@@ -249,10 +286,6 @@ FLAN_MAX_GEN_LENGTH = {
     "Flanv2zsQreccii": 512, "Flanv2zsWikidialogii": 512, "Flanv2zsAeslc": 512, "Flanv2zsWmt16translatecsen": 512,
     "Flanv2zsWmt16translatedeen": 512, "Flanv2zsWmt16translateruen": 512, "Flanv2zsWmt16translatefien": 512,
     "Flanv2zsWmt16translateroen": 512, "Flanv2zsWmt16translatetren": 512, "Flanv2zsWmt14translatefren": 512,
-    # P3-collection experts whose official EVAL generates (colm/datasets/p3_t5xl.gin lines 82-1134).
-    "P3Samsum": 128, "P3Ropes": 16, "P3Wikibio": 256, "P3Quoref": 32, "P3Duorc": 64, "P3Commongen": 64,
-    "P3Gigaword": 128, "P3Xsum": 256, "P3Hotpotqa": 64, "P3Multinews": 256, "P3Adversarialqa": 128,
-    "P3Cnndailymail": 128, "P3Webquestions": 32,
 }
 
 
@@ -267,15 +300,16 @@ def bigbench_spec(task: str) -> Optional[BigBenchTask]:
 def generation_length(name: str) -> int:
   """Maximum number of generated tokens for a task, as the official gin files set `max_gen_length`:
   colm/datasets/bigbench.gin for `bbl_<task>`, `bbh_<task>`, `bigbench/<task>` and `bigbench:<task>`,
-  colm/datasets/p3_t5xl.gin for `p3_<key>_eval`, `FLAN_MAX_GEN_LENGTH` for `flan_<expert>_eval`; else the
-  official default 20."""
+  colm/datasets/p3_t5xl.gin for `p3_<key>_eval` and a P3-collection expert's `flan_<expert>_eval`,
+  `FLAN_MAX_GEN_LENGTH` for a FLAN-collection expert's; else the official default 20."""
   prefix, _, rest = name.partition("_")
   tables = {"bbl": BIGBENCH_LITE, "bbh": BIGBENCH_HARD,
-            "p3": {f"{s.key}_eval": s for s in P3_HELD_IN}}
-  if prefix == "flan" and rest.endswith("_eval"):
-    return FLAN_MAX_GEN_LENGTH.get(rest[:-len("_eval")], DEFAULT_MAX_GEN_LENGTH)
+            "p3": {f"{s.key}_eval": s for s in P3_HELD_IN},
+            "flan": {f"{expert}_eval": s for expert, s in FLAN_P3_SOURCES.items()}}
   if prefix in tables and rest in tables[prefix]:
     spec = tables[prefix][rest]
+  elif prefix == "flan" and rest.endswith("_eval"):
+    return FLAN_MAX_GEN_LENGTH.get(rest[:-len("_eval")], DEFAULT_MAX_GEN_LENGTH)
   elif name.startswith(("bigbench/", "bigbench:")):  # a BIG-bench path, or its seqio name (bigbench.seqio_name)
     spec = bigbench_spec(name[len("bigbench/"):].replace(".", "/"))
   else:

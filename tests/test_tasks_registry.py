@@ -93,9 +93,12 @@ def test_flan_pool_zero_shot_only_and_full_size(tmp_path):
   task = seqio.get_mixture_or_task("flan_niv2_misc.")
   rows = list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
   assert [(r["inputs"], r["targets"]) for r in rows] == [(b"niv2 misc. zs", b"a"), (b"niv2 misc. zs2", b"c")]
-  _write_flan(tmp_path / "full", [f"expert_{i:03d}" for i in range(166)])
-  assert len(flan.register_pool(tmp_path / "full")) == 166
-  assert len(_mixture_tasks("flan_166")) == 166
+  # The full pool: 123 FLAN-collection files and the 43 P3-collection experts on their P3 datasets.
+  _write_flan(tmp_path / "full", [f"expert_{i:03d}" for i in range(123)])
+  names = flan.register_pool(tmp_path / "full")
+  p3_experts = [f"flan_{name}" for name, collection, _ in flan.FLAN_EXPERTS if collection == "P3"]
+  assert len(names) == len(set(names)) == 166 and names[:43] == p3_experts
+  assert sorted(_mixture_tasks("flan_166")) == sorted(names)
   with pytest.raises(sources.MissingDataError, match="FLAN collection"):
     flan.register_pool(tmp_path)
 
