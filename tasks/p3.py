@@ -15,8 +15,9 @@ dataset in `sources.P3_HELD_IN` / `sources.T0_HELD_OUT`:
   a seeded sample of `max_eval_rows` rows first (p3.py lines 87-95); round robin (row i with template
   i mod T, lines 114-130) for the held-in datasets, every (row, template) pair for T0 held-out; multiple-choice
   pairs are scored by rank classification with the official label `find_label` of the target among the
-  template's answer choices. Generative pairs are scored by the template's metric against the rendered target,
-  or as the dataset pins it (`official_scoring`: web_questions by ROUGE against every answer). Pairs whose
+  template's answer choices. Generative pairs are scored by the metrics of the dataset's EVAL scope
+  (`DatasetSource.eval_metrics`: SQuAD, BLEU and/or ROUGE-L) against the references its official dataset class
+  gives (`official_references`: e.g. every answer of a SQuAD-style row, the summary). Pairs whose
   template renders no target are skipped: the evaluation splits used here are fully labelled, so the official
   code never meets one.
 - app_reviews has a train split only: after `np.random.RandomState(1234).shuffle`, its first 10,000 rows are
@@ -106,8 +107,11 @@ def train_examples(source: sources.DatasetSource, split: str = "train") -> Itera
       yield train_pair(chosen[template], row)
 
 
-def eval_example(template: promptsource.Template, row: dict) -> Optional[dict]:
-  """One evaluation example from a row and a template, or None if it renders no target."""
+def eval_example(template: promptsource.Template, row: dict,
+                 source: Optional[sources.DatasetSource] = None) -> Optional[dict]:
+  """One evaluation example from a row and a template, or None if it renders no target: rank classification
+  among the template's answer choices, else generation scored by `source.eval_metrics` (comma-separated in
+  `metric`) against `official_references`."""
   parts = promptsource.apply(template, row)
   if len(parts) != 2 or not parts[1]:
     return None
@@ -116,18 +120,26 @@ def eval_example(template: promptsource.Template, row: dict) -> Optional[dict]:
     label = bigbench.text_label(parts[1], choices)
     return dict(inputs=parts[0], target=parts[1], choices=choices,
                 correct=[i == label for i in range(len(choices))], references=[parts[1]], metric="accuracy")
-  metric = "rouge_l" if "ROUGE" in template.metrics else "exact_match"
-  return dict(inputs=parts[0], target=parts[1], choices=[], correct=[], references=[parts[1]], metric=metric)
+  if source is None or not source.eval_metrics:
+    raise ValueError(f"template {template.name!r} generates its answer: its dataset needs the official EVAL "
+                     "metrics (tasks/sources.py DatasetSource.eval_metrics)")
+  return dict(inputs=parts[0], target=parts[1], choices=[], correct=[],
+              references=official_references(source, row, parts[1]),
+              metric=seqio_tasks.METRIC_SEPARATOR.join(source.eval_metrics))
 
 
-def official_scoring(source: sources.DatasetSource, row: dict, example: dict) -> dict:
-  """A generative example scored as its dataset's EVAL scores it where the dataset pins it: by
-  `source.eval_metric` against the row's `source.references_field` (web_questions: ROUGE against every
-  answer, official `P3WebQuestionsDataset`, src/data/p3.py lines 440-445); else `example` unchanged."""
-  if example["choices"]:
-    return example
-  references = list(row[source.references_field]) if source.references_field else example["references"]
-  return {**example, "metric": source.eval_metric or example["metric"], "references": references}
+def official_references(source: sources.DatasetSource, row: dict, target: str) -> list:
+  """The references the official dataset class gives a generative row: its `source.references_field`
+  ("answers.text" reads a nested field; one text is one reference), else the rendered target. A row marked
+  `no_answer` (duorc) keeps the rendered target: `P3DuorcDataset` (src/data/p3.py lines 237-254) renders row
+  i's no-answer branch with template i mod T: duorc evaluates every row, so that is the template round robin
+  pairs it with."""
+  if source.references_field is None or row.get("no_answer"):
+    return [target]
+  value = row
+  for key in source.references_field.split("."):
+    value = value[key]
+  return [value] if isinstance(value, str) else list(value)
 
 
 def eval_pairs(num_rows: int, num_templates: int, round_robin: bool) -> list:
@@ -144,9 +156,9 @@ def eval_examples(source: sources.DatasetSource, split: Optional[str] = None) ->
   if source.max_eval_rows is not None and len(rows) > source.max_eval_rows:
     rows = [rows[i] for i in np.random.default_rng(SEED).choice(len(rows), source.max_eval_rows, replace=False)]
   for row, template in eval_pairs(len(rows), len(chosen), source.round_robin):
-    example = eval_example(chosen[template], rows[row])
+    example = eval_example(chosen[template], rows[row], source)
     if example is not None:
-      yield official_scoring(source, rows[row], example)
+      yield example
 
 
 def _split_of(source: sources.DatasetSource, split: str) -> str:

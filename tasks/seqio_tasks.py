@@ -33,11 +33,16 @@ EVAL_SIGNATURE = {
 }
 TRAIN_SIGNATURE = {"inputs": tf.TensorSpec([], tf.string), "targets": tf.TensorSpec([], tf.string)}
 RANK_CLASSIFICATION = "accuracy"
+# Generative metrics by the name a row's `metric` lists: fn(outputs, references per row) -> a value, or named
+# values (squad: exact_match and f1, reported as squad_exact_match and squad_f1).
 GENERATION_METRICS = {
     "exact_match": lambda outputs, refs: metrics.exact_match(outputs, [r[0] for r in refs]),
     "multi_answer_exact_match": metrics.multi_answer_exact_match,
-    "rouge_l": lambda outputs, refs: metrics.rouge_l(outputs, [r[0] for r in refs]),
+    "rouge_l": metrics.rouge_l,
+    "bleu": metrics.bleu,
+    "squad": metrics.squad,
 }
+METRIC_SEPARATOR = ","  # a row scored by several metrics lists them as "bleu,rouge_l"
 _FIRST_EXAMPLES = contextvars.ContextVar("first_examples", default=None)
 
 
@@ -142,13 +147,16 @@ def rank_classification_metric(targets, scores) -> dict:
 
 
 def generation_metrics(targets, predictions) -> dict:
-  """seqio predict metric: each generative metric of the task over its rows' greedy outputs and references
-  (`GENERATION_METRICS`); {} when the task has no generative rows."""
+  """seqio predict metric: each generative metric of `GENERATION_METRICS` over the greedy outputs and
+  references of the rows whose `metric` lists it (comma-separated); a metric with named values contributes
+  each as `<metric>_<name>`, so that the task score, the mean of all values, counts them all as the official
+  evaluator does (src/procedures/evaluator.py lines 90-95). {} when the task has no generative rows."""
   values = {}
   for name, metric_fn in GENERATION_METRICS.items():
-    rows = [(t, p) for t, p in zip(targets, predictions) if t["metric"] == name]
+    rows = [(t, p) for t, p in zip(targets, predictions) if name in t["metric"].split(METRIC_SEPARATOR)]
     if rows:
-      values[name] = metric_fn([p for _, p in rows], [t["references"] for t, _ in rows])
+      value = metric_fn([p for _, p in rows], [t["references"] for t, _ in rows])
+      values.update({f"{name}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
   return values
 
 

@@ -45,9 +45,13 @@ class DatasetSource:
   (`eval_templates="original"`) or all of them; `round_robin` pairs example i with template i mod T instead of
   every template; `max_eval_rows` is a seeded sample of rows taken before templating
   (`max_pretemplate_examples_per_dataset`); `eval_holdout` rows of the train split, after a seeded shuffle,
-  are the evaluation rows and the rest the training rows (app_reviews); a generative evaluation decodes at most
-  `max_gen_length` tokens (its EVAL `InterfaceInfo`) and is scored by `eval_metric` (default: by the
-  template's metric) against the row's `references_field` (default: the rendered target).
+  are the evaluation rows and the rest the training rows (app_reviews). A generative evaluation (EVAL
+  `interface = "gen"`) decodes at most `max_gen_length` tokens (its EVAL `InterfaceInfo`) and is scored by
+  `eval_metrics`, the EVAL scope's `metrics` in this project's names (tasks/seqio_tasks.py
+  `GENERATION_METRICS`: "squad" -> squad, "bleu" -> bleu, "rouge" -> rouge_l), against the references the
+  official dataset class puts in the row: the row's `references_field` ("answers.text": a nested field), or
+  the rendered target where it has none. A dataset without `eval_metrics` is multiple choice (rank
+  classification, `interface = "mc"`, `metrics = ["accuracy"]`).
   """
   key: str
   templates: str
@@ -62,23 +66,29 @@ class DatasetSource:
   max_eval_rows: Optional[int] = None
   eval_holdout: Optional[int] = None
   max_gen_length: Optional[int] = None
-  eval_metric: Optional[str] = None
+  eval_metrics: tuple = ()
   references_field: Optional[str] = None
 
 
 _p3 = DatasetSource
 
 # The 36 held-in T0 datasets of the P3 expert pool, in the released experts' order (algorithm.md §6, §7), with
-# the settings of colm/datasets/p3_t5xl.gin (line of each dataset's first entry in the comment).
+# the settings of colm/datasets/p3_t5xl.gin (line of each dataset's first entry in the comment; for a generative
+# dataset also the line of its EVAL `metrics` and the src/data/p3.py lines of the class that sets `references`).
+# SQuAD datasets score every answer; a summary's references are its one summary (the official classes wrap it
+# as [[summary]]). hotpot_qa's EVAL lists ["blue", "rouge"]: `Scorer` knows no "blue", so only ROUGE is computed.
 P3_HELD_IN = (
     _p3("ag_news", "ag_news", ("ag_news", None), eval_split="test"),  # 89
     _p3("amazon_polarity", "amazon_polarity", ("amazon_polarity", None), eval_split="test",
         max_eval_rows=10_000),  # 106
     _p3("cosmos_qa", "cosmos_qa", ("cosmos_qa", None)),  # 165
-    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0", max_gen_length=128),  # 544
+    _p3("samsum", "samsum", ("samsum", None), "samsum:1.0.0", max_gen_length=128, eval_metrics=("rouge_l",),
+        references_field="summary"),  # 544; metrics 559; P3SamsumDataset 283-287
     _p3("quartz", "quartz", ("quartz", None)),  # 199
-    _p3("ropes", "ropes", ("ropes", None), max_gen_length=16),  # 70
-    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val", max_eval_rows=10_000, max_gen_length=256),  # 124
+    _p3("ropes", "ropes", ("ropes", None), max_gen_length=16, eval_metrics=("squad",),
+        references_field="answers.text"),  # 70; metrics 85; P3RopesDataset 258-263
+    _p3("wiki_bio", "wiki_bio", ("wiki_bio", None), eval_split="val", max_eval_rows=10_000, max_gen_length=256,
+        eval_metrics=("bleu", "rouge_l"), references_field="target_text"),  # 124; metrics 139; P3WikiBioDataset 267-271
     _p3("paws", "paws/labeled_final", ("paws", "labeled_final"), ignore_templates=("paraphrase-task",)),  # 34
     _p3("wiki_qa", "wiki_qa", ("wiki_qa", None), ignore_templates=(  # 52
         "Direct Answer to Question", "Generate Question from Topic", "Jeopardy style",
@@ -92,29 +102,38 @@ P3_HELD_IN = (
     _p3("wiqa", "wiqa", ("wiqa", None)),  # 616
     _p3("quarel", "quarel", ("quarel", None), eval_templates="all"),  # 491
     _p3("sciq", "sciq", ("sciq", None)),  # 563
-    _p3("quoref", "quoref", ("quoref", None), max_gen_length=32),  # 508
-    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC"), max_gen_length=64),  # 362
+    _p3("quoref", "quoref", ("quoref", None), max_gen_length=32, eval_metrics=("squad",),
+        references_field="answers.text"),  # 508; metrics 523; P3QuorefDataset 291-296
+    _p3("duorc_paraphraserc", "duorc/ParaphraseRC", ("duorc", "ParaphraseRC"), max_gen_length=64,
+        eval_metrics=("squad",), references_field="answers"),  # 362; metrics 377; P3DuorcDataset 237-254
     _p3("rotten_tomatoes", "rotten_tomatoes", ("rotten_tomatoes", None)),  # 527
     _p3("yelp_review_full", "yelp_review_full", ("yelp_review_full", None), eval_split="test"),  # 652
-    _p3("common_gen", "common_gen", ("common_gen", None), max_gen_length=64),  # 233
-    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0", max_eval_rows=10_000, max_gen_length=128),  # 381
-    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0", max_gen_length=256),  # 633
+    _p3("common_gen", "common_gen", ("common_gen", None), max_gen_length=64, eval_metrics=("bleu", "rouge_l"),
+        references_field="target"),  # 233; metrics 248; P3CommonGenDataset 209-213
+    _p3("gigaword", "gigaword", ("gigaword", None), "gigaword:1.2.0", max_eval_rows=10_000, max_gen_length=128,
+        eval_metrics=("bleu", "rouge_l"), references_field="summary"),  # 381; metrics 396; P3GigaWordDataset 300-304
+    _p3("xsum", "xsum", ("xsum", None), "xsum:1.1.0", max_gen_length=256, eval_metrics=("bleu", "rouge_l"),
+        references_field="summary"),  # 633; metrics 648; P3XSumDataset 308-312
     _p3("glue_mrpc", "glue/mrpc", ("glue", "mrpc"), "glue/mrpc:2.0.0"),  # 437
     _p3("glue_qqp", "glue/qqp", ("glue", "qqp"), "glue/qqp:2.0.0", max_eval_rows=10_000),  # 473
     _p3("commonsense_qa", "commonsense_qa", ("commonsense_qa", None), max_eval_rows=10_000),  # 289
     _p3("cos_e", "cos_e/v1.11", ("cos_e", "v1.11"), max_eval_rows=10_000),  # 307
     _p3("wiki_hop", "wiki_hop/original", ("wiki_hop", "original")),  # 598
-    _p3("hotpot_qa", "hotpot_qa/fullwiki", ("hotpot_qa", "fullwiki"), max_gen_length=64),  # 401
+    _p3("hotpot_qa", "hotpot_qa/fullwiki", ("hotpot_qa", "fullwiki"), max_gen_length=64,
+        eval_metrics=("rouge_l",), references_field="answer"),  # 401; metrics 416; P3HotpotQADataset 225-229
     _p3("app_reviews", "app_reviews", ("app_reviews", None), eval_split="train", eval_templates="all",
         eval_ignore_templates=("generate_review", "convert_to_rating", "convert_to_star_rating"),
         eval_holdout=10_000),  # 271
     _p3("trec", "trec", ("trec", None), eval_split="test"),  # 580: one fixed template, tasks/p3.py TREC_TEMPLATE
-    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0", max_gen_length=256),  # 454
+    _p3("multi_news", "multi_news", ("multi_news", None), "multi_news:2.1.0", max_gen_length=256,
+        eval_metrics=("bleu", "rouge_l"), references_field="summary"),  # 454; metrics 469; P3MultinewsDataset 217-221
     _p3("imdb", "imdb", ("imdb", None), "imdb_reviews/plain_text:1.0.0", eval_split="test"),  # 420
     _p3("adversarial_qa", "adversarial_qa/adversarialQA", ("adversarial_qa", "adversarialQA"),
-        max_gen_length=128),  # 252
+        max_gen_length=128, eval_metrics=("squad",),
+        references_field="answers.text"),  # 252; metrics 267; P3AdversarialQADataset 200-205
     _p3("cnn_dailymail", "cnn_dailymail/3.0.0", ("cnn_dailymail", "3.0.0"), "cnn_dailymail:3.4.0",
-        max_gen_length=128),  # 144
+        max_gen_length=128, eval_metrics=("bleu", "rouge_l"),
+        references_field="highlights"),  # 144; metrics 160; P3CNNDailyMailDataset 275-279
     _p3("dbpedia_14", "dbpedia_14", ("dbpedia_14", None), eval_split="test", max_eval_rows=10_000),  # 325
 )
 
@@ -147,7 +166,7 @@ FLAN_P3_EXTRA = (
     _p3("race_high", "race/high", ("race", "high")),  # 1088
     _p3("race_middle", "race/middle", ("race", "middle")),  # 1105
     _p3("web_questions", "web_questions", ("web_questions", None), eval_split="test", max_gen_length=32,
-        eval_metric="rouge_l", references_field="answers"),  # 1122
+        eval_metrics=("rouge_l",), references_field="answers"),  # 1122; metrics 1136
 )
 
 _BY_KEY = {s.key: s for s in P3_HELD_IN + T0_HELD_OUT + FLAN_P3_EXTRA}

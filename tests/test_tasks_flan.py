@@ -140,7 +140,7 @@ def test_every_p3_collection_expert_maps_to_its_p3_dataset():
   assert all(s in sources.T0_HELD_OUT and s.eval_split == "validation" and not s.round_robin for s in held_out)
   race, web = sources.FLAN_P3_SOURCES["P3Racehigh"], sources.FLAN_P3_SOURCES["P3Webquestions"]
   assert (race.eval_split, race.round_robin, race.max_gen_length) == ("validation", True, None)  # lines 1088-1103
-  assert (web.eval_split, web.round_robin, web.eval_metric) == ("test", True, "rouge_l")  # lines 1122-1139
+  assert (web.eval_split, web.round_robin, web.eval_metrics) == ("test", True, ("rouge_l",))  # lines 1122-1139
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """P3 training data and the T0 held-out evaluation follow the official code (algorithm.md §6): template
 selection, the seeded 500,000-pair sample, "<NO INPUT>" / "<NO LABEL>" rows, round robin, seeded row samples,
-app_reviews' held-out rows, StoryCloze's test split, hotpot_qa's and trec's sources and templates."""
+app_reviews' held-out rows, StoryCloze's test split, hotpot_qa's and trec's sources and templates, and the
+generative datasets scored by their EVAL metrics against the references of their official dataset classes."""
 import dataclasses
 import json
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from phatgoose_jax import tasks
-from phatgoose_jax.tasks import p3, promptsource, sources
+from phatgoose_jax.evaluation import metrics
+from phatgoose_jax.tasks import p3, promptsource, seqio_tasks, sources
 
 SOURCES = {s.key: s for s in sources.P3_HELD_IN + sources.T0_HELD_OUT}
 COPA_ROWS = [
@@ -136,3 +138,63 @@ def test_app_reviews_holds_out_seeded_rows(templates_dir, tmp_path):
   assert len(trained) == 4 * len(p3.templates(source, train=True))
   assert {e["inputs"] for e in trained} == {p3.train_pair(t, r)["inputs"] for t in p3.templates(source, True)
                                             for r in shuffled[3:]}
+
+
+ROPES_ROWS = [{"id": f"r{i}", "background": "Warm air rises.", "situation": f"Tom heats room {i}; Ann cools it.",
+               "question": "Whose air rises?", "answers": {"text": ["Tom", "Tom's air"], "answer_start": [0, 0]}}
+              for i in range(2)]
+DUORC_ROWS = [{"plot_id": "p", "plot": "Bob meets Ann.", "title": "T", "question_id": f"q{i}",
+               "question": "Who meets Ann?", "answers": answers, "no_answer": not answers}
+              for i, answers in enumerate([["Bob", "Robert"], []])]
+COMMON_GEN_ROWS = [{"concept_set_idx": 0, "concepts": ["dog", "frisbee", "catch"], "target": "A dog catches a frisbee."}]
+SAMSUM_ROWS = [{"id": "s0", "dialogue": "Ann: hi\nBob: hello", "summary": "Ann and Bob greet."}]
+
+
+def test_generative_datasets_are_exactly_those_with_official_metrics(templates_dir):
+  # A dataset's evaluation templates either all have answer choices (rank classification) or none (generation,
+  # scored by its EVAL metrics: p3_t5xl.gin; hotpot_qa's ["blue", "rouge"] computes ROUGE only).
+  for source in sources.P3_HELD_IN + sources.T0_HELD_OUT + sources.FLAN_P3_EXTRA:
+    generative = {not t.answer_choices for t in p3.templates(source, train=False)}
+    assert generative == {bool(source.eval_metrics)}, source.key
+  metrics_by_key = {s.key: s.eval_metrics for s in sources.P3_HELD_IN if s.eval_metrics}
+  assert metrics_by_key == {
+      "samsum": ("rouge_l",), "ropes": ("squad",), "wiki_bio": ("bleu", "rouge_l"), "quoref": ("squad",),
+      "duorc_paraphraserc": ("squad",), "common_gen": ("bleu", "rouge_l"), "gigaword": ("bleu", "rouge_l"),
+      "xsum": ("bleu", "rouge_l"), "hotpot_qa": ("rouge_l",), "multi_news": ("bleu", "rouge_l"),
+      "adversarial_qa": ("squad",), "cnn_dailymail": ("bleu", "rouge_l")}
+  with pytest.raises(ValueError, match="DatasetSource.eval_metrics"):
+    p3.eval_example(p3.templates(SOURCES["samsum"], train=False)[0], SAMSUM_ROWS[0])
+
+
+def test_generative_rows_name_their_metrics_and_official_references(templates_dir, tmp_path):
+  for dataset, rows in (("ropes", ROPES_ROWS), ("duorc/ParaphraseRC", DUORC_ROWS), ("common_gen", COMMON_GEN_ROWS),
+                        ("samsum", SAMSUM_ROWS)):
+    _write_split(tmp_path, dataset, "validation", rows)
+  with sources.using_dirs(data_dir=tmp_path):
+    ropes, duorc, common_gen, samsum = (list(p3.eval_examples(SOURCES[k])) for k in (
+        "ropes", "duorc_paraphraserc", "common_gen", "samsum"))
+  # P3RopesDataset: references = answers["text"], all of them; scored by squad.
+  assert [(e["metric"], e["references"], e["choices"]) for e in ropes] == [("squad", ["Tom", "Tom's air"], [])] * 2
+  # P3DuorcDataset: the answers; an unanswerable row the no-answer text of its round-robin template (row 1: the
+  # second template, decide_worth_it).
+  assert [e["references"] for e in duorc] == [["Bob", "Robert"], ["No I can't"]]
+  assert duorc[1]["target"] == "No I can't" and {e["metric"] for e in duorc} == {"squad"}
+  # P3CommonGenDataset: the row's target; P3SamsumDataset: the summary. Both list their metrics.
+  assert [(e["metric"], e["references"]) for e in common_gen] == [("bleu,rouge_l", ["A dog catches a frisbee."])]
+  assert [(e["metric"], e["references"]) for e in samsum] == [("rouge_l", ["Ann and Bob greet."])]
+
+
+def test_generation_metrics_score_each_listed_metric_over_its_rows():
+  row = lambda metric, references: {"idx": 0, "choice_idx": 0, "is_correct": True, "metric": metric,
+                                    "references": references}
+  targets = [row("bleu,rouge_l", ["a b c d"]), row("bleu,rouge_l", ["the cat is on the mat", "a mat"]),
+             row("squad", ["Tom", "Tom's air"]), row("squad", ["Bob"]), row("accuracy", ["x"])]
+  predictions = ["a b c d", "the cat sat on the mat", "tom", "Robert", "x"]
+  values = seqio_tasks.generation_metrics(targets, predictions)
+  # BLEU over both rows (precisions 9/10, 6/8, 3/6, 1/4; shortest references 4 + 2 < 10: no penalty); ROUGE-L
+  # best of references: 1 and 5/6 (LCS 5 of 6 tokens). SQuAD: "tom" = "Tom" once in two rows; F1 1 and 0.
+  assert values == pytest.approx({"bleu": (0.9 * 0.75 * 0.5 * 0.25) ** 0.25, "rouge_l": (1 + 5 / 6) / 2,
+                                  "squad_exact_match": 0.5, "squad_f1": 0.5})
+  # The task score is the mean of the four values, as the official evaluator averages every metric value.
+  assert metrics.dataset_score(values) == pytest.approx(sum(values.values()) / 4)
+  assert seqio_tasks.generation_metrics(targets[-1:], predictions[-1:]) == {}
