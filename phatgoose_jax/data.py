@@ -79,11 +79,13 @@ def validation_task(name: str) -> Optional[str]:
   """The evaluation task that selects a checkpoint of training task (or mixture) `name`, or None.
 
   One rule: `<name>_eval` when it is registered and every task in it is scored by a metric (P3 `p3_<key>` ->
-  `p3_<key>_eval`, `p3_held_in` -> `p3_held_in_eval`, FLAN `flan_<expert>` -> `flan_<expert>_eval` (ROUGE-L),
-  the demo's `tok_<X>` / `demo_<skill>` -> their `_eval` tasks). The official trainer validates on the
-  dataset's EVAL scope (colm/datasets/p3_t5xl.gin, e.g. D/P3SOCIALIQA/EVAL: the validation split, original
-  templates in turn). Tasks without one (JSONL files, base pre-training, the `flan_166` mixture) return None:
-  the caller selects by validation loss (algorithm.md §2).
+  `p3_<key>_eval`, `p3_held_in` -> `p3_held_in_eval`, FLAN `flan_<expert>` -> `flan_<expert>_eval`, the
+  demo's `tok_<X>` / `demo_<skill>` -> their `_eval` tasks). The official trainer validates on the dataset's
+  EVAL scope: only the 123 FLAN-collection experts by ROUGE-L (colm/datasets/flanv2_t5xl.gin); the 43
+  P3-collection ones like `p3_<key>_eval` (colm/datasets/p3_t5xl.gin, e.g. D/P3SOCIALIQA/EVAL: the validation
+  split, original templates in turn, rank classification; a generative dataset by its EVAL `metrics`: SQuAD,
+  BLEU and/or ROUGE-L, algorithm.md §6). Tasks without one (JSONL files, base pre-training, the `flan_166`
+  mixture) return None: the caller selects by validation loss (algorithm.md §2).
   """
   candidate = resolve(name) + "_eval"
   if candidate not in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()):
