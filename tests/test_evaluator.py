@@ -83,8 +83,8 @@ def test_generative_task_scored_by_its_metric_on_greedy_outputs(runner):
 
 def test_rank_classification_rows_are_not_decoded(runner):
   task = suite.HELD_OUT_TASKS[0]
-  _, outputs = _rows_and_outputs(task, runner, "predict_fn")
-  assert all(not np.any(tokens) for tokens in outputs.values())
+  rows, outputs = _rows_and_outputs(task, runner, "predict_fn")
+  assert sorted(outputs) == list(range(len(rows))) and all(len(tokens) == 0 for tokens in outputs.values())
 
 
 def test_evaluate_a_mixture_by_name(runner):

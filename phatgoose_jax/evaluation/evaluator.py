@@ -84,6 +84,8 @@ class Runner:
     generative = np.array([seqio_tasks.text(r["metric"]) != seqio_tasks.RANK_CLASSIFICATION for r in rows])
 
     def predict(dataset):
+      if not generative.any():  # nothing to decode: skip reading the dataset
+        return [(i, np.zeros((0,), np.int32)) for i in range(len(rows))]
       out = []
       for index, batch in self.batches(dataset, rows, task):
         tokens = np.zeros((len(index), length), np.int32)
