@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from phatgoose_jax import cli
 from phatgoose_jax.checkpoints.hf import load_hf
 from phatgoose_jax.models import EncoderDecoderModel, shift_right
 
@@ -64,15 +65,14 @@ def test_encoder_and_logits_match_transformers(tmp_path, index):
   assert np.abs(logits[tgt_valid] - out.logits.numpy()[tgt_valid]).max() <= 1e-4
 
 
-def test_cli_score_matches_transformers_log_likelihoods(tmp_path):
+def test_cli_score_matches_transformers_log_likelihoods(tmp_path, capsys):
   reference = hf_model(tmp_path / "hf", 7, **CONFIGS[0])
   enc, tgt = padded_batch(7)
   lines = [{"input_ids": [int(t) for t in e if t > 0], "target_ids": [int(t) for t in g if t > 0]}
            for e, g in zip(enc, tgt)]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  run = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "score", "--base", str(tmp_path / "hf"),
-                        "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, check=True)
-  got = [json.loads(line) for line in run.stdout.splitlines()]
+  assert cli.main(["score", "--base", str(tmp_path / "hf"), "--input", str(tmp_path / "in.jsonl")]) == 0
+  got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert len(got) == len(lines)
   for record, result in zip(lines, got):
     ids = torch.tensor([record["target_ids"]])
@@ -84,19 +84,18 @@ def test_cli_score_matches_transformers_log_likelihoods(tmp_path):
     np.testing.assert_allclose(result["mean_logprob"], token_ll.mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_cli_reports_bad_lines_with_line_numbers(tmp_path):
+def test_cli_reports_bad_lines_with_line_numbers(tmp_path, capsys):
   hf_model(tmp_path / "hf", 8, **CONFIGS[0])
   cases = {"[1, 2]\n": "line 1", '{"input_ids": [3], "target_ids": [5]}\nnot json\n': "line 2: not valid JSON",
            '{"input_ids": [3, 999], "target_ids": [5]}\n': "outside the vocabulary",
            '{"input_ids": [3]}\n': "line 1: needs 'targets'"}
   for i, (text, message) in enumerate(cases.items()):
     (tmp_path / f"in{i}.jsonl").write_text(text)
-    run = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "score", "--base", str(tmp_path / "hf"),
-                          "--input", str(tmp_path / f"in{i}.jsonl")], capture_output=True, text=True)
-    assert run.returncode != 0 and message in run.stderr and run.stdout == ""
-  run = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "score", "--base", str(tmp_path / "hf"),
-                        "--input", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
-  assert run.returncode == 2 and "missing.jsonl" in run.stderr
+    code = cli.main(["score", "--base", str(tmp_path / "hf"), "--input", str(tmp_path / f"in{i}.jsonl")])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and out == ""
+  code = cli.main(["score", "--base", str(tmp_path / "hf"), "--input", str(tmp_path / "missing.jsonl")])
+  assert code == 2 and "missing.jsonl" in capsys.readouterr().err
 
 
 
