@@ -1,11 +1,17 @@
-"""Shared test fixtures: the real data directory of ../shared/data, quiet TensorFlow logs, and (the T5
-SentencePiece model being on GCS) the small SentencePiece model seqio ships, for the real-data tasks."""
+"""Shared test fixtures: the real data directory of ../shared/data, quiet TensorFlow logs, a persistent JAX
+compilation cache, and (the T5 SentencePiece model being on GCS) the small SentencePiece model seqio ships, for
+the real-data tasks."""
 import importlib.util
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny models: each program is compiled once per machine and shared by the test
+# workers and the processes the tests start (as the demo shares its stages' programs).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("PHATGOOSE_SPM_PATH", str(pathlib.Path(importlib.util.find_spec("seqio").origin).parent
                                                 / "test_data" / "sentencepiece" / "sentencepiece.model"))
 

@@ -2,7 +2,6 @@
 the two suites' data."""
 import json
 import os
-import tempfile
 
 import gin
 import pytest
@@ -10,9 +9,6 @@ import pytest
 from phatgoose_jax import data, main, train
 from phatgoose_jax.cli import main as cli_main
 from phatgoose_jax.demo import diagnostics, run, suite, suite_tokens
-
-# Set while tests are collected, before anything compiles: the smoke demo's runs share compiled programs.
-run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +116,11 @@ def test_intervals_match_their_formulas():
   assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3
   assert diagnostics.wilson_interval(0.0, 10)[0] == 0.0
   low, high = diagnostics.mean_interval({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100})
-  assert abs(high - 0.5 - 1.96 * (2 * 0.25 / 100) ** 0.5 / 2) < 1e-9 and abs(0.5 - low - (high - 0.5)) < 1e-12
+  m = 100 + 1.96 ** 2  # Agresti-Coull: 50 + z^2/2 successes in m trials, q = 1/2
+  assert abs(high - 0.5 - 1.96 * (2 * 0.25 / m) ** 0.5 / 2) < 1e-9 and abs(0.5 - low - (high - 0.5)) < 1e-12
+  low, high = diagnostics.mean_interval({"a": 0.0, "b": 1.0}, {"a": 100, "b": 100})  # all wrong / all right
+  q = 1.96 ** 2 / 2 / m
+  assert low < 0.5 < high and abs(high - 0.5 - 1.96 * (2 * q * (1 - q) / m) ** 0.5 / 2) < 1e-9
 
 
 def test_keyword_suite_held_out_examples_mix_two_skills_with_distinct_candidates():

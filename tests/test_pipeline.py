@@ -1,7 +1,6 @@
 """The stages on a tiny model for a few steps: base -> expert -> gate -> assemble -> evaluate -> route stats."""
 import json
 import os
-import tempfile
 
 import gin
 import numpy as np
@@ -12,11 +11,9 @@ from phatgoose_jax import assembly, data, main, train
 from phatgoose_jax import evaluate as stages
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.cli import main as cli_main
-from phatgoose_jax.demo import run, suite
+from phatgoose_jax.demo import suite
 from phatgoose_jax.evaluation import evaluator
 
-# Set while tests are collected, before anything compiles; the stages below compile the smoke demo's programs.
-run.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 
 SMALL = ["evaluate.runner.batch_size = 16", "assembly.router_inputs.activation_examples = 16",
          "assembly.router_inputs.retrieval_examples = 16",

@@ -13,8 +13,9 @@ Held-out intervals (95%, z = 1.96): per task the Wilson score interval of an acc
 
   (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n);
 
-for the unweighted mean of T task accuracies, mean +- z sqrt(sum_t p_t(1-p_t)/n_t) / T (normal
-approximation; tasks are independent samples).
+for the unweighted mean of T task accuracies, mean +- z sqrt(sum_t q_t(1-q_t)/m_t) / T, with the Agresti-Coull
+adjusted q_t = (n_t p_t + z^2/2) / m_t, m_t = n_t + z^2 (normal approximation; tasks are independent samples;
+the adjustment keeps a task at 0% or 100% from contributing no uncertainty).
 """
 import math
 from typing import Dict, Mapping, Sequence
@@ -37,9 +38,11 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> list:
 
 
 def mean_interval(scores: Mapping[str, float], counts: Mapping[str, int], z: float = Z95) -> list:
-  """[low, high] of the unweighted mean of task accuracies (normal approximation, see the module docstring)."""
+  """[low, high] of the unweighted mean of task accuracies (Agresti-Coull adjusted normal approximation, see
+  the module docstring)."""
   mean = sum(scores.values()) / len(scores)
-  half = z * math.sqrt(sum(p * (1 - p) / counts[t] for t, p in scores.items())) / len(scores)
+  adjusted = {t: ((counts[t] * p + z * z / 2) / (counts[t] + z * z), counts[t] + z * z) for t, p in scores.items()}
+  half = z * math.sqrt(sum(q * (1 - q) / m for q, m in adjusted.values())) / len(scores)
   return [max(0.0, mean - half), min(1.0, mean + half)]
 
 

@@ -31,7 +31,7 @@ import jax
 from phatgoose_jax import assembly, data, routers, tasks, train
 from phatgoose_jax import evaluate as stages
 from phatgoose_jax.demo import diagnostics, suite, suite_tokens
-from phatgoose_jax.evaluation import evaluator, route_stats
+from phatgoose_jax.evaluation import evaluator, metrics, route_stats
 
 SUITES = {"tokens": suite_tokens, "keyword": suite}
 ROUTED_METHODS = ("merged", "uniform", "average_activation", "arrow", "spectr", "retrieval", "phatgoose")
@@ -72,11 +72,20 @@ def train_models(s, workdir: str, seed: int, steps: dict, held_out: data.HeldOut
   return base, library, multitask
 
 
-def evaluate(s, base: str, workdir: str, method: str, split: str, **kwargs) -> dict:
-  """One method's results on the held-in validation tasks (split 'heldin') or the held-out tasks."""
-  task = s.HELD_IN_EVAL_MIXTURE if split == "heldin" else s.HELD_OUT_MIXTURE
-  return stages.evaluate(task=task, output_dir=os.path.join(workdir, "eval", split, method), base=base,
-                         method=method, **kwargs)
+def evaluate(s, base: str, workdir: str, method: str, splits=("heldin", "heldout"), **kwargs) -> dict:
+  """One method's results on the held-in validation tasks ('heldin') and / or the held-out tasks ('heldout'),
+  in one pass of one model: {split: {"tasks", "score"}}, each score the split's average."""
+  tasks_of = {"heldin": s.HELD_IN_EVAL_TASKS, "heldout": s.HELD_OUT_TASKS}
+  mixture = {("heldin",): s.HELD_IN_EVAL_MIXTURE, ("heldout",): s.HELD_OUT_MIXTURE}.get(tuple(splits), s.EVAL_MIXTURE)
+  results = stages.evaluate(task=mixture, output_dir=os.path.join(workdir, "eval", method), base=base,
+                            method=method, **kwargs)
+  return {split: split_results(results, tasks_of[split]) for split in splits}
+
+
+def split_results(results: dict, names) -> dict:
+  """The results of tasks `names` and their average (`metrics.benchmark_score`)."""
+  by_task = {t: results["tasks"][t] for t in names}
+  return {"tasks": by_task, "score": metrics.benchmark_score({t: r["score"] for t, r in by_task.items()})}
 
 
 def routed_runner(base: str, library: str, router: str, task: str):
@@ -99,15 +108,14 @@ def method_options(s, library: str, multitask: str) -> Dict[str, dict]:
 
 def evaluate_methods(s, base: str, library: str, multitask: str, workdir: str) -> Dict[str, dict]:
   """{method: {"heldout": results, "heldin": results}} for every method of the table."""
-  singles = {t: evaluate(s, base, workdir, f"single_{t}", "heldout", library=library, router="merged", names=[t])
+  singles = {t: evaluate(s, base, workdir, f"single_{t}", ("heldout",), library=library, router="merged", names=[t])
              for t in s.HELD_IN_TASKS}
-  best = max(singles, key=lambda t: singles[t]["score"])
-  results = {"base": {split: evaluate(s, base, workdir, "base", split) for split in ("heldout", "heldin")},
-             "best_individual": {"heldout": singles[best],
-                                 "heldin": evaluate(s, base, workdir, f"single_{best}", "heldin", library=library,
-                                                    router="merged", names=[best])}}
+  best = max(singles, key=lambda t: singles[t]["heldout"]["score"])
+  best_heldin = evaluate(s, base, workdir, f"single_{best}_heldin", ("heldin",), library=library, router="merged",
+                         names=[best])
+  results = {"base": evaluate(s, base, workdir, "base"), "best_individual": {**singles[best], **best_heldin}}
   for method, options in method_options(s, library, multitask).items():
-    results[method] = {split: evaluate(s, base, workdir, method, split, **options) for split in ("heldout", "heldin")}
+    results[method] = evaluate(s, base, workdir, method, **options)
   return {m: results[m] for m in METHODS}
 
 

@@ -63,6 +63,7 @@ PRETRAIN_TASK = f"{PREFIX}pretrain"
 HELD_IN_MIXTURE = f"{PREFIX}held_in"
 HELD_OUT_MIXTURE = f"{PREFIX}held_out"
 HELD_IN_EVAL_MIXTURE = f"{PREFIX}held_in_eval"
+EVAL_MIXTURE = f"{PREFIX}eval"  # held-in validation and held-out tasks: one pass of a method over both
 
 
 def held_in_task(skill: str) -> str:
@@ -232,10 +233,10 @@ def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
 
   Training tasks: `demo_pretrain`, `demo_<skill>` (splits train, validation). Evaluation tasks:
   `demo_<skill>_eval` (held-in sanity check) and `demo_<a>_<b>` (held-out); mixtures `demo_held_in`
-  (training), `demo_held_in_eval` and `demo_held_out` (evaluation).
+  (training), `demo_held_in_eval`, `demo_held_out` and `demo_eval` (both) (evaluation).
   """
   register_tasks((PRETRAIN_TASK,) + HELD_IN_TASKS, HELD_IN_EVAL_TASKS + HELD_OUT_TASKS,
                  lambda task, split: train_examples(task, split, seed, sizes),
                  lambda task: eval_examples(oracle_expert(task) if task in HELD_IN_EVAL_TASKS else task, seed, sizes))
   add_mixtures({HELD_IN_MIXTURE: HELD_IN_TASKS, HELD_IN_EVAL_MIXTURE: HELD_IN_EVAL_TASKS,
-                HELD_OUT_MIXTURE: HELD_OUT_TASKS})
+                HELD_OUT_MIXTURE: HELD_OUT_TASKS, EVAL_MIXTURE: HELD_IN_EVAL_TASKS + HELD_OUT_TASKS})

@@ -73,6 +73,7 @@ PRETRAIN_TASK = f"{PREFIX}pretrain"
 HELD_IN_MIXTURE = f"{PREFIX}held_in"
 HELD_IN_EVAL_MIXTURE = f"{PREFIX}held_in_eval"
 HELD_OUT_MIXTURE = f"{PREFIX}held_out"
+EVAL_MIXTURE = f"{PREFIX}eval"  # held-in validation and held-out tasks: one pass of a method over both
 EXPERT_NAMES = tuple(ALPHABETS)
 HELD_IN_TASKS = tuple(f"{PREFIX}{a}" for a in ALPHABETS)
 HELD_IN_EVAL_TASKS = tuple(f"{t}_eval" for t in HELD_IN_TASKS)
@@ -217,9 +218,9 @@ def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
 def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
   """Registers (or re-registers, for another seed) the suite's seqio tasks and mixtures: training tasks
   `tok_pretrain`, `tok_<X>`; evaluation tasks `tok_<X>_eval` (held-in), `tok_reorder_<X>`, `tok_mix_<X>_<Y>`
-  (held-out); mixtures `tok_held_in`, `tok_held_in_eval`, `tok_held_out`."""
+  (held-out); mixtures `tok_held_in`, `tok_held_in_eval`, `tok_held_out` and `tok_eval` (both)."""
   common.register_tasks([PRETRAIN_TASK, *HELD_IN_TASKS], [*HELD_IN_EVAL_TASKS, *HELD_OUT_TASKS],
                         lambda task, split: train_examples(task, split, seed, sizes),
                         lambda task: eval_examples(task, seed, sizes))
   common.add_mixtures({HELD_IN_MIXTURE: HELD_IN_TASKS, HELD_IN_EVAL_MIXTURE: HELD_IN_EVAL_TASKS,
-                       HELD_OUT_MIXTURE: HELD_OUT_TASKS})
+                       HELD_OUT_MIXTURE: HELD_OUT_TASKS, EVAL_MIXTURE: HELD_IN_EVAL_TASKS + HELD_OUT_TASKS})
