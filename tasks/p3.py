@@ -107,8 +107,7 @@ def train_examples(source: sources.DatasetSource, split: str = "train") -> Itera
       yield train_pair(chosen[template], row)
 
 
-def eval_example(template: promptsource.Template, row: dict,
-                 source: Optional[sources.DatasetSource] = None) -> Optional[dict]:
+def eval_example(template: promptsource.Template, row: dict, source: sources.DatasetSource) -> Optional[dict]:
   """One evaluation example from a row and a template, or None if it renders no target: rank classification
   among the template's answer choices, else generation scored by `source.eval_metrics` (comma-separated in
   `metric`) against `official_references`."""
@@ -120,7 +119,7 @@ def eval_example(template: promptsource.Template, row: dict,
     label = bigbench.text_label(parts[1], choices)
     return dict(inputs=parts[0], target=parts[1], choices=choices,
                 correct=[i == label for i in range(len(choices))], references=[parts[1]], metric="accuracy")
-  if source is None or not source.eval_metrics:
+  if not source.eval_metrics:
     raise ValueError(f"template {template.name!r} generates its answer: its dataset needs the official EVAL "
                      "metrics (tasks/sources.py DatasetSource.eval_metrics)")
   return dict(inputs=parts[0], target=parts[1], choices=[], correct=[],

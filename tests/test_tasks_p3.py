@@ -59,7 +59,7 @@ def test_trec_uses_the_official_fixed_template(templates_dir):
   assert len(choices) == 50 and choices[40] == "Distance, linear measure."
   assert p3.train_pair(template, row) == {
       "inputs": f"Question: {row['text']}\nAnswer choices: {choices}\nAnswer:", "targets": choices[40]}
-  example = p3.eval_example(template, row)
+  example = p3.eval_example(template, row, SOURCES["trec"])
   assert example["choices"] == choices and example["correct"] == [i == 40 for i in range(50)]
 
 
@@ -121,7 +121,7 @@ def test_held_in_evaluation_round_robin_and_row_sample(templates_dir, tmp_path):
   sampled = np.random.default_rng(42).choice(rows, 4, replace=False).tolist()
   with sources.using_dirs(data_dir=tmp_path):
     got = list(p3.eval_examples(source))
-  assert got == [p3.eval_example(chosen[i % len(chosen)], row) for i, row in enumerate(sampled)]
+  assert got == [p3.eval_example(chosen[i % len(chosen)], row, source) for i, row in enumerate(sampled)]
 
 
 def test_app_reviews_holds_out_seeded_rows(templates_dir, tmp_path):
@@ -134,7 +134,7 @@ def test_app_reviews_holds_out_seeded_rows(templates_dir, tmp_path):
     evaluated = list(p3.eval_examples(source))
     trained = list(p3.train_examples(source))
   (template,) = p3.templates(source, train=False)
-  assert evaluated == [p3.eval_example(template, row) for row in shuffled[:3]]
+  assert evaluated == [p3.eval_example(template, row, source) for row in shuffled[:3]]
   assert len(trained) == 4 * len(p3.templates(source, train=True))
   assert {e["inputs"] for e in trained} == {p3.train_pair(t, r)["inputs"] for t in p3.templates(source, True)
                                             for r in shuffled[3:]}
@@ -163,7 +163,8 @@ def test_generative_datasets_are_exactly_those_with_official_metrics(templates_d
       "xsum": ("bleu", "rouge_l"), "hotpot_qa": ("rouge_l",), "multi_news": ("bleu", "rouge_l"),
       "adversarial_qa": ("squad",), "cnn_dailymail": ("bleu", "rouge_l")}
   with pytest.raises(ValueError, match="DatasetSource.eval_metrics"):
-    p3.eval_example(p3.templates(SOURCES["samsum"], train=False)[0], SAMSUM_ROWS[0])
+    p3.eval_example(p3.templates(SOURCES["samsum"], train=False)[0], SAMSUM_ROWS[0],
+                    dataclasses.replace(SOURCES["samsum"], eval_metrics=()))
 
 
 def test_generative_rows_name_their_metrics_and_official_references(templates_dir, tmp_path):

@@ -56,7 +56,8 @@ EXPECTED = {
 @pytest.mark.parametrize("dataset", sorted(EXAMPLES))
 def test_t0_held_out_templates_render(shared_data, dataset):
   templates = promptsource.load_templates(dataset, shared_data / "promptsource_templates", original_task_only=True)
-  examples = [e for e in (p3.eval_example(t, EXAMPLES[dataset]) for t in templates) if e is not None]
+  source = next(s for s in sources.T0_HELD_OUT if s.templates == dataset)
+  examples = [e for e in (p3.eval_example(t, EXAMPLES[dataset], source) for t in templates) if e is not None]
   count, choices_to_target = EXPECTED[dataset]
   assert len(examples) == count
   for example in examples:
