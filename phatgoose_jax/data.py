@@ -13,6 +13,7 @@ is taken, a JSONL file of the user's own data may be given instead (`resolve`, `
 held-out examples recognised from their input text); the stages receive it explicitly.
 """
 import dataclasses
+import functools
 import logging
 from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
@@ -24,6 +25,7 @@ import tensorflow as tf
 from phatgoose_jax.tasks import jsonl
 
 FEATURES = ("inputs", "targets")
+_READ_BATCH = 4096  # rows per tf.data -> numpy transfer
 
 
 class HeldOutError(ValueError):
@@ -100,26 +102,24 @@ def vocabulary(name: str) -> seqio.Vocabulary:
   return seqio.get_mixture_or_task(task_names(name)[0]).output_features["inputs"].vocabulary
 
 
-def _trim(ids: np.ndarray, length: int, eos_id: int) -> np.ndarray:
+def _trim(ids: tf.Tensor, length: int, eos_id: int) -> tf.Tensor:
   """At most `length` ids; a trimmed sequence ends with EOS (seqio's append_eos_after_trim)."""
-  return ids if len(ids) <= length else np.concatenate([ids[:length - 1], [eos_id]]).astype(ids.dtype)
+  return tf.cond(tf.size(ids) > length, lambda: tf.concat([ids[:length - 1], tf.constant([eos_id], ids.dtype)], 0),
+                 lambda: ids)
 
 
-def _read(task: seqio.Task, split: str, max_examples: Optional[int], shard_info) -> List[dict]:
+def _read(task: seqio.Task, split: str, max_examples: Optional[int], shard_info) -> tf.data.Dataset:
+  """The task's tokenized examples: their `inputs`, `targets` and `inputs_pretokenized`."""
   dataset = task.get_dataset(None, split=split, shuffle=False, shard_info=shard_info, num_epochs=1)
   if max_examples is not None:
     dataset = dataset.take(max_examples)
-  return list(dataset.as_numpy_iterator())
+  return dataset.map(lambda ex: {k: ex[k] for k in FEATURES + ("inputs_pretokenized",)})
 
 
-def _convert(rows: Sequence[dict], lengths: Mapping[str, int]) -> Dict[str, np.ndarray]:
-  """t5x features of tokenized rows through seqio's EncDecFeatureConverter (no packing)."""
-  signature = {k: tf.TensorSpec([None], tf.int32) for k in FEATURES}
-  dataset = tf.data.Dataset.from_generator(lambda: ({k: r[k] for k in FEATURES} for r in rows),
-                                           output_signature=signature)
-  converted = seqio.EncDecFeatureConverter(pack=False)(dataset, dict(lengths))
-  batches = list(converted.batch(max(len(rows), 1)).as_numpy_iterator())
-  return {k: v.astype(np.int32) for k, v in batches[0].items()}
+def _numpy(dataset: tf.data.Dataset) -> Dict[str, np.ndarray]:
+  """All elements of a dataset of fixed-shape features, stacked (read in large batches, not row by row)."""
+  parts = list(dataset.batch(_READ_BATCH).as_numpy_iterator())
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples: Optional[int] = None,
@@ -133,26 +133,29 @@ def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples:
   """
   names = task_names(name)
   held_out.check_tasks(names)
-  rows = []
+  datasets = []
   for task_name in names:
     task = seqio.get_mixture_or_task(task_name)
     if split not in task.splits:
       raise KeyError(f"task {task_name} has no {split!r} split (it has {list(task.splits)})")
-    rows += _read(task, split, max_examples, shard_info)
-  if not rows:
+    datasets.append(_read(task, split, max_examples, shard_info))
+  dataset = functools.reduce(tf.data.Dataset.concatenate, datasets).cache()
+  seen = _numpy(dataset.map(lambda ex: {"text": ex["inputs_pretokenized"],
+                                        "long": tf.reduce_any([tf.size(ex[k]) > lengths[k] for k in FEATURES])}))
+  if not seen:
     raise ValueError(f"{name} has no {split!r} examples")
-  texts = [r["inputs_pretokenized"].decode("utf-8") for r in rows]
+  texts = [t.decode("utf-8") for t in seen["text"]]
   held_out.check_texts(texts)
-  eos = vocabulary(name).eos_id
-  long = sum(any(len(r[k]) > lengths[k] for k in FEATURES) for r in rows)
+  long, eos = int(seen["long"].sum()), vocabulary(name).eos_id
   if long and strict_lengths:
-    raise TruncationError(f"{long} of {len(rows)} examples of {name} ({split}) are longer than {dict(lengths)} "
+    raise TruncationError(f"{long} of {len(texts)} examples of {name} ({split}) are longer than {dict(lengths)} "
                           f"tokens; raise the lengths or drop strict_lengths to trim them")
   if long:
-    logging.warning("%d of %d examples of %s (%s) are longer than %s tokens and were trimmed", long, len(rows),
+    logging.warning("%d of %d examples of %s (%s) are longer than %s tokens and were trimmed", long, len(texts),
                     name, split, dict(lengths))
-  trimmed = [{k: _trim(r[k], lengths[k], eos) for k in FEATURES} for r in rows]
-  return dict(_convert(trimmed, lengths), inputs_pretokenized=np.array(texts, dtype=object))
+  trimmed = dataset.map(lambda ex: {k: _trim(ex[k], lengths[k], eos) for k in FEATURES})
+  features = _numpy(seqio.EncDecFeatureConverter(pack=False)(trimmed, dict(lengths)))
+  return dict({k: v.astype(np.int32) for k, v in features.items()}, inputs_pretokenized=np.array(texts, dtype=object))
 
 
 def batches(features: Mapping[str, np.ndarray], batch_size: int) -> List[Dict[str, np.ndarray]]:

@@ -6,7 +6,8 @@ An evaluation source yields one example per (example, prompt) with fields `input
 per answer choice (`inputs`, `targets`, `idx`, `choice_idx`, `is_correct`, `metric`, `references`; a
 generative example gives one row with its target). Every evaluation task carries both metric functions, each
 reading only the rows of its kind: `rank_classification_metric` (a score metric: the example's highest-scoring
-choice) and `generation_metrics` (a predict metric: greedy outputs against the references). Data is read only
+choice) and `generation_metrics` (a predict metric: greedy outputs against the references); a task registered
+as not generative (every example has answer choices) carries only the first. Data is read only
 when a dataset is requested: registration touches no file; `first_examples(n)` caps the examples of the
 evaluation datasets created inside it.
 """
@@ -44,6 +45,7 @@ GENERATION_METRICS = {
 }
 METRIC_SEPARATOR = ","  # a row scored by several metrics lists them as "bleu,rouge_l"
 _FIRST_EXAMPLES = contextvars.ContextVar("first_examples", default=None)
+_CHUNK_ROWS = 1024  # training rows per python -> tf.data transfer
 
 
 @contextlib.contextmanager
@@ -92,13 +94,24 @@ class TextSource(seqio.FunctionDataSource):
   def _dataset_fn(self, split, shuffle_files, seed=None):
     del shuffle_files, seed
     opened = [_opened(self.examples_fn, split)]
-    limit = _FIRST_EXAMPLES.get() if self.signature is EVAL_SIGNATURE else None
-    def rows():
-      examples = opened.pop() if opened else self.examples_fn(split)
-      if self.signature is not EVAL_SIGNATURE:
-        return examples
-      return itertools.islice(_indexed(examples), limit)
-    return tf.data.Dataset.from_generator(rows, output_signature=self.signature)
+    def examples():
+      return opened.pop() if opened else self.examples_fn(split)
+    if self.signature is EVAL_SIGNATURE:
+      limit = _FIRST_EXAMPLES.get()
+      return tf.data.Dataset.from_generator(lambda: itertools.islice(_indexed(examples()), limit),
+                                            output_signature=self.signature)
+    return _from_scalar_rows(examples, self.signature)
+
+
+def _from_scalar_rows(examples: Callable[[], Iterable[dict]], signature: dict) -> tf.data.Dataset:
+  """The rows of a signature of scalar features as tf.data, crossing from python in chunks of rows (one
+  generator call per chunk, not per row)."""
+  def chunks():
+    rows = iter(examples())
+    while chunk := list(itertools.islice(rows, _CHUNK_ROWS)):
+      yield {k: [row[k] for row in chunk] for k in signature}
+  columns = {k: tf.TensorSpec([None], spec.dtype) for k, spec in signature.items()}
+  return tf.data.Dataset.from_generator(chunks, output_signature=columns).unbatch()
 
 
 def text_source(examples_fn: Callable, signature: dict, splits=("train", "validation")) -> TextSource:
@@ -160,22 +173,26 @@ def generation_metrics(targets, predictions) -> dict:
   return values
 
 
-def add_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None) -> seqio.Task:
+def add_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None,
+             generative: bool = True) -> seqio.Task:
   """Registers (or re-registers) a text task: evaluation tasks get rank-classification rows."""
   seqio.TaskRegistry.remove(name)
-  task = make_task(name, source, evaluation, features)
+  task = make_task(name, source, evaluation, features, generative)
   seqio.TaskRegistry.add_provider(name, task)
   return task
 
 
-def make_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None) -> seqio.Task:
-  """A text task tokenized with `features` (default: the T5 SentencePiece `output_features()`)."""
+def make_task(name: str, source: seqio.DataSource, evaluation: bool, features: Optional[dict] = None,
+              generative: bool = True) -> seqio.Task:
+  """A text task tokenized with `features` (default: the T5 SentencePiece `output_features()`). An evaluation
+  task whose examples all have answer choices (`generative=False`) carries only `rank_classification_metric`:
+  seqio then neither decodes nor post-processes predictions for it."""
   text_steps = [rank_classification] if evaluation else []
   steps = text_steps + [seqio.CacheDatasetPlaceholder(), seqio.preprocessors.tokenize,
                         seqio.preprocessors.append_eos_after_trim]
+  metric_fns = [rank_classification_metric] + ([generation_metrics] if generative else []) if evaluation else []
   return seqio.Task(name, source, features or output_features(), preprocessors=steps,
-                    postprocess_fn=row_key if evaluation else None,
-                    metric_fns=[rank_classification_metric, generation_metrics] if evaluation else [])
+                    postprocess_fn=row_key if evaluation else None, metric_fns=metric_fns)
 
 
 def add_mixture(name: str, task_names) -> None:

@@ -65,10 +65,13 @@ def _native_stderr_hidden():
 
 
 def load_numerical_stack(verbose: bool = False) -> None:
-  """Import TensorFlow (through seqio) and jax once, their native start-up lines hidden unless `verbose`."""
+  """Import TensorFlow (through seqio) and jax once, their native start-up lines hidden unless `verbose`.
+  TensorFlow only reads data: it is kept off accelerators (as t5x's train.py does), which also runs its
+  device probe here, under the hidden stderr."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
   with contextlib.nullcontext() if verbose else _native_stderr_hidden():
     importlib.import_module("seqio")
+    importlib.import_module("tensorflow").config.set_visible_devices([], "GPU")
     importlib.import_module("jax").devices()
 
 

@@ -208,7 +208,8 @@ def output_features() -> dict:
 
 
 def _add(name: str, source, evaluation: bool) -> None:
-  seqio_tasks.add_task(name, source, evaluation, output_features())
+  """Every evaluation example of the suites has answer choices: rank classification only."""
+  seqio_tasks.add_task(name, source, evaluation, output_features(), generative=False)
 
 
 def register_tasks(training: Sequence[str], evaluation: Sequence[str], train_fn: Callable[[str, str], List[dict]],

@@ -63,8 +63,7 @@ class Runner:
 
   def batches(self, dataset, rows: Sequence[Mapping], task: str) -> Iterator[tuple]:
     """(row indices, batch) over an enumerated model-feature dataset; `rows` are its task rows (texts)."""
-    for index, features in dataset.batch(self.batch_size).as_numpy_iterator():
-      batch = {k: _pad_rows(np.asarray(features[k], np.int32), self.batch_size) for k in MODEL_FEATURES}
+    for index, batch in _numpy_batches(dataset, self.batch_size):
       texts = [seqio_tasks.text(rows[i]["inputs_pretokenized"]) for i in index]
       yield index, self._with_weights(batch, texts, task)
 
@@ -120,6 +119,14 @@ def _host(x: jax.Array) -> np.ndarray:
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _numpy_batches(dataset, batch_size: int) -> tuple:
+  """((row indices, model features padded to `batch_size` rows), ...) of an enumerated model-feature dataset,
+  read once: an evaluator's cached dataset is the same object for every method scored on it."""
+  return tuple((index, {k: _pad_rows(np.asarray(features[k], np.int32), batch_size) for k in MODEL_FEATURES})
+               for index, features in dataset.batch(batch_size).as_numpy_iterator())
 
 
 def task_list(name: str) -> List[str]:
