@@ -116,11 +116,11 @@ def data_key(batches: Sequence) -> str:
     for key in sorted(batch):
       value = batch[key]
       digest.update(key.encode())
-      if isinstance(value, np.ndarray) or hasattr(value, "dtype"):
-        value = np.asarray(value)
-        digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+      value = np.asarray(value)
+      if value.dtype.kind in "OSU":  # texts: their characters (an object array's bytes are pointers)
+        digest.update(f"text{value.shape}".encode() + "\0".join(map(str, value.reshape(-1))).encode())
       else:
-        digest.update("\0".join(map(str, value)).encode())
+        digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()
 
 

@@ -166,13 +166,35 @@ class EncoderDecoderModel:
     """Greedy decodings <int32>[batch, max_decode_length] (see `predict_batch_with_aux`)."""
     return self.predict_batch_with_aux(variables, batch, rng)[0]
 
-  @functools.cached_property
+  @property
   def jit_score(self):
-    return jax.jit(self.score_batch, static_argnames=("return_intermediates",))
+    """`score_batch`, compiled once per model configuration: equal models share the compiled code."""
+    return functools.partial(_jit_score, self)
 
-  @functools.cached_property
+  @property
   def jit_predict(self):
-    return jax.jit(self.predict_batch_with_aux)
+    """`predict_batch_with_aux`, compiled once per model configuration."""
+    return functools.partial(_jit_predict, self)
+
+  def _key(self) -> tuple:
+    return type(self), self.config, self.experts, self.length_normalize
+
+  def __eq__(self, other) -> bool:
+    """Models of one configuration compute the same function of (variables, batch)."""
+    return isinstance(other, EncoderDecoderModel) and self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash(self._key())
+
+
+@functools.partial(jax.jit, static_argnames=("model", "return_intermediates"))
+def _jit_score(model: EncoderDecoderModel, variables, batch, return_intermediates: bool = False):
+  return model.score_batch(variables, batch, return_intermediates)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _jit_predict(model: EncoderDecoderModel, variables, batch):
+  return model.predict_batch_with_aux(variables, batch)
 
 
 def unbox(variables: dict) -> dict:

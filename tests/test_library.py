@@ -234,3 +234,13 @@ def test_peft_expert_routed_equals_numpy(tmp_path, base, models):
   routed = np.asarray(models["routed1"].logits(routing.variables(base[0]), batch))
   expected = np.asarray(models["none"].logits({"params": names.unflatten(merged)}, batch))
   np.testing.assert_allclose(routed, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_data_key_hashes_texts_by_their_characters():
+  """The cache key of router inputs: equal for equal data in fresh arrays (texts included), else different."""
+  def batches(texts):
+    return [{"encoder_input_tokens": np.arange(6, dtype=np.int32).reshape(2, 3),
+             "inputs": np.array([str(t) for t in texts], dtype=object)}]
+  assert lib.data_key(batches(["a b", "c"])) == lib.data_key(batches(["a b", "c"]))
+  assert lib.data_key(batches(["a b", "c"])) == lib.data_key([{**batches([])[0], "inputs": ["a b", "c"]}])
+  assert lib.data_key(batches(["a b", "c"])) != lib.data_key(batches(["a b", "d"]))
