@@ -108,12 +108,18 @@ def _trim(ids: tf.Tensor, length: int, eos_id: int) -> tf.Tensor:
                  lambda: ids)
 
 
+def _plain(fn: Callable) -> Callable:
+  """A tf.data map function traced as written (graph ops only): no autograph conversion, which would parse
+  its source again at every call."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _read(task: seqio.Task, split: str, max_examples: Optional[int], shard_info) -> tf.data.Dataset:
   """The task's tokenized examples: their `inputs`, `targets` and `inputs_pretokenized`."""
   dataset = task.get_dataset(None, split=split, shuffle=False, shard_info=shard_info, num_epochs=1)
   if max_examples is not None:
     dataset = dataset.take(max_examples)
-  return dataset.map(lambda ex: {k: ex[k] for k in FEATURES + ("inputs_pretokenized",)})
+  return dataset.map(_plain(lambda ex: {k: ex[k] for k in FEATURES + ("inputs_pretokenized",)}))
 
 
 def _numpy(dataset: tf.data.Dataset) -> Dict[str, np.ndarray]:
@@ -140,8 +146,8 @@ def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples:
       raise KeyError(f"task {task_name} has no {split!r} split (it has {list(task.splits)})")
     datasets.append(_read(task, split, max_examples, shard_info))
   dataset = functools.reduce(tf.data.Dataset.concatenate, datasets).cache()
-  seen = _numpy(dataset.map(lambda ex: {"text": ex["inputs_pretokenized"],
-                                        "long": tf.reduce_any([tf.size(ex[k]) > lengths[k] for k in FEATURES])}))
+  seen = _numpy(dataset.map(_plain(lambda ex: {"text": ex["inputs_pretokenized"],
+                                               "long": tf.reduce_any([tf.size(ex[k]) > lengths[k] for k in FEATURES])})))
   if not seen:
     raise ValueError(f"{name} has no {split!r} examples")
   texts = [t.decode("utf-8") for t in seen["text"]]
@@ -153,7 +159,7 @@ def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples:
   if long:
     logging.warning("%d of %d examples of %s (%s) are longer than %s tokens and were trimmed", long, len(texts),
                     name, split, dict(lengths))
-  trimmed = dataset.map(lambda ex: {k: _trim(ex[k], lengths[k], eos) for k in FEATURES})
+  trimmed = dataset.map(_plain(lambda ex: {k: _trim(ex[k], lengths[k], eos) for k in FEATURES}))
   features = _numpy(seqio.EncDecFeatureConverter(pack=False)(trimmed, dict(lengths)))
   return dict({k: v.astype(np.int32) for k, v in features.items()}, inputs_pretokenized=np.array(texts, dtype=object))
 

@@ -174,19 +174,22 @@ def markdown(summary: dict) -> str:
 
 @gin.configurable
 def run_demo(workdir: str, seed: int = 0, suite_name: str = "tokens", train_examples: int = 4000,
-             validation_examples: int = 200, held_out_examples: int = 100, base_steps: int = 1500,
+             validation_examples: int = 200, held_out_examples: int = 100,
+             held_in_eval_examples: Optional[int] = None, base_steps: int = 1500,
              expert_steps: int = 300, gate_steps: int = 100, multitask_steps: int = 600,
              routing_examples: int = 100, clock: Optional[float] = None, cache_dir: Optional[str] = None) -> dict:
   """Runs the demo of suite `suite_name` into `workdir` and returns what `results.json` holds (`clock`: when
   the run started; `cache_dir`: JAX's persistent compilation cache, `workdir/jax_cache` unless one is
-  configured; `routing_examples`: held-in validation examples per task for the routing diagnostics)."""
+  configured; `held_in_eval_examples`: examples per held-in task in the table, the first of its validation
+  examples (None: all `validation_examples`); `routing_examples`: held-in validation examples per task for the
+  routing diagnostics)."""
   if suite_name not in SUITES:
     raise ValueError(f"unknown demo suite {suite_name!r}; choose one of {sorted(SUITES)}")
   s = SUITES[suite_name]
   started = time.time() if clock is None else clock
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(cache_dir or os.path.join(workdir, "jax_cache"))
-  s.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples))
+  s.register(seed, suite.SuiteSizes(train_examples, validation_examples, held_out_examples, held_in_eval_examples))
   held_out = data.HeldOut(frozenset(s.HELD_OUT_TASKS), s.is_held_out)
   base, library, multitask = train_models(s, workdir, seed, {"base": base_steps, "expert": expert_steps,
                                                              "gate": gate_steps, "multitask": multitask_steps},

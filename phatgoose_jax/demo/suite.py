@@ -34,7 +34,7 @@ their skills inside one example, where routing a whole example to one expert can
 """
 import dataclasses
 import string
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import seqio
@@ -92,10 +92,16 @@ def oracle_expert(task: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SuiteSizes:
-  """How many examples each split of each task holds."""
+  """How many examples each split of each task holds; `held_in_eval`: each held-in evaluation task (`_eval`,
+  the first examples of its stream; None: `validation`)."""
   train: int = 4000
   validation: int = 200
   held_out: int = 100
+  held_in_eval: Optional[int] = None
+
+  @property
+  def held_in_eval_count(self) -> int:
+    return self.validation if self.held_in_eval is None else self.held_in_eval
 
 
 def random_word(rng: np.random.Generator) -> str:
@@ -199,7 +205,7 @@ def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
     pair = dict(zip(HELD_OUT_TASKS, HELD_OUT_PAIRS))[task]
     return [held_out_example(pair, rng) for _ in range(sizes.held_out)]
   skill = task[len(PREFIX):]
-  return [held_in_eval_example(skill, rng) for _ in range(sizes.validation)]
+  return [held_in_eval_example(skill, rng) for _ in range(sizes.held_in_eval_count)]
 
 
 def output_features() -> dict:

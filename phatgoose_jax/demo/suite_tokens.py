@@ -208,7 +208,7 @@ def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
   rng, maps = common.stream(seed, task, "eval"), ciphers(seed)
   if task in HELD_IN_EVAL_TASKS:
     alphabet = task[len(PREFIX):-len("_eval")]
-    return [held_in_eval_example(alphabet, maps, rng) for _ in range(sizes.validation)]
+    return [held_in_eval_example(alphabet, maps, rng) for _ in range(sizes.held_in_eval_count)]
   if task in REORDER_TASKS:
     return [reorder_example(task[len(PREFIX + "reorder_"):], maps, rng) for _ in range(sizes.held_out)]
   pair = dict(zip(MIX_TASKS, MIX_PAIRS))[task]
