@@ -1,4 +1,5 @@
 """Dependencies run one way: lower layers never import higher ones (checked in a fresh interpreter)."""
+import os
 import subprocess
 import sys
 
@@ -28,3 +29,14 @@ def test_cli_help_imports_no_numerical_stack():
           "heavy = [m for m in ('jax', 'tensorflow', 'seqio', 'numpy') if m in sys.modules]; "
           "assert not heavy, heavy")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_reading_after_cli_start_up_logs_no_device_probe():
+  """After the CLI's start-up (`load_numerical_stack`), TensorFlow reading data prints no CUDA / device-probe
+  lines: its probe ran under the hidden start-up stderr and it is kept off accelerators."""
+  code = ("from phatgoose_jax.cli import load_numerical_stack; load_numerical_stack(); import tensorflow as tf; "
+          "list(tf.data.Dataset.range(3).map(lambda x: x + 1).as_numpy_iterator()); "
+          "assert not tf.config.get_visible_devices('GPU')")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+  assert not [line for line in run.stderr.splitlines() if "cuda" in line.lower() or "cuinit" in line.lower()], run.stderr
