@@ -88,7 +88,7 @@ def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
                      f"but {len(devices)} are given")
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (AssertionError, ValueError, NotImplementedError):
+  except (AssertionError, ValueError, NotImplementedError):  # no topology-aware layout (e.g. CPU devices)
     grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, MESH_AXES)
 

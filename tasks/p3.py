@@ -166,13 +166,15 @@ def _split_of(source: sources.DatasetSource, split: str) -> str:
 
 def register_dataset(name: str, source: sources.DatasetSource) -> str:
   """Registers the training task `name` (`train_examples`) and its evaluation task `<name>_eval`
-  (`eval_examples`) of one dataset; their "validation" split is the dataset's evaluation split. Returns `name`."""
+  (`eval_examples`) of one dataset; their "validation" split is the dataset's evaluation split. A dataset without
+  EVAL metrics is multiple choice (a template without answer choices is refused, `eval_example`), so its
+  evaluation task carries only the rank-classification metric. Returns `name`."""
   train = seqio_tasks.text_source(
       lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE)
   seqio_tasks.add_task(name, train, evaluation=False)
   evaluation = seqio_tasks.text_source(
       lambda split, s=source: eval_examples(s, _split_of(s, split)), seqio_tasks.EVAL_SIGNATURE)
-  seqio_tasks.add_task(f"{name}_eval", evaluation, evaluation=True)
+  seqio_tasks.add_task(f"{name}_eval", evaluation, evaluation=True, generative=bool(source.eval_metrics))
   return name
 
 
@@ -183,7 +185,7 @@ def register() -> None:
   for source in sources.T0_HELD_OUT:
     evaluation = seqio_tasks.text_source(
         lambda split, s=source: eval_examples(s), seqio_tasks.EVAL_SIGNATURE, splits=("validation",))
-    seqio_tasks.add_task(f"t0_{source.key}", evaluation, evaluation=True)
+    seqio_tasks.add_task(f"t0_{source.key}", evaluation, evaluation=True, generative=bool(source.eval_metrics))
   seqio_tasks.add_mixture("p3_held_in", [f"p3_{s.key}" for s in sources.P3_HELD_IN])
   seqio_tasks.add_mixture("p3_held_in_eval", [f"p3_{s.key}_eval" for s in sources.P3_HELD_IN])
   seqio_tasks.add_mixture("t0_held_out", [f"t0_{s.key}" for s in sources.T0_HELD_OUT])

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import seqio
 
 from phatgoose_jax import tasks
 from phatgoose_jax.evaluation import metrics
@@ -199,3 +200,13 @@ def test_generation_metrics_score_each_listed_metric_over_its_rows():
   # The task score is the mean of the four values, as the official evaluator averages every metric value.
   assert metrics.dataset_score(values) == pytest.approx(sum(values.values()) / 4)
   assert seqio_tasks.generation_metrics(targets[-1:], predictions[-1:]) == {}
+
+
+def test_only_generative_datasets_carry_the_generation_metric():
+  """A multiple-choice dataset's evaluation task is scored by rank classification alone (seqio then neither
+  decodes nor post-processes predictions for it); a generative one also by its generation metrics."""
+  for source in sources.P3_HELD_IN + sources.T0_HELD_OUT:
+    name = f"p3_{source.key}_eval" if source in sources.P3_HELD_IN else f"t0_{source.key}"
+    fns = seqio.get_mixture_or_task(name).metric_fns
+    assert seqio_tasks.rank_classification_metric in fns
+    assert (seqio_tasks.generation_metrics in fns) == bool(source.eval_metrics), name
