@@ -4,20 +4,22 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
-from phatgoose_jax import data, main, train
+from phatgoose_jax import data, library, main, train
 from phatgoose_jax.cli import main as cli_main
 from phatgoose_jax.demo import diagnostics, run, suite, suite_tokens
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-  """The smoke demo twice with the same seed: once through the CLI, once through `run_demo`."""
+  """The smoke demo twice with the same seed: once through the CLI (two training stages at a time, the
+  default), once through `run_demo` one stage at a time."""
   root = tmp_path_factory.mktemp("demo")
   assert cli_main(["demo", "--smoke", "--seed", "3", "--workdir", str(root / "a")]) == 0
   main.parse(["demo_smoke.gin"], [])
-  run.run_demo(workdir=str(root / "b"), seed=3)
+  run.run_demo(workdir=str(root / "b"), seed=3, concurrency=1)
   yield root
   gin.clear_config()
 
@@ -58,8 +60,18 @@ def test_same_seed_gives_the_same_results(two_runs):
   assert a == b
 
 
+def test_concurrent_training_stores_the_same_weights(two_runs):
+  for path in ("library", "multitask"):
+    a, b = library.ExpertLibrary(str(two_runs / "a" / path)), library.ExpertLibrary(str(two_runs / "b" / path))
+    assert a.names() == b.names()
+    for name in a.names():
+      x, y = a.load(name), b.load(name)
+      for part in ("lora", "gates"):
+        assert getattr(x, part).keys() == getattr(y, part).keys()
+        assert all(np.array_equal(v, getattr(y, part)[k]) for k, v in getattr(x, part).items()), (path, name, part)
+
+
 def test_library_holds_one_gated_expert_per_held_in_task(two_runs):
-  from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   lib = library.ExpertLibrary(str(two_runs / "a" / "library"))
   assert lib.names() == sorted(suite_tokens.HELD_IN_TASKS)
   assert all(m["gate"] and m["dataset"] in suite_tokens.HELD_IN_TASKS for m in lib.list())

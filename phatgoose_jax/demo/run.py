@@ -7,7 +7,8 @@ Suites: `tokens` (default, `demo/suite_tokens.py`: six held-in tasks over disjoi
 the stage functions (the same as the CLI's) and one expert library:
   1. pre-train a tiny T5 base on the suite's pretraining task (full training from scratch);
   2. for each held-in task, as an independent contributor would: a LoRA expert, then its gate;
-  3. the multitask reference: one LoRA on the union of the held-in data (a separate library);
+  3. the multitask reference: one LoRA on the union of the held-in data (a separate library),
+     beside stage 2 (`concurrency` = 2 training stages at a time; results do not depend on it);
   4. evaluate on the held-in validation tasks and the held-out tasks: base, every single expert
      (best_individual: best held-out average), merged, uniform, average_activation, arrow, spectr, retrieval
      (`retrieval_t5`: the base encoder embeds), phatgoose, multitask, oracle;
@@ -22,6 +23,7 @@ the reduced test run).
 """
 import json
 import os
+from concurrent import futures
 import time
 from typing import Dict, Optional
 
@@ -54,21 +56,32 @@ def enable_compilation_cache(cache_dir: str) -> None:
 # ---- the stages the demo calls (all of its calls into `train`, `stages` and `assembly`) -------------------
 
 
-def train_models(s, workdir: str, seed: int, steps: dict, held_out: data.HeldOut) -> tuple:
-  """(base, library, multitask library): the base, each held-in task's expert then its gate (from that task's
-  data only), and the multitask reference."""
+def train_models(s, workdir: str, seed: int, steps: dict, held_out: data.HeldOut, concurrency: int) -> tuple:
+  """(base, library, multitask library): the base, then, `concurrency` at a time as independent contributors
+  would (each from its own data only), every held-in task's expert followed by its gate, and the multitask
+  reference. Each stage's result does not depend on what runs beside it (the same compiled programs on the
+  same inputs), so `concurrency` changes only the wall time."""
   base = train.train_multitask(task=s.PRETRAIN_TASK, output=os.path.join(workdir, "base"),  # the base's own data
                                workdir=os.path.join(workdir, "train", "base"), finetune="full",
                                num_steps=steps["base"], seed=seed)
   library = os.path.join(workdir, "library")
-  for i, task in enumerate(s.HELD_IN_TASKS):
+  multitask = os.path.join(workdir, "multitask")
+
+  def contribute(i: int, task: str) -> None:
     train.train_expert(base=base, task=task, library=library, num_steps=steps["expert"], seed=seed + i,
                        workdir=os.path.join(workdir, "train", f"{task}_expert"), held_out=held_out)
     train.train_gate(base=base, library=library, name=task, num_steps=steps["gate"], seed=seed + i,
                      workdir=os.path.join(workdir, "train", f"{task}_gate"), held_out=held_out)
-  multitask = train.train_multitask(task=s.HELD_IN_MIXTURE, output=os.path.join(workdir, "multitask"),
-                                    workdir=os.path.join(workdir, "train", "multitask"), base=base,
-                                    finetune="lora", num_steps=steps["multitask"], seed=seed, held_out=held_out)
+
+  def train_multitask() -> None:
+    train.train_multitask(task=s.HELD_IN_MIXTURE, output=multitask, base=base, finetune="lora",
+                          workdir=os.path.join(workdir, "train", "multitask"), num_steps=steps["multitask"],
+                          seed=seed, held_out=held_out)
+
+  with futures.ThreadPoolExecutor(concurrency) as pool:  # the longest job first
+    jobs = [pool.submit(train_multitask)] + [pool.submit(contribute, i, t) for i, t in enumerate(s.HELD_IN_TASKS)]
+    for job in jobs:
+      job.result()
   return base, library, multitask
 
 
@@ -177,12 +190,13 @@ def run_demo(workdir: str, seed: int = 0, suite_name: str = "tokens", train_exam
              validation_examples: int = 200, held_out_examples: int = 100,
              held_in_eval_examples: Optional[int] = None, base_steps: int = 1500,
              expert_steps: int = 300, gate_steps: int = 100, multitask_steps: int = 600,
-             routing_examples: int = 100, clock: Optional[float] = None, cache_dir: Optional[str] = None) -> dict:
+             routing_examples: int = 100, concurrency: int = 2, clock: Optional[float] = None,
+             cache_dir: Optional[str] = None) -> dict:
   """Runs the demo of suite `suite_name` into `workdir` and returns what `results.json` holds (`clock`: when
   the run started; `cache_dir`: JAX's persistent compilation cache, `workdir/jax_cache` unless one is
   configured; `held_in_eval_examples`: examples per held-in task in the table, the first of its validation
   examples (None: all `validation_examples`); `routing_examples`: held-in validation examples per task for the
-  routing diagnostics)."""
+  routing diagnostics; `concurrency`: training stages at a time, see `train_models`)."""
   if suite_name not in SUITES:
     raise ValueError(f"unknown demo suite {suite_name!r}; choose one of {sorted(SUITES)}")
   s = SUITES[suite_name]
@@ -193,7 +207,7 @@ def run_demo(workdir: str, seed: int = 0, suite_name: str = "tokens", train_exam
   held_out = data.HeldOut(frozenset(s.HELD_OUT_TASKS), s.is_held_out)
   base, library, multitask = train_models(s, workdir, seed, {"base": base_steps, "expert": expert_steps,
                                                              "gate": gate_steps, "multitask": multitask_steps},
-                                          held_out)
+                                          held_out, concurrency)
   results = evaluate_methods(s, base, library, multitask, workdir)
   accuracy, chance = routing_accuracies(s, base, library, routing_examples)
   routing_figures(s, base, library, workdir, routing_examples)
