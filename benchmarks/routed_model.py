@@ -10,6 +10,9 @@ forward (`EncoderDecoderModel.logits`) over batch x (input_length + target_lengt
 the encoded input). The default compares the unrouted model with `impl='auto'` only (blocks for the
 forward's tokens, gather for a decoding step's batch x k pairs: routing.resolve_impl), one routed model to
 compile per case; `--impls blocks,gather` compares the paths (two more compilations of the routed T5).
+Beside the forward: the unrouted forward's GFLOP/s and the ratio's FLOP bound, (F + 2 M) / F with F the
+unrouted forward's FLOPs (XLA's cost analysis of the compiled program) and M routing's multiply-adds
+(`routing_macs`).
 """
 import jax
 import jax.numpy as jnp
@@ -21,25 +24,50 @@ from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
 
 
-def random_variables(model, shapes):
-  variables = unbox(model.get_initial_variables(jax.random.key(0), shapes))
-  if "experts" in variables:
-    leaves, tree = jax.tree.flatten(variables["experts"])
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    variables["experts"] = tree.unflatten([jax.random.normal(k, x.shape) * 0.05 for k, x in zip(keys, leaves)])
-  return variables
+def random_variables(model):
+  """Every collection of `model` drawn from its shapes (`eval_shape` traces the model, nothing runs it):
+  LayerNorm scales 1, every other leaf N(0, 0.05^2)."""
+  abstract = unbox(jax.eval_shape(model.get_initial_variables, jax.random.key(0)))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return tree.unflatten([jnp.ones(x.shape, x.dtype) if jax.tree_util.keystr(path).endswith("['scale']")
+                         else jax.random.normal(k, x.shape, x.dtype) * 0.05 for k, (path, x) in zip(keys, leaves)])
+
+
+def zeros_like_output(fn, *args):
+  """Zeros shaped as `fn(*args)`: inputs whose values do not change the time of what consumes them."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))
+
+
+def routing_macs(experts: dict, encoder_tokens: int, decoder_tokens: int, top_k: int) -> int:
+  """Multiply-adds routing adds to a teacher-forced forward: per routed module with <[E, d_in, r]> `lora_a`
+  and <[E, r, d_out]> `lora_b`, tokens x (E d_in + k r (d_in + d_out)) (router scores, top-k LoRA experts);
+  the encoder's modules and the cross-attention keys and values see the encoder tokens, the rest the decoder's."""
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(experts)[0]}
+  total = 0
+  for name, lora_a in flat.items():
+    if name.endswith("['lora_a']"):
+      num_experts, d_in, rank = lora_a.shape
+      d_out = flat[name.replace("['lora_a']", "['lora_b']")].shape[-1]
+      on_encoder = name.startswith("['encoder']") or (
+          "encoder_decoder_attention" in name and ("['key']" in name or "['value']" in name))
+      tokens = encoder_tokens if on_encoder else decoder_tokens
+      total += tokens * (num_experts * d_in + top_k * rank * (d_in + d_out))
+  return total
 
 
 def model_calls(model, variables, batch, target_length):
-  """(forward call, decode-step call) for one model, both compiled."""
-  forward = common.compiled(lambda v, b: model.logits(v, b), variables, batch)[0]
+  """(forward call, decode-step call, the forward's FLOPs by XLA's cost analysis) for one model, both
+  compiled. The decoding step reads a cache of zeros at position 0 (its cost does not depend on the cached
+  values)."""
+  forward, exe = common.compiled(lambda v, b: model.logits(v, b), variables, batch)
   enc = batch["encoder_input_tokens"]
-  encoded = model.encode(variables, enc)
-  cache = model.init_cache(variables, encoded, enc, target_length)
+  encoded = zeros_like_output(model.encode, variables, enc)
+  cache = zeros_like_output(lambda v, e, x: model.init_cache(v, e, x, target_length), variables, encoded, enc)
   token = batch["decoder_input_tokens"][:, :1]
   step = common.compiled(lambda v, c, e, x, t: model.decode_step(v, c, e, x, t)[0], variables, cache, encoded,
                          enc, token)[0]
-  return forward, step
+  return forward, step, exe.cost_analysis()["flops"]
 
 
 def measure(size, experts, args):
@@ -49,15 +77,19 @@ def measure(size, experts, args):
   dec = rng.integers(2, config.vocab_size, (args.batch, args.target_length)).astype(np.int32)
   batch = {"encoder_input_tokens": jnp.asarray(enc), "decoder_input_tokens": jnp.asarray(shift_right(dec)),
            "decoder_target_tokens": jnp.asarray(dec)}
-  shapes = {"encoder_input_tokens": enc.shape, "decoder_input_tokens": dec.shape}
   variants = {"unrouted": ExpertConfig()}
   variants.update({impl: ExpertConfig(mode="routed", rank=args.rank, num_experts=experts, top_k=args.top_k,
                                       impl=impl) for impl in args.impls})
   forward, step = {}, {}
   for name, expert_config in variants.items():
     model = EncoderDecoderModel(config, expert_config)
-    forward[name], step[name] = model_calls(model, random_variables(model, shapes), batch, args.target_length)
-  out = {"model": size, "experts": experts}
+    variables = random_variables(model)
+    forward[name], step[name], flops = model_calls(model, variables, batch, args.target_length)
+    if name == "unrouted":
+      unrouted_flops = flops
+  extra = 2 * routing_macs(variables["experts"], enc.size, dec.size, args.top_k)
+  out = {"model": size, "experts": experts, "unrouted_gflops": unrouted_flops / 1e9,
+         "forward_flop_bound": (unrouted_flops + extra) / unrouted_flops}
   for what, calls in (("forward", forward), ("decode_step", step)):
     times = common.interleaved(calls, args.rounds)
     out[what] = {"times": {n: common.summary(t) for n, t in times.items()},
@@ -83,15 +115,18 @@ def main():
   for case in args.cases.split(","):
     size, experts = case.split(":")
     result["cases"].append(measure(size, int(experts), args))
-  header = ["model", "E", "what", "unrouted ms"] + [f"{i} ratio (spread)" for i in args.impls]
+  header = ["model", "E", "what", "unrouted ms", "GFLOP/s"] + [f"{i} ratio (spread)" for i in args.impls] + [
+      "FLOP bound"]
   rows = []
   for c in result["cases"]:
     for what in ("forward", "decode_step"):
       t = c[what]["times"]
       base = t["unrouted"]["median_s"]
-      rows.append([c["model"], c["experts"], what, f"{base * 1e3:.1f}"] +
+      forward = what == "forward"
+      rows.append([c["model"], c["experts"], what, f"{base * 1e3:.1f}",
+                   f"{c['unrouted_gflops'] / base:.1f}" if forward else "-"] +
                   [f"{c[what]['ratio'][i]:.3f} ({t[i]['min_s'] / base:.2f}-{t[i]['max_s'] / base:.2f})"
-                   for i in args.impls])
+                   for i in args.impls] + [f"{c['forward_flop_bound']:.3f}" if forward else "-"])
   common.emit(result, args.json, header, rows)
 
 
