@@ -23,8 +23,8 @@ the reduced test run).
 """
 import json
 import os
-from concurrent import futures
 import time
+from concurrent import futures
 from typing import Dict, Optional
 
 import gin
