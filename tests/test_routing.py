@@ -90,6 +90,26 @@ def test_degenerate_router_vectors_give_finite_uniform_scores(router_kind):
   np.testing.assert_allclose(np.asarray(weights), 0.5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_standardized_scores_match_numpy_without_centred_activations(offset):
+  """The float32 scores use u . LN(v) and u's mean and variance, not LN(u): equal to LN(u) . LN(v) / sqrt(d)
+  in float64 numpy, also for activations whose mean is far from 0."""
+  rng = np.random.default_rng(4)
+  u = (rng.normal(size=(64, 256)) * 0.7 + offset).astype(np.float32)
+  router = rng.normal(size=(36, 256)).astype(np.float32)
+  want = np_standardize(u.astype(np.float64)) @ np_standardize(router.astype(np.float64)).T / 16.0
+  got = np.asarray(routing.phatgoose_scores(jnp.asarray(u), jnp.asarray(router)))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_experts", [3, 166, 2 ** 22])
+def test_sort_by_expert_is_the_stable_argsort(num_experts):
+  """The int32 key sort (and its argsort fallback when E P passes int32) gives numpy's stable order."""
+  flat = np.random.default_rng(num_experts % 97).integers(0, min(num_experts, 40), 1000).astype(np.int32)
+  got = np.asarray(jax.jit(routing.sort_by_expert, static_argnums=1)(jnp.asarray(flat), num_experts))
+  np.testing.assert_array_equal(got, np.argsort(flat, kind="stable"))
+
+
 def test_top_k_weights_renormalise():
   scores = np.array([[0.3, -1.0, 2.0, 0.5]], np.float32)
   w, idx = routing.top_k_weights(scores, 2)
