@@ -114,13 +114,23 @@ def mix_gather(u, lora_a, lora_b, weights, index, scale):
   return jnp.einsum("...kr,...kro,...k->...o", hidden, b_sel, weights.astype(u.dtype)) * scale
 
 
+def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
+  """The stable argsort of expert ids <int32>[P]: one sort of the unique keys e P + p, whose order is the
+  stable order, then p = key mod P (XLA:CPU sorts one int32 array ~4x faster than a stable argsort).
+  Keys past int32 (E P >= 2^31) fall back to the stable argsort."""
+  pairs = flat.shape[0]
+  if num_experts * pairs >= 2 ** 31:
+    return jnp.argsort(flat, stable=True)
+  return jnp.sort(flat.astype(jnp.int32) * pairs + jnp.arange(pairs, dtype=jnp.int32)) % pairs
+
+
 def mix_ragged(u, lora_a, lora_b, weights, index, scale):
   """Grouped matmul: sort (token, choice) pairs by expert, two `ragged_dot`s, scatter back weighted."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, k = lora_a.shape[0], index.shape[-1]
   tokens = u.reshape(-1, d_in)
   flat_expert = index.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)
+  order = sort_by_expert(flat_expert, num_experts)
   token_of_pair = order // k
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
   hidden = jax.lax.ragged_dot(tokens[token_of_pair], lora_a.astype(u.dtype), group_sizes)
@@ -142,16 +152,6 @@ def block_size(pairs: int, num_experts: int, rank: int) -> int:
   """
   best = math.sqrt(pairs * rank / num_experts)
   return int(min(BLOCK_MAX, max(BLOCK_MIN, 2 ** math.floor(math.log2(max(best, 1.0))))))
-
-
-def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
-  """The stable argsort of expert ids <int32>[P]: one sort of the unique keys e P + p, whose order is the
-  stable order, then p = key mod P (XLA:CPU sorts one int32 array ~4x faster than a stable argsort).
-  Keys past int32 (E P >= 2^31) fall back to the stable argsort."""
-  pairs = flat.shape[0]
-  if num_experts * pairs >= 2 ** 31:
-    return jnp.argsort(flat, stable=True)
-  return jnp.sort(flat.astype(jnp.int32) * pairs + jnp.arange(pairs, dtype=jnp.int32)) % pairs
 
 
 def expert_blocks(index: jax.Array, num_experts: int, block: int):
@@ -215,7 +215,7 @@ def resolve_impl(impl: str, pairs: Optional[int] = None) -> str:
   are themselves. The dense reference is never chosen.
 
   CPU: 'gather' up to GATHER_MAX_PAIRS pairs (a decoding step routes batch x k rows per layer; there the
-  blocks path's fixed cost, an argsort, a scatter and a scan per layer, dominates and the gather path's
+  blocks path's fixed cost, a sort, a scatter and a scan per layer, dominates and the gather path's
   tokens k d_in r intermediate is at most 64 d_in r floats), 'blocks' above. Measured on a 2-core CPU,
   float32, r=16, k=2, one routed T5-base layer, routed / plain-layer time (benchmarks/routed_layer.py
   --tokens N --shapes 768x768,768x3072, load 4-8), blocks vs gather:
