@@ -341,6 +341,17 @@ class Trainer:
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=not distributed.is_writer())
     if step == 0 and (self.manager is None or self.manager.latest_step() is None):
       self._validate_and_checkpoint(step, num_steps)
+    try:
+      self._loop(batch_fn, step, num_steps, bar)
+    finally:  # an exception out of the loop still completes the checkpoints already being written
+      bar.close()
+      if self.writer is not None:
+        self.writer.flush()
+      if self.manager is not None:
+        self.manager.wait_until_finished()
+    return self.variables()
+
+  def _loop(self, batch_fn: BatchFn, step: int, num_steps: int, bar: tqdm.tqdm):
     first = step
     while step < num_steps:
       batch = batch_fn(step)
@@ -356,9 +367,3 @@ class Trainer:
         self._write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4g}")
       self._validate_and_checkpoint(step, num_steps)
-    bar.close()
-    if self.writer is not None:
-      self.writer.flush()
-    if self.manager is not None:
-      self.manager.wait_until_finished()
-    return self.variables()
