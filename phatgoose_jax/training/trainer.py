@@ -339,8 +339,6 @@ class Trainer:
     """
     step = int(self.state["step"])
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=not distributed.is_writer())
-    if step == 0 and (self.manager is None or self.manager.latest_step() is None):
-      self._validate_and_checkpoint(step, num_steps)
     try:
       self._loop(batch_fn, step, num_steps, bar)
     finally:  # an exception out of the loop still completes the checkpoints already being written
@@ -352,6 +350,8 @@ class Trainer:
     return self.variables()
 
   def _loop(self, batch_fn: BatchFn, step: int, num_steps: int, bar: tqdm.tqdm):
+    if step == 0 and (self.manager is None or self.manager.latest_step() is None):
+      self._validate_and_checkpoint(step, num_steps)
     first = step
     while step < num_steps:
       batch = batch_fn(step)
