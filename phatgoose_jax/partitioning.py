@@ -86,10 +86,9 @@ def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
   if math.prod(shape) != len(devices):
     raise ValueError(f"mesh (data, model, expert) = {tuple(shape)} needs {math.prod(shape)} devices, "
                      f"but {len(devices)} are given")
-  try:
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (AssertionError, ValueError, NotImplementedError):  # no topology-aware layout (e.g. CPU devices)
-    grid = np.asarray(devices, dtype=object).reshape(shape)
+  # TPU: laid out along the physical torus (splitting physical axes where the shape needs it); GPU and CPU:
+  # the devices in id order.
+  grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES)
 
 
