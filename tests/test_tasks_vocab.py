@@ -7,38 +7,6 @@ from phatgoose_jax import vocab
 from phatgoose_jax.t5 import config
 
 
-class _Sized(seqio.Vocabulary):
-  """A vocabulary of `size` ids (only its size matters here)."""
-
-  def __init__(self, size: int):
-    self._size = size
-    super().__init__()
-
-  @property
-  def _base_vocab_size(self):
-    return self._size
-
-  @property
-  def eos_id(self):
-    return 1
-
-  @property
-  def unk_id(self):
-    return 2
-
-  def _encode(self, s):
-    return []
-
-  def _decode(self, ids):
-    return ""
-
-  def _encode_tf(self, s):
-    raise NotImplementedError
-
-  def _decode_tf(self, ids):
-    raise NotImplementedError
-
-
 def test_byte_vocabulary_on_a_real_size_model_is_refused():
   byte = vocab.get_vocabulary("byte")
   with pytest.raises(ValueError, match=r"the byte vocabulary \(259 ids\) does not match the model's embedding of "
@@ -48,9 +16,9 @@ def test_byte_vocabulary_on_a_real_size_model_is_refused():
 
 
 def test_t5_layouts_fit_and_oversized_vocabularies_do_not():
-  vocab.check_fits(_Sized(32000), 32128)  # SentencePiece pieces without the 100 sentinels
-  vocab.check_fits(_Sized(32100), 32128)  # with them
+  vocab.check_fits(seqio.PassThroughVocabulary(32000), 32128)  # SentencePiece pieces without the 100 sentinels
+  vocab.check_fits(seqio.PassThroughVocabulary(32100), 32128)  # with them
   with pytest.raises(ValueError, match=r"\(32129 ids\) has ids beyond the model's embedding of 32128 rows"):
-    vocab.check_fits(_Sized(32129), 32128)
+    vocab.check_fits(seqio.PassThroughVocabulary(32129), 32128)
   with pytest.raises(ValueError, match="does not match"):
-    vocab.check_fits(_Sized(32128 - vocab.MAX_UNUSED_ROWS - 1), 32128)
+    vocab.check_fits(seqio.PassThroughVocabulary(32128 - vocab.MAX_UNUSED_ROWS - 1), 32128)
