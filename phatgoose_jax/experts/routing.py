@@ -24,12 +24,17 @@ RENORM_EPS = 1e-6
 ARROW_TEMPERATURE = 10.0
 
 
+def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean(x), 1 / sqrt(var(x) + 1e-5)) over the last axis in float32, kept as [..., 1]."""
+  x = x.astype(jnp.float32)
+  mean, var = jnp.mean(x, axis=-1, keepdims=True), jnp.var(x, axis=-1, keepdims=True)
+  return mean, jax.lax.rsqrt(var + STANDARDIZE_EPS)
+
+
 def standardize(x: jax.Array) -> jax.Array:
   """LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) over the last axis, no scale or bias (algorithm.md §4)."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.var(x, axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + STANDARDIZE_EPS)
+  mean, inv_std = moments(x)
+  return (x.astype(jnp.float32) - mean) * inv_std
 
 
 def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
@@ -47,10 +52,9 @@ def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
   """
   d_in = u.shape[-1]
   if u.dtype != jnp.bfloat16:
-    u, v = u.astype(jnp.float32), standardize(router)
-    mean, var = jnp.mean(u, axis=-1, keepdims=True), jnp.var(u, axis=-1, keepdims=True)
-    dots = jnp.einsum("...i,ei->...e", u, v) - mean * jnp.sum(v, axis=-1)
-    return dots * jax.lax.rsqrt(var + STANDARDIZE_EPS) / math.sqrt(d_in)
+    v, (mean, inv_std) = standardize(router), moments(u)
+    dots = jnp.einsum("...i,ei->...e", u.astype(jnp.float32), v) - mean * jnp.sum(v, axis=-1)
+    return dots * inv_std / math.sqrt(d_in)
   bf16 = jnp.bfloat16
   dots = jnp.einsum("...i,ei->...e", standardize(u).astype(bf16), standardize(router.astype(bf16)).astype(bf16),
                     preferred_element_type=jnp.float32).astype(bf16)
