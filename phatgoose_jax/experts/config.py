@@ -7,7 +7,7 @@ from typing import Optional
 
 from phatgoose_jax.t5.config import ALL_TARGETS
 
-ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "auto")
+ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "grouped", "auto")
 ROUTER_SCORES = ("standardized", "arrow", "spectr")
 
 
@@ -24,9 +24,10 @@ class ExpertConfig:
   `impl` picks the routed computation, all exact: 'dense' (every expert, masked: the reference, memory
   O(tokens E d_out)), 'gather' (the chosen experts' weights gathered per token, memory O(tokens k d_in r)),
   'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`: the accelerator path), 'blocks' (tokens sorted
-  by expert into fixed-size blocks, batched matmuls over chunks of blocks: the CPU path, bounded memory), or
-  'auto', the default: the measured fastest by platform and token count ('gather' for a decoding step's few
-  tokens and 'blocks' otherwise on CPU, 'ragged' on GPU/TPU; see routing.resolve_impl). Never 'dense'.
+  by expert into fixed-size blocks, batched matmuls over chunks of blocks: the CPU path, bounded memory),
+  'grouped' (the megablox Pallas grouped matmul: TPU), or 'auto', the default: on CPU the measured fastest by
+  token count ('gather' for a decoding step's few tokens, 'blocks' otherwise), on TPU/GPU the least roofline
+  time by the compiler's cost analysis for the device compiled for (see routing.resolve_impl, cost.py).
   """
   mode: str = "none"
   rank: int = 16

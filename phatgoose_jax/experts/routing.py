@@ -9,15 +9,21 @@ Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights,
   * `mix_ragged` groups token-expert pairs by expert and runs `jax.lax.ragged_dot` (grouped matmul,
     the accelerator path; a slow masked loop on CPU);
   * `mix_blocks` groups the pairs by expert into fixed-size blocks and runs batched matmuls over chunks
-    of blocks (the CPU path; exact, no capacity, no dropped tokens).
+    of blocks (the CPU path; exact, no capacity, no dropped tokens);
+  * `mix_grouped` runs the grouped-matmul Pallas TPU kernel that ships with jax (megablox `gmm`, its
+    custom VJP with `tgmm`) on the pairs sorted by expert (interpreted off TPU).
 All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
 never their parameters.
 """
+import functools
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+from phatgoose_jax.experts import cost
 
 STANDARDIZE_EPS = 1e-5
 RENORM_EPS = 1e-6
@@ -175,25 +181,27 @@ def expert_blocks(index: jax.Array, num_experts: int, block: int):
   slot = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert] + (jnp.cumsum(padded) - padded)[expert]
   slot_pair = jnp.full(num_blocks * block, pairs, jnp.int32).at[slot].set(order.astype(jnp.int32))
   block_end = jnp.cumsum(padded // block)
-  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), num_experts - 1)
+  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right",
+                                              method="compare_all"), num_experts - 1)
   return slot_pair, block_expert.astype(jnp.int32)
 
 
-def mix_blocks(u, lora_a, lora_b, weights, index, scale):
+def mix_blocks(u, lora_a, lora_b, weights, index, scale, *, block=None, chunk_rows=CHUNK_ROWS):
   """Grouped matmul in plain JAX: pairs sorted by expert into fixed-size blocks (`expert_blocks`); a scan
-  over chunks of CHUNK_ROWS rows gathers each chunk's token rows and its blocks' A and B, computes
+  over chunks of `chunk_rows` rows gathers each chunk's token rows and its blocks' A and B, computes
   y = (w scale) (x A) B per block with two batched matmuls, and scatter-adds y into the token outputs.
 
-  Padding slots carry weight 0 and are dropped by the scatter. Extra memory: the layout, O(tokens k), and
-  one chunk, O(CHUNK_ROWS (d_in + d_out) + chunk blocks (d_in + d_out) r), whatever the token count.
+  `block` defaults to `block_size`; `chunk_rows=None` is one chunk of every block (no loop). Padding
+  slots carry weight 0 and are dropped by the scatter. Extra memory: the layout, O(tokens k), and one
+  chunk, O(chunk_rows (d_in + d_out) + chunk blocks (d_in + d_out) r), whatever the token count.
   """
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, rank, d_out = lora_b.shape
   x = jnp.asarray(u).reshape(-1, d_in)
   tokens, k = x.shape[0], index.shape[-1]
-  block = block_size(tokens * k, num_experts, rank)
+  block = block or block_size(tokens * k, num_experts, rank)
   slot_pair, block_expert = expert_blocks(index, num_experts, block)
-  per_chunk = max(1, CHUNK_ROWS // block)
+  per_chunk = block_expert.shape[0] if chunk_rows is None else max(1, chunk_rows // block)
   pad = -block_expert.shape[0] % per_chunk
   block_expert = jnp.pad(block_expert, (0, pad)).reshape(-1, per_chunk)
   slot_pair = jnp.pad(slot_pair, (0, pad * block), constant_values=tokens * k).reshape(block_expert.shape[0], -1)
@@ -211,32 +219,95 @@ def mix_blocks(u, lora_a, lora_b, weights, index, scale):
   return out.reshape(*lead, d_out)
 
 
+def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
+  """Grouped matmul with the megablox Pallas TPU kernel: pairs sorted by expert, their token rows x
+  (padded to a multiple of `tile` rows), then per expert group e
+
+    h = (x A_e) (w scale)   (float32 accumulation),   y = h B_e   (u's dtype, float32 accumulation),
+
+  and each token's k outputs gathered back from the sorted order and summed. Differentiable (megablox's
+  custom VJP: `gmm` for the inputs, `tgmm` for the experts). Off TPU the kernel runs interpreted (exact,
+  slow: for tests).
+  """
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  num_experts, rank, d_out = lora_b.shape
+  x = jnp.asarray(u).reshape(-1, d_in)
+  k = index.shape[-1]
+  flat = index.reshape(-1)
+  pairs = flat.shape[0]
+  order = sort_by_expert(flat, num_experts)
+  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  rows = -pairs % tile
+  interpret = cost.target_device().platform != "tpu"
+  gmm = lambda lhs, rhs, out_type, tiling: megablox.gmm(  # noqa: E731
+      lhs, rhs, sizes, out_type, tiling, None, None, False, interpret)
+  xs = jnp.pad(x[order // k], ((0, rows), (0, 0)))
+  hidden = gmm(xs, jnp.asarray(lora_a, x.dtype), jnp.float32, (tile, min(d_in, 512), rank))
+  pair_weight = jnp.pad(jnp.ravel(weights)[order].astype(jnp.float32) * scale, (0, rows))
+  hidden = (hidden * pair_weight[:, None]).astype(x.dtype)
+  outputs = gmm(hidden, jnp.asarray(lora_b, x.dtype), x.dtype, (tile, rank, min(d_out, 512)))
+  position = jnp.zeros(pairs, jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
+  return jnp.sum(outputs[position].reshape(-1, k, d_out), axis=1).reshape(*lead, d_out)
+
+
+MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
+          "grouped": mix_grouped}
+# Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
+# 128 and 256 row blocks and tiles.
+VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
+            "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
+            "grouped@256": functools.partial(mix_grouped, tile=256)}
 GATHER_MAX_PAIRS = 64
+DENSE_MAX_EXPERTS = 8
 
 
-def resolve_impl(impl: str, pairs: Optional[int] = None) -> str:
-  """'auto' -> the measured fastest exact path for `pairs` = tokens x k (token, expert) pairs; other names
-  are themselves. The dense reference is never chosen.
+def candidates(layer: cost.LayerShape, platform: str) -> dict:
+  """The exact mixers `auto` compares for `layer` on a TPU or GPU: ragged, blocks and (TPU) grouped variants,
+  dense for few experts (E <= DENSE_MAX_EXPERTS), gather for a decoding step's few pairs."""
+  names = ["ragged", "blocks@128", "blocks@256"] + (["grouped", "grouped@256"] if platform == "tpu" else [])
+  names += ["dense"] * (layer.experts <= DENSE_MAX_EXPERTS) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
+  return {name: mixer(name) for name in names}
 
-  CPU: 'gather' up to GATHER_MAX_PAIRS pairs (a decoding step routes batch x k rows per layer; there the
-  blocks path's fixed cost, a sort, a scatter and a scan per layer, dominates and the gather path's
-  tokens k d_in r intermediate is at most 64 d_in r floats), 'blocks' above. Measured on a 2-core CPU,
-  float32, r=16, k=2, one routed T5-base layer, routed / plain-layer time (benchmarks/routed_layer.py
-  --tokens N --shapes 768x768,768x3072, load 4-8), blocks vs gather:
+
+def mixer(name: str):
+  """The mixer of an implementation or variant name (a key of MIXERS or VARIANTS)."""
+  return {**MIXERS, **VARIANTS}[name]
+
+
+def resolve_impl(impl: str, pairs: Optional[int] = None, layer: Optional[cost.LayerShape] = None,
+                 device=None) -> str:
+  """'auto' -> the exact path for the target device (default `cost.target_device()`); other names are themselves.
+
+  TPU and GPU: the least roofline time of `candidates(layer)` by the compiler's cost analysis
+  (`cost.cheapest`: one lowering per candidate, cached per platform, device kind and layer shape).
+
+  CPU, from measurements (`pairs` = tokens x k, or `layer`'s): 'gather' up to GATHER_MAX_PAIRS pairs (a
+  decoding step routes batch x k rows per layer; there the blocks path's fixed cost, a sort, a scatter and a
+  scan per layer, dominates and the gather path's tokens k d_in r intermediate is at most 64 d_in r floats),
+  'blocks' above. Measured on a 2-core CPU, float32, r=16, k=2, one routed T5-base layer, routed / plain-layer
+  time (benchmarks/routed_layer.py --tokens N --shapes 768x768,768x3072, load 4-8), blocks vs gather:
     8 tokens (16 pairs):   E=36 12.8 / 1.8 and 2.8 / 1.3;  E=166 3.8 / 2.0 and 2.9 / 1.7;
     32 tokens (64 pairs):  E=36  2.4 / 2.0 and 1.7 / 2.1;  E=166 2.6 / 1.5 and 2.0 / 2.1;
     128 tokens (256 pairs): E=36 1.9 / 3.4 and 1.4 / 5.3; E=166 3.1 / 2.5 and 3.2 / 7.6;
   and at 2048 tokens (T5-XL layers) blocks 1.3-1.5, gather 5.2, dense 7.4 (benchmarks/README.md).
-  GPU and TPU: 'ragged' (XLA's grouped matmul; not measured here). Unknown `pairs`: the large-batch choice.
+  Unknown `pairs`: the large-batch choice. The dense reference is chosen only where it is costed cheapest.
   """
   if impl != "auto":
     return impl
-  if jax.default_backend() != "cpu":
-    return "ragged"
-  return "gather" if pairs is not None and pairs <= GATHER_MAX_PAIRS else "blocks"
+  device = device or cost.target_device()
+  if device.platform == "cpu":
+    pairs = layer.pairs if layer is not None else pairs
+    return "gather" if pairs is not None and pairs <= GATHER_MAX_PAIRS else "blocks"
+  if layer is None:
+    raise ValueError(f"choosing a routing implementation for {device.device_kind} needs the layer's shape")
+  return cost.cheapest(candidates(layer, device.platform), layer, device)
 
 
-MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks}
+def layer_shape(u, lora_b, index) -> cost.LayerShape:
+  """The `cost.LayerShape` of a mix's arguments."""
+  num_experts, rank, d_out = lora_b.shape
+  return cost.LayerShape(math.prod(u.shape[:-1]), u.shape[-1], d_out, num_experts, rank, index.shape[-1],
+                         jnp.dtype(u.dtype).name)
 
 
 def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto"):
@@ -245,5 +316,5 @@ def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
   weights, index = top_k_weights(SCORES[score](u, router), top_k)
-  update = MIXERS[resolve_impl(impl, index.size)](u, lora_a, lora_b, weights, index, scale)
+  update = mixer(resolve_impl(impl, layer=layer_shape(u, lora_b, index)))(u, lora_a, lora_b, weights, index, scale)
   return update, weights, index

@@ -5,7 +5,7 @@ of `routing.route` is a sum over shards of the same mix restricted to each shard
 
   y = sum_j w_j (B_{i_j} A_{i_j} u) scale = psum_s sum_{j : i_j in shard s} w_j (B_{i_j} A_{i_j} u) scale
 
-so inside a `shard_map` each device runs the ordinary mixer (`routing.MIXERS`) on its E/n experts, the
+so inside a `shard_map` each device runs the ordinary mixer (`routing.mixer`) on its E/n experts, the
 (token, choice) pairs routed to other shards carrying weight 0, and one psum over 'expert' adds the shards
 up. The routing choice (scores against all E router vectors, top-k) is made outside, on the whole router,
 exactly as the unsharded layer makes it; tokens are replicated across the 'expert' axis inside the mix
@@ -16,6 +16,7 @@ When the flax logical-axis rules are in context (`nn.logical_axis_rules`), the L
 gives partial sums (`u A` is linear in `u`) that the same psum completes. Without rules they are gathered.
 The layer takes this path when the context mesh (`jax.set_mesh`) has an 'expert' axis of size > 1.
 """
+import dataclasses
 import math
 from typing import Optional
 
@@ -64,7 +65,7 @@ def _model_axes(mesh, kernel_axes, d_in: int, d_out: int) -> tuple:
 
 
 def mix(u, lora_a, lora_b, weights, index, scale, *, impl="auto", kernel_axes=None):
-  """The routed mix of `routing.MIXERS[impl]` with the experts split over the context mesh's 'expert' axis.
+  """The routed mix of `routing.mixer(impl)` with the experts split over the context mesh's 'expert' axis.
 
   Same arguments and result as the mixers; `kernel_axes` are the layer kernel's logical (input, output)
   names. Equal to the unsharded mix up to float summation order.
@@ -73,10 +74,12 @@ def mix(u, lora_a, lora_b, weights, index, scale, *, impl="auto", kernel_axes=No
   if lora_a.shape[0] % mesh.shape[EXPERT_AXIS]:
     raise ValueError(f"{lora_a.shape[0]} experts cannot be split over an 'expert' mesh axis of size "
                      f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
-  mixer = routing.MIXERS[routing.resolve_impl(impl, index.size)]
   lead, d_in, d_out = u.shape[:-1], u.shape[-1], lora_b.shape[-1]
   tokens = math.prod(lead)
   tok = _split_if_divides(mesh, DATA_AXIS, tokens)
+  layer = dataclasses.replace(routing.layer_shape(u, lora_b, index), tokens=tokens // _axes_size(mesh, tok),
+                              experts=lora_a.shape[0] // mesh.shape[EXPERT_AXIS])  # one device's share
+  mixer = routing.mixer(routing.resolve_impl(impl, layer=layer))
   in_axes, out_axes = _model_axes(mesh, kernel_axes, d_in, d_out)
   reduce_axes = (EXPERT_AXIS,) + ((in_axes,) if isinstance(in_axes, str) else tuple(in_axes or ()))
 

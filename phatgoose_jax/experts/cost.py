@@ -1,0 +1,116 @@
+"""The routed layer's implementation chosen from the compiler's cost, for the device the program is compiled FOR.
+
+For a TPU or GPU target each candidate mixer is lowered and compiled for one device of the target
+(`compiled_cost`) and the least roofline time is taken:
+
+  t = max(flops / peak FLOP/s, bytes accessed / HBM bandwidth)         (`roofline_seconds`, chip table `CHIPS`)
+
+with flops and bytes from the compiled executable's `cost_analysis()`. The choice is cached per (platform,
+device kind, layer shape), so a model pays one set of lowerings per distinct layer shape per process, and
+logged once. The target is the context mesh's devices (`jax.set_mesh`: an ahead-of-time compile for a TPU
+topology from a CPU host targets the TPU), else the default backend's.
+
+XLA's cost analysis counts a while loop's body once, whatever its trip count: a candidate whose compiled
+program keeps a loop would look cheaper than it is, so `compiled_cost` refuses it.
+"""
+import dataclasses
+import logging
+import re
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax._src import mesh as mesh_lib
+
+# Peak dense bf16 FLOP/s and HBM bytes/s per chip (Cloud TPU and NVIDIA data sheets), by `device_kind`.
+CHIPS = {
+    "TPU v4": (275e12, 1.228e12),
+    "TPU v5 lite": (197e12, 819e9),
+    "TPU v5": (459e12, 2.765e12),
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
+    "NVIDIA H200": (989e12, 4.8e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+  """One routed layer's sizes: `tokens` rows of width `d_in` -> `d_out`, E `experts` of rank r, top `k`."""
+  tokens: int
+  d_in: int
+  d_out: int
+  experts: int
+  rank: int
+  k: int
+  dtype: str
+
+  @property
+  def pairs(self) -> int:
+    return self.tokens * self.k
+
+  def arguments(self, device) -> tuple:
+    """Abstract (u, lora_a, lora_b, weights, index) of the mixers' contract, placed on `device`."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    return (spec((self.tokens, self.d_in), self.dtype), spec((self.experts, self.d_in, self.rank), self.dtype),
+            spec((self.experts, self.rank, self.d_out), self.dtype), spec((self.tokens, self.k), self.dtype),
+            spec((self.tokens, self.k), jnp.int32))
+
+
+def roofline_seconds(flops: float, bytes_accessed: float, device_kind: str) -> float:
+  """max(flops / peak, bytes / bandwidth) on one chip of `device_kind` (a key of CHIPS)."""
+  if device_kind not in CHIPS:
+    raise ValueError(f"no peak FLOP/s and bandwidth known for device kind {device_kind!r} (known: {sorted(CHIPS)}); "
+                     "set ExpertConfig.impl to a named implementation")
+  peak, bandwidth = CHIPS[device_kind]
+  return max(flops / peak, bytes_accessed / bandwidth)
+
+
+def target_device():
+  """The first device of the context mesh (`jax.set_mesh`, also inside `jit`), else of the default backend."""
+  mesh = mesh_lib.get_concrete_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh.devices.flat[0]
+  return jax.devices()[0]
+
+
+def compiled_cost(fn: Callable, args: tuple) -> tuple[float, float]:
+  """(flops, bytes accessed) of `fn(*args)` compiled for the devices of `args` (abstract, placed)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  loops = len(re.findall(r"\swhile\(", compiled.as_text()))
+  if loops:
+    raise ValueError(f"the compiled program keeps {loops} while loop(s), whose cost the analysis counts once")
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]), float(cost["bytes accessed"])
+
+
+_CHOICES: dict = {}
+
+
+def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device,
+             cost: Callable = compiled_cost) -> str:
+  """The candidate mixer of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
+
+  `cost(fn, args) -> (flops, bytes)`; a candidate it refuses (ValueError) is left out.
+  """
+  key = (device.platform, device.device_kind, layer)
+  if key not in _CHOICES:
+    roofline_seconds(0, 0, device.device_kind)  # an unknown chip fails here, before any lowering
+    times = {}
+    for name, mixer in candidates.items():
+      mix = lambda u, a, b, w, i, mixer=mixer: mixer(u, a, b, w, i, 1.0)  # noqa: E731
+      try:
+        times[name] = roofline_seconds(*cost(mix, layer.arguments(device)), device.device_kind)
+      except ValueError as e:
+        logging.info("routing: %s left out for %s: %s", name, layer, e)
+    if not times:
+      raise ValueError(f"no routing implementation could be costed for {layer} on {device.device_kind}; "
+                       "set ExpertConfig.impl to a named implementation")
+    _CHOICES[key] = min(times, key=times.get)
+    logging.info("routing: auto takes %s for %s on %s (roofline us: %s)", _CHOICES[key], layer,
+                 device.device_kind, {n: round(t * 1e6, 1) for n, t in sorted(times.items(), key=lambda x: x[1])})
+  return _CHOICES[key]
+
+
+def clear_cache():
+  _CHOICES.clear()
