@@ -1,4 +1,5 @@
-"""The encoder-decoder model behind t5x's `BaseModel` contract: init, loss, scoring and greedy decoding.
+"""The encoder-decoder model behind t5x's `BaseModel` contract: init, loss, scoring and decoding (greedy
+and sampled).
 
 Variables are a dict of collections (`params`, and `lora` / `gates` / `experts` when experts are on).
 Batches follow t5x's feature names: `encoder_input_tokens`, `decoder_input_tokens`,
@@ -43,6 +44,40 @@ def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(target_t | ...) for each position: <float32>[b, L]."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def greedy_step(logits: jax.Array) -> tuple:
+  """The most likely next token of each row: <float32>[b, vocab] -> (argmax_v logits <int32>[b], its log p [b])."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+  return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+
+@jax.jit
+def sample_step(logits: jax.Array, keys: jax.Array, steps: jax.Array, temperature: jax.Array,
+                top_p: jax.Array) -> tuple:
+  """The next token of each row, sampled with temperature and nucleus (top-p) filtering, or greedy.
+
+  logits <float32>[b, vocab]; per row: keys <uint32>[b, 2], steps <int32>[b] (the row's decoding position),
+  temperature >= 0 and top_p in (0, 1] <float32>[b]. Row i draws
+    y ~ Categorical(q),  q_v = p_v 1[v in N] / sum_{u in N} p_u,  p = softmax(logits_i / T_i),
+  where the nucleus N is the smallest set of most likely tokens whose mass sum_{u in N} p_u reaches top_p_i
+  (a token is kept when the mass of the tokens more likely than it is below top_p_i), with the key
+  fold_in(keys_i, steps_i); T_i = 0 is greedy, y = argmax_v logits_i (as is a top_p small enough that N holds
+  one token). Returns (y <int32>[b], log p(y) <float32>[b] under the model's own distribution
+  log_softmax(logits_i), whatever T and top_p, as `score_batch` scores it).
+  """
+  greedy, _ = greedy_step(logits)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  scaled = jax.nn.log_softmax(log_probs / jnp.where(temperature > 0, temperature, 1.0)[:, None], axis=-1)
+  ordered = -jnp.sort(-scaled, axis=-1)
+  mass_before = jnp.cumsum(jnp.exp(ordered), axis=-1) - jnp.exp(ordered)
+  least_kept = jnp.min(jnp.where(mass_before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+  nucleus = jnp.where(scaled >= least_kept, scaled, -jnp.inf)
+  row_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+  sampled = jax.vmap(jax.random.categorical)(row_keys, nucleus).astype(jnp.int32)
+  token = jnp.where(temperature > 0, sampled, greedy)
+  return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
 def network(config: T5Config, experts: ExpertConfig = ExpertConfig()) -> Transformer:
@@ -137,6 +172,39 @@ class EncoderDecoderModel:
                            expert_weights=expert_weights, method=Transformer.decode, mutable="cache")
     return state["cache"]
 
+  def decode_with_aux(self, variables, batch, choose, eos_id: int = EOS_ID):
+    """Cached decoding, one token per row and step, until every row is done or the cache is full.
+
+    `choose(logits <float32>[batch, vocab], t) -> (tokens <int32>[batch], log p(token) <float32>[batch])` picks
+    step t's tokens. The cache holds `decoder_input_tokens`' positions; row i is done after EOS or after
+    `decode_lengths[i]` tokens (optional <int32>[batch]; rows of length 0 never decode). Returns (tokens
+    <int32>[batch, max_decode_length], zero after EOS, {"scores": <float32>[batch] the sum of the chosen tokens'
+    log-probabilities, "token_scores": <float32>[batch, max_decode_length] each one, zero after EOS}).
+    """
+    encoder_tokens = batch["encoder_input_tokens"]
+    expert_weights = batch.get("expert_weights")
+    rows, max_decode_length = batch["decoder_input_tokens"].shape
+    limits = batch.get("decode_lengths", jnp.full((rows,), max_decode_length, jnp.int32))
+    encoded = self.encode(variables, encoder_tokens, expert_weights)
+    cache = self.init_cache(variables, encoded, encoder_tokens, max_decode_length, expert_weights)
+
+    def step(carry):
+      t, cache, token, done, tokens, scores = carry
+      logits, cache = self.decode_step(variables, cache, encoded, encoder_tokens, token[:, None], expert_weights)
+      token, score = choose(logits[:, -1], t)
+      token = jnp.where(done, PAD_ID, token)
+      tokens = tokens.at[:, t].set(token)
+      scores = scores.at[:, t].set(jnp.where(done, 0.0, score))
+      return t + 1, cache, token, done | (token == eos_id) | (t + 1 >= limits), tokens, scores
+
+    def running(carry):
+      return (carry[0] < max_decode_length) & ~jnp.all(carry[3])
+
+    init = (0, cache, jnp.zeros((rows,), jnp.int32), limits <= 0, jnp.zeros((rows, max_decode_length), jnp.int32),
+            jnp.zeros((rows, max_decode_length), jnp.float32))
+    *_, tokens, scores = jax.lax.while_loop(running, step, init)
+    return tokens, {"scores": jnp.sum(scores, axis=1), "token_scores": scores}
+
   def predict_batch_with_aux(self, variables, batch, rng=None, eos_id: int = EOS_ID):
     """Greedy decoding with a KV cache, t5x style: as many steps as `decoder_input_tokens` has positions.
 
@@ -144,23 +212,18 @@ class EncoderDecoderModel:
     sum of the chosen tokens' log-probabilities).
     """
     del rng
-    encoder_tokens = batch["encoder_input_tokens"]
-    expert_weights = batch.get("expert_weights")
-    max_decode_length = batch["decoder_input_tokens"].shape[1]
-    encoded = self.encode(variables, encoder_tokens, expert_weights)
-    cache = self.init_cache(variables, encoded, encoder_tokens, max_decode_length, expert_weights)
+    tokens, aux = self.decode_with_aux(variables, batch, lambda logits, t: greedy_step(logits), eos_id)
+    return tokens, {"scores": aux["scores"]}
 
-    def step(carry, _):
-      cache, token, done = carry
-      logits, cache = self.decode_step(variables, cache, encoded, encoder_tokens, token[:, None], expert_weights)
-      log_probs = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
-      token = jnp.where(done, PAD_ID, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
-      score = jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0])
-      return (cache, token, done | (token == eos_id)), (token, score)
-
-    init = (cache, jnp.zeros((encoder_tokens.shape[0],), jnp.int32), jnp.zeros((encoder_tokens.shape[0],), bool))
-    _, (tokens, scores) = jax.lax.scan(step, init, None, length=max_decode_length)
-    return tokens.T, {"scores": jnp.sum(scores, axis=0)}
+  def sample_batch_with_aux(self, variables, batch, eos_id: int = EOS_ID):
+    """Decoding in which each row draws its tokens with `sample_step`: the batch carries, per row,
+    `decode_rng` <uint32>[batch, 2] (its key), `temperature` and `top_p` <float32>[batch], and optionally
+    `decode_lengths`. Step t of row i uses the key fold_in(decode_rng[i], t), so a row's tokens depend on
+    its own input and key only. Returns what `decode_with_aux` does."""
+    steps = jnp.ones(batch["encoder_input_tokens"].shape[:1], jnp.int32)
+    choose = lambda logits, t: sample_step(logits, batch["decode_rng"], steps * t, batch["temperature"],
+                                           batch["top_p"])
+    return self.decode_with_aux(variables, batch, choose, eos_id)
 
   def predict_batch(self, variables, batch, rng=None) -> jax.Array:
     """Greedy decodings <int32>[batch, max_decode_length] (see `predict_batch_with_aux`)."""
@@ -175,6 +238,11 @@ class EncoderDecoderModel:
   def jit_predict(self):
     """`predict_batch_with_aux`, compiled once per model configuration."""
     return functools.partial(_jit_predict, self)
+
+  @property
+  def jit_sample(self):
+    """`sample_batch_with_aux`, compiled once per model configuration."""
+    return functools.partial(_jit_sample, self)
 
   def _key(self) -> tuple:
     return type(self), self.config, self.experts, self.length_normalize
@@ -195,6 +263,11 @@ def _jit_score(model: EncoderDecoderModel, variables, batch, return_intermediate
 @functools.partial(jax.jit, static_argnames=("model",))
 def _jit_predict(model: EncoderDecoderModel, variables, batch):
   return model.predict_batch_with_aux(variables, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _jit_sample(model: EncoderDecoderModel, variables, batch):
+  return model.sample_batch_with_aux(variables, batch)
 
 
 def unbox(variables: dict) -> dict:
