@@ -11,15 +11,19 @@ logged once. The target is the context mesh's devices (`jax.set_mesh`: an ahead-
 topology from a CPU host targets the TPU), else the default backend's.
 
 XLA's cost analysis counts a while loop's body once, whatever its trip count: a candidate whose compiled
-program keeps a loop would look cheaper than it is, so `compiled_cost` refuses it.
+program keeps a loop over more than LOOP_STATE_BYTES of state (everything a loop body touches is in its
+carried tuple) would look cheaper than it is, so `compiled_cost` refuses it. Loops over small state (a
+searchsorted of group offsets) cost next to nothing and are kept.
 """
 import dataclasses
 import logging
+import math
 import re
 from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import mesh as mesh_lib
 
 # Peak dense bf16 FLOP/s and HBM bytes/s per chip (Cloud TPU and NVIDIA data sheets), by `device_kind`.
@@ -73,12 +77,29 @@ def target_device():
   return jax.devices()[0]
 
 
+LOOP_STATE_BYTES = 2 ** 20
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8}
+
+
+def loop_state_bytes(hlo_text: str) -> list[int]:
+  """Bytes of each while loop's carried tuple in compiled HLO text."""
+  sizes = []
+  for carried in re.findall(r"= \((.*?)\) while\(", hlo_text):
+    arrays = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", carried)
+    sizes.append(sum(_ITEM_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in arrays))
+  return sizes
+
+
 def compiled_cost(fn: Callable, args: tuple) -> tuple[float, float]:
-  """(flops, bytes accessed) of `fn(*args)` compiled for the devices of `args` (abstract, placed)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  loops = len(re.findall(r"\swhile\(", compiled.as_text()))
-  if loops:
-    raise ValueError(f"the compiled program keeps {loops} while loop(s), whose cost the analysis counts once")
+  """(flops, bytes accessed) of `fn(*args)` compiled for the device of `args` (abstract, placed on one device),
+  traced under a context mesh of that device so that `target_device()` inside `fn` is it."""
+  device, = args[0].sharding.device_set
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("candidate",))):
+    compiled = jax.jit(fn).lower(*args).compile()
+  big = [b for b in loop_state_bytes(compiled.as_text()) if b > LOOP_STATE_BYTES]
+  if big:
+    raise ValueError(f"the compiled program keeps while loops over {big} bytes, whose cost the analysis counts once")
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]), float(cost["bytes accessed"])

@@ -134,6 +134,19 @@ def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
   return jnp.sort(flat.astype(jnp.int32) * pairs + jnp.arange(pairs, dtype=jnp.int32)) % pairs
 
 
+LANES = 128
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x[rows] for x <[n, d]>, gathered as [n, d / 128, 128] when 128 divides d: each row then spans whole
+  (8, 128) TPU memory tiles, where a [n, d] row gather reads a tile of 8-16 rows per row (in XLA:TPU's cost
+  analysis, 2048-wide bf16 rows: 537 MB in place of 1477 MB for 32768 rows). The same values on any platform."""
+  n, d = x.shape
+  if d % LANES:
+    return x[rows]
+  return x.reshape(n, d // LANES, LANES)[rows].reshape(*rows.shape, d)
+
+
 def mix_ragged(u, lora_a, lora_b, weights, index, scale):
   """Grouped matmul: sort (token, choice) pairs by expert, two `ragged_dot`s, scatter back weighted."""
   lead, d_in = u.shape[:-1], u.shape[-1]
@@ -143,7 +156,7 @@ def mix_ragged(u, lora_a, lora_b, weights, index, scale):
   order = sort_by_expert(flat_expert, num_experts)
   token_of_pair = order // k
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-  hidden = jax.lax.ragged_dot(tokens[token_of_pair], lora_a.astype(u.dtype), group_sizes)
+  hidden = jax.lax.ragged_dot(take_rows(tokens, token_of_pair), lora_a.astype(u.dtype), group_sizes)
   outputs = jax.lax.ragged_dot(hidden, lora_b.astype(u.dtype), group_sizes)
   outputs = outputs * weights.reshape(-1)[order][:, None].astype(u.dtype)
   mixed = jnp.zeros((tokens.shape[0], outputs.shape[-1]), u.dtype).at[token_of_pair].add(outputs)
@@ -211,7 +224,7 @@ def mix_blocks(u, lora_a, lora_b, weights, index, scale, *, block=None, chunk_ro
   def chunk(out, args):
     pair, weight, expert = args
     token = (pair // k).reshape(per_chunk, block)  # == tokens for padding: clamped, then dropped by the scatter
-    rows = x[jnp.minimum(token, tokens - 1)]
+    rows = take_rows(x, jnp.minimum(token, tokens - 1))
     hidden = jnp.einsum("bti,bir->btr", rows, lora_a[expert]) * weight.reshape(per_chunk, block, 1)
     return out.at[token].add(jnp.einsum("btr,bro->bto", hidden, lora_b[expert]), mode="drop"), None
 
@@ -241,13 +254,13 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
   interpret = cost.target_device().platform != "tpu"
   gmm = lambda lhs, rhs, out_type, tiling: megablox.gmm(  # noqa: E731
       lhs, rhs, sizes, out_type, tiling, None, None, False, interpret)
-  xs = jnp.pad(x[order // k], ((0, rows), (0, 0)))
+  xs = jnp.pad(take_rows(x, order // k), ((0, rows), (0, 0)))
   hidden = gmm(xs, jnp.asarray(lora_a, x.dtype), jnp.float32, (tile, min(d_in, 512), rank))
   pair_weight = jnp.pad(jnp.ravel(weights)[order].astype(jnp.float32) * scale, (0, rows))
   hidden = (hidden * pair_weight[:, None]).astype(x.dtype)
   outputs = gmm(hidden, jnp.asarray(lora_b, x.dtype), x.dtype, (tile, rank, min(d_out, 512)))
   position = jnp.zeros(pairs, jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
-  return jnp.sum(outputs[position].reshape(-1, k, d_out), axis=1).reshape(*lead, d_out)
+  return jnp.sum(take_rows(outputs, position).reshape(-1, k, d_out), axis=1).reshape(*lead, d_out)
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
