@@ -133,7 +133,7 @@ class TextModel:
   def check_ids(self, ids, name: str = "ids") -> list[int]:
     """`ids` as a list of ints, each an id of the model (1..vocab_size - 1); ValueError otherwise."""
     if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, numbers.Integral) for i in ids):
-      raise ValueError(f"{name} must be a non-empty list of token ids")
+      raise ValueError(f"{name} must be a non-empty list of integers (token ids)")
     bad = [int(i) for i in ids if not 0 < i < self.vocab_size]
     if bad:
       raise ValueError(f"{name} has ids outside the vocabulary (1..{self.vocab_size - 1}): {bad[:5]}")

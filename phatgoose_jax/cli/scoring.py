@@ -5,7 +5,8 @@ or `{"input_ids": [...], "target_ids": [...]}` (raw ids, used as they are); text
 tokens are truncated with a warning that counts them (`--error_on_truncation` refuses them). Results go one
 JSON object per input line, in order, to --output or standard output; --output is opened before any work
 and written only with complete results (a NaN or Inf score is an error); all logging goes to standard error.
-The model comes from `assembly.load_model`: a checkpoint of any format, routed over `--library` when given.
+The model is a `text_model.TextModel` (`phatgoose_jax.load`): a checkpoint of any format, routed over `--library`
+when given; it encodes, checks, batches and decodes.
 """
 import contextlib
 import json
@@ -15,11 +16,10 @@ from typing import Optional
 
 import numpy as np
 
-from phatgoose_jax import assembly, routers
+from phatgoose_jax import routers, text_model
 from phatgoose_jax import library as lib
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.cli import UsageError
-from phatgoose_jax.models import pad_tokens, shift_right
 
 
 def _data_hint(router: str, library: str) -> str:
@@ -31,10 +31,8 @@ def _data_hint(router: str, library: str) -> str:
           f"the router needs), or choose a router that needs no data: {free}")
 
 
-def load_model(args) -> assembly.LoadedModel:
+def load_model(args) -> text_model.TextModel:
   """The --base model (any checkpoint format), routed over --library's readable experts when given."""
-  if args.library and args.router == "oracle":
-    raise UsageError("the oracle router needs each example's label; it cannot run on inputs alone")
   names = None
   if args.library:
     if not os.path.isdir(args.library):
@@ -44,12 +42,13 @@ def load_model(args) -> assembly.LoadedModel:
       print(f"warning: skipping expert {name!r}: {why}", file=sys.stderr)
     names = [m["name"] for m in library.list()]
   try:
-    return assembly.load_model(args.base, args.library, args.router, args.top_k, names, dtype=args.dtype)
+    return text_model.load(args.base, args.library, args.router, args.top_k, names, args.dtype, args.vocab,
+                           args.batch_size)
   except (OSError, ValueError, ImportError) as e:
     raise UsageError(f"{e}{_data_hint(args.router, args.library) if args.library else ''}") from e
 
 
-def read_jsonl(path: str, vocabulary, vocab_size: int, need_targets: bool,
+def read_jsonl(path: str, model: text_model.TextModel, need_targets: bool,
                error_on_truncation: bool = False) -> list[dict]:
   """Parsed and validated input lines: each {'input_ids': [...], 'target_ids': [...] or None}. Texts over
   `vocab.MAX_LENGTH` tokens are truncated, with a warning counting them (an error with `error_on_truncation`)."""
@@ -66,7 +65,7 @@ def read_jsonl(path: str, vocabulary, vocab_size: int, need_targets: bool,
       raise UsageError(f"line {lineno} of --input {path!r} is not UTF-8 text ({e.reason} at byte {e.start + 1} "
                        f"of the line); re-encode the file as UTF-8, e.g. with iconv -t UTF-8") from e
     if line.strip():
-      record, cut = _parse_line(line, lineno, vocabulary, vocab_size, need_targets)
+      record, cut = _parse_line(line, lineno, model, need_targets)
       records.append(record)
       truncated += [lineno] if cut else []
   _report_truncation(truncated, len(records), error_on_truncation)
@@ -86,30 +85,21 @@ def _report_truncation(lines: list, total: int, error: bool) -> None:
         f"--error_on_truncation refuses them instead", file=sys.stderr)
 
 
-def _ids(record, text_key, ids_key, vocabulary, vocab_size, lineno) -> tuple:
+def _ids(record, text_key, ids_key, model: text_model.TextModel, lineno) -> tuple:
   """(the ids of `ids_key` or of the text of `text_key`, or None; whether the text was truncated)."""
-  if ids_key in record:
-    ids = record[ids_key]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-      raise UsageError(f"line {lineno}: {ids_key!r} must be a non-empty list of integers")
-    bad = [i for i in ids if not 0 < i < vocab_size]
-    if bad:
-      raise UsageError(f"line {lineno}: {ids_key!r} has ids outside the vocabulary (1..{vocab_size - 1}): {bad[:5]}")
-    return ids, False
-  if text_key in record:
-    if not isinstance(record[text_key], str):
-      raise UsageError(f"line {lineno}: {text_key!r} must be a string")
-    try:
-      vocab_lib.check_fits(vocabulary, vocab_size)  # text needs the model's own vocabulary; raw ids do not
-    except ValueError as e:
-      raise UsageError(f"line {lineno}: {e}") from e
-    ids = vocab_lib.encode(vocabulary, record[text_key])
-    limit = vocab_lib.MAX_LENGTH
-    return ids, len(ids) == limit and len(vocab_lib.encode(vocabulary, record[text_key], limit + 1)) > limit
+  try:
+    if ids_key in record:
+      return model.check_ids(record[ids_key], repr(ids_key)), False
+    if text_key in record:
+      if not isinstance(record[text_key], str):
+        raise ValueError(f"{text_key!r} must be a string")
+      return model.encode(record[text_key])
+  except ValueError as e:
+    raise UsageError(f"line {lineno}: {e}") from e
   return None, False
 
 
-def _parse_line(line, lineno, vocabulary, vocab_size, need_targets) -> tuple:
+def _parse_line(line, lineno, model, need_targets) -> tuple:
   """(the record of one input line, whether a text of it was truncated)."""
   try:
     record = json.loads(line)
@@ -117,54 +107,13 @@ def _parse_line(line, lineno, vocabulary, vocab_size, need_targets) -> tuple:
     raise UsageError(f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
   if not isinstance(record, dict):
     raise UsageError(f"line {lineno}: expected a JSON object with 'inputs' or 'input_ids'")
-  inputs, inputs_cut = _ids(record, "inputs", "input_ids", vocabulary, vocab_size, lineno)
-  targets, targets_cut = _ids(record, "targets", "target_ids", vocabulary, vocab_size, lineno)
+  inputs, inputs_cut = _ids(record, "inputs", "input_ids", model, lineno)
+  targets, targets_cut = _ids(record, "targets", "target_ids", model, lineno)
   if inputs is None:
     raise UsageError(f"line {lineno}: needs 'inputs' (text) or 'input_ids' (list of ids)")
   if need_targets and targets is None:
     raise UsageError(f"line {lineno}: needs 'targets' (text) or 'target_ids' (list of ids)")
   return {"input_ids": inputs, "target_ids": targets}, inputs_cut or targets_cut
-
-
-def bucket(length: int) -> int:
-  """Pad lengths to the next power of two (at least 8) so few shapes get compiled."""
-  return max(8, 1 << (length - 1).bit_length())
-
-
-def pad(rows: list, batch_size: int) -> np.ndarray:
-  return pad_tokens(rows, bucket(max(len(r) for r in rows)), batch_size)
-
-
-def batches(records: list, batch_size: int):
-  for start in range(0, len(records), batch_size):
-    yield records[start:start + batch_size]
-
-
-def score_records(loaded: assembly.LoadedModel, records: list, batch_size: int) -> list[dict]:
-  """Per-record {'sum_logprob', 'mean_logprob', 'num_target_tokens'} (algorithm.md §6 rank-classification score)."""
-  results = []
-  for chunk in batches(records, batch_size):
-    enc = pad([r["input_ids"] for r in chunk], batch_size)
-    tgt = pad([r["target_ids"] for r in chunk], batch_size)
-    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": shift_right(tgt), "decoder_target_tokens": tgt}
-    _, scores = loaded.model.jit_score(loaded.variables, loaded.with_expert_weights(batch), return_intermediates=True)
-    scores = {k: np.asarray(scores[k])[:len(chunk)] for k in ("sum_logprob", "mean_logprob", "num_target_tokens")}
-    results += [{"sum_logprob": float(scores["sum_logprob"][i]), "mean_logprob": float(scores["mean_logprob"][i]),
-                 "num_target_tokens": int(scores["num_target_tokens"][i])} for i in range(len(chunk))]
-  return results
-
-
-def generate_records(loaded: assembly.LoadedModel, records: list, batch_size: int, max_decode_length: int) -> list[list]:
-  """Greedy output ids (up to and excluding EOS) per record."""
-  outputs = []
-  for chunk in batches(records, batch_size):
-    enc = pad([r["input_ids"] for r in chunk], batch_size)
-    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((len(enc), max_decode_length), np.int32)}
-    tokens = np.asarray(loaded.model.jit_predict(loaded.variables, loaded.with_expert_weights(batch))[0])
-    for row in tokens[:len(chunk)]:
-      row = list(row)
-      outputs.append([int(t) for t in row[:row.index(1)] if t > 0] if 1 in row else [int(t) for t in row if t > 0])
-  return outputs
 
 
 @contextlib.contextmanager
@@ -210,26 +159,24 @@ def write_jsonl(rows: list[dict], out) -> None:
 def _prepare(args, need_targets):
   if args.batch_size < 1:
     raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-  try:
-    vocabulary = vocab_lib.get_vocabulary(args.vocab)
-  except (FileNotFoundError, ValueError) as e:
-    raise UsageError(str(e)) from e
-  loaded = load_model(args)
-  records = read_jsonl(args.input, vocabulary, loaded.model.config.vocab_size, need_targets,
-                       args.error_on_truncation)
-  return vocabulary, loaded, records
+  model = load_model(args)
+  return model, read_jsonl(args.input, model, need_targets, args.error_on_truncation)
 
 
 def run_score(args) -> int:
   with output_file(args.output) as out:
-    _, loaded, records = _prepare(args, need_targets=True)
-    write_jsonl(score_records(loaded, records, args.batch_size), out)
+    model, records = _prepare(args, need_targets=True)
+    scores = model.score_ids([r["input_ids"] for r in records], [r["target_ids"] for r in records])
+    write_jsonl([{"sum_logprob": s["sum_logprob"], "mean_logprob": s["mean_logprob"],
+                  "num_target_tokens": s["num_tokens"]} for s in scores], out)
   return 0
 
 
 def run_generate(args) -> int:
+  if not 0 < args.max_decode_length <= vocab_lib.MAX_LENGTH:
+    raise UsageError(f"--max_decode_length must be in 1..{vocab_lib.MAX_LENGTH}, got {args.max_decode_length}")
   with output_file(args.output) as out:
-    vocabulary, loaded, records = _prepare(args, need_targets=False)
-    outputs = generate_records(loaded, records, args.batch_size, args.max_decode_length)
-    write_jsonl([{"output": vocab_lib.decode(vocabulary, ids), "output_ids": ids} for ids in outputs], out)
+    model, records = _prepare(args, need_targets=False)
+    outputs = model.generate_ids([r["input_ids"] for r in records], args.max_decode_length)
+    write_jsonl([{"output": o["text"], "output_ids": o["token_ids"]} for o in outputs], out)
   return 0
