@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import gin
 
 import phatgoose_jax
-from phatgoose_jax import assembly, distributed, evaluate, partitioning, train, utils  # noqa: F401 (gin)
+from phatgoose_jax import aot, assembly, distributed, evaluate, partitioning, stage_programs, train, utils  # noqa: F401
 from phatgoose_jax.cli import UsageError
 
 GIN_DIR = phatgoose_jax.GIN_DIR
@@ -141,18 +141,42 @@ def multihost_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 
 @gin.configurable
-def dry_run(num_experts: int = 0, top_k: int = 2) -> str:
-  """What the configured run would hold, from shapes only (`partitioning.describe`): the mesh, the rules and
-  the parameter bytes per device of the configured model with one LoRA expert, or with `num_experts` routed
-  experts (`--gin main.dry_run.num_experts=36`)."""
+def dry_run(num_experts: Optional[int] = None, top_k: int = 2, topology: Optional[str] = None) -> str:
+  """What the configured run would hold and compile, from shapes only: the mesh, the rules and the parameter
+  bytes per device (`partitioning.describe`), then the stage's programs compiled for `topology` (a TPU slice,
+  e.g. 'v5e:4x4'; None: the local devices) with their per-chip memory, FLOPs and roofline time
+  (`stage_programs`, `aot`). Routed programs use `num_experts` experts (default: the configured library's
+  count), `--gin main.dry_run.num_experts=36`. A program that does not fit a chip is a `UsageError` naming it."""
   config = utils.model_config()
   if config is None:
     raise UsageError("--dry_run needs the model's architecture: add a model file (--model SIZE or "
                      "--gin_file=models/t5_1_1_<size>.gin)")
+  num_experts = _library_size() if num_experts is None else num_experts
   lora = utils.lora_config()
   experts = lora.replace(mode="routed", num_experts=num_experts, top_k=top_k) if num_experts else lora
-  mesh, rules = utils.sharding()
-  return partitioning.describe(config, experts, mesh, rules)
+  try:
+    devices = aot.target_devices(topology)
+    mesh, rules = utils.sharding(mesh=partitioning.make_mesh(devices=devices))
+    text = partitioning.describe(config, experts, mesh, rules)
+    reports = [aot.compile_program(p, devices) for p in stage_programs.programs(config, mesh, rules, num_experts,
+                                                                              top_k)]
+  except ValueError as e:
+    raise UsageError(str(e).splitlines()[0]) from e
+  text += "\n" + aot.format_reports(reports, devices, topology)
+  print(text)
+  too_big = aot.shortfall(reports)
+  if too_big:
+    raise UsageError(too_big)
+  return text
+
+
+def _library_size() -> int:
+  """The number of experts in the configured `LIBRARY` (0 without one)."""
+  path = stage_programs.bound("LIBRARY/macro.value", None)
+  if not path or not os.path.isdir(path):
+    return 0
+  from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
+  return len(library.ExpertLibrary(path).names())
 
 
 def split_args(argv: Sequence[str]) -> tuple:
@@ -180,17 +204,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.main", description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin.KEY=VALUE", dest="unused", help="one gin binding (repeatable)")
-  parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules and per-device parameter "
-                      "bytes of the configured run, then stop")
+  parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules, per-device parameter "
+                      "bytes and the stage's compiled programs' per-chip memory and cost, then stop")
+  parser.add_argument("--topology", help="with --dry_run: compile for this TPU slice (v5e:4x4, v4:2x2x4, "
+                      "v5p:2x2x4; needs libtpu) instead of the local devices")
   distributed.add_flags(parser)
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     files, bindings, rest = split_args(argv)
     args = parser.parse_args(rest)
     distributed.initialize_from_args(args)
+    if args.topology and not args.dry_run:
+      raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
     if args.dry_run:
       parse(files, bindings, require=False)
-      print(dry_run())
+      dry_run(topology=args.topology)
     else:
       run_configured(files, bindings)
   except UsageError as e:

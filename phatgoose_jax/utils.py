@@ -40,6 +40,15 @@ def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size
   return checkpoint_config.replace(dropout_rate=dropout_rate, dtype=dtype)
 
 
+@gin.configurable
+def frozen_base_dtype(dtype: str = "float32") -> str:
+  """Storage dtype of the frozen base's parameters (LoRA, gates and optimizer state stay float32): 'bfloat16'
+  halves the base's memory, as the official trains under bf16; the XL and XXL model files bind it."""
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"frozen_base_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  return dtype
+
+
 def restore_base(path: str) -> Loaded:
   """The checkpoint at `path` (any format) checked against the configured architecture, with the
   configured model config."""

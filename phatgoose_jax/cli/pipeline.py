@@ -57,8 +57,11 @@ def register(subparsers) -> None:
     for flag, _, required, flag_help in flags:
       parser.add_argument(flag, required=required, help=flag_help)
     parser.add_argument("--model", help="T5 size whose gin/models file to include (tiny, small, ... xxl)")
-    parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules and per-device parameter "
-                        "bytes of this run (needs --model), then stop")
+    parser.add_argument("--dry_run", action="store_true", help="print the mesh, rules, per-device parameter "
+                        "bytes and this stage's compiled programs' per-chip memory and cost (needs --model), "
+                        "then stop; exit 2 when a program does not fit a chip")
+    parser.add_argument("--topology", help="with --dry_run: compile for this TPU slice (v5e:4x4, v4:2x2x4, "
+                        "v5p:2x2x4; needs libtpu: pip install 'phatgoose-jax[tpu]') instead of the local devices")
     _add_gin_flags(parser)
     parser.set_defaults(func=run_stage, run_file=str(run_file), macros=[(f, m) for f, m, _, _ in flags],
                         passthrough=True)
@@ -89,10 +92,13 @@ def _bindings(args) -> list:
 
 def run_stage(args) -> int:
   from phatgoose_jax import distributed, main  # pylint: disable=import-outside-toplevel (a fast --help)
+  from phatgoose_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
   distributed.initialize_from_args(main.multihost_flags(args.extra))
+  if args.topology and not args.dry_run:
+    raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
   if args.dry_run:
     main.parse(_gin_files(args), _bindings(args), require=False)
-    print(main.dry_run())
+    main.dry_run(topology=args.topology)
     return 0
   result = main.run_configured(_gin_files(args), _bindings(args))
   if isinstance(result, dict) and "score" in result:

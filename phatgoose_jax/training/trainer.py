@@ -50,7 +50,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
-from phatgoose_jax import distributed, partitioning
+from phatgoose_jax import aot, distributed, partitioning
 from phatgoose_jax.training import optimizers
 
 LossFn = Callable[[Any, dict, jax.Array], tuple]
@@ -92,12 +92,28 @@ def merge(*trees: Any) -> dict:
 
 
 def _float32(x):
-  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(jnp.float32)
 
 
 def _host(x):
   """A host copy of a process-local array (placed afresh on every process); global arrays stay as they are."""
   return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+
+
+def _placed(x, sharding):
+  """`x` on `sharding`: as it is when already placed there (a base restored into its shardings is never
+  copied), else placed from a host copy."""
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    return x
+  return jax.device_put(_host(x), sharding)
+
+
+def is_abstract(tree: Any) -> bool:
+  """Whether `tree`'s leaves are shapes only (`jax.ShapeDtypeStruct`s), boxed or not."""
+  leaves = jax.tree.leaves(partitioning.unbox(tree))
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
 def eval_loss(metrics: dict) -> float:
@@ -164,18 +180,29 @@ class Trainer:
     shardings = partitioning.variables_shardings(variables, self.mesh, self.rules, strict_sharding)
     params_sh, frozen_sh = split_trainable(shardings, trainable)
     params, frozen = split_trainable(partitioning.unbox(variables), trainable)
-    params = jax.device_put(jax.tree.map(lambda x: _float32(_host(x)), params), params_sh, may_alias=False)
-    self.frozen = jax.device_put(jax.tree.map(_host, frozen), frozen_sh)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch_sh = partitioning.batch_sharding(self.mesh, self.rules)
-    self._data_shard = partitioning.data_shard(self.mesh, self.rules)
+    self.abstract = is_abstract(variables)
+    if self.abstract:  # shapes only (aot.py): the state is ShapeDtypeStructs with their shardings
+      params = aot.abstract(jax.tree.map(_float32, params), params_sh)
+      self.frozen = aot.abstract(frozen, frozen_sh)
+    else:
+      self._data_shard = partitioning.data_shard(self.mesh, self.rules)
+      params = jax.device_put(jax.tree.map(lambda x: _float32(_host(x)), params), params_sh, may_alias=False)
+      self.frozen = jax.tree.map(_placed, frozen, frozen_sh)
     self._state_sh = {"step": self._replicated, "params": params_sh,
                       "opt_state": self._opt_state_shardings(params, params_sh)}
-    self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self._replicated), "params": params,
-                  "opt_state": jax.jit(self.optimizer.init, out_shardings=self._state_sh["opt_state"])(params)}
+    init_opt = jax.jit(self.optimizer.init, out_shardings=self._state_sh["opt_state"])
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+    self.state = {"step": step, "params": params, "opt_state": jax.eval_shape(init_opt, params)} if self.abstract \
+        else {"step": jax.device_put(jnp.zeros((), jnp.int32), self._replicated), "params": params,
+              "opt_state": init_opt(params)}
     self._train_step = jax.jit(self._step, in_shardings=(self._state_sh, frozen_sh, self._batch_sh),
                                out_shardings=(self._state_sh, self._replicated), donate_argnums=(0,))
 
+    if self.abstract and workdir:
+      raise ValueError("a Trainer of abstract variables (shapes only) compiles its step and writes nothing: "
+                       "pass workdir=None")
     self.manager = self._checkpoint_manager(keep, best_fn, best_mode) if workdir else None
     self.writer = self._metric_writer() if workdir and tensorboard and distributed.is_writer() else None
     self.history = []
@@ -286,6 +313,13 @@ class Trainer:
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def step_program(self, batch: dict) -> aot.Program:
+    """The training step as a program on abstract `batch` arrays (shapes of the global batch), for `aot`."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._batch_sh) for k, v in batch.items()}
+    state = aot.abstract(self.state, self._state_sh)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.frozen)
+    return aot.Program("train_step", self._train_step, (state, frozen, batch))
 
   # ---- the loop ----------------------------------------------------------------------------------------
 
