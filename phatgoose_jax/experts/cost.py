@@ -15,15 +15,15 @@ program keeps a loop over more than LOOP_STATE_BYTES of state (everything a loop
 carried tuple) would look cheaper than it is, so `compiled_cost` refuses it. Loops over small state (a
 searchsorted of group offsets) cost next to nothing and are kept.
 """
+import contextvars
 import dataclasses
 import logging
 import math
 import re
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import mesh as mesh_lib
 
 # Peak dense bf16 FLOP/s and HBM bytes/s per chip (Cloud TPU and NVIDIA data sheets), by `device_kind`.
@@ -69,8 +69,14 @@ def roofline_seconds(flops: float, bytes_accessed: float, device_kind: str) -> f
   return max(flops / peak, bytes_accessed / bandwidth)
 
 
+_COSTED_FOR = contextvars.ContextVar("costed_for", default=None)
+
+
 def target_device():
-  """The first device of the context mesh (`jax.set_mesh`, also inside `jit`), else of the default backend."""
+  """The device a candidate is being costed for (`compiled_cost`), else the first device of the context mesh
+  (`jax.set_mesh`, also inside `jit`), else the default backend's."""
+  if _COSTED_FOR.get() is not None:
+    return _COSTED_FOR.get()
   mesh = mesh_lib.get_concrete_mesh()
   if mesh is not None and not mesh.empty:
     return mesh.devices.flat[0]
@@ -91,12 +97,15 @@ def loop_state_bytes(hlo_text: str) -> list[int]:
   return sizes
 
 
-def compiled_cost(fn: Callable, args: tuple) -> tuple[float, float]:
-  """(flops, bytes accessed) of `fn(*args)` compiled for the device of `args` (abstract, placed on one device),
-  traced under a context mesh of that device so that `target_device()` inside `fn` is it."""
-  device, = args[0].sharding.device_set
-  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("candidate",))):
-    compiled = jax.jit(fn).lower(*args).compile()
+def compiled_cost(mixer: Callable, layer: LayerShape, device) -> tuple[float, float]:
+  """(flops, bytes accessed) of `mixer` (the mixers' contract, scale 1) for `layer`, compiled for `device`
+  (`target_device()` is `device` while the mixer is traced)."""
+  fn = lambda u, a, b, w, i: mixer(u, a, b, w, i, 1.0)  # noqa: E731
+  token = _COSTED_FOR.set(device)
+  try:
+    compiled = jax.jit(fn).lower(*layer.arguments(device)).compile()
+  finally:
+    _COSTED_FOR.reset(token)
   big = [b for b in loop_state_bytes(compiled.as_text()) if b > LOOP_STATE_BYTES]
   if big:
     raise ValueError(f"the compiled program keeps while loops over {big} bytes, whose cost the analysis counts once")
@@ -108,20 +117,20 @@ def compiled_cost(fn: Callable, args: tuple) -> tuple[float, float]:
 _CHOICES: dict = {}
 
 
-def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device,
-             cost: Callable = compiled_cost) -> str:
+def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost: Optional[Callable] = None) -> str:
   """The candidate mixer of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
 
-  `cost(fn, args) -> (flops, bytes)`; a candidate it refuses (ValueError) is left out.
+  `cost(mixer, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
+  (ValueError) is left out.
   """
+  cost = cost or compiled_cost
   key = (device.platform, device.device_kind, layer)
   if key not in _CHOICES:
     roofline_seconds(0, 0, device.device_kind)  # an unknown chip fails here, before any lowering
     times = {}
     for name, mixer in candidates.items():
-      mix = lambda u, a, b, w, i, mixer=mixer: mixer(u, a, b, w, i, 1.0)  # noqa: E731
       try:
-        times[name] = roofline_seconds(*cost(mix, layer.arguments(device)), device.device_kind)
+        times[name] = roofline_seconds(*cost(mixer, layer, device), device.device_kind)
       except ValueError as e:
         logging.info("routing: %s left out for %s: %s", name, layer, e)
     if not times:
