@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/routed_layer.py [--experts 36,166] [--shapes 2048x2048,5120x2048] [--tokens 2048]
          [--rank 16] [--top_k 2] [--rounds 9] [--impls blocks,gather,dense,ragged] [--json]
+       JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:2x2 [--impls ragged,blocks@128,grouped]
 
 For each (E, d_in x d_out) it prints the median time of the plain layer and of each routed implementation
 (router scores + top-k + mixed LoRA outputs + the plain layer), their ratio, the min-max spread, the FLOP
@@ -12,13 +13,25 @@ bound of that ratio, and the plain matmul's achieved GFLOP/s. FLOP bound (multip
 
 An implementation whose largest intermediate exceeds --max_gib (dense: tokens E d_out floats; gather:
 tokens k d_in r) is skipped and marked so; ragged and the other slow paths get at most --slow_rounds rounds.
+
+With --topology (e.g. v5e:2x2, v4:2x2x1; libtpu, JAX_PLATFORMS=cpu) nothing runs: each layer is compiled for
+one chip of the topology (bf16 by default, --tokens 16384) and the compiler's cost analysis gives its
+roofline time, max(FLOPs / peak, bytes accessed / bandwidth) (`cost.roofline_seconds`); the table reports
+routed / plain roofline, FLOP and byte ratios and compile seconds per implementation (names of
+`routing.mixer`: blocks@128 is the one-chunk blocks path with 128-row blocks, grouped the megablox kernel).
+A program that keeps a while loop over more than 1 MiB of state is marked "loop": XLA counts a loop body
+once, so its figures are a lower bound. --max_gib does not apply (nothing is allocated).
 """
+import sys
+import time
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 import common
-from phatgoose_jax.experts import routing
+from phatgoose_jax import aot
+from phatgoose_jax.experts import cost, routing
 
 SLOW = ("gather", "dense", "ragged")
 
@@ -44,10 +57,7 @@ def measure(experts, d_in, d_out, args):
     if size > args.max_gib * 2 ** 30:
       skipped[impl] = f"intermediate {size / 2 ** 30:.1f} GiB > {args.max_gib} GiB"
       continue
-
-    def layer(u, w, r, a, b, impl=impl):
-      return u @ w + routing.route(u, r, a, b, top_k=args.top_k, scale=1 / args.rank, impl=impl)[0]
-    calls[impl] = common.compiled(layer, u, kernel, router, lora_a, lora_b)[0]
+    calls[impl] = common.compiled(routed_layer(impl, args.top_k, args.rank), u, kernel, router, lora_a, lora_b)[0]
   times = common.interleaved(calls, args.rounds, {i: args.slow_rounds for i in SLOW})
   plain = np.median(times["plain"])
   return {"experts": experts, "d_in": d_in, "d_out": d_out,
@@ -58,25 +68,102 @@ def measure(experts, d_in, d_out, args):
           "skipped": skipped}
 
 
+def routed_layer(impl, top_k, rank):
+  """u W + route(u): the plain layer plus the routed LoRA update by `impl`."""
+  return lambda u, w, r, a, b: u @ w + routing.route(u, r, a, b, top_k=top_k, scale=1 / rank, impl=impl)[0]
+
+
+def compiled_figures(fn, args, device_kind):
+  """FLOPs, bytes accessed, roofline seconds, compile seconds and whether a large loop is kept."""
+  started = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.perf_counter() - started
+  figures = compiled.cost_analysis()
+  figures = figures[0] if isinstance(figures, (list, tuple)) else figures
+  flops, nbytes = float(figures["flops"]), float(figures["bytes accessed"])
+  loop = any(b > cost.LOOP_STATE_BYTES for b in cost.loop_state_bytes(compiled.as_text()))
+  return {"flops": flops, "bytes": nbytes, "roofline_s": cost.roofline_seconds(flops, nbytes, device_kind),
+          "compile_s": seconds, "loop": loop}
+
+
+def estimate(experts, d_in, d_out, device, args):
+  """The compiler's figures of the plain and routed layers for one chip `device` (nothing runs), compiled under
+  a context mesh of it: the program's target, for `auto` and the grouped kernel."""
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    return _estimate(experts, d_in, d_out, device, args)
+
+
+def _estimate(experts, d_in, d_out, device, args):
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, args.dtype, sharding=sharding)  # noqa: E731
+  u, kernel = spec(args.tokens, d_in), spec(d_in, d_out)
+  plain = compiled_figures(lambda u, w: u @ w, (u, kernel), device.device_kind)
+  routed = {}
+  for impl in args.impls:
+    operands = (u, kernel, spec(experts, d_in), spec(experts, d_in, args.rank), spec(experts, args.rank, d_out))
+    routed[impl] = compiled_figures(routed_layer(impl, args.top_k, args.rank), operands, device.device_kind)
+    print(f"# E={experts} {d_in}->{d_out} {impl}: {routed[impl]['roofline_s'] / plain['roofline_s']:.2f} "
+          f"({routed[impl]['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+  return {"experts": experts, "d_in": d_in, "d_out": d_out, "plain": plain, "routed": routed,
+          "flop_bound": flop_bound(d_in, d_out, args.rank, experts, args.top_k),
+          "ratio": {i: f["roofline_s"] / plain["roofline_s"] for i, f in routed.items()},
+          "least": min(routed, key=lambda i: (routed[i]["loop"], routed[i]["roofline_s"]))}
+
+
+def topology_table(result, args):
+  header = ["E", "layer", "plain us"] + [f"{i} (FLOPs, bytes, compile s)" for i in args.impls] + ["FLOP bound",
+                                                                                                   "target"]
+  rows = []
+  for c in result["cases"]:
+    plain = c["plain"]
+    cells = [f"{c['ratio'][i]:.2f}{' loop' if f['loop'] else ''} ({f['flops'] / plain['flops']:.3f}, "
+             f"{f['bytes'] / plain['bytes']:.1f}, {f['compile_s']:.0f})" for i, f in c["routed"].items()]
+    rows.append([c["experts"], f"{c['d_in']}->{c['d_out']}", f"{plain['roofline_s'] * 1e6:.0f}"] + cells
+                + [f"{c['flop_bound']:.3f}", "1.15" if c["experts"] <= 36 else "1.25"])
+  return header, rows
+
+
 def main():
   p = common.parser(__doc__)
   p.add_argument("--experts", default="36,166")
   p.add_argument("--shapes", default="2048x2048,5120x2048")
-  p.add_argument("--tokens", type=int, default=2048)
+  p.add_argument("--tokens", type=int, default=None, help="default 2048 (CPU), 16384 (--topology)")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--rounds", type=int, default=9)
   p.add_argument("--slow_rounds", type=int, default=3)
-  p.add_argument("--impls", default="blocks,gather,dense,ragged")
+  p.add_argument("--impls", default=None, help="default blocks,gather,dense,ragged (CPU), "
+                                               "ragged,blocks,blocks@128,grouped (--topology)")
   p.add_argument("--max_gib", type=float, default=2.0)
+  p.add_argument("--topology", default=None, help="compile for one chip of this TPU topology, e.g. v5e:2x2")
+  p.add_argument("--dtype", default=None, help="default float32 (CPU), bfloat16 (--topology)")
   args = p.parse_args()
-  args.impls = args.impls.split(",")
+  on_tpu = args.topology is not None
+  args.tokens = args.tokens or (16384 if on_tpu else 2048)
+  args.dtype = jnp.dtype(args.dtype or ("bfloat16" if on_tpu else "float32"))
+  args.impls = (args.impls or ("ragged,blocks,blocks@128,grouped" if on_tpu else "blocks,gather,dense,ragged")).split(",")
+  names = sorted({**routing.MIXERS, **routing.VARIANTS}) + ["auto"]
+  unknown = [i for i in args.impls if i not in names]
+  if unknown:
+    p.exit(2, f"routed_layer.py: unknown --impls {unknown}; choose from {names}\n")
+  try:
+    device = aot.target_devices(args.topology)[0] if on_tpu else None
+  except aot.TopologyError as e:
+    p.exit(2, f"routed_layer.py: {e}\n")
   result = {"benchmark": "routed_layer", "machine": common.machine(), "tokens": args.tokens, "rank": args.rank,
-            "top_k": args.top_k, "auto": routing.resolve_impl("auto"), "cases": []}
+            "top_k": args.top_k, "dtype": args.dtype.name, "topology": args.topology,
+            "device_kind": device.device_kind if on_tpu else None,
+            "auto": None if on_tpu else routing.resolve_impl("auto", args.tokens * args.top_k), "cases": []}
   for experts in map(int, args.experts.split(",")):
     for shape in args.shapes.split(","):
       d_in, d_out = map(int, shape.split("x"))
-      result["cases"].append(measure(experts, d_in, d_out, args))
+      result["cases"].append(estimate(experts, d_in, d_out, device, args) if on_tpu
+                             else measure(experts, d_in, d_out, args))
+  if on_tpu:
+    header, rows = topology_table(result, args)
+    common.emit(result, args.json, header, rows, [f"compiled for one {device.device_kind} chip of {args.topology}, "
+                                                  f"{args.dtype.name}, {args.tokens} tokens; ratios of roofline time"])
+    return
   header = ["E", "layer", "plain ms", "GFLOP/s"] + [f"{i} (spread)" for i in args.impls] + ["FLOP bound"]
   rows = []
   for c in result["cases"]:

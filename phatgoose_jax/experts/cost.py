@@ -3,7 +3,7 @@
 For a TPU or GPU target each candidate mixer is lowered and compiled for one device of the target
 (`compiled_cost`) and the least roofline time is taken:
 
-  t = max(flops / peak FLOP/s, bytes accessed / HBM bandwidth)         (`roofline_seconds`, chip table `CHIPS`)
+  t = max(flops / peak FLOP/s, bytes accessed / HBM bandwidth)         (`roofline_seconds`, chip table `aot.CHIPS`)
 
 with flops and bytes from the compiled executable's `cost_analysis()`. The choice is cached per (platform,
 device kind, layer shape), so a model pays one set of lowerings per distinct layer shape per process, and
@@ -26,15 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import mesh as mesh_lib
 
-# Peak dense bf16 FLOP/s and HBM bytes/s per chip (Cloud TPU and NVIDIA data sheets), by `device_kind`.
-CHIPS = {
-    "TPU v4": (275e12, 1.228e12),
-    "TPU v5 lite": (197e12, 819e9),
-    "TPU v5": (459e12, 2.765e12),
-    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
-    "NVIDIA H200": (989e12, 4.8e12),
-}
-
+from phatgoose_jax import aot
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
@@ -61,12 +53,12 @@ class LayerShape:
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, device_kind: str) -> float:
-  """max(flops / peak, bytes / bandwidth) on one chip of `device_kind` (a key of CHIPS)."""
-  if device_kind not in CHIPS:
-    raise ValueError(f"no peak FLOP/s and bandwidth known for device kind {device_kind!r} (known: {sorted(CHIPS)}); "
-                     "set ExpertConfig.impl to a named implementation")
-  peak, bandwidth = CHIPS[device_kind]
-  return max(flops / peak, bytes_accessed / bandwidth)
+  """max(flops / peak, bytes / bandwidth) on one chip of `device_kind` (a key of `aot.CHIPS`)."""
+  if device_kind not in aot.CHIPS:
+    raise ValueError(f"no peak FLOP/s and bandwidth known for device kind {device_kind!r} (known: "
+                     f"{sorted(aot.CHIPS)}); set ExpertConfig.impl to a named implementation")
+  chip = aot.CHIPS[device_kind]
+  return max(flops / chip.peak_flops, bytes_accessed / chip.bandwidth)
 
 
 _COSTED_FOR = contextvars.ContextVar("costed_for", default=None)
