@@ -65,6 +65,13 @@ def in_compute_dtype(variables: Mapping, dtype: str) -> Mapping:
                                 variables)
 
 
+def stored_as_frozen_base(params: Mapping) -> Mapping:
+  """The base `params` in `utils.frozen_base_dtype()`, the dtype its experts were trained (and fingerprinted)
+  on: a bf16-stored base (the XL/XXL model files) fingerprints as its bf16 values in every stage."""
+  dtype = jnp.dtype(utils.frozen_base_dtype())
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def load_model(base: str, library: Optional[str] = None, router: str = "phatgoose", top_k: int = 2,
                names: Optional[Sequence[str]] = None, impl: str = "auto", router_inputs: Optional[Mapping] = None,
                config: Optional[T5Config] = None, length_normalize: bool = True,
@@ -86,7 +93,7 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
     raise ValueError(f"{base} already carries experts ({loaded.experts.mode}); give its base model to route over "
                      f"a library")
   library_ = lib.ExpertLibrary(library)
-  params = loaded.variables["params"]
+  params = stored_as_frozen_base(loaded.variables["params"])
   routing = route(library_, names or library_.names(), params, router, top_k, impl, router_inputs)
   model = EncoderDecoderModel(model_config, routing.expert_config, length_normalize)
   return LoadedModel(model, in_compute_dtype(routing.variables(params), model_config.dtype), routing.expert_weights)

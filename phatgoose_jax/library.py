@@ -85,7 +85,9 @@ def _flat_float32(tree: Mapping) -> Dict[str, np.ndarray]:
 def params_sha256(params: Mapping) -> str:
   """sha256 over the base parameters: each leaf's path, shape and float32 bytes, in sorted path order."""
   digest = hashlib.sha256()
-  for key, value in sorted(_flat_float32(params).items()):
+  flat = ckpt_names.flatten(nn.meta.unbox(dict(params)))
+  for key in sorted(flat):  # one leaf on the host at a time
+    value = np.asarray(flat[key], np.float32)
     digest.update(f"{key}:{value.shape};".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()

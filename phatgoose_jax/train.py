@@ -258,7 +258,7 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   if base is None:
     config, params = utils.model_config(), None
   else:
-    loaded = utils.restore_base(base)
+    loaded = utils.restore_base(base, dtype="float32" if finetune == "full" else None)  # trained: float32
     config, params = loaded.config, loaded.variables["params"]
   full = finetune == "full"
   model = utils.get_model(config, ExpertConfig() if full else utils.lora_config())

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax import partitioning
-from phatgoose_jax.checkpoints import Loaded, load
+from phatgoose_jax import checkpoints
+from phatgoose_jax.checkpoints import Loaded
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5 import config as t5_config
@@ -49,10 +50,21 @@ def frozen_base_dtype(dtype: str = "float32") -> str:
   return dtype
 
 
-def restore_base(path: str) -> Loaded:
-  """The checkpoint at `path` (any format) checked against the configured architecture, with the
-  configured model config."""
-  loaded = load(path, expect=model_config())
+def params_shardings(config: t5_config.T5Config, mesh, rules) -> dict:
+  """The `NamedSharding`s of a base model's `params` on `mesh` (from shapes only)."""
+  abstract = jax.eval_shape(get_model(config).get_initial_variables, jax.random.key(0))
+  return partitioning.variables_shardings({"params": abstract["params"]}, mesh, rules)["params"]
+
+
+def restore_base(path: str, dtype: Optional[str] = None) -> Loaded:
+  """The checkpoint at `path` (any format) checked against the configured architecture, with the configured
+  model config; its `params` restored straight into their shardings on the configured mesh in `dtype`
+  (default `frozen_base_dtype()`), each process reading only its devices' slices."""
+  expect = model_config()
+  config = expect or model_config(checkpoints.architecture(path))
+  mesh, rules = sharding()
+  loaded = checkpoints.load(path, expect=expect, shardings=params_shardings(config, mesh, rules),
+                            dtype=dtype or frozen_base_dtype())
   return loaded._replace(config=model_config(loaded.config))
 
 
@@ -82,11 +94,18 @@ def _reboxed(boxed: Any, values: Any) -> Any:
 
 
 def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict:
-  """Boxed fresh variables of `model`, with the given collections (plain arrays) put in place."""
-  variables = model.get_initial_variables(jax.random.key(seed))
-  for name, values in collections.items():
-    variables[name] = _reboxed(variables[name], values)
-  return variables
+  """Boxed variables of `model` on the configured mesh: the given collections (arrays) as they are, the
+  others (LoRA, gates, experts: whatever is not given) drawn from `seed` inside `jax.jit` with their
+  shardings as `out_shardings`. A given collection is never drawn (its shapes come from `jax.eval_shape`),
+  so a frozen base from a checkpoint is never initialised at random."""
+  abstract = jax.eval_shape(model.get_initial_variables, jax.random.key(seed))
+  fresh = [name for name in abstract if name not in collections]
+  mesh, rules = sharding()
+  shardings = partitioning.variables_shardings({name: abstract[name] for name in fresh}, mesh, rules)
+  draw = jax.jit(lambda key: {name: partitioning.unbox(model.get_initial_variables(key)[name]) for name in fresh},
+                 out_shardings=shardings)
+  values = {**draw(jax.random.key(seed)), **collections}
+  return {name: _reboxed(abstract[name], values[name]) for name in abstract}
 
 
 def place(model: EncoderDecoderModel, variables: dict, mesh, rules) -> dict:

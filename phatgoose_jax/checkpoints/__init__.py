@@ -60,22 +60,39 @@ def _check_architecture(found: T5Config, expect: Optional[T5Config], path: str) 
     raise ValueError(f"checkpoint {path} does not match the configured model: " + "; ".join(diffs))
 
 
-def load(path: str, *, expect: Optional[T5Config] = None) -> Loaded:
-  """The model stored at `path`, whatever its format (see the module docstring)."""
+def load(path: str, *, expect: Optional[T5Config] = None, shardings: Optional[dict] = None,
+         dtype: str = "float32") -> Loaded:
+  """The model stored at `path`, whatever its format (see the module docstring).
+
+  With `shardings` (a tree of `NamedSharding`s of the base `params`) the base is restored straight into
+  them in `dtype`, each process reading only the slices its devices hold (orbax for native checkpoints,
+  tensorstore for t5x, safetensors slices for Hugging Face); without, as host arrays (float32)."""
   kind = checkpoint_format(path)
   if kind == "native":
-    restored = native.load_native(path)
+    target = None if shardings is None else native.restore_target(path, shardings, dtype)
+    restored = native.load_native(path, target=target)
     config, variables = restored.t5_config, dict(restored.state)
     experts = restored.expert_config or ExpertConfig()
     if "params" not in variables:
       raise ValueError(f"checkpoint {path} holds {sorted(variables)} but no base model `params`")
   elif kind == "hf":
-    config, params = hf.load_hf(path)
+    config, params = hf.load_hf(path, shardings, dtype)
     variables, experts = {"params": params}, ExpertConfig()
   else:
-    config, params = t5x.load_t5x(path, expect)
+    config, params = t5x.load_t5x(path, expect, shardings, dtype)
     variables, experts = {"params": params}, ExpertConfig()
   _check_architecture(config, expect, path)
   if expect is not None:
     config = expect
   return Loaded(config, variables, experts, kind)
+
+
+def architecture(path: str) -> T5Config:
+  """The T5 architecture of the checkpoint at `path`, from its metadata alone (no weights read)."""
+  kind = checkpoint_format(path)
+  if kind == "native":
+    return native.read_configs(path)[0]
+  if kind == "hf":
+    with open(os.path.join(path, native.CONFIG_FILE)) as f:
+      return hf.config_from_hf(json.load(f))
+  return t5x.architecture(path)

@@ -6,7 +6,7 @@ position bias ([buckets, heads] -> [heads, buckets]). The name table lives in `n
 """
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -133,11 +133,49 @@ def state_dict_from_params(config: T5Config, params: dict) -> Dict[str, np.ndarr
           for ours, (hf, t) in names.hf_param_names(config).items()}
 
 
-def load_hf(directory: str) -> Tuple[T5Config, dict]:
-  """`(T5Config, params)` from a Hugging Face T5 v1.1 directory (`config.json` + weights)."""
+def safetensors_files(directory: str) -> Optional[List[str]]:
+  """The safetensors weight files of a model directory (single or sharded), or None when it has none."""
+  if os.path.exists(os.path.join(directory, "model.safetensors")):
+    return [os.path.join(directory, "model.safetensors")]
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      return [os.path.join(directory, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+  return None
+
+
+def _sliced_params(config: T5Config, files: List[str], tied: bool, shardings: dict, dtype) -> dict:
+  """Our params placed by `shardings`, each device's slice read from the safetensors files (`get_slice`);
+  a transposed kernel's slice `[i, j]` is the stored `[j, i]` slice, transposed."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  handles = [safe_open(f, framework="numpy") for f in files]
+  where = {k: h for h in handles for k in h.keys()}
+  table = names.hf_param_names(config)
+  if tied and "lm_head.weight" not in where:
+    table = {ours: ("shared.weight", t) if hf == "lm_head.weight" else (hf, t) for ours, (hf, t) in table.items()}
+  shapes = names.param_shapes(config)
+  found = {hf: tuple(where[hf].get_slice(hf).get_shape()) for hf, _ in table.values() if hf in where}
+  names.check_shapes({hf: shapes[ours][::-1] if t else shapes[ours] for ours, (hf, t) in table.items()},
+                     found, "Hugging Face checkpoint")
+
+  def read(ours, index):
+    hf, transposed = table[ours]
+    part = where[hf].get_slice(hf)[tuple(index[::-1]) if transposed else tuple(index)]
+    return part.T if transposed else part
+  return names.unflatten(names.place_sliced(shapes, names.flatten(shardings), dtype, read))
+
+
+def load_hf(directory: str, shardings: Optional[dict] = None, dtype=np.float32) -> Tuple[T5Config, dict]:
+  """`(T5Config, params)` from a Hugging Face T5 v1.1 directory (`config.json` + weights).
+
+  With `shardings` (a tree of our params' `NamedSharding`s) and safetensors weights, every array is read
+  slice by slice straight into its sharding in `dtype` (`names.place_sliced`); else whole float32 arrays."""
   with open(os.path.join(directory, "config.json")) as f:
     hf = json.load(f)
   config = config_from_hf(hf)
+  files = safetensors_files(directory)
+  if shardings is not None and files is not None:
+    return config, _sliced_params(config, files, _lm_head_tied(hf), shardings, dtype)
   return config, params_from_state_dict(config, read_state_dict(directory), _lm_head_tied(hf))
 
 

@@ -6,7 +6,10 @@ plus a leaf name (`lora_a`, `lora_b`, `gate`). Hugging Face names the same linea
 `encoder.block.0.layer.0.SelfAttention.q` and stores `[out, in]` weights.
 """
 import re
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple
+
+import jax
+import numpy as np
 
 from phatgoose_jax.t5.config import ALL_TARGETS, T5Config
 
@@ -175,3 +178,13 @@ def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], what
   report = shape_mismatch_report(expected, found)
   if report:
     raise ValueError(f"{what} does not match the expected parameters:\n{report}")
+
+
+def place_sliced(shapes: Mapping[str, tuple], shardings: Mapping[str, object], dtype,
+                 read: Callable[[str, tuple], np.ndarray]) -> Dict[str, jax.Array]:
+  """`{name: jax.Array}` laid out by `shardings[name]` (flat '/' keys), each device's shard read by
+  `read(name, index)` (`index` a tuple of slices into the array of `shapes[name]`) and cast to `dtype`: a
+  process reads only the slices its own devices hold, and no whole array is assembled on the host."""
+  return {name: jax.make_array_from_callback(tuple(shape), shardings[name],
+                                             lambda index, n=name: np.asarray(read(n, index), dtype))
+          for name, shape in shapes.items()}

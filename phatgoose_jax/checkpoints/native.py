@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, List, NamedTuple, Optional, Tuple
 
+import jax
 import orbax.checkpoint as ocp
 
 from phatgoose_jax.t5.config import T5Config
@@ -92,6 +93,24 @@ def config_differences(found: T5Config, expected: T5Config) -> List[str]:
   """`'field: checkpoint X, expected Y'` for every architecture field where the two configs differ."""
   return [f"{name}: checkpoint {getattr(found, name)!r}, expected {getattr(expected, name)!r}"
           for name in _ARCH_FIELDS if getattr(found, name) != getattr(expected, name)]
+
+
+def restore_target(directory: str, params_shardings: Any, dtype) -> Any:
+  """The abstract tree to restore a checkpoint's state onto: its `params` in `dtype` with `params_shardings`
+  (each process then reads only its own slices), other collections in their stored dtype, replicated on the
+  same mesh."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(_check_state_dir(os.path.abspath(directory)))
+  stored = getattr(stored, "item_metadata", stored)  # a StepMetadata, or the TreeMetadata itself
+  stored = dict(getattr(stored, "tree", stored))
+  mesh = jax.tree.leaves(params_shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), v)
+            for k, v in stored.items() if k != "params"}
+  if "params" in stored:
+    target["params"] = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, dtype, sharding=sh),
+                                    stored["params"], params_shardings)
+  return target
 
 
 def load_native(directory: str, *, expect: Optional[T5Config] = None, target: Any = None) -> NativeCheckpoint:

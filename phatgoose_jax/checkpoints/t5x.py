@@ -16,6 +16,7 @@ import re
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
@@ -184,12 +185,53 @@ def infer_config_from_params(params: dict, relative_attention_max_distance: int 
                   relative_attention_max_distance=relative_attention_max_distance)
 
 
-def load_t5x(path: str, config: Optional[T5Config] = None) -> Tuple[T5Config, dict]:
+def _target_shapes(ckpt_dir: str) -> Dict[str, tuple]:
+  """{name: shape} of the `target` tree, from the msgpack alone (tensorstore specs carry their shapes)."""
+  return {k: tuple(v["metadata"]["shape"]) if _is_spec(v) else np.shape(v)
+          for k, v in _leaves(_read_msgpack(ckpt_dir)["target"]).items()}
+
+
+def architecture(path: str) -> T5Config:
+  """The T5 v1.1 sizes of a t5x checkpoint, read off the shapes its msgpack file records."""
+  shapes = _target_shapes(find_checkpoint_dir(path))
+  return infer_config_from_params(names.unflatten({k: jax.ShapeDtypeStruct(v, np.float32)
+                                                   for k, v in shapes.items()}))
+
+
+def _open_sliced(ckpt_dir: str, name: str, node):
+  """`(index) -> float32 slice` of one stored leaf: a tensorstore array read only where asked."""
+  if not _is_spec(node):
+    return lambda index: np.asarray(node, np.float32)[index]
+  local = _local_spec(node, ckpt_dir)
+  try:
+    store = ts.open(local, open=True, read=True).result()
+  except Exception as e:
+    raise ValueError(f"cannot read parameter {name} from {local['kvstore']['path']}: {e}") from e
+
+  def read(index):
+    array = store[index].read().result()
+    return np.asarray(array.view(ml_dtypes.bfloat16) if array.dtype == np.uint16 else array, np.float32)
+  return read
+
+
+def load_t5x(path: str, config: Optional[T5Config] = None, shardings: Optional[dict] = None,
+             dtype=np.float32) -> Tuple[T5Config, dict]:
   """`(config, params)` from a t5x checkpoint (a `checkpoint_N/` directory or its parent: latest step).
 
   With `config` the parameters are checked against it (missing, unexpected and wrongly-shaped names are
-  listed); without, the config is inferred from the shapes.
+  listed); without, the config is inferred from the shapes. With `shardings` (a tree of `NamedSharding`s of
+  our params) every array is restored straight into its sharding in `dtype`, each process reading only the
+  slices its devices hold (`names.place_sliced`); else whole float32 numpy arrays.
   """
+  if shardings is not None:
+    ckpt_dir = find_checkpoint_dir(path)
+    shapes = _target_shapes(ckpt_dir)
+    config = config or architecture(ckpt_dir)
+    names.check_shapes(names.param_shapes(config), shapes, f"t5x checkpoint {ckpt_dir}")
+    leaves = _leaves(_read_msgpack(ckpt_dir)["target"])
+    readers = {k: _open_sliced(ckpt_dir, k, v) for k, v in leaves.items()}
+    flat = names.place_sliced(shapes, names.flatten(shardings), dtype, lambda n, index: readers[n](index))
+    return config, names.unflatten(flat)
   flat = read_t5x_target(path)
   params = names.unflatten(flat)
   config = config or infer_config_from_params(params)
