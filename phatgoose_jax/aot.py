@@ -46,6 +46,13 @@ class TopologyError(ValueError):
   """A topology that cannot be had here (no libtpu, an unknown name)."""
 
 
+class DoesNotFit(ValueError):
+  """A program whose memory the compiler itself refuses for the target chip."""
+
+
+_ADVICE = "use more chips on the model/expert axes, a smaller batch or gradient accumulation"
+
+
 def target_devices(topology: Optional[str] = None) -> list:
   """The devices programs are compiled for: a TPU topology's (`v5e:4x4`, `v4:2x2x4`, `v5p:2x2x4`, ...), or
   this process's `jax.devices()` without one."""
@@ -129,7 +136,14 @@ def _cost(compiled) -> dict:
 def compile_program(program: Program, devices: Sequence[jax.Device]) -> Report:
   """Compile `program` (nothing runs, nothing is allocated) and read its per-chip memory and cost."""
   started = time.perf_counter()
-  compiled = program.fn.lower(*program.args, **program.kwargs).compile()
+  try:
+    compiled = program.fn.lower(*program.args, **program.kwargs).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    why = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    raise DoesNotFit(f"program {program.name!r} does not fit a {devices[0].device_kind} chip: {why}; "
+                     f"{_ADVICE}") from e
   seconds = time.perf_counter() - started
   memory, cost = compiled.memory_analysis(), _cost(compiled)
   return Report(program.name, int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes),
@@ -144,7 +158,7 @@ def shortfall(reports: Sequence[Report]) -> Optional[str]:
       return (f"program {r.name!r} needs {r.needed / GiB:.2f} GiB per chip (arguments {r.argument / GiB:.2f} + "
               f"temporaries {r.temp / GiB:.2f} + outputs {r.output / GiB:.2f} - aliased {r.alias / GiB:.2f}) but a "
               f"{r.chip.name} has {r.chip.memory / GiB:.2f} GiB: {(r.needed - r.chip.memory) / GiB:.2f} GiB short; "
-              f"use more chips on the model/expert axes, a smaller batch or gradient accumulation")
+              f"{_ADVICE}")
   return None
 
 

@@ -119,7 +119,9 @@ def test_a_wrongly_typed_count_is_refused_by_name():
 
 def test_dry_run_describes_the_run_without_training(tmp_path, capsys):
   argv = ["train-expert", "--base", "/b", "--task", "t", "--library", str(tmp_path / "lib"), "--workdir",
-          str(tmp_path / "w"), "--model", "xl", "--dry_run", "--gin", "main.dry_run.num_experts = 36"]
+          str(tmp_path / "w"), "--model", "tiny", "--dry_run", "--gin", "main.dry_run.num_experts = 36",
+          "--gin", "data.feature_lengths.inputs = 16", "--gin", "data.feature_lengths.targets = 8",
+          "--gin", "train.fit.batch_size = 4"]
   assert cli_main(argv) == 0
   out = capsys.readouterr().out
   assert out.startswith("mesh: ") and "experts" in out and "expert           -> expert" in out

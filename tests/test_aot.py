@@ -1,0 +1,142 @@
+"""`--dry_run [--topology]`: every stage's real programs compiled from shapes, for a TPU slice (libtpu) or the
+local devices; bytes against `jax.eval_shape` arithmetic, a configuration too large for a chip refused."""
+import math
+import sys
+
+import gin
+import jax
+import pytest
+
+from phatgoose_jax import aot, main, partitioning, stage_programs, utils
+from phatgoose_jax.cli import UsageError
+from phatgoose_jax.cli import main as cli_main
+
+SMALL = ["--gin", "data.feature_lengths.inputs = 16", "--gin", "data.feature_lengths.targets = 8"]
+STAGES = {
+    "train-expert": ["--base", "/b", "--task", "t", "--library", "/l", "--workdir", "/w", "--gin",
+                     "train.fit.batch_size = 8", "--gin", "train.selection.batch_size = 8"],
+    "train-gate": ["--base", "/b", "--library", "/l", "--name", "e", "--workdir", "/w", "--gin",
+                   "train.fit.batch_size = 8"],
+    "train-multitask": ["--task", "t", "--output", "/o", "--workdir", "/w", "--gin", "train.fit.batch_size = 8",
+                        "--gin", "train.fit.accum_steps = 2", "--gin", "train.selection.batch_size = 8"],
+    "evaluate": ["--base", "/b", "--task", "t", "--output_dir", "/o", "--gin", "evaluate.runner.batch_size = 8",
+                 "--gin", "main.dry_run.num_experts = 3"],
+}
+PROGRAMS = {"train-expert": ["train_step", "validation_score"], "train-gate": ["train_step"],
+            "train-multitask": ["train_step", "validation_score"],
+            "evaluate": ["score_batch", "encode", "decode_step"]}
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  yield
+  gin.clear_config()
+
+
+def _table(out: str) -> dict:
+  """{program: [args, temp, out, need] MiB} from the printed table."""
+  rows = {}
+  for line in out.splitlines():
+    parts = line.split()
+    if len(parts) == 10 and parts[0] in sum(PROGRAMS.values(), []):
+      rows[parts[0]] = [float(x) for x in parts[1:5]] + [parts[5]]
+  return rows
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_compiles_for_a_v5e_slice_from_shapes(stage, capsys):
+  pytest.importorskip("libtpu")
+  argv = [stage, "--model", "tiny", "--dry_run", "--topology", "v5e:2x2"] + STAGES[stage] + SMALL
+  assert cli_main(argv) == 0
+  out = capsys.readouterr().out
+  assert "compiled for v5e:2x2: 4 x TPU v5 lite (16.0 GiB, 197 TFLOP/s bf16, 819 GB/s" in out
+  rows = _table(out)
+  assert sorted(rows) == sorted(PROGRAMS[stage])
+  assert all(r[4] == "yes" and r[0] > 0 for r in rows.values())
+
+
+def _param_bytes_per_device(model, mesh, rules) -> int:
+  variables = stage_programs.abstract_variables(model)
+  shardings = partitioning.unbox(partitioning.variables_shardings(variables, mesh, rules))
+  return sum(partitioning._shard_size(x.shape, s.spec, mesh) * x.dtype.itemsize  # pylint: disable=protected-access
+             for x, s in zip(jax.tree.leaves(partitioning.unbox(variables)), jax.tree.leaves(shardings)))
+
+
+def test_score_batch_argument_bytes_are_the_eval_shape_arithmetic():
+  """On the local CPU device the arguments are exactly the sharded variables plus the batch; on a v5e chip
+  the same arrays, each padded at most to the TPU's (8, 128) tiles."""
+  main.parse(["models/t5_1_1_tiny.gin", "runs/evaluate.gin"], SMALL[1::2] +
+             ["evaluate.runner.batch_size = 8"], require=False)
+  config = utils.model_config()
+  for topology in (None, "v5e:2x2") if _has_libtpu() else (None,):
+    devices = aot.target_devices(topology)
+    mesh = partitioning.make_mesh(devices=devices)
+    rules = partitioning.standard_logical_axis_rules()
+    program = stage_programs.eval_programs(config, mesh, rules, num_experts=3, top_k=2, generate=False)[0]
+    report = aot.compile_program(program, devices)
+    model = utils.get_model(config, stage_programs.routed_experts(3, 2))
+    batch = (16 + 8 + 8) * 4 * (8 // mesh.shape["data"])  # int32 encoder, decoder input and target rows
+    expected = _param_bytes_per_device(model, mesh, rules) + batch
+    if topology is None:
+      assert report.argument == expected
+    else:
+      assert expected <= report.argument <= _tile_padded_bound(model, mesh, rules) + 3 * 8 * 128 * 4
+
+
+def _tile_padded_bound(model, mesh, rules) -> int:
+  """Per-device bytes of the sharded variables with every array's last two dimensions padded to (8, 128)."""
+  variables = partitioning.unbox(stage_programs.abstract_variables(model))
+  shardings = jax.tree.leaves(partitioning.unbox(partitioning.variables_shardings(
+      stage_programs.abstract_variables(model), mesh, rules)))
+  total = 0
+  for x, s in zip(jax.tree.leaves(variables), shardings):
+    shape = [-(-n // partitioning._mesh_axes_size(mesh, a)) for n, a in zip(x.shape, tuple(s.spec) + (None,) *
+                                                                                     (len(x.shape) - len(s.spec)))]
+    shape = ([1, 1] + shape)[-max(2, len(shape)):]
+    shape[-1], shape[-2] = -(-shape[-1] // 128) * 128, -(-shape[-2] // 8) * 8
+    total += math.prod(shape) * 4
+  return total
+
+
+def _has_libtpu() -> bool:
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def test_an_oversized_configuration_is_refused_with_the_program_and_shortfall(capsys):
+  pytest.importorskip("libtpu")
+  argv = ["evaluate", "--model", "tiny", "--dry_run", "--topology", "v5e:2x2", "--base", "/b", "--task", "t",
+          "--output_dir", "/o", "--gin", "evaluate.runner.batch_size = 65536", "--gin",
+          "data.feature_lengths.inputs = 512", "--gin", "data.feature_lengths.targets = 8"]
+  assert cli_main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("phatgoose")]  # not libtpu's
+  assert len(err) == 1 and err[0].startswith("phatgoose evaluate: error: program 'score_batch' does not fit a "
+                                             "TPU v5 lite chip: Ran out of memory on HBM")
+
+
+def test_shortfall_names_the_first_program_that_does_not_fit():
+  chip = aot.CHIPS["TPU v4"]
+  fits = aot.Report("a", 10 * aot.GiB, 5 * aot.GiB, 1, 0, 1e12, 1e9, 1.0, chip)
+  big = aot.Report("b", 20 * aot.GiB, 13 * aot.GiB, aot.GiB, aot.GiB, 1e12, 1e9, 1.0, chip)
+  assert aot.shortfall([fits]) is None
+  assert fits.roofline_s == pytest.approx(max(1e12 / 275e12, 1e9 / 1228e9))
+  assert aot.shortfall([fits, big]).startswith("program 'b' needs 33.00 GiB per chip") and "1.00 GiB short" in \
+      aot.shortfall([fits, big])
+
+
+def test_a_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu raises ImportError
+  with pytest.raises(aot.TopologyError, match=r"needs libtpu: pip install 'jax\[tpu\]==0.10.2'"):
+    aot.target_devices("v5e:2x2")
+
+
+def test_topology_without_dry_run_and_a_bad_topology_are_usage_errors(capsys):
+  base = ["evaluate", "--model", "tiny", "--base", "/b", "--task", "t", "--output_dir", "/o"]
+  assert cli_main(base + ["--topology", "v5e:2x2"]) == 2
+  assert "--topology only applies to --dry_run" in capsys.readouterr().err
+  if _has_libtpu():
+    assert cli_main(base + ["--dry_run", "--topology", "v9z:1"]) == 2
+    assert "unknown or unsupported TPU topology 'v9z:1'" in capsys.readouterr().err
