@@ -27,6 +27,12 @@ from phatgoose_jax.experts.config import ExpertConfig
 LORA_A_STDDEV = 0.01  # A ~ Normal(0, 0.01^2), B = 0 (algorithm.md §2)
 
 
+def lora_a_init(key, shape, dtype=jnp.float32) -> jax.Array:
+  """A = 0.01 z, z ~ Normal(0, 1): the same values drawn eagerly or inside a jitted initialisation (the barrier
+  keeps XLA from folding 0.01 into the normal's own sqrt(2) factor, which moves values by an ulp)."""
+  return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * jnp.asarray(LORA_A_STDDEV, dtype)
+
+
 def lora_update(u: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
   """(B A u) * scale for one expert; `u` <float>[..., d_in]."""
   return (u @ lora_a.astype(u.dtype)) @ lora_b.astype(u.dtype) * scale
@@ -59,7 +65,7 @@ class ExpertDense(nn.Module):
   def _lora(self, collection, d_in, lead=(), lead_axes=()):
     r = self.experts.rank
     in_axis, out_axis = self.kernel_axes
-    lora_a = self._expert_var(collection, "lora_a", nn.initializers.normal(LORA_A_STDDEV),
+    lora_a = self._expert_var(collection, "lora_a", lora_a_init,
                               (*lead, d_in, r), (*lead_axes, in_axis, "rank"))
     lora_b = self._expert_var(collection, "lora_b", nn.initializers.zeros, (*lead, r, self.features),
                               (*lead_axes, "rank", out_axis))
