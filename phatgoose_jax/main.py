@@ -152,14 +152,21 @@ def dry_run(num_experts: Optional[int] = None, top_k: int = 2, topology: Optiona
     raise UsageError("--dry_run needs the model's architecture: add a model file (--model SIZE or "
                      "--gin_file=models/t5_1_1_<size>.gin)")
   num_experts = _library_size() if num_experts is None else num_experts
+  return compile_and_report(config, num_experts, top_k, topology,
+                            lambda mesh, rules: stage_programs.programs(config, mesh, rules, num_experts, top_k))
+
+
+def compile_and_report(config, num_experts: int, top_k: int, topology: Optional[str], build) -> str:
+  """Print the mesh, rules and parameter bytes of `config` with `num_experts` routed experts (one LoRA expert
+  without), then compile the programs `build(mesh, rules)` makes for `topology` and print their per-chip
+  table; a program that would not fit a chip raises a `UsageError` naming it. Returns the text."""
   lora = utils.lora_config()
   experts = lora.replace(mode="routed", num_experts=num_experts, top_k=top_k) if num_experts else lora
   try:
     devices = aot.target_devices(topology)
     mesh, rules = utils.sharding(mesh=partitioning.make_mesh(devices=devices))
     text = partitioning.describe(config, experts, mesh, rules)
-    reports = [aot.compile_program(p, devices) for p in stage_programs.programs(config, mesh, rules, num_experts,
-                                                                              top_k)]
+    reports = [aot.compile_program(p, devices) for p in build(mesh, rules)]
   except ValueError as e:
     raise UsageError(str(e).splitlines()[0]) from e
   text += "\n" + aot.format_reports(reports, devices, topology)

@@ -122,12 +122,12 @@ def routed_experts(num_experts: int, top_k: int) -> ExpertConfig:
 
 
 def eval_programs(config, mesh, rules, num_experts: int, top_k: int, generate: bool = True,
-                  batch_size: Optional[int] = None) -> List[aot.Program]:
+                  batch_size: Optional[int] = None, lengths: Optional[dict] = None) -> List[aot.Program]:
   """The routed model's `score_batch` and, with `generate`, its encoder pass and one decoding step."""
   model = utils.get_model(config, routed_experts(num_experts, top_k))
   variables = _placed(abstract_variables(model), mesh, rules)
   batch_size = batch_size or bound("evaluate.runner.batch_size", 64)
-  lengths = data.feature_lengths()
+  lengths = lengths or data.feature_lengths()
   programs = [score_program(model, variables, batch_size, lengths, mesh, rules)]
   return programs + (decode_programs(model, variables, batch_size, lengths, mesh, rules) if generate else [])
 

@@ -140,3 +140,19 @@ def test_topology_without_dry_run_and_a_bad_topology_are_usage_errors(capsys):
   if _has_libtpu():
     assert cli_main(base + ["--dry_run", "--topology", "v9z:1"]) == 2
     assert "unknown or unsupported TPU topology 'v9z:1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,programs", [("score", ["score_batch"]), ("generate", ["encode", "decode_step"])])
+def test_score_and_generate_compile_from_the_checkpoint_metadata_alone(command, programs, tmp_path, capsys):
+  pytest.importorskip("libtpu")
+  from phatgoose_jax.checkpoints import hf  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.t5 import config as t5_config  # pylint: disable=import-outside-toplevel
+  config = t5_config.preset("tiny")
+  model = utils.get_model(config)
+  params = partitioning.unbox(model.get_initial_variables(jax.random.key(0)))["params"]
+  hf.save_hf(str(tmp_path / "base"), config, jax.tree.map(lambda x: x * 0, params))
+  (tmp_path / "base" / "model.safetensors").write_bytes(b"not read by a dry run")
+  argv = [command, "--base", str(tmp_path / "base"), "--dry_run", "--topology", "v5e:2x2", "--batch_size", "8"]
+  assert cli_main(argv + (["--max_decode_length", "8"] if command == "generate" else [])) == 0
+  rows = _table(capsys.readouterr().out)
+  assert sorted(rows) == sorted(programs) and all(r[4] == "yes" for r in rows.values())

@@ -8,12 +8,39 @@ Hugging Face; t5x). The work is in `cli/scoring.py`, imported when a command run
 """
 import importlib
 
+from phatgoose_jax.cli import UsageError
+
 MAX_LENGTH = 512  # `vocab.MAX_LENGTH`, named here so that --help needs no numerical import
 
 
 def _run(name: str):
-  """The `cli.scoring` function `name`, imported when the command runs."""
-  return lambda args: getattr(importlib.import_module("phatgoose_jax.cli.scoring"), name)(args)
+  """The `cli.scoring` function `name`, imported when the command runs (with --dry_run: `dry_run`)."""
+  def run(args):
+    if args.topology and not args.dry_run:
+      raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
+    if args.dry_run:
+      return dry_run(args)
+    if args.input is None:
+      raise UsageError("the following arguments are required: --input")
+    return getattr(importlib.import_module("phatgoose_jax.cli.scoring"), name)(args)
+  return run
+
+
+def dry_run(args) -> int:
+  """The command's programs (`score_batch`; for generate the encoder pass and one decoding step) compiled
+  for --topology or the local devices from shapes only: the architecture is read from the checkpoint's
+  metadata, the expert count from the library; no weights are read."""
+  from phatgoose_jax import checkpoints, library, main, stage_programs  # pylint: disable=import-outside-toplevel
+  config = checkpoints.architecture(args.base).replace(dtype=args.dtype or "float32", dropout_rate=0.0)
+  num_experts = len(library.ExpertLibrary(args.library).names()) if args.library else 0
+  lengths = {"inputs": MAX_LENGTH, "targets": getattr(args, "max_decode_length", MAX_LENGTH)}
+  generate = args.command == "generate"
+
+  def build(mesh, rules):
+    return stage_programs.eval_programs(config, mesh, rules, num_experts, args.top_k, generate=generate,
+                                        batch_size=args.batch_size, lengths=lengths)[generate:]
+  main.compile_and_report(config, num_experts, args.top_k, args.topology, build)
+  return 0
 
 
 def add_model_flags(parser) -> None:
@@ -25,10 +52,14 @@ def add_model_flags(parser) -> None:
   parser.add_argument("--library", help="expert library directory: route over its experts")
   parser.add_argument("--router", default="phatgoose", help="router name (see docs/algorithm.md §4-§5)")
   parser.add_argument("--top_k", type=int, default=2, help="experts per token (1..E)")
+  parser.add_argument("--dry_run", action="store_true", help="compile this command's programs from shapes and "
+                      "print their per-chip memory and cost (no weights read), then stop")
+  parser.add_argument("--topology", help="with --dry_run: compile for this TPU slice (v5e:4x4, v4:2x2x4, ...; "
+                      "needs libtpu) instead of the local devices")
 
 
 def _add_io_flags(parser, inputs_help: str) -> None:
-  parser.add_argument("--input", required=True, help=inputs_help)
+  parser.add_argument("--input", help=inputs_help + " (required unless --dry_run)")
   parser.add_argument("--output", help="JSONL results (default: standard output)")
   parser.add_argument("--error_on_truncation", action="store_true",
                       help=f"refuse texts over {MAX_LENGTH} tokens instead of truncating them")
