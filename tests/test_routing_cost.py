@@ -93,8 +93,10 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
   assert "gather" in routing.candidates(dataclasses.replace(LAYER, tokens=8), "tpu")
   assert "gather" not in routing.candidates(LAYER, "tpu")
   assert "dense" in routing.candidates(LAYER, "gpu")
-  gpu_many = routing.candidates(dataclasses.replace(LAYER, experts=36), "gpu")
-  assert "dense" not in gpu_many and "grouped" not in gpu_many
+  xl = cost.LayerShape(tokens=16384, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16")
+  assert xl.tokens * xl.experts * xl.d_out * 2 > routing.DENSE_MAX_BYTES
+  assert "dense" not in routing.candidates(xl, "tpu") and "grouped" in routing.candidates(xl, "tpu")
+  assert "grouped" not in routing.candidates(xl, "gpu")
 
 
 def test_unknown_chip_and_no_shape_fail_with_the_fix(monkeypatch):

@@ -273,14 +273,16 @@ VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=No
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
             "grouped@256": functools.partial(mix_grouped, tile=256)}
 GATHER_MAX_PAIRS = 64
-DENSE_MAX_EXPERTS = 8
+DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
   """The exact mixers `auto` compares for `layer` on a TPU or GPU: ragged, blocks and (TPU) grouped variants,
-  dense for few experts (E <= DENSE_MAX_EXPERTS), gather for a decoding step's few pairs."""
+  dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens),
+  gather for a decoding step's few pairs (at most GATHER_MAX_PAIRS)."""
   names = ["ragged", "blocks@128", "blocks@256"] + (["grouped", "grouped@256"] if platform == "tpu" else [])
-  names += ["dense"] * (layer.experts <= DENSE_MAX_EXPERTS) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
+  dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
+  names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
   return {name: mixer(name) for name in names}
 
 
