@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "phatgoose_jax.cli.library",
     "phatgoose_jax.cli.tasks",
     "phatgoose_jax.cli.pipeline",
+    "phatgoose_jax.cli.serve",
 )
 
 

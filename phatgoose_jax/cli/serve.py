@@ -1,0 +1,27 @@
+"""`phatgoose serve`: the OpenAI-compatible server of a base and its library under uvicorn."""
+
+
+def run(args) -> int:
+  import uvicorn  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.serving import app  # pylint: disable=import-outside-toplevel
+  config = {"base": args.base, "library": args.library, "top_k": args.top_k, "batch_size": args.batch_size,
+            "max_queue": args.max_queue, "timeout_s": args.timeout, "dtype": args.dtype}
+  uvicorn.run(app.create_app(config), host=args.host, port=args.port, log_level="info",
+              timeout_graceful_shutdown=args.timeout)
+  return 0
+
+
+def register(subparsers):
+  serve = subparsers.add_parser("serve", help="serve the base and its library's experts and routers over HTTP "
+                                              "(OpenAI completions API)")
+  serve.add_argument("--base", required=True, help="the base checkpoint (any format)")
+  serve.add_argument("--library", help="an expert library: serves each expert and each router over them")
+  serve.add_argument("--host", default="127.0.0.1")
+  serve.add_argument("--port", type=int, default=8000)
+  serve.add_argument("--top_k", type=int, default=2, help="experts per token of the routers (a request's top_k "
+                                                           "overrides it)")
+  serve.add_argument("--batch_size", type=int, default=8, help="rows of every compiled batch")
+  serve.add_argument("--max_queue", type=int, default=256, help="requests waiting before 429")
+  serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its batch")
+  serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  serve.set_defaults(func=run)

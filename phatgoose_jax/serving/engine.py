@@ -1,0 +1,241 @@
+"""The engine: the served models, one scheduler, and the translation of OpenAI-style request bodies into jobs.
+
+Served model names (`model_names`): the base (its directory's name), `expert:<name>` for each library expert
+alone (its LoRA, router 'merged' over one expert), and each router over the library's served experts
+(`ROUTERS`). A request may narrow a router to `experts` (a subset of the library) and set its `top_k`; each
+(model, top_k, experts) is a `TextModel` loaded on first use and kept (at most `max_models`, least recently
+used dropped). Experts can be added to and removed from the served set while serving (`add_expert`,
+`remove_expert`): router models are rebuilt over the new set on their next request.
+
+Bad bodies raise `RequestError(message, param)` with one line naming the field and what it must be.
+"""
+import collections
+import os
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from phatgoose_jax import library as lib
+from phatgoose_jax import routers as routers_lib
+from phatgoose_jax import text_model
+from phatgoose_jax import vocab as vocab_lib
+from phatgoose_jax.serving import scheduler as sched
+
+# Routers over a library that need nothing beyond it and the base's weights.
+ROUTERS = tuple(n for n in ("phatgoose", "arrow", "spectr", "merged", "uniform")
+                if set(routers_lib.spec(n).needs) <= {"params"})
+MAX_ROWS = 64  # prompts x n of one request
+MAX_STOP = 4
+
+
+class RequestError(ValueError):
+  """A request the client can fix: answered 400 with `message`, naming `param`."""
+
+  def __init__(self, message: str, param: Optional[str] = None):
+    super().__init__(message)
+    self.param = param
+
+
+def _integer(body, name, default, low, high):
+  value = body.get(name, default)
+  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    raise RequestError(f"{name} must be an integer in {low}..{high}, got {value!r}", name)
+  return value
+
+
+def _real(body, name, default, low, high, low_open=False):
+  value = body.get(name, default)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (low < value if low_open else low <= value)
+  if not ok or not value <= high:
+    raise RequestError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}", name)
+  return float(value)
+
+
+def _strings(value, name, allow_one=True):
+  if allow_one and isinstance(value, str):
+    return [value]
+  if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+    raise RequestError(f"{name} must be {'a string or ' if allow_one else ''}a non-empty list of strings", name)
+  return value
+
+
+class Engine:
+  """Models of `base` (and routers over `library`) behind one `Scheduler`.
+
+  batch_size: rows of every compiled batch; max_queue: jobs waiting before 429; timeout_s: how long a request
+  may wait for its batch; on_batch: as `Scheduler`'s.
+  """
+
+  def __init__(self, base: str, library: Optional[str] = None, top_k: int = 2, batch_size: int = 8,
+               max_queue: int = 256, timeout_s: float = 60.0, dtype: str = "float32", max_models: int = 16,
+               on_batch=None):
+    self.base, self.library_path, self.top_k, self.dtype = base, library, top_k, dtype
+    self.batch_size, self.timeout_s, self.max_models = batch_size, timeout_s, max_models
+    self.base_name = os.path.basename(os.path.normpath(base))
+    self.base_model = text_model.load(base, dtype=dtype, batch_size=batch_size)
+    self.library = lib.ExpertLibrary(library) if library else None
+    self.experts = self.library.names() if self.library else []
+    if self.library and not self.experts:
+      raise ValueError(f"library {library} holds no experts; add some or leave --library out")
+    self._models = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self.scheduler = sched.Scheduler(max_queue, on_batch)
+
+  # Models.
+
+  def model_names(self) -> list:
+    if not self.experts:
+      return [self.base_name]
+    return [self.base_name] + [f"expert:{e}" for e in self.experts] + list(ROUTERS)
+
+  def _resolve(self, body: dict) -> tuple:
+    """(the model's key, a loader) of a body's `model`, `top_k` and `experts`."""
+    name = body.get("model", self.base_name)
+    if name not in self.model_names():
+      raise RequestError(f"unknown model {name!r}; GET /v1/models lists {self.model_names()}", "model")
+    routed = name in ROUTERS
+    if not routed and ("experts" in body or "top_k" in body):
+      raise RequestError(f"top_k and experts apply to the routers {list(ROUTERS)}, not to model {name!r}", "model")
+    if name == self.base_name:
+      return (name,), lambda: self.base_model
+    if not routed:
+      expert = name.split(":", 1)[1]
+      return (name,), lambda: self._load("merged", 1, [expert])
+    with self._lock:
+      served = list(self.experts)
+    experts = _strings(body.get("experts", served), "experts", allow_one=False)
+    unknown = [e for e in experts if e not in served]
+    if unknown:
+      raise RequestError(f"unknown experts {unknown}; the library serves {served}", "experts")
+    top_k = _integer(body, "top_k", min(self.top_k, len(experts)), 1, len(experts))
+    key = (name, top_k, tuple(experts))
+    return key, lambda: self._load(name, top_k, experts)
+
+  def _load(self, router: str, top_k: int, experts: list) -> text_model.TextModel:
+    key = (router, top_k, tuple(experts))
+    with self._lock:
+      if key in self._models:
+        self._models.move_to_end(key)
+        return self._models[key]
+    model = text_model.load(self.base, self.library_path, router=router, top_k=top_k, experts=experts,
+                            dtype=self.dtype, batch_size=self.batch_size)
+    with self._lock:
+      self._models[key] = model
+      while len(self._models) > self.max_models:
+        self._models.popitem(last=False)
+    return model
+
+  def add_expert(self, name: str) -> list:
+    """Serve the library's entry `name` (added there since start-up, e.g. by `phatgoose library add`)."""
+    if self.library is None:
+      raise RequestError("the server runs without a library; start it with --library", "name")
+    if not isinstance(name, str) or name not in self.library.names():
+      raise RequestError(f"library {self.library.path} has no expert {name!r}; it has {self.library.names()}",
+                         "name")
+    with self._lock:
+      if name in self.experts:
+        raise RequestError(f"expert {name!r} is already served", "name")
+      self.experts = sorted(self.experts + [name])
+      return list(self.experts)
+
+  def remove_expert(self, name: str) -> list:
+    with self._lock:
+      if name not in self.experts:
+        raise RequestError(f"expert {name!r} is not served; served are {self.experts}", "name")
+      if len(self.experts) == 1:
+        raise RequestError("the last expert cannot be removed; a library model needs one", "name")
+      self.experts = [e for e in self.experts if e != name]
+      self._models = collections.OrderedDict((k, m) for k, m in self._models.items() if name not in k[2])
+      return list(self.experts)
+
+  # Requests.
+
+  def _submit(self, key, loader, kind: str, rows: list) -> sched.Job:
+    job = sched.Job("/".join(map(str, key)), loader, kind, rows, time.monotonic() + self.timeout_s)
+    self.scheduler.submit(job)
+    return job
+
+  def _ids(self, texts: list, name: str) -> list:
+    try:
+      return self.base_model.tokenize(texts, truncate=False, name=name)
+    except ValueError as e:
+      raise RequestError(str(e), name) from None
+
+  def completion(self, body: dict) -> tuple:
+    """(the job, `format(results) -> choices`) of a /v1/completions body."""
+    key, loader = self._resolve(body)
+    prompts = _strings(body.get("prompt"), "prompt")
+    limit = self.base_model.max_length
+    max_tokens = _integer(body, "max_tokens", 16, 1, limit)
+    temperature = _real(body, "temperature", 1.0, 0.0, 100.0)
+    top_p = _real(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    n = _integer(body, "n", 1, 1, MAX_ROWS)
+    if n * len(prompts) > MAX_ROWS:
+      raise RequestError(f"n x prompts is {n * len(prompts)}, over {MAX_ROWS}; split the request", "n")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+      raise RequestError(f"seed must be a non-negative integer or null, got {seed!r}", "seed")
+    seed = int(np.random.randint(2**31)) if seed is None else seed
+    stop = [] if body.get("stop") is None else _strings(body["stop"], "stop")
+    if len(stop) > MAX_STOP or not all(stop):
+      raise RequestError(f"stop must hold 1..{MAX_STOP} non-empty strings", "stop")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs != 0):
+      raise RequestError(f"logprobs must be null or 0 (the chosen tokens' log-probabilities; alternatives are not "
+                         f"returned), got {logprobs!r}", "logprobs")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+      raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
+    ids = self._ids(prompts, "prompt")
+    rows = [sched.GenerateRow(ids[i // n], max_tokens, temperature, top_p, text_model.prompt_key(seed, i), stop)
+            for i in range(len(prompts) * n)]
+    job = self._submit(key, loader, "generate", rows)
+
+    def format_(results):
+      return [{"index": i, "text": (prompts[i // n] if echo else "") + r["text"], "finish_reason": r["finish_reason"],
+               "logprobs": self._logprobs(r, prompts[i // n] if echo else "") if logprobs is not None else None}
+              for i, r in enumerate(results)]
+    return job, format_
+
+  def _logprobs(self, result: dict, echoed: str) -> dict:
+    """OpenAI's logprobs object for a completion: each generated token's text and log p; an echoed prompt is
+    one entry of log p null (an encoder input has no likelihood under the decoder)."""
+    tokens = [vocab_lib.decode(self.base_model.vocabulary, [t]) for t in result["token_ids"]]
+    logps = list(result["logprobs"])
+    if echoed:
+      tokens, logps = [echoed] + tokens, [None] + logps
+    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
+    return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": None, "text_offset": offsets}
+
+  def score(self, body: dict) -> tuple:
+    """(the job, `format(results)`) of a /v1/score body: `items`, a list of {input, choices}."""
+    key, loader = self._resolve(body)
+    items = body.get("items")
+    if not isinstance(items, list) or not items or len(items) > MAX_ROWS:
+      raise RequestError(f"items must be a list of 1..{MAX_ROWS} objects {{input, choices}}", "items")
+    inputs, targets, spans = [], [], []
+    for i, item in enumerate(items):
+      if not isinstance(item, dict) or not isinstance(item.get("input"), str):
+        raise RequestError(f"items[{i}] must be an object with a string input and a list of choices", "items")
+      choices = _strings(item.get("choices"), f"items[{i}].choices", allow_one=False)
+      spans.append((len(targets), choices))
+      inputs += [item["input"]] * len(choices)
+      targets += choices
+    if len(targets) > 4 * MAX_ROWS:
+      raise RequestError(f"the items hold {len(targets)} choices, over {4 * MAX_ROWS}; split the request", "items")
+    rows = [sched.ScoreRow(x, y) for x, y in zip(self._ids(inputs, "input"), self._ids(targets, "choices"))]
+    job = self._submit(key, loader, "score", rows)
+
+    def format_(results):
+      out = []
+      for start, choices in spans:
+        scores = results[start:start + len(choices)]
+        index = int(np.argmax([s["mean_logprob"] for s in scores]))
+        out.append({"index": index, "choice": choices[index], "scores": scores})
+      return out
+    return job, format_
+
+  def close(self) -> None:
+    self.scheduler.close()
