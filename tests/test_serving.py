@@ -1,0 +1,264 @@
+"""The server under the official `openai` client and raw HTTP on 127.0.0.1: completions, logprobs and scores
+equal the TextModel's for the same model, router and prompt; 64 concurrent clients mixing models, routers,
+expert subsets and lengths each get their single-request answer; bad input is a 4xx JSON error naming the
+problem and the server keeps serving; a client that disconnects is cancelled; live add / remove of an expert;
+SIGTERM finishes the request in flight."""
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+import phatgoose_jax
+from phatgoose_jax import cli
+from phatgoose_jax.checkpoints import hf, reference
+from phatgoose_jax.serving import app as app_lib
+from phatgoose_jax.serving import engine as engine_lib
+
+import random_trees as trees
+
+PROMPTS = ["the cat sat", "on a mat", "x", "a longer prompt than the others"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("base"))
+  hf.save_hf(path, trees.TINY, trees.random_params())
+  return path
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory, base_dir):
+  """(served, full): the served library holds experts x and y; full holds x, y and z."""
+  tmp = tmp_path_factory.mktemp("library")
+  experts = [trees.random_expert(i, lora_scale=1.0) for i in range(3)]
+  path = str(tmp / "reference.safetensors")
+  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
+  full, served = str(tmp / "full"), str(tmp / "served")
+  assert cli.main(["library", "import-reference", path, "--base", base_dir, "--library", full,
+                   "--names", "x,y,z"]) == 0
+  shutil.copytree(full, served, ignore=shutil.ignore_patterns("z"))
+  return served, full
+
+
+class Server:
+  """A uvicorn server of an Engine in a thread of this process."""
+
+  def __init__(self, engine):
+    self.engine = engine
+    self.port = free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    config = uvicorn.Config(app_lib.create_app(engine), host="127.0.0.1", port=self.port, log_level="warning")
+    self.server = uvicorn.Server(config)
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    deadline = time.monotonic() + 30
+    while not self.server.started:
+      assert time.monotonic() < deadline, "the server did not start"
+      time.sleep(0.05)
+    self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+  def stop(self):
+    self.server.should_exit = True
+    self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, libraries):
+  engine = engine_lib.Engine(base_dir, libraries[0], top_k=1, batch_size=4, max_queue=64)
+  running = Server(engine)
+  yield running
+  running.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(base_dir, libraries):
+  return phatgoose_jax.load(base_dir, libraries[0], router="phatgoose", top_k=1, batch_size=4)
+
+
+def test_models_are_the_base_each_expert_and_each_router(server, base_dir):
+  ids = [m.id for m in server.client.models.list().data]
+  assert ids == [os.path.basename(base_dir), "expert:x", "expert:y", *engine_lib.ROUTERS]
+
+
+def test_openai_completions_and_logprobs_equal_generate(server, routed):
+  for temperature, seed in ((0.0, None), (0.8, 7)):
+    response = server.client.completions.create(model="phatgoose", prompt=PROMPTS, max_tokens=6,
+                                                temperature=temperature, top_p=0.9, seed=seed, logprobs=0)
+    expected = routed.generate(PROMPTS, max_new_tokens=6, temperature=temperature, top_p=0.9,
+                               seed=0 if seed is None else seed)
+    assert [c.index for c in response.choices] == list(range(len(PROMPTS)))
+    for choice, want in zip(response.choices, expected):
+      assert (choice.text, choice.finish_reason) == (want["text"], want["finish_reason"])
+      np.testing.assert_allclose(choice.logprobs.token_logprobs, want["logprobs"], rtol=1e-5, atol=1e-6)
+    assert response.usage.completion_tokens == sum(len(w["token_ids"]) for w in expected)
+
+
+def test_n_echo_stop_and_a_single_expert(server, base_dir, libraries):
+  alone = phatgoose_jax.load(base_dir, libraries[0], router="merged", experts=["x"], batch_size=4)
+  response = server.client.completions.create(model="expert:x", prompt="the cat", max_tokens=5, n=3,
+                                              temperature=1.0, seed=3, echo=True, logprobs=0)
+  expected = alone.generate(["the cat"] * 3, max_new_tokens=5, temperature=1.0, seed=3)
+  assert [c.text for c in response.choices] == ["the cat" + w["text"] for w in expected]
+  assert all(c.logprobs.tokens[0] == "the cat" and c.logprobs.token_logprobs[0] is None for c in response.choices)
+  greedy = alone.generate(["on a"], max_new_tokens=8)[0]
+  if greedy["text"]:
+    stop = greedy["text"][len(greedy["text"]) // 2:][:1] or greedy["text"][-1]
+    response = server.client.completions.create(model="expert:x", prompt="on a", max_tokens=8, temperature=0,
+                                                stop=stop)
+    assert response.choices[0].text == alone.generate(["on a"], max_new_tokens=8, stop=stop)[0]["text"]
+
+
+def test_score_equals_choose(server, routed):
+  items = [{"input": "is it?", "choices": ["yes", "no", "maybe"]}, {"input": "the cat", "choices": ["sat", "ran"]}]
+  response = httpx.post(f"{server.url}/v1/score", json={"model": "phatgoose", "items": items}, timeout=60).json()
+  for got, item in zip(response["choices"], items):
+    want = routed.choose(item["input"], item["choices"])
+    assert (got["index"], got["choice"]) == (want["index"], want["choice"])
+    np.testing.assert_allclose([s["mean_logprob"] for s in got["scores"]],
+                               [s["mean_logprob"] for s in want["scores"]], rtol=1e-5)
+
+
+def bad_bodies(max_length: int) -> list:
+  return [
+    (b"{not json", 400, "not JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"prompt": "\xff\xfe"}', 400, "not UTF-8"),
+    ({"model": "nope", "prompt": "a"}, 400, "unknown model"),
+    ({"model": "phatgoose", "prompt": "a", "experts": ["x", "w"]}, 400, "unknown experts"),
+    ({"prompt": "a" * (max_length + 1)}, 400, "longer than"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "phatgoose", "prompt": "a", "top_k": 3}, 400, "top_k"),
+    ({"model": "phatgoose", "prompt": "a", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "a", "n": 1000}, 400, "n must"),
+    ({"prompt": ["a"] * 40, "n": 2}, 400, "n x prompts"),
+    ({"prompt": 3}, 400, "prompt must"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    ({"model": "expert:x", "prompt": "a", "top_k": 1}, 400, "top_k and experts"),
+    (b"x" * (30 << 20), 413, "over"),
+  ]
+
+
+def test_bad_input_is_a_4xx_json_error_naming_it_and_serving_goes_on(server):
+  for body, status, words in bad_bodies(server.engine.base_model.max_length):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status, (content[:40], response.text)
+    assert words in response.json()["error"]["message"], response.text
+  with pytest.raises(openai.BadRequestError, match="unknown model"):
+    server.client.completions.create(model="nope", prompt="a")
+  assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+  base = server.engine.base_name
+  assert server.client.completions.create(model=base, prompt="a", max_tokens=2).choices[0].finish_reason in (
+      "stop", "length")
+
+
+def test_a_client_that_disconnects_is_cancelled_and_serving_goes_on(server):
+  with pytest.raises(httpx.TimeoutException):
+    httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPTS * 8, "max_tokens": 200}, timeout=0.05)
+  assert server.client.completions.create(model=server.engine.base_name, prompt="a", max_tokens=2).choices
+  assert b"phatgoose_requests_total" in httpx.get(f"{server.url}/metrics").content
+
+
+def _request(i: int, base: str) -> dict:
+  models = [{"model": "phatgoose"}, {"model": "arrow", "top_k": 2}, {"model": "phatgoose", "experts": ["y"]},
+            {"model": "expert:y"}, {"model": base}]
+  return dict(models[i % len(models)], prompt=PROMPTS[i % 4] * (1 + i % 3), max_tokens=2 + i % 7,
+              temperature=0.0 if i % 2 else 0.9, seed=i, logprobs=0)
+
+
+def test_64_concurrent_clients_each_get_their_single_request_answer(server, base_dir):
+  bodies = [_request(i, os.path.basename(base_dir)) for i in range(20)]
+
+  def ask(body):
+    start = time.monotonic()
+    extensions = {k: body[k] for k in ("top_k", "experts") if k in body}
+    response = server.client.completions.create(**{k: v for k, v in body.items() if k not in extensions},
+                                                extra_body=extensions)
+    return [(c.text, c.logprobs.token_logprobs) for c in response.choices], time.monotonic() - start
+
+  alone = [ask(b)[0] for b in bodies]
+  latencies, mismatches = [], []
+  stop_at = time.monotonic() + float(os.environ.get("PHATGOOSE_LOAD_S", "10"))
+
+  def client(c):
+    done = 0
+    while time.monotonic() < stop_at:
+      i = (c * 7 + done) % len(bodies)
+      got, seconds = ask(bodies[i])
+      latencies.append(seconds)
+      if [t for t, _ in got] != [t for t, _ in alone[i]] or not np.allclose(got[0][1], alone[i][0][1], atol=1e-5):
+        mismatches.append(i)
+      done += 1
+    return done
+
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    counts = list(pool.map(client, range(64)))
+  p50, p99 = np.percentile(latencies, [50, 99])
+  print(f"64 clients: {sum(counts)} requests, p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
+  assert not mismatches and all(counts) and len(latencies) == sum(counts)
+
+
+def test_live_add_and_remove_of_an_expert(server, base_dir, libraries):
+  served, full = libraries
+  items = [{"input": "is it?", "choices": ["yes", "no"]}]
+  with pytest.raises(openai.BadRequestError, match="unknown experts"):
+    server.client.completions.create(model="phatgoose", prompt="a", max_tokens=2, extra_body={"experts": ["z"]})
+  shutil.copytree(os.path.join(full, "z"), os.path.join(served, "z"))
+  assert httpx.post(f"{server.url}/v1/experts", json={"name": "z"}).json()["experts"] == ["x", "y", "z"]
+  assert "expert:z" in [m.id for m in server.client.models.list().data]
+  got = httpx.post(f"{server.url}/v1/score", json={"model": "phatgoose", "items": items}, timeout=60).json()
+  fresh = phatgoose_jax.load(base_dir, full, router="phatgoose", top_k=1, batch_size=4).choose(**items[0])
+  np.testing.assert_allclose([s["sum_logprob"] for s in got["choices"][0]["scores"]],
+                             [s["sum_logprob"] for s in fresh["scores"]], rtol=1e-5)
+  assert httpx.delete(f"{server.url}/v1/experts/z").json()["experts"] == ["x", "y"]
+  assert httpx.post(f"{server.url}/v1/experts", json={"name": "w"}).status_code == 400
+  shutil.rmtree(os.path.join(served, "z"))
+
+
+def test_sigterm_finishes_the_request_in_flight(base_dir):
+  port = free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "phatgoose_jax.cli", "serve", "--base", base_dir, "--port",
+                           str(port), "--batch_size", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 120
+    while True:
+      assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+      try:
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        break
+      except httpx.TransportError:
+        time.sleep(0.2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions",
+                            json={"prompt": PROMPTS, "max_tokens": 32}, timeout=120)
+      time.sleep(0.5)
+      proc.send_signal(signal.SIGTERM)
+      response = pending.result()
+    assert response.status_code == 200 and len(response.json()["choices"]) == 4
+    # uvicorn shuts down gracefully, then re-raises the signal as its exit status
+    assert proc.wait(60) == -signal.SIGTERM
+    assert b"Application shutdown complete" in proc.stdout.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
