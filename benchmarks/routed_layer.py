@@ -141,7 +141,8 @@ def main():
   on_tpu = args.topology is not None
   args.tokens = args.tokens or (16384 if on_tpu else 2048)
   args.dtype = jnp.dtype(args.dtype or ("bfloat16" if on_tpu else "float32"))
-  args.impls = (args.impls or ("ragged,blocks,blocks@128,grouped" if on_tpu else "blocks,gather,dense,ragged")).split(",")
+  default_impls = "ragged,blocks,blocks@128,grouped" if on_tpu else "blocks,gather,dense,ragged"
+  args.impls = (args.impls or default_impls).split(",")
   names = sorted({**routing.MIXERS, **routing.VARIANTS}) + ["auto"]
   unknown = [i for i in args.impls if i not in names]
   if unknown:
