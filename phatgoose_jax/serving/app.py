@@ -8,8 +8,8 @@
   GET  /health, GET /metrics (Prometheus text: requests, queue length, batch sizes, generated tokens, tokens/s)
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a body the client can fix,
-404 unknown path, 413 a body over `MAX_BODY_BYTES`, 429 a full queue, 503 shutting down, 504 a request past its
-timeout. A client that disconnects while waiting has its request cancelled.
+404 unknown path, 413 a body over `MAX_BODY_BYTES`, 429 a full queue, 500 a model that failed to load or run,
+503 shutting down, 504 a request past its timeout. A client that disconnects while waiting has its request cancelled.
 """
 import asyncio
 import concurrent.futures
@@ -145,6 +145,8 @@ def create_app(engine_or_config) -> fastapi.FastAPI:
       return error(504, str(e), kind="timeout")
     except concurrent.futures.CancelledError:
       return error(503, "the server shut down before the request ran", kind="unavailable")
+    except Exception as e:  # pylint: disable=broad-except
+      return error(500, f"the model failed on this request: {e}", kind="server_error")
     if results is None:
       return error(499, "the client disconnected")
     return {"id": f"{obj}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
