@@ -96,6 +96,8 @@ def routed(base_dir, libraries):
 def test_models_are_the_base_each_expert_and_each_router(server, base_dir):
   ids = [m.id for m in server.client.models.list().data]
   assert ids == [os.path.basename(base_dir), "expert:x", "expert:y", *engine_lib.ROUTERS]
+  for model in ids:
+    assert server.client.completions.create(model=model, prompt="a", max_tokens=2, temperature=0).choices
 
 
 def test_openai_completions_and_logprobs_equal_generate(server, routed):
