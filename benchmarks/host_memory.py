@@ -47,7 +47,7 @@ def peak_rss(base: str, work: str, steps: int, batch: int, repo: str) -> int:
       word = f"word{i:03d}"
       f.write(json.dumps({"inputs": f"reverse: {word}", "targets": word[::-1]}) + "\n")
   cmd = [sys.executable, "-m", "phatgoose_jax.cli", "train-expert", "--base", base, "--task", task, "--library",
-         os.path.join(work, "lib"), "--workdir", os.path.join(work, "w"), "--gin",
+         os.path.join(work, "lib"), "--name", "reverse", "--workdir", os.path.join(work, "w"), "--gin",
          f"train.train_expert.num_steps = {steps}", "--gin", f"train.fit.batch_size = {batch}", "--gin",
          "data.resolve.jsonl_vocabulary = 'byte'", "--gin", "data.feature_lengths.inputs = 64", "--gin",
          "data.feature_lengths.targets = 16"]

@@ -148,20 +148,24 @@ def _sliced_params(config: T5Config, files: List[str], tied: bool, shardings: di
   """Our params placed by `shardings`, each device's slice read from the safetensors files (`get_slice`);
   a transposed kernel's slice `[i, j]` is the stored `[j, i]` slice, transposed."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  handles = [safe_open(f, framework="numpy") for f in files]
-  where = {k: h for h in handles for k in h.keys()}
+  where, found = {}, {}
+  for path in files:
+    with safe_open(path, framework="numpy") as handle:
+      for key in handle.keys():
+        where[key], found[key] = path, tuple(handle.get_slice(key).get_shape())
   table = names.hf_param_names(config)
   if tied and "lm_head.weight" not in where:
     table = {ours: ("shared.weight", t) if hf == "lm_head.weight" else (hf, t) for ours, (hf, t) in table.items()}
   shapes = names.param_shapes(config)
-  found = {hf: tuple(where[hf].get_slice(hf).get_shape()) for hf, _ in table.values() if hf in where}
-  names.check_shapes({hf: shapes[ours][::-1] if t else shapes[ours] for ours, (hf, t) in table.items()},
-                     found, "Hugging Face checkpoint")
+  expected = {hf: shapes[ours][::-1] if t else shapes[ours] for ours, (hf, t) in table.items()}
+  stored = {k: v for k, v in found.items() if k in expected or k not in _EMBEDDING_COPIES + _UNUSED}
+  names.check_shapes(expected, stored, "Hugging Face checkpoint")
 
-  def read(ours, index):
+  def read(ours, index):  # the file is mapped only while one slice is copied out: its pages leave the RSS
     hf, transposed = table[ours]
-    part = where[hf].get_slice(hf)[tuple(index[::-1]) if transposed else tuple(index)]
-    return part.T if transposed else part
+    with safe_open(where[hf], framework="numpy") as handle:
+      part = handle.get_slice(hf)[tuple(index[::-1]) if transposed else tuple(index)]
+      return np.array(part.T if transposed else part, dtype, order="C")  # one copy: nothing keeps the map
   return names.unflatten(names.place_sliced(shapes, names.flatten(shardings), dtype, read))
 
 
