@@ -97,7 +97,11 @@ def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict
   """Boxed variables of `model` on the configured mesh: the given collections (arrays) as they are, the
   others (LoRA, gates, experts: whatever is not given) drawn from `seed` inside `jax.jit` with their
   shardings as `out_shardings`. A given collection is never drawn (its shapes come from `jax.eval_shape`),
-  so a frozen base from a checkpoint is never initialised at random."""
+  so a frozen base from a checkpoint is never initialised at random. With nothing given (a model trained from
+  scratch) every collection is drawn eagerly: XLA fusing a whole-model initialisation moves some normal draws
+  by an ulp, and the seeded base must stay the same."""
+  if not collections:  # a model from scratch (base pretraining): drawn as it always was, eagerly
+    return model.get_initial_variables(jax.random.key(seed))
   abstract = jax.eval_shape(model.get_initial_variables, jax.random.key(seed))
   fresh = [name for name in abstract if name not in collections]
   mesh, rules = sharding()

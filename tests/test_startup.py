@@ -16,6 +16,14 @@ from phatgoose_jax.t5 import config as t5_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def test_a_base_drawn_inside_jit_equals_an_eager_initialisation_array_for_array():
+  """Base pretraining from scratch (nothing given) draws the same weights as an eager initialisation."""
+  model = utils.get_model(t5_config.preset("tiny"), ExpertConfig(mode="lora", rank=4))
+  eager = partitioning.unbox(model.get_initial_variables(jax.random.key(5)))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), eager,
+               partitioning.unbox(utils.init_variables(model, 5)))
+
+
 @pytest.mark.parametrize("mode", ["lora", "gated"])
 def test_fresh_collections_equal_an_eager_initialisation_array_for_array(mode):
   model = utils.get_model(t5_config.preset("tiny"), ExpertConfig(mode=mode, rank=4))
