@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import gin
 
 import phatgoose_jax
-from phatgoose_jax import aot, assembly, distributed, evaluate, partitioning, stage_programs, train, utils  # noqa: F401
+from phatgoose_jax import assembly, evaluate, train  # noqa: F401 (their gin configurables)
+from phatgoose_jax import aot, distributed, library, partitioning, stage_programs, utils
 from phatgoose_jax.cli import UsageError
 
 GIN_DIR = phatgoose_jax.GIN_DIR
@@ -177,12 +178,17 @@ def compile_and_report(config, num_experts: int, top_k: int, topology: Optional[
   return text
 
 
+def check_topology_flag(args) -> None:
+  """Refuse --topology without --dry_run: a run uses the devices it is started on."""
+  if args.topology and not args.dry_run:
+    raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
+
+
 def _library_size() -> int:
   """The number of experts in the configured `LIBRARY` (0 without one)."""
   path = stage_programs.bound("LIBRARY/macro.value", None)
   if not path or not os.path.isdir(path):
     return 0
-  from phatgoose_jax import library  # pylint: disable=import-outside-toplevel
   return len(library.ExpertLibrary(path).names())
 
 
@@ -221,8 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     files, bindings, rest = split_args(argv)
     args = parser.parse_args(rest)
     distributed.initialize_from_args(args)
-    if args.topology and not args.dry_run:
-      raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
+    check_topology_flag(args)
     if args.dry_run:
       parse(files, bindings, require=False)
       dry_run(topology=args.topology)

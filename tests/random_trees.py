@@ -54,3 +54,16 @@ def cached_decoding_logits(model, variables, batch) -> np.ndarray:
                                       batch["decoder_input_tokens"][:, t:t + 1])
     steps.append(np.asarray(logits[:, 0]))
   return np.stack(steps, 1)
+
+
+def imported_library(tmp, base_dir: str, names_: str) -> str:
+  """A library at `tmp/lib` of random gated experts named `names_` ('x,y'), imported on the Hugging Face base at
+  `base_dir` from a reference-layout file with `phatgoose library import-reference`; its path."""
+  from phatgoose_jax import cli  # pylint: disable=import-outside-toplevel (the CLI imports the whole stack)
+  from phatgoose_jax.checkpoints import reference  # pylint: disable=import-outside-toplevel
+  experts = [random_expert(i, lora_scale=1.0) for i in range(len(names_.split(",")))]
+  path = str(tmp / "reference.safetensors")
+  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
+  assert cli.main(["library", "import-reference", path, "--base", base_dir, "--library", str(tmp / "lib"),
+                   "--names", names_]) == 0
+  return str(tmp / "lib")

@@ -8,7 +8,6 @@ import jax
 import pytest
 
 from phatgoose_jax import aot, main, partitioning, stage_programs, utils
-from phatgoose_jax.cli import UsageError
 from phatgoose_jax.cli import main as cli_main
 
 SMALL = ["--gin", "data.feature_lengths.inputs = 16", "--gin", "data.feature_lengths.targets = 8"]

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from phatgoose_jax import cli
 from phatgoose_jax import library as lib
 from phatgoose_jax import vocab
-from phatgoose_jax.checkpoints import hf, names, reference
+from phatgoose_jax.checkpoints import hf, names
 
 import random_trees as trees
 
@@ -30,13 +30,7 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def library_dir(tmp_path_factory, base_dir):
   """A library of two gated experts, x and y, imported from a reference-layout file."""
-  tmp = tmp_path_factory.mktemp("library")
-  experts = [trees.random_expert(i, lora_scale=1.0) for i in range(2)]
-  path = str(tmp / "reference.safetensors")
-  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
-  assert cli.main(["library", "import-reference", path, "--base", base_dir, "--library", str(tmp / "lib"),
-                   "--names", "x,y"]) == 0
-  return str(tmp / "lib")
+  return trees.imported_library(tmp_path_factory.mktemp("library"), base_dir, "x,y")
 
 
 @pytest.fixture

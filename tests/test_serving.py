@@ -21,8 +21,7 @@ import pytest
 import uvicorn
 
 import phatgoose_jax
-from phatgoose_jax import cli
-from phatgoose_jax.checkpoints import hf, reference
+from phatgoose_jax.checkpoints import hf
 from phatgoose_jax.serving import app as app_lib
 from phatgoose_jax.serving import engine as engine_lib
 
@@ -48,12 +47,7 @@ def base_dir(tmp_path_factory):
 def libraries(tmp_path_factory, base_dir):
   """(served, full): the served library holds experts x and y; full holds x, y and z."""
   tmp = tmp_path_factory.mktemp("library")
-  experts = [trees.random_expert(i, lora_scale=1.0) for i in range(3)]
-  path = str(tmp / "reference.safetensors")
-  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
-  full, served = str(tmp / "full"), str(tmp / "served")
-  assert cli.main(["library", "import-reference", path, "--base", base_dir, "--library", full,
-                   "--names", "x,y,z"]) == 0
+  full, served = trees.imported_library(tmp, base_dir, "x,y,z"), str(tmp / "served")
   shutil.copytree(full, served, ignore=shutil.ignore_patterns("z"))
   return served, full
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import phatgoose_jax
-from phatgoose_jax import cli, text_model
-from phatgoose_jax.checkpoints import hf, reference
+from phatgoose_jax import text_model
+from phatgoose_jax.checkpoints import hf
 from phatgoose_jax.models import pad_tokens, sample_step, shift_right
 
 import random_trees as trees
@@ -28,13 +28,7 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def library_dir(tmp_path_factory, base_dir):
   """A library of two gated experts, x and y."""
-  tmp = tmp_path_factory.mktemp("library")
-  experts = [trees.random_expert(i, lora_scale=1.0) for i in range(2)]
-  path = str(tmp / "reference.safetensors")
-  reference.save_reference(path, [e[0] for e in experts], [e[1] for e in experts])
-  assert cli.main(["library", "import-reference", path, "--base", base_dir, "--library", str(tmp / "lib"),
-                   "--names", "x,y"]) == 0
-  return str(tmp / "lib")
+  return trees.imported_library(tmp_path_factory.mktemp("library"), base_dir, "x,y")
 
 
 @pytest.fixture(scope="module")

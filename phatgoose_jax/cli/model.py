@@ -16,8 +16,8 @@ MAX_LENGTH = 512  # `vocab.MAX_LENGTH`, named here so that --help needs no numer
 def _run(name: str):
   """The `cli.scoring` function `name`, imported when the command runs (with --dry_run: `dry_run`)."""
   def run(args):
-    if args.topology and not args.dry_run:
-      raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
+    from phatgoose_jax import main  # pylint: disable=import-outside-toplevel (a fast --help)
+    main.check_topology_flag(args)
     if args.dry_run:
       return dry_run(args)
     if args.input is None:

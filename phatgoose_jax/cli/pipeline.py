@@ -92,10 +92,8 @@ def _bindings(args) -> list:
 
 def run_stage(args) -> int:
   from phatgoose_jax import distributed, main  # pylint: disable=import-outside-toplevel (a fast --help)
-  from phatgoose_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
   distributed.initialize_from_args(main.multihost_flags(args.extra))
-  if args.topology and not args.dry_run:
-    raise UsageError("--topology only applies to --dry_run (a run uses the devices it is started on)")
+  main.check_topology_flag(args)
   if args.dry_run:
     main.parse(_gin_files(args), _bindings(args), require=False)
     main.dry_run(topology=args.topology)
