@@ -18,6 +18,7 @@ from phatgoose_jax import library as lib
 from phatgoose_jax import routers, utils
 from phatgoose_jax.checkpoints import load as load_checkpoint
 from phatgoose_jax.checkpoints import native
+from phatgoose_jax.t5 import layout
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5.config import T5Config
 
@@ -85,10 +86,12 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   average_activation, `examples` for retrieval, `label_to_expert` for oracle).
   """
   loaded = load_checkpoint(base, expect=config)
-  model_config = config or loaded.config.replace(dropout_rate=0.0, dtype=dtype or utils.model_config(loaded.config).dtype)
+  configured = utils.model_config(loaded.config)
+  model_config = config or loaded.config.replace(dropout_rate=0.0, dtype=dtype or configured.dtype,
+                                                 scan_layers=configured.scan_layers)
   if library is None:
     return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize),
-                       in_compute_dtype(loaded.variables, model_config.dtype))
+                       layout.for_model(in_compute_dtype(loaded.variables, model_config.dtype), model_config))
   if loaded.experts.mode != "none":
     raise ValueError(f"{base} already carries experts ({loaded.experts.mode}); give its base model to route over "
                      f"a library")
@@ -96,7 +99,8 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   params = stored_as_frozen_base(loaded.variables["params"])
   routing = route(library_, names or library_.names(), params, router, top_k, impl, router_inputs)
   model = EncoderDecoderModel(model_config, routing.expert_config, length_normalize)
-  return LoadedModel(model, in_compute_dtype(routing.variables(params), model_config.dtype), routing.expert_weights)
+  variables = layout.for_model(in_compute_dtype(routing.variables(params), model_config.dtype), model_config)
+  return LoadedModel(model, variables, routing.expert_weights)
 
 
 def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut,

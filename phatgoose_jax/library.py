@@ -37,6 +37,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 import flax.linen as nn
 import numpy as np
 
+from phatgoose_jax.t5 import layout
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.t5.config import ALL_TARGETS, T5Config
 from phatgoose_jax.experts.config import ExpertConfig
@@ -82,12 +83,13 @@ def _flat_float32(tree: Mapping) -> Dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in ckpt_names.flatten(nn.meta.unbox(dict(tree))).items()}
 
 
-def params_sha256(params: Mapping) -> str:
-  """sha256 over the base parameters: each leaf's path, shape and float32 bytes, in sorted path order."""
+def params_sha256(params: Mapping, config: T5Config) -> str:
+  """sha256 over the base parameters: each leaf's per-layer path, shape and float32 bytes, in sorted path order
+  (the same for a model under `scan_layers`: checkpoints/layout.py)."""
   digest = hashlib.sha256()
-  flat = ckpt_names.flatten(nn.meta.unbox(dict(params)))
+  flat = layout.per_layer_flat(nn.meta.unbox(dict(params)), config)
   for key in sorted(flat):  # one leaf on the host at a time
-    value = np.ascontiguousarray(flat[key], np.float32)
+    value = np.ascontiguousarray(flat[key](), np.float32)
     digest.update(f"{key}:{value.shape};".encode())
     digest.update(value)  # the buffer itself: no bytes copy
   return digest.hexdigest()
@@ -95,7 +97,7 @@ def params_sha256(params: Mapping) -> str:
 
 def base_fingerprint(config: T5Config, params: Mapping) -> dict:
   """What identifies a base model: `{"config": T5Config.fingerprint() as a dict, "params_sha256": ...}`."""
-  return {"config": json.loads(config.fingerprint()), "params_sha256": params_sha256(params)}
+  return {"config": json.loads(config.fingerprint()), "params_sha256": params_sha256(params, config)}
 
 
 def fingerprint_config(fingerprint: Mapping) -> T5Config:

@@ -18,7 +18,7 @@ import seqio
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.experts.lora import ExpertDense
-from phatgoose_jax.t5 import layers
+from phatgoose_jax.t5 import layers, layout
 from phatgoose_jax.t5.network import Transformer
 
 PAD_ID = 0
@@ -141,7 +141,7 @@ class EncoderDecoderModel:
     score = sum_t log p(y_t | x, y_<t) over non-pad targets, divided by their number when
     `length_normalize` (rank classification's length-normalised score). With `return_intermediates`,
     returns (score, {"sum_logprob", "mean_logprob", "num_target_tokens", "intermediates"}), the last being
-    the sown `intermediates` collection (routing choices of a routed model).
+    the sown `intermediates` collection (routing choices of a routed model) in the per-layer layout.
     """
     targets = batch["decoder_target_tokens"]
     logits, state = self.logits(variables, batch, mutable=("intermediates",))
@@ -152,8 +152,9 @@ class EncoderDecoderModel:
     score = mean if self.length_normalize else total
     if not return_intermediates:
       return score
+    intermediates = layout.unstack_layers({"i": state.get("intermediates", {})}, self.config)["i"]
     return score, {"sum_logprob": total, "mean_logprob": mean, "num_target_tokens": count,
-                   "intermediates": state.get("intermediates", {})}
+                   "intermediates": intermediates}
 
   def encode(self, variables, encoder_tokens, expert_weights=None):
     return self._apply(variables, encoder_tokens, expert_weights=expert_weights, method=Transformer.encode)

@@ -44,7 +44,7 @@ def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:
   Activations shard `batch` over 'data' and 'expert' (as t5x's MoE rules do: outside the routed mix the
   expert axis is one more data axis); weights shard their wide dimension (`vocab`, `mlp`, `heads`,
   `joined_kv`) over 'model' and the `expert` dimension over 'expert'; `embed`, `kv`, `rank`, position
-  buckets and `length` stay replicated. `additional_rules` come first, so they override these.
+  buckets, `length` and the scanned stacks' `layers` stay replicated. `additional_rules` come first, so they override these.
   """
   rules = (
       ("batch", ("data", "expert")),
@@ -59,6 +59,7 @@ def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:
       ("length", None),
       ("expert", "expert"),
       ("rank", None),
+      ("layers", None),
   )
   return tuple(tuple(r) for r in additional_rules) + rules
 

@@ -35,11 +35,13 @@ from jax.experimental import multihost_utils
 from phatgoose_jax import data, distributed
 from phatgoose_jax import library as lib
 from phatgoose_jax import partitioning, utils
+from phatgoose_jax.t5 import layout
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
+from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.training import optimizers
 from phatgoose_jax.training import workdir as workdirs
 from phatgoose_jax.training.data import DeterministicBatches
@@ -167,9 +169,12 @@ def _written_once(write: Callable[[], object], read: Callable[[], object], barri
   return written if distributed.is_writer() else read()
 
 
-def _library_add(library: str, name: str, lora, **kwargs) -> dict:
-  """`ExpertLibrary.add` by process 0; every process returns the entry's manifest."""
-  return _written_once(lambda: lib.ExpertLibrary(library).add(name, lora, **kwargs),
+def _library_add(library: str, name: str, config: T5Config, lora, gates=None, **kwargs) -> dict:
+  """`ExpertLibrary.add` by process 0 of `lora` and `gates` in the per-layer layout (from a model of `config`);
+  every process returns the entry's manifest."""
+  stored = layout.unstack_layers({"lora": lora, **({} if gates is None else {"gates": gates})}, config)
+  add = lambda: lib.ExpertLibrary(library).add(name, stored["lora"], gates=stored.get("gates"), **kwargs)  # noqa: E731
+  return _written_once(add,
                        lambda: lib.ExpertLibrary(library).manifest(name), f"library add {library} {name}")
 
 
@@ -200,7 +205,7 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
                 num_steps, seed=seed)
   record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="expert",
                             num_steps=num_steps, seed=seed)
-  return _library_add(library, name or task, trained["lora"], base=fingerprint, dataset=task,
+  return _library_add(library, name or task, model.config, trained["lora"], base=fingerprint, dataset=task,
                       training={"expert": record})
 
 
@@ -231,7 +236,7 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
   trained = fit(model, variables, ["gates/.*"], train, None, workdir, num_steps, seed=seed)
   record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="gate", num_steps=num_steps,
                             seed=seed)
-  return _library_add(library, name, expert.lora, base=expert.manifest["base"], gates=trained["gates"],
+  return _library_add(library, name, model.config, expert.lora, trained["gates"], base=expert.manifest["base"],
                       dataset=expert.manifest["dataset"], dtype=expert.manifest["dtype"],
                       training=dict(expert.manifest["training"], gate=record), replace=True)
 
@@ -275,6 +280,6 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   else:
     record = _training_record(task, len(train["encoder_input_tokens"]), started, stage="multitask",
                               num_steps=num_steps, seed=seed)
-    _library_add(output, name, trained["lora"], base=lib.base_fingerprint(config, params), dataset=task,
+    _library_add(output, name, model.config, trained["lora"], base=lib.base_fingerprint(config, params), dataset=task,
                  training={"multitask": record})
   return output

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from phatgoose_jax import partitioning
 from phatgoose_jax import checkpoints
 from phatgoose_jax.checkpoints import Loaded
+from phatgoose_jax.t5 import layout
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5 import config as t5_config
@@ -26,19 +27,21 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 @gin.configurable
 def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size: Optional[str] = None,
-                 overrides: Optional[dict] = None, dropout_rate: float = 0.1,
-                 dtype: str = "float32") -> Optional[t5_config.T5Config]:
+                 overrides: Optional[dict] = None, dropout_rate: float = 0.1, dtype: str = "float32",
+                 scan_layers: bool = False) -> Optional[t5_config.T5Config]:
   """The configured T5 v1.1: a preset (`tiny`, `small` ... `xxl`) with optional architecture `overrides`.
 
-  Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout and
-  dtype are always the configured ones (`dtype`: 'float32', or 'bfloat16' for the official bf16 evaluation)."""
+  Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout, dtype
+  and layout are always the configured ones (`dtype`: 'float32', or 'bfloat16' for the official bf16
+  evaluation; `scan_layers`: each stack under `nn.scan`, one layer body compiled per stack, t5/network.py)."""
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(f"model dtype (--precision) must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  configured = dict(dropout_rate=dropout_rate, dtype=dtype, scan_layers=scan_layers)
   if size is not None:
-    return t5_config.preset(size, **(overrides or {})).replace(dropout_rate=dropout_rate, dtype=dtype)
+    return t5_config.preset(size, **(overrides or {})).replace(**configured)
   if checkpoint_config is None:
     return None
-  return checkpoint_config.replace(dropout_rate=dropout_rate, dtype=dtype)
+  return checkpoint_config.replace(**configured)
 
 
 @gin.configurable
@@ -59,13 +62,16 @@ def params_shardings(config: t5_config.T5Config, mesh, rules) -> dict:
 def restore_base(path: str, dtype: Optional[str] = None) -> Loaded:
   """The checkpoint at `path` (any format) checked against the configured architecture, with the configured
   model config; its `params` restored straight into their shardings on the configured mesh in `dtype`
-  (default `frozen_base_dtype()`), each process reading only its devices' slices."""
+  (default `frozen_base_dtype()`), each process reading only its devices' slices; stacked for a model under
+  `scan_layers` one parameter at a time (checkpoints/layout.py)."""
   expect = model_config()
   config = expect or model_config(checkpoints.architecture(path))
   mesh, rules = sharding()
-  loaded = checkpoints.load(path, expect=expect, shardings=params_shardings(config, mesh, rules),
-                            dtype=dtype or frozen_base_dtype())
-  return loaded._replace(config=model_config(loaded.config))
+  loaded = checkpoints.load(path, expect=expect, shardings=params_shardings(config.replace(scan_layers=False), mesh,
+                                                                             rules), dtype=dtype or frozen_base_dtype())
+  config = model_config(loaded.config)
+  stacked = {"params": params_shardings(config, mesh, rules)} if config.scan_layers else None
+  return loaded._replace(config=config, variables=layout.for_model(loaded.variables, config, stacked))
 
 
 @gin.configurable
@@ -99,7 +105,9 @@ def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict
   shardings as `out_shardings`. A given collection is never drawn (its shapes come from `jax.eval_shape`),
   so a frozen base from a checkpoint is never initialised at random. With nothing given (a model trained from
   scratch) every collection is drawn eagerly: XLA fusing a whole-model initialisation moves some normal draws
-  by an ulp, and the seeded base must stay the same."""
+  by an ulp, and the seeded base must stay the same. Given collections may be in the per-layer layout of
+  checkpoints and libraries: they are stacked for a model under `scan_layers`."""
+  collections = layout.for_model(collections, model.config)
   if not collections:  # a model from scratch (base pretraining): drawn as it always was, eagerly
     return model.get_initial_variables(jax.random.key(seed))
   abstract = jax.eval_shape(model.get_initial_variables, jax.random.key(seed))

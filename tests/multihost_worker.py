@@ -57,7 +57,7 @@ def train(workdir: str, library: str) -> dict:
   restored = trainer_lib.Trainer(model.loss_fn, variables, **kw)
   params, again = multihost_utils.process_allgather((trained.state["params"], restored.state["params"]), tiled=True)
   same = jax.tree.all(jax.tree.map(np.array_equal, params, again))
-  entry = train_stage._library_add(library, "expert", params["lora"], base=lib.base_fingerprint(CONFIG, {}),
+  entry = train_stage._library_add(library, "expert", CONFIG, params["lora"], base=lib.base_fingerprint(CONFIG, {}),
                                    dataset=f"process_{jax.process_index()}")
   return {"losses": [h["train/loss"] for h in trained.history], "restored_step": int(restored.state["step"]),
           "restored_equal": bool(same), "rows": [rows.start, rows.stop], "params": trainer_lib.flatten(params),

@@ -11,6 +11,7 @@ import transformers
 from phatgoose_jax import cli
 from phatgoose_jax.checkpoints.hf import load_hf
 from phatgoose_jax.models import EncoderDecoderModel, shift_right
+from phatgoose_jax.t5 import layout
 
 CONFIGS = [
     dict(d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
@@ -45,11 +46,15 @@ def padded_batch(seed, vocab=120, batch=3, in_len=11, out_len=9):
   return enc, tgt
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
-def test_encoder_and_logits_match_transformers(tmp_path, index):
+def test_encoder_and_logits_match_transformers(tmp_path, index, scan_layers):
+  """Unrolled, and with each stack under nn.scan (the checkpoint's per-layer weights stacked)."""
   reference = hf_model(tmp_path, index, **CONFIGS[index])
   config, params = load_hf(str(tmp_path))
-  model = EncoderDecoderModel(config.replace(dropout_rate=0.0))
+  config = config.replace(dropout_rate=0.0, scan_layers=scan_layers)
+  model = EncoderDecoderModel(config)
+  params = layout.for_model({"params": params}, config)["params"]
   enc, tgt = padded_batch(index)
   dec_in = shift_right(tgt)
   with torch.no_grad():

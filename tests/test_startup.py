@@ -45,7 +45,7 @@ import gin, jax, numpy as np
 from phatgoose_jax import checkpoints, partitioning, utils
 from phatgoose_jax import main  # noqa: F401 (gin registrations)
 from phatgoose_jax.checkpoints import hf, native, names, t5x
-from phatgoose_jax.t5 import config as t5_config
+from phatgoose_jax.t5 import config as t5_config, layout
 
 config = t5_config.preset("tiny").replace(vocab_size=256, d_ff=128)
 gin.parse_config(["partitioning.make_mesh.data = 2", "partitioning.make_mesh.model = 4"])
@@ -93,6 +93,19 @@ lora_sh = partitioning.unbox(partitioning.variables_shardings(
     {"lora": jax.eval_shape(lora_model.get_initial_variables, jax.random.key(0))["lora"]}, mesh, rules))["lora"]
 assert jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, variables["lora"], lora_sh)) and all(
     jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, variables["lora"], lora_sh)))
+
+gin.parse_config(["utils.model_config.scan_layers = True"])  # stacked one parameter at a time, in its sharding
+scanned = utils.restore_base(f"{tmp}/t5x/checkpoint_0")
+assert scanned.config.scan_layers and single_device_arrays() <= before
+stacked_sh = names.flatten(utils.params_shardings(scanned.config, mesh, rules))
+want = names.flatten(layout.stack_layers({"params": params}, config)["params"])
+flat = names.flatten(scanned.variables["params"])
+assert sorted(flat) == sorted(want) and any("/layers/" in k for k in flat)
+for k, v in flat.items():
+  assert v.sharding == stacked_sh[k], (k, v.sharding)
+  np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(want[k]).astype(jax.numpy.bfloat16).astype(np.float32))
+held = [sum(s.data.nbytes for a in flat.values() for s in a.addressable_shards if s.device == d) for d in jax.devices()]
+assert held == [per_device // 2] * 8, held
 print("OK", full, per_device)
 '''
 
@@ -101,7 +114,8 @@ def test_a_sharded_start_up_on_8_devices_never_holds_a_whole_base(tmp_path):
   """Each format restores into its shardings equal to the checkpoint's arrays, in float32 or bfloat16, each
   device holding exactly its shards (under half the base) and no whole array placed on one device on the way
   (`jax.live_arrays()`); the base from
-  `restore_base` is bf16 when configured and the fresh LoRA equals an eager initialisation."""
+  `restore_base` is bf16 when configured, the fresh LoRA equals an eager initialisation, and under
+  `scan_layers` the base is restored stacked into the scanned model's shardings with the same bytes per device."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   done = subprocess.run([sys.executable, "-c", SHARDED_START], capture_output=True, text=True, env=env,
                         timeout=600, cwd=tmp_path)

@@ -14,6 +14,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from phatgoose_jax.t5 import layout
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.experts.config import ExpertConfig
 
@@ -38,7 +39,9 @@ def _expert_to_dict(config: Optional[ExpertConfig]) -> Optional[dict]:
 
 def save_native(directory: str, state: Any, t5_config: T5Config, expert_config: Optional[ExpertConfig] = None,
                 *, overwrite: bool = False) -> None:
-  """Save `state` (any pytree of arrays) with orbax and the configs as `config.json` in `directory`."""
+  """Save `state` ({collection: tree of arrays}) with orbax and the configs as `config.json` in `directory`,
+  in the per-layer layout of t5x (a model under `scan_layers` is unstacked: checkpoints/layout.py)."""
+  state, t5_config = layout.unstack_layers(state, t5_config), t5_config.replace(scan_layers=False)
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:

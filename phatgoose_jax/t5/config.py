@@ -28,6 +28,7 @@ class T5Config:
   dropout_rate: float = 0.1
   layer_norm_epsilon: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  scan_layers: bool = False  # each stack's layers under nn.scan, their variables stacked (checkpoints/layout.py)
 
   @property
   def joined_kv(self) -> int:
@@ -48,10 +49,11 @@ class T5Config:
     return cls(**d)
 
   def fingerprint(self) -> str:
-    """The architecture as a canonical JSON string (dtype and dropout excluded: they do not change weights)."""
+    """The architecture as a canonical JSON string (dtype, dropout and the layer layout excluded: they do not
+    change weights)."""
     d = self.to_dict()
-    d.pop("dtype")
-    d.pop("dropout_rate")
+    for field in ("dtype", "dropout_rate", "scan_layers"):
+      d.pop(field)
     return json.dumps(d, sort_keys=True)
 
 

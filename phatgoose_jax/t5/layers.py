@@ -2,6 +2,7 @@
 
 Shapes in docstrings: b batch, q/k query/key length, h heads, d d_kv, m d_model.
 """
+import functools
 import math
 from typing import Any, Callable
 
@@ -68,22 +69,30 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
   return bucket + jnp.where(distance < max_exact, distance, large)
 
 
+def position_bias(table, query_positions, key_positions, *, bidirectional, max_distance, dtype):
+  """table <f32>[h, num_buckets], query_positions <int>[q], key_positions <int>[k] -> bias <dtype>[1, h, q, k]."""
+  buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None], bidirectional,
+                                     table.shape[1], max_distance)
+  return jnp.take(table, buckets, axis=1)[None].astype(dtype)
+
+
 class RelativePositionBiases(nn.Module):
-  """Per-head learned bias for each relative-position bucket; one table per stack, shared by its layers."""
+  """Per-head learned bias for each relative-position bucket; one table per stack, shared by its layers.
+
+  Returns `position_bias_fn(query_positions, key_positions)`, a pure function of the table (no module inside),
+  so the layers may call it under `nn.scan`."""
   num_buckets: int
   max_distance: int
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, query_positions, key_positions, bidirectional):
-    """query_positions <int>[q], key_positions <int>[k] -> bias <float>[1, h, q, k]."""
+  def __call__(self, bidirectional) -> Callable:
     table = self.param("rel_embedding",
                        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
                        (self.num_heads, self.num_buckets), jnp.float32)
-    buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None], bidirectional,
-                                       self.num_buckets, self.max_distance)
-    return jnp.take(table, buckets, axis=1)[None].astype(self.dtype)
+    return functools.partial(position_bias, table, bidirectional=bidirectional, max_distance=self.max_distance,
+                             dtype=self.dtype)
 
 
 def dot_product_attention(query, key, value, bias, dropout, deterministic):

@@ -5,6 +5,11 @@ Inputs follow t5x: `encoder_input_tokens` <int>[b, L_in], `decoder_input_tokens`
 shifted right, starting from pad 0) and `decoder_target_tokens` [b, L_out] (0 = pad, used for masks).
 Every linear layer is built by the injected `dense` factory (default `layers.Dense`); `expert_weights`
 <float>[b, E] is passed through to it untouched (the expert layer uses it for fixed per-example mixtures).
+
+With `config.scan_layers` each stack runs its layers under `nn.scan` (t5x's and flaxformer's `scan_layers`):
+one layer body is compiled per stack, and every collection holds `encoder/layers/...` with a leading
+`layers` axis instead of `encoder/layers_{i}/...` (checkpoints/layout.py converts; checkpoints keep t5x's
+per-layer names on disk).
 """
 from typing import Callable
 
@@ -58,6 +63,20 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
+def run_layers(make_layer: Callable, num_layers: int, scan: bool, x, *args):
+  """x through `num_layers` layers `make_layer(name)` named `layers_{i}`, or through one layer named `layers`
+  under `nn.scan`, its variables with a leading `layers` axis (call inside a compact module); `args` are shared
+  by every layer."""
+  if not scan:
+    for i in range(num_layers):
+      x = make_layer(f"layers_{i}")(x, *args)
+    return x
+  scanned = nn.scan(lambda module, carry, *shared: (module(carry, *shared), None), variable_axes={True: 0},
+                    split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                    length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(make_layer("layers"), x, *args)[0]
+
+
 class Encoder(nn.Module):
   config: T5Config
   dense: Callable
@@ -69,14 +88,14 @@ class Encoder(nn.Module):
     cfg = self.config
     relpos = layers.RelativePositionBiases(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
                                            cfg.num_heads, cfg.dtype, name="relpos_bias")
-    position_bias_fn = lambda q, k: relpos(q, k, bidirectional=True)  # noqa: E731
+    position_bias_fn = relpos(bidirectional=True)
     valid = tokens > 0
     mask = layers.attention_mask(valid, valid)
     drop = nn.Dropout(cfg.dropout_rate)
     x = drop(self.embedder(tokens), deterministic=deterministic)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, self.dense, name=f"layers_{i}")(x, mask, position_bias_fn, deterministic,
-                                                               expert_weights)
+    layer = lambda name: EncoderLayer(cfg, self.dense, name=name)  # noqa: E731
+    x = run_layers(layer, cfg.num_encoder_layers, cfg.scan_layers, x, mask, position_bias_fn, deterministic,
+                   expert_weights)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return drop(x, deterministic=deterministic)
 
@@ -93,7 +112,7 @@ class Decoder(nn.Module):
     cfg = self.config
     relpos = layers.RelativePositionBiases(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
                                            cfg.num_heads, cfg.dtype, name="relpos_bias")
-    position_bias_fn = lambda q, k: relpos(q, k, bidirectional=False)  # noqa: E731
+    position_bias_fn = relpos(bidirectional=False)
     targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
     query_valid = jnp.ones_like(targets, bool) if decode else targets > 0
     cross_mask = layers.attention_mask(query_valid, encoder_tokens > 0)
@@ -101,9 +120,9 @@ class Decoder(nn.Module):
         targets.shape[1])
     drop = nn.Dropout(cfg.dropout_rate)
     y = drop(self.embedder(decoder_input_tokens), deterministic=deterministic)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, self.dense, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, position_bias_fn,
-                                                               deterministic, decode, expert_weights)
+    layer = lambda name: DecoderLayer(cfg, self.dense, name=name)  # noqa: E731
+    y = run_layers(layer, cfg.num_decoder_layers, cfg.scan_layers, y, encoded, self_mask, cross_mask,
+                   position_bias_fn, deterministic, decode, expert_weights)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = drop(y, deterministic=deterministic)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="logits_dense",
