@@ -124,14 +124,22 @@ class EncoderDecoderModel:
                        batch["decoder_target_tokens"], enable_dropout=dropout_rng is not None,
                        expert_weights=batch.get("expert_weights"), rngs=rngs, mutable=mutable)
 
-  def loss_fn(self, variables, batch, dropout_rng=None):
-    """Mean token cross-entropy over non-pad targets (weights `decoder_loss_weights` if given)."""
+  def loss_fn(self, variables, batch, dropout_rng=None, num_groups: int = 1):
+    """Token cross-entropy over non-pad targets (weights `decoder_loss_weights` if given), averaged per group of
+    rows, then over the `num_groups` groups (row j in group j mod num_groups):
+
+      loss = (1 / G) sum_g  sum_{t in g} w_t nll_t / sum_{t in g} w_t,
+
+    the official loss of a batch split into G micro-batches: each micro-batch's token mean divided by the
+    accumulation factor (src/procedures/trainer.py:145-151). One group weights every target token equally.
+    """
     logits = self.logits(variables, batch, dropout_rng)
     targets = batch["decoder_target_tokens"]
     weights = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
     nll = -token_log_likelihoods(logits, targets)
+    group_sums = lambda x: jnp.sum(x.reshape(-1, num_groups, x.shape[-1]), axis=(0, 2))  # noqa: E731
+    loss = jnp.mean(group_sums(nll * weights) / jnp.maximum(group_sums(weights), 1.0))
     num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
-    loss = jnp.sum(nll * weights) / num_tokens
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / num_tokens
     return loss, {"loss": loss, "accuracy": accuracy, "num_tokens": jnp.sum(weights)}
 

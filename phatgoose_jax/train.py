@@ -122,14 +122,31 @@ def selection(model: EncoderDecoderModel, task: str, held_out: data.HeldOut, max
   return Selection(_eval_loss_fn(model, features, batch_size), "loss", "min")
 
 
+def training_loss(model: EncoderDecoderModel, loss_groups: int, accum_steps: int) -> tuple:
+  """(loss_fn of one micro-batch, the metric weighting micro-batches in `Trainer`) for a batch whose loss is the
+  mean of `loss_groups` group token means (`model.loss_fn`; the official micro-batches,
+  src/procedures/trainer.py:145-151): each of the `accum_steps` micro-batches holds loss_groups / accum_steps
+  whole groups and weighs the same. One group: every target token of the batch weighs the same, so micro-batches
+  weigh by their token counts."""
+  if loss_groups == 1:
+    return model.loss_fn, "num_tokens"
+  if loss_groups % accum_steps:
+    raise ValueError(f"train.fit.loss_groups = {loss_groups} is not a multiple of train.fit.accum_steps = "
+                     f"{accum_steps}: bind accum_steps to a divisor of it")
+  return functools.partial(model.loss_fn, num_groups=loss_groups // accum_steps), None
+
+
 @gin.configurable(denylist=["model", "variables", "trainable", "train", "validation", "workdir"])
 def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], train: Dict[str, np.ndarray],
         validation: Optional[Selection], workdir: str, num_steps: int, batch_size: int = 32,
-        seed: int = 0, dropout_seed: int = 0, accum_steps: int = 1, checkpoint_every: Optional[int] = None,
-        eval_every: int = 100) -> dict:
+        seed: int = 0, dropout_seed: int = 0, accum_steps: int = 1, loss_groups: int = 1,
+        checkpoint_every: Optional[int] = None, eval_every: int = 100) -> dict:
   """Train the `trainable` leaves of `variables` on `train` features; returns the kept variables.
 
-  `batch_size` is the effective (global) batch, split into `accum_steps` micro-batches. `seed` orders the
+  `batch_size` is the effective (global) batch, split into `accum_steps` micro-batches. Its loss is the mean of
+  `loss_groups` group token means (`training_loss`): the expert and gate run files bind 32, the official
+  gradient accumulation factor (colm/experiments/train_single_task_loralinear.gin:8); 1 weights every target
+  token of the batch equally (the multitask run and the demo). `seed` orders the
   data; `dropout_seed` draws dropout masks (a constant of the compiled step, so runs that share it share
   compiled code). Checkpoints (orbax) and TensorBoard go under `workdir`; an existing checkpoint there
   resumes. The kept variables are those of the best `validation` candidate (step 0, every `eval_every`
@@ -137,16 +154,20 @@ def fit(model: EncoderDecoderModel, variables: dict, trainable: Sequence[str], t
   `validation`. `train` holds this process's shard of the data; each process feeds its rows of a batch.
   """
   for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("accum_steps", accum_steps),
-                      ("eval_every", eval_every)):
+                      ("loss_groups", loss_groups), ("eval_every", eval_every)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); bind it as a "
                        f"number, e.g. --gin \"train.fit.{name} = 32\"")
   mesh, rules = utils.sharding()
   select = {} if validation is None else {"eval_fn": validation.eval_fn, "best_mode": validation.mode,
                                           "best_fn": lambda metrics: metrics[validation.key]}
-  trainer = Trainer(model.loss_fn, variables, trainable=trainable, optimizer=optimizers.make_optimizer(num_steps=num_steps), mesh=mesh,
+  if batch_size % loss_groups:
+    raise ValueError(f"train.fit.batch_size = {batch_size} is not a multiple of train.fit.loss_groups = "
+                     f"{loss_groups}: bind loss_groups to a divisor of the batch size")
+  loss_fn, weight_key = training_loss(model, loss_groups, accum_steps)
+  trainer = Trainer(loss_fn, variables, trainable=trainable, optimizer=optimizers.make_optimizer(num_steps=num_steps), mesh=mesh,
                     rules=rules, workdir=workdir, checkpoint_every=checkpoint_every or num_steps,
-                    eval_every=eval_every, seed=dropout_seed, accum_steps=accum_steps,
+                    eval_every=eval_every, seed=dropout_seed, accum_steps=accum_steps, loss_weight_key=weight_key,
                     log_every=max(1, num_steps // 20), **select)
   rows = trainer.local_rows(batch_size)
   trainer.train(DeterministicBatches(data.model_features(train), rows.stop - rows.start, seed), num_steps)

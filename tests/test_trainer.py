@@ -302,3 +302,48 @@ def test_a_resumed_run_selects_as_an_uninterrupted_one(tmp_path):
   resumed.train(batches, 6)
   assert straight.best_step == resumed.best_step == 4
   assert leaves_equal(straight.best_variables(), resumed.best_variables())
+
+
+def official_micro_batch_gradient(model, variables, batch, num_groups):
+  """The official accumulation (src/procedures/trainer.py:145-151) computed directly: the gradient of
+  sum_g loss_g / G, loss_g the token mean of micro-batch g (rows j = g mod G), as Hugging Face's cross-entropy
+  (ignore_index on pad targets) averages it."""
+  def official(lora):
+    total = 0.0
+    for g in range(num_groups):
+      micro = {k: v[g::num_groups] for k, v in batch.items()}
+      logits = model.logits({**variables, "lora": lora}, micro)
+      targets = micro["decoder_target_tokens"]
+      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+      total = total + jnp.sum(jnp.where(targets > 0, nll, 0.0)) / jnp.sum(targets > 0) / num_groups
+    return total
+  return jax.grad(official)(variables["lora"])
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_the_batch_loss_is_the_mean_of_each_official_micro_batch_token_mean(accum_steps):
+  """Four micro-batches of 7, 3, 7 and 11 target tokens: one SGD step of lr 1 moves the LoRA by minus the official
+  gradient, whether the batch is computed at once or in 2 accumulated parts (train.training_loss); the
+  token-weighted loss of the whole batch has another gradient."""
+  from phatgoose_jax import train  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.experts.config import ExpertConfig  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.models import EncoderDecoderModel, shift_right  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.t5.config import preset  # pylint: disable=import-outside-toplevel
+  model = EncoderDecoderModel(preset("tiny", dropout_rate=0.0), ExpertConfig(mode="lora", rank=4))
+  variables = nn.meta.unbox(model.get_initial_variables(jax.random.key(0)))
+  variables["lora"] = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape),
+                                   variables["lora"])
+  rng = np.random.default_rng(0)
+  lengths = np.array([1, 2, 5, 6, 6, 1, 2, 5])  # row j is in micro-batch j mod 4: 1+6, 2+1, 5+2, 6+5 tokens
+  targets = np.where(np.arange(6)[None] < lengths[:, None], rng.integers(2, 259, (8, 6)), 0).astype(np.int32)
+  batch = {"encoder_input_tokens": rng.integers(2, 259, (8, 5)).astype(np.int32),
+           "decoder_input_tokens": shift_right(targets), "decoder_target_tokens": targets}
+  expected = official_micro_batch_gradient(model, variables, batch, 4)
+  loss_fn, weight_key = train.training_loss(model, loss_groups=4, accum_steps=accum_steps)
+  t = trainer_lib.Trainer(loss_fn, variables, trainable=["lora/.*"], optimizer=optax.sgd(1.0),
+                          accum_steps=accum_steps, loss_weight_key=weight_key)
+  moved = t.train(lambda step: batch, 1)["lora"]
+  got = jax.tree.map(lambda before, after: before - after, variables["lora"], moved)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-7), got, expected)
+  token_weighted = jax.grad(lambda lora: model.loss_fn({**variables, "lora": lora}, batch)[0])(variables["lora"])
+  assert not np.allclose(jax.tree.leaves(token_weighted)[0], jax.tree.leaves(expected)[0], rtol=1e-2)

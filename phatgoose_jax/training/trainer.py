@@ -12,7 +12,8 @@ One update from the effective batch of step s, split into A = `accum_steps` micr
   theta <- theta + optimizer.update(g)
 
 so a token-weighted mean loss (sum(l * m) / sum(m), with `num_tokens = sum(m)` in its metrics) and a
-plain per-example mean both accumulate to exactly the big-batch gradient (to float rounding).
+plain per-example mean both accumulate to exactly the big-batch gradient (to float rounding), and so does the
+official loss, the mean of equal groups' token means, with equal weights (`train.training_loss`).
 Dropout's rng is `fold_in(fold_in(key(seed), s), i)` and the batch is `batch_fn(s)`: both pure functions of
 the step, so a resumed run recomputes the same updates and ends bitwise equal to an uninterrupted one.
 Trainable leaves and optimiser state are float32; the compute dtype is the model's business.
@@ -151,7 +152,8 @@ class Trainer:
     best_fn, best_mode: the keep-best criterion over eval metrics and whether to 'min'imise or 'max'imise
       it; ties go to the later step.
     accum_steps: micro-batches per update; it must divide the batch size.
-    loss_weight_key: the metric giving a micro-batch's weight in accumulation (see module docstring).
+    loss_weight_key: the metric giving a micro-batch's weight in accumulation (see module docstring); None: all
+      weigh the same (a loss that is a mean over equal parts of the batch, `train.training_loss`).
     seed: dropout rngs are `fold_in(key(seed), step)`.
     strict_sharding: raise, rather than replicate, when a mesh axis does not divide a dimension.
     log_every: write training metrics every this many steps (also kept in `history`).
@@ -163,7 +165,7 @@ class Trainer:
                rules: Optional[Sequence[tuple]] = None, workdir: Optional[str] = None,
                checkpoint_every: int = 100, keep: int = 1, eval_fn: Optional[EvalFn] = None,
                eval_every: int = 100, best_fn: Callable[[dict], float] = eval_loss, best_mode: str = "min",
-               accum_steps: int = 1, loss_weight_key: str = "num_tokens", seed: int = 0,
+               accum_steps: int = 1, loss_weight_key: Optional[str] = "num_tokens", seed: int = 0,
                strict_sharding: bool = False, log_every: int = 10, tensorboard: bool = True):
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
