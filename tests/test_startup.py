@@ -95,6 +95,7 @@ assert jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, variables["lor
     jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, variables["lora"], lora_sh)))
 
 gin.parse_config(["utils.model_config.scan_layers = True"])  # stacked one parameter at a time, in its sharding
+before = single_device_arrays()  # the eager LoRA above lives on one device
 scanned = utils.restore_base(f"{tmp}/t5x/checkpoint_0")
 assert scanned.config.scan_layers and single_device_arrays() <= before
 stacked_sh = names.flatten(utils.params_shardings(scanned.config, mesh, rules))
