@@ -26,6 +26,13 @@ EOS_ID = 1
 VARIABLE_COLLECTIONS = ("params", "lora", "gates", "experts")
 
 
+def new_tokens(max_length: int) -> int:
+  """The tokens greedy generation adds for the paper's generation length `max_length` (a task's official
+  `max_gen_length`): Hugging Face `generate(max_length=L)` counts the decoder start token, so L - 1
+  (src/models/interface_mixin.py:254-259)."""
+  return max_length - 1
+
+
 def shift_right(targets: np.ndarray) -> np.ndarray:
   """Decoder inputs: the targets shifted right by one, starting from pad (T5 has no BOS)."""
   targets = np.asarray(targets)

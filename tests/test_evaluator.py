@@ -81,6 +81,24 @@ def test_generative_task_scored_by_its_metric_on_greedy_outputs(runner):
                                                 "score": expected}
 
 
+@pytest.mark.parametrize("task,length", [("flan_Niv2zsPaperreview_eval", 2), ("bbl_operators", 4)])
+def test_protocol_generation_length_decodes_one_token_less(runner, task, length):
+  """A task's official `max_gen_length` L is `generate(max_length=L)`, which counts the decoder start token:
+  L - 1 new tokens (src/models/interface_mixin.py:254-259), the greedy decoding of each input at that count."""
+  examples = [("reverse: cat", "tac"), ("x", "y")]
+  _register_generative(task, examples)
+  try:
+    _, outputs = _rows_and_outputs(task, runner, "predict_fn")
+  finally:
+    seqio.TaskRegistry.remove(task)
+  vocab = seqio.ByteVocabulary()
+  for i, (inputs, _) in enumerate(examples):
+    enc = np.array([list(vocab.encode(inputs)) + [1]], np.int32)
+    alone = runner.model.predict_batch(runner.variables, {"encoder_input_tokens": enc,
+                                                          "decoder_input_tokens": np.zeros((1, length - 1), np.int32)})
+    np.testing.assert_array_equal(outputs[i], np.asarray(alone)[0])
+
+
 def test_rank_classification_rows_are_not_decoded(runner):
   task = suite.HELD_OUT_TASKS[0]
   rows, outputs = _rows_and_outputs(task, runner, "predict_fn")

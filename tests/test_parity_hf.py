@@ -10,7 +10,7 @@ import transformers
 
 from phatgoose_jax import cli
 from phatgoose_jax.checkpoints.hf import load_hf
-from phatgoose_jax.models import EncoderDecoderModel, shift_right
+from phatgoose_jax.models import EncoderDecoderModel, new_tokens, shift_right
 from phatgoose_jax.t5 import layout
 
 CONFIGS = [
@@ -68,6 +68,23 @@ def test_encoder_and_logits_match_transformers(tmp_path, index, scan_layers):
   enc_valid, tgt_valid = enc > 0, tgt > 0
   assert np.abs(encoded[enc_valid] - out.encoder_last_hidden_state.numpy()[enc_valid]).max() <= 1e-4
   assert np.abs(logits[tgt_valid] - out.logits.numpy()[tgt_valid]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("max_length", [2, 4, 8])
+def test_greedy_generation_of_a_protocol_length_equals_transformers_generate(tmp_path, max_length):
+  """The paper's generation length L is Hugging Face `generate(max_length=L)`: L counts the decoder start
+  token, so `new_tokens(L)` = L - 1 greedy tokens (src/models/interface_mixin.py:254-259)."""
+  reference = hf_model(tmp_path, 3, **CONFIGS[0])
+  config, params = load_hf(str(tmp_path))
+  enc, _ = padded_batch(3)
+  with torch.no_grad():
+    hf = reference.generate(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0),
+                            max_length=max_length, num_beams=1, do_sample=False).numpy()[:, 1:]
+  steps = new_tokens(max_length)
+  ours = np.asarray(EncoderDecoderModel(config.replace(dropout_rate=0.0)).predict_batch(
+      {"params": params}, {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((len(enc), steps), np.int32)}))
+  np.testing.assert_array_equal(ours, np.pad(hf, [(0, 0), (0, steps - hf.shape[1])]))
+  assert steps == max_length - 1
 
 
 def test_cli_score_matches_transformers_log_likelihoods(tmp_path, capsys):

@@ -6,8 +6,9 @@ the configured lengths (trimming keeps EOS), and the task's own metric functions
 compute the numbers from what a `Runner` gives them:
   score_fn   -> every row's target log-likelihood from `EncoderDecoderModel.score_batch` (length-normalised:
                 rank classification picks the highest mean, i.e. the lowest length-normalised cross-entropy);
-  predict_fn -> greedy decodings (`predict_batch_with_aux`) of the generative rows, at most the task's
-                generation length (`sources.generation_length`, the official `max_gen_length`).
+  predict_fn -> greedy decodings (`predict_batch_with_aux`) of the generative rows: `new_tokens(L)` = L - 1
+                tokens for the task's generation length L (`sources.generation_length`, the official
+                `max_gen_length`, passed as `generate(max_length=L)`), at most `target_length`.
 Batches have a fixed shape (`batch_size` rows, padded), so each jitted function compiles once, and are placed
 with the mesh's batch sharding. Per-example routers (uniform, oracle, retrieval) give `expert_weights(batch) ->
 <float32>[b, E]`; the batch they see holds the encoded inputs, their texts (`inputs`) and the task name
@@ -31,7 +32,7 @@ from phatgoose_jax import tasks
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.checkpoints import names
 from phatgoose_jax.evaluation import metrics
-from phatgoose_jax.models import EncoderDecoderModel, pad_tokens, shift_right
+from phatgoose_jax.models import EncoderDecoderModel, new_tokens, pad_tokens, shift_right
 from phatgoose_jax.tasks import flan, seqio_tasks, sources
 
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
@@ -79,7 +80,7 @@ class Runner:
   def predict_fn(self, task: str, rows: Sequence[Mapping]) -> Callable:
     """seqio predict_fn: dataset -> [(index, greedy tokens)]; only generative rows are decoded (the others
     get an empty output, which no metric reads)."""
-    length = min(self.target_length, sources.generation_length(task))
+    length = min(self.target_length, new_tokens(sources.generation_length(task)))
     generative = np.array([seqio_tasks.text(r["metric"]) != seqio_tasks.RANK_CLASSIFICATION for r in rows])
 
     def predict(dataset):

@@ -39,7 +39,7 @@ import numpy as np
 
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names as ckpt_names
-from phatgoose_jax.models import EOS_ID, EncoderDecoderModel, shift_right
+from phatgoose_jax.models import EOS_ID, EncoderDecoderModel, new_tokens, shift_right
 from phatgoose_jax.routers import Routing, load_all, routed
 from phatgoose_jax.t5.network import Transformer
 
@@ -100,7 +100,7 @@ def official_means(model: EncoderDecoderModel, variables: Mapping, encoder_token
   for start in range(0, len(encoder_tokens), batch_size):
     tokens = jnp.asarray(encoder_tokens[start:start + batch_size])
     batch = {"encoder_input_tokens": tokens,
-             "decoder_input_tokens": jnp.zeros((len(tokens), max_gen_length - 1), jnp.int32)}
+             "decoder_input_tokens": jnp.zeros((len(tokens), new_tokens(max_gen_length)), jnp.int32)}
     generated = np.asarray(model.jit_predict(variables, batch)[0])
     last = generation_steps(generated) - 1
     means = example_means(model.module, variables, tokens, jnp.asarray(shift_right(generated)), last)
