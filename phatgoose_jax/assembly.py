@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from phatgoose_jax import data
 from phatgoose_jax import library as lib
 from phatgoose_jax import routers, utils
+from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.checkpoints import load as load_checkpoint
 from phatgoose_jax.checkpoints import native
 from phatgoose_jax.t5 import layout
-from phatgoose_jax.models import EncoderDecoderModel
+from phatgoose_jax.models import EncoderDecoderModel, pad_tokens
 from phatgoose_jax.t5.config import T5Config
 
 
@@ -103,20 +104,43 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   return LoadedModel(model, variables, routing.expert_weights)
 
 
+def expert_dataset(library_: lib.ExpertLibrary, name: str) -> str:
+  """The training task an expert records; refused for one that records none."""
+  task = library_.manifest(name)["dataset"]
+  if task is None:
+    free = ", ".join(r for r, spec in routers.ROUTERS.items() if not spec.needs)
+    raise ValueError(f"expert {name!r} records no training dataset, so routers that read expert data cannot use "
+                     f"it; choose a router that needs none ({free})")
+  return task
+
+
 def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut,
                 max_examples: Optional[int], batch_size: int) -> Dict[str, list]:
   """{expert: [batches of its training data]} (the first `max_examples` rows, or all): t5x features plus
   `inputs` (the input texts)."""
   out = {}
   for name in names:
-    task = library_.manifest(name)["dataset"]
-    if task is None:
-      free = ", ".join(r for r, spec in routers.ROUTERS.items() if not spec.needs)
-      raise ValueError(f"expert {name!r} records no training dataset, so routers that read expert data cannot use "
-                       f"it; choose a router that needs none ({free})")
-    features = data.examples(task, "train", data.feature_lengths(), max_examples=max_examples, held_out=held_out)
+    features = data.examples(expert_dataset(library_, name), "train", data.feature_lengths(),
+                             max_examples=max_examples, held_out=held_out)
     features["inputs"] = features.pop("inputs_pretokenized")
     out[name] = data.batches(features, batch_size)
+  return out
+
+
+def stored_examples(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut, count: int,
+                    batch_size: int) -> Dict[str, list]:
+  """{expert: [batches of the examples retrieval stores]} (`data.stored_examples`: the first `count` in the
+  official dataset's own order): `inputs`, `answer_choices` and `encoder_input_tokens` (the task's vocabulary,
+  trimmed to the configured input length with EOS kept, as `data.examples` encodes them)."""
+  out = {}
+  length = data.feature_lengths()["inputs"]
+  for name in names:
+    task = expert_dataset(library_, name)
+    stored = data.stored_examples(task, count, held_out)
+    vocabulary = data.vocabulary(task)
+    stored["encoder_input_tokens"] = pad_tokens([vocab_lib.encode(vocabulary, t, length) for t in stored["inputs"]],
+                                                length)
+    out[name] = data.batches(stored, batch_size)
   return out
 
 
@@ -126,13 +150,13 @@ def router_inputs(library_: lib.ExpertLibrary, names: Sequence[str], router: str
                   oracle_labels: Optional[dict] = None) -> dict:
   """What router `router` declares it needs beyond the base weights: its experts' training data (for
   average activation, all of it by default: the router draws the official seeded sample of 1000 pairs from
-  it; for retrieval, the first `retrieval_examples` rows, the official store), the oracle's label map."""
+  it; for retrieval, the official store of `stored_examples`), the oracle's label map."""
   needs = routers.spec(router).needs
   inputs = {}
   if "data" in needs:
     inputs["data"] = expert_data(library_, names, held_out, activation_examples, batch_size)
   if "examples" in needs:
-    inputs["examples"] = expert_data(library_, names, held_out, retrieval_examples, batch_size)
+    inputs["examples"] = stored_examples(library_, names, held_out, retrieval_examples, batch_size)
   if "labels" in needs and oracle_labels is not None:
     inputs["label_to_expert"] = oracle_labels
   return inputs

@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from phatgoose_jax.tasks import jsonl
+from phatgoose_jax.tasks import jsonl, seqio_tasks
 
 FEATURES = ("inputs", "targets")
 _READ_BATCH = 4096  # rows per tf.data -> numpy transfer
@@ -162,6 +162,24 @@ def examples(name: str, split: str, lengths: Mapping[str, int], *, max_examples:
   trimmed = dataset.map(_plain(lambda ex: {k: _trim(ex[k], lengths[k], eos) for k in FEATURES}))
   features = _numpy(seqio.EncDecFeatureConverter(pack=False)(trimmed, dict(lengths)))
   return dict({k: v.astype(np.int32) for k, v in features.items()}, inputs_pretokenized=np.array(texts, dtype=object))
+
+
+def stored_examples(name: str, count: int, held_out: HeldOut = NOTHING_HELD_OUT) -> Dict[str, list]:
+  """`inputs` (texts) and `answer_choices` (lists, or None) of the examples retrieval stores for a training task
+  or mixture: each task's first `count` training examples in its official dataset's own order
+  (`seqio_tasks.TextSource.stored_examples`, algorithm.md §5). Held-out tasks and examples are refused."""
+  names = task_names(name)
+  held_out.check_tasks(names)
+  stored = []
+  for task_name in names:
+    source = seqio.get_mixture_or_task(task_name).source
+    if not isinstance(source, seqio_tasks.TextSource):
+      raise ValueError(f"task {task_name} is not a text task of phatgoose_jax.tasks (its source is "
+                       f"{type(source).__name__}); retrieval reads the texts of its examples")
+    stored += source.stored_examples("train", count)
+  texts = [example["inputs"] for example in stored]
+  held_out.check_texts(texts)
+  return {"inputs": texts, "answer_choices": [example["answer_choices"] for example in stored]}
 
 
 def batches(features: Mapping[str, np.ndarray], batch_size: int) -> List[Dict[str, np.ndarray]]:

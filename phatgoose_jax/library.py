@@ -114,13 +114,14 @@ def file_sha256(path: str) -> str:
 
 
 def data_key(batches: Sequence) -> str:
-  """sha256 of a list of batches (dicts of arrays or of string lists): the cache key of derived artifacts."""
+  """sha256 of a list of batches (dicts of arrays, or of lists: texts, answer-choice lists): the cache key of
+  derived artifacts."""
   digest = hashlib.sha256()
   for batch in batches:
     for key in sorted(batch):
       value = batch[key]
       digest.update(key.encode())
-      value = np.asarray(value)
+      value = np.asarray(value, dtype=object if isinstance(value, list) else None)
       if value.dtype.kind in "OSU":  # texts: their characters (an object array's bytes are pointers)
         digest.update(f"text{value.shape}".encode() + "\0".join(map(str, value.reshape(-1))).encode())
       else:

@@ -10,7 +10,8 @@ dataset in `sources.P3_HELD_IN` / `sources.T0_HELD_OUT`:
   templates, 500_000, replace=False)` (p3.py lines 96-112; `Dataset` seed 42, dataset.py line 67), pair index
   i being row i // templates and template i % templates. A rendering with no "|||" part, or that fails, trains
   as "<NO INPUT>" -> "<NO INPUT>"; an empty target as "<NO LABEL>" (p3.py lines 133-143). The pairs are served
-  row by row (training shuffles them).
+  row by row (training shuffles them); retrieval stores the first pairs in the order drawn, with their answer
+  choices (`stored_examples`).
 - `p3_<key>_eval` (gin EVAL scopes) and `t0_<key>`: the original-task templates (or all, `eval_templates`);
   a seeded sample of `max_eval_rows` rows first (p3.py lines 87-95); round robin (row i with template
   i mod T, lines 114-130) for the held-in datasets, every (row, template) pair for T0 held-out; multiple-choice
@@ -76,12 +77,17 @@ def _rows(source: sources.DatasetSource, split: str, train: bool):
   return rows[source.eval_holdout:] if train else rows[:source.eval_holdout]
 
 
-def train_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> list:
-  """Sorted (row, template) index pairs the official code trains on: all of them, or `cap` drawn without
-  replacement by default_rng(42) from the flat index row * num_templates + template."""
+def sampled_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> np.ndarray:
+  """The flat indices row * num_templates + template of the pairs the official code trains on, in its dataset's
+  own index order (src/data/p3.py:96-112, 123-124): all of them in order, or `cap` drawn without replacement by
+  default_rng(42), in the order drawn."""
   total = num_rows * num_templates
-  flat = np.sort(np.random.default_rng(SEED).choice(total, cap, replace=False)) if total > cap else range(total)
-  return [divmod(int(i), num_templates) for i in flat]
+  return np.random.default_rng(SEED).choice(total, cap, replace=False) if total > cap else np.arange(total)
+
+
+def train_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> list:
+  """The (row, template) index pairs of `sampled_pairs`, sorted (training reads them row by row)."""
+  return [divmod(int(i), num_templates) for i in np.sort(sampled_pairs(num_rows, num_templates, cap))]
 
 
 def train_pair(template: promptsource.Template, row: dict) -> dict:
@@ -105,6 +111,20 @@ def train_examples(source: sources.DatasetSource, split: str = "train") -> Itera
   for index, row in enumerate(_rows(source, split, train=True)):
     for template in by_row.get(index, ()):
       yield train_pair(chosen[template], row)
+
+
+def stored_examples(source: sources.DatasetSource, count: int, split: str = "train") -> list:
+  """{inputs, targets, answer_choices} of the first `count` training pairs in the official dataset's own index
+  order, the examples retrieval stores (algorithm.md §5): item i is the i-th pair drawn (`sampled_pairs`,
+  src/data/p3.py:104-108, 123-124), not the i-th sorted one; `answer_choices` is the template's list for the
+  row, [] for a template without answer choices (lines 144-146)."""
+  chosen = templates(source, train=True)
+  num_rows = sum(1 for _ in _rows(source, split, train=True))
+  pairs = [divmod(int(i), len(chosen)) for i in sampled_pairs(num_rows, len(chosen), MAX_TRAIN_PAIRS)[:count]]
+  wanted = {row for row, _ in pairs}
+  rows = {i: row for i, row in enumerate(_rows(source, split, train=True)) if i in wanted}
+  return [dict(train_pair(chosen[t], rows[r]), answer_choices=promptsource.answer_choices(chosen[t], rows[r]) or [])
+          for r, t in pairs]
 
 
 def eval_example(template: promptsource.Template, row: dict, source: sources.DatasetSource) -> Optional[dict]:
@@ -170,7 +190,8 @@ def register_dataset(name: str, source: sources.DatasetSource) -> str:
   EVAL metrics is multiple choice (a template without answer choices is refused, `eval_example`), so its
   evaluation task carries only the rank-classification metric. Returns `name`."""
   train = seqio_tasks.text_source(
-      lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE)
+      lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE,
+      stored_fn=lambda split, count, s=source: stored_examples(s, count, _split_of(s, split)))
   seqio_tasks.add_task(name, train, evaluation=False)
   evaluation = seqio_tasks.text_source(
       lambda split, s=source: eval_examples(s, _split_of(s, split)), seqio_tasks.EVAL_SIGNATURE)

@@ -81,15 +81,26 @@ def _opened(examples_fn: Callable, split: str) -> Iterator[dict]:
 class TextSource(seqio.FunctionDataSource):
   """A seqio source over `examples_fn(split)` (python dicts), read when the dataset is requested.
 
-  `get_dataset` serves them as tf.data; `examples` gives the same dicts directly, without tf.data."""
+  `get_dataset` serves them as tf.data; `examples` gives the same dicts directly, without tf.data;
+  `stored_examples` the ones retrieval stores."""
 
-  def __init__(self, examples_fn: Callable, signature: dict, splits):
+  def __init__(self, examples_fn: Callable, signature: dict, splits, stored_fn: Optional[Callable] = None):
     self.examples_fn = examples_fn
     self.signature = signature
+    self.stored_fn = stored_fn
     super().__init__(self._dataset_fn, splits=splits)
 
   def examples(self, split: str) -> Iterator[dict]:
     return self.examples_fn(split)
+
+  def stored_examples(self, split: str, count: int) -> list:
+    """The first `count` examples of `split` in the official dataset's own index order, each with its
+    `answer_choices` (algorithm.md §5): `stored_fn(split, count)` where the served order differs from it or
+    the dataset has answer choices (P3, `p3.stored_examples`), else the first `count` examples served, with None:
+    a dataset without an answer-choices field (src/data/flat.py:17-35)."""
+    if self.stored_fn is not None:
+      return self.stored_fn(split, count)
+    return [dict(example, answer_choices=None) for example in itertools.islice(self.examples_fn(split), count)]
 
   def _dataset_fn(self, split, shuffle_files, seed=None):
     del shuffle_files, seed
@@ -114,8 +125,9 @@ def _from_scalar_rows(examples: Callable[[], Iterable[dict]], signature: dict) -
   return tf.data.Dataset.from_generator(chunks, output_signature=columns).unbatch()
 
 
-def text_source(examples_fn: Callable, signature: dict, splits=("train", "validation")) -> TextSource:
-  return TextSource(examples_fn, signature, splits)
+def text_source(examples_fn: Callable, signature: dict, splits=("train", "validation"),
+                stored_fn: Optional[Callable] = None) -> TextSource:
+  return TextSource(examples_fn, signature, splits, stored_fn)
 
 
 def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -136,6 +148,16 @@ def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
 def text(value) -> str:
   """A string feature of a numpy row (bytes) as text."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def example_choices(rows) -> dict:
+  """{example idx: its answer choices in order} of an evaluation task's rows (`rank_classification`): the targets
+  of its rank-classification rows by `choice_idx`, [] for a generative example."""
+  choices = {}
+  for row in sorted(rows, key=lambda r: (int(r["idx"]), int(r["choice_idx"]))):
+    ranked = text(row["metric"]) == RANK_CLASSIFICATION
+    choices.setdefault(int(row["idx"]), []).extend([text(row["targets_pretokenized"])] if ranked else [])
+  return choices
 
 
 def row_key(output, example=None, is_target=False):

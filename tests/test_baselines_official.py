@@ -7,15 +7,18 @@ import sys
 import jax
 import numpy as np
 import pytest
+import seqio
 
 from phatgoose_jax import assembly
 from phatgoose_jax import library as lib
 from phatgoose_jax import routers
 from phatgoose_jax.checkpoints import names, native
 from phatgoose_jax.experts.config import ExpertConfig
-from phatgoose_jax.models import EOS_ID, EncoderDecoderModel, network
+from phatgoose_jax.models import EOS_ID, EncoderDecoderModel, network, unbox
+from phatgoose_jax.evaluation import evaluator
 from phatgoose_jax.routers import average_activation as aa
 from phatgoose_jax.routers import retrieval
+from phatgoose_jax.tasks import jsonl, seqio_tasks
 
 from random_trees import TINY, random_expert, random_params
 
@@ -147,6 +150,43 @@ def test_retrieval_text_follows_the_official_rule():
   assert retrieval.batch_texts({"inputs": ["Translate: hello"]}) == [official_text(examples[2])]
 
 
+def official_query_texts(batch_input):
+  """src/models/addons/retriever.py:27-45 (include_answer_choices=True), verbatim: the test batch's texts."""
+  input_strings = batch_input["input_str"]
+  answer_choice_strings = batch_input["answer_choices"] if "answer_choices" in batch_input else None
+  texts = []
+  for i in range(len(input_strings)):
+    answer_choice_str = ", ".join(answer_choice_strings[i]) if answer_choice_strings else "None"
+    texts.append(f"Answer Choices: {answer_choice_str}, Instance: {input_strings[i]}")
+  return texts
+
+
+def test_retrieval_embeds_each_test_examples_answer_choices(library):
+  """The evaluator's batches give the router each example's answer choices: a multiple-choice example (one row
+  per choice) and a generative one ([], as a P3 template without choices or a generative BIG-bench task)."""
+  examples = [dict(inputs="Is it red?", target="yes", choices=["yes", "no", "maybe"], correct=[True, False, False],
+                   references=["yes"], metric="accuracy"),
+              dict(inputs="Name a colour.", target="red", choices=[], correct=[], references=["red"],
+                   metric="exact_match")]
+  source = seqio_tasks.text_source(lambda split: iter(examples), seqio_tasks.EVAL_SIGNATURE, splits=("validation",))
+  seqio_tasks.add_task("test_retrieval_choices", source, evaluation=True, features=jsonl.output_features("byte"))
+  seen = []
+
+  def weights(batch):
+    seen.extend(zip(retrieval.batch_texts(batch), batch["inputs"]))
+    return np.ones((len(batch["inputs"]), 2), np.float32) / 2
+
+  routed = EncoderDecoderModel(TINY, ExpertConfig(mode="routed", rank=RANK, num_experts=2, top_k=2))
+  variables = unbox(routed.get_initial_variables(jax.random.key(1)))
+  runner = evaluator.Runner(routed, variables, seqio.ByteVocabulary(), weights, batch_size=8, input_length=16,
+                            target_length=8)
+  evaluator.evaluate("test_retrieval_choices", runner)
+  official = official_query_texts({"input_str": [e["inputs"] for e in examples],
+                                   "answer_choices": [e["choices"] for e in examples]})
+  assert {text for text, inputs in seen if inputs} == set(official)  # every row of an example: its texts
+  assert official == ["Answer Choices: yes, no, maybe, Instance: Is it red?", "Answer Choices: , Instance: Name a colour."]
+
+
 def test_retrieval_stores_the_first_1000_rows_zero_padded(library):
   """A fake embedder (row -> its `key`) shows which rows are stored and how an expert with fewer rows pads."""
   def embed(batch):
@@ -170,7 +210,7 @@ def test_retrieval_variants_by_name(library, params, tmp_path, monkeypatch):
               for n in ("a", "b")}
   base = str(tmp_path / "base")
   native.save_native(base, {"params": params}, TINY)
-  monkeypatch.setattr(assembly, "expert_data", lambda *args: examples)
+  monkeypatch.setattr(assembly, "stored_examples", lambda *args: examples)
   loaded = assembly.load(base, library.path, "retrieval_t5")
   query = {"encoder_input_tokens": np.stack([examples["b"][0]["encoder_input_tokens"][1],
                                              examples["a"][0]["encoder_input_tokens"][2]])}

