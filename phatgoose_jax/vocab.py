@@ -3,6 +3,7 @@
 Both follow T5's conventions (algorithm.md §1): pad 0, EOS 1, no BOS; inputs and targets end with EOS.
 """
 import os
+import re
 
 import seqio
 
@@ -33,6 +34,72 @@ def decode(vocabulary: seqio.Vocabulary, ids) -> str:
   if vocabulary.eos_id in ids:
     ids = ids[:ids.index(vocabulary.eos_id)]
   return vocabulary.decode([i for i in ids if i > 0])
+
+
+# transformers' `clean_up_tokenization` (tokenization_utils_base.py), applied by `decode` while
+# `clean_up_tokenization_spaces` defaulted to True (before 4.45, the official code's transformers).
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_SENTINEL = re.compile(r"<extra_id_\d+>")
+
+
+def _special(vocabulary: seqio.Vocabulary, i: int) -> bool:
+  """Whether Hugging Face's T5 / ByT5 tokenizer counts id `i` as a special token: pad, EOS, unk, a sentinel
+  (an extra id, or a `<extra_id_N>` piece of the SentencePiece model), or no id of the vocabulary at all."""
+  base = vocabulary.vocab_size - vocabulary.extra_ids
+  if i in (vocabulary.pad_id, vocabulary.eos_id, vocabulary.unk_id) or i >= base:
+    return True
+  return isinstance(vocabulary, seqio.SentencePieceVocabulary) and bool(
+      _SENTINEL.fullmatch(vocabulary.tokenizer.id_to_piece(i)))
+
+
+def official_decode(vocabulary: seqio.Vocabulary, ids) -> str:
+  """The text of generated `ids` as the official evaluation reads it: `tokenizer.batch_decode(ids,
+  skip_special_tokens=True)` (src/models/interface_mixin.py:260): every special id dropped (`_special`, after
+  EOS too), the rest decoded, then transformers' `clean_up_tokenization` (`_CLEAN_UP`)."""
+  text = vocabulary.decode([int(i) for i in ids if not _special(vocabulary, int(i))])
+  for spaced, joined in _CLEAN_UP:
+    text = text.replace(spaced, joined)
+  return text
+
+
+class OfficialDecoding(seqio.Vocabulary):
+  """`vocabulary` (encoding, ids, equality) whose `decode` is `official_decode`: the targets vocabulary of
+  evaluation tasks, through which seqio turns predictions into text for the metrics."""
+
+  def __init__(self, vocabulary: seqio.Vocabulary):
+    super().__init__(extra_ids=vocabulary.extra_ids)
+    self.vocabulary = vocabulary
+
+  def decode(self, ids) -> str:
+    return official_decode(self.vocabulary, ids)
+
+  @property
+  def eos_id(self):
+    return self.vocabulary.eos_id
+
+  @property
+  def unk_id(self):
+    return self.vocabulary.unk_id
+
+  @property
+  def _base_vocab_size(self):
+    return self.vocabulary.vocab_size - self.vocabulary.extra_ids
+
+  def _encode(self, s):
+    return self.vocabulary.encode(s)
+
+  def _decode(self, ids):
+    return self.vocabulary.decode(ids)
+
+  def _encode_tf(self, s):
+    return self.vocabulary.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.vocabulary.decode_tf(ids)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, OfficialDecoding) and self.vocabulary == other.vocabulary
 
 
 def _describe(vocabulary: seqio.Vocabulary) -> str:

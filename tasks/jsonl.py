@@ -15,8 +15,6 @@ import os
 import re
 from typing import Iterator, Optional
 
-import seqio
-
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.tasks import seqio_tasks, sources
 
@@ -66,8 +64,7 @@ def _evaluation_row(row: dict) -> dict:
 
 
 def output_features(vocabulary: Optional[str]) -> dict:
-  vocab = vocab_lib.get_vocabulary(vocabulary or sources.spm_path())
-  return {"inputs": seqio.Feature(vocab, add_eos=True), "targets": seqio.Feature(vocab, add_eos=True)}
+  return seqio_tasks.features(vocab_lib.get_vocabulary(vocabulary or sources.spm_path()))
 
 
 def register(path: str, vocabulary: Optional[str] = None) -> str:

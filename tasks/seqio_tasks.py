@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import seqio
 import tensorflow as tf
 
+from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.evaluation import metrics
 from phatgoose_jax.tasks import sources
 
@@ -58,11 +59,17 @@ def first_examples(n: Optional[int]):
     _FIRST_EXAMPLES.reset(token)
 
 
+def features(vocabulary: seqio.Vocabulary) -> dict:
+  """Tokenized `inputs` / `targets` with `vocabulary`, EOS appended; seqio decodes predictions with the targets'
+  vocabulary, which reads them as the official tokenizer does (`vocab.OfficialDecoding`)."""
+  return {"inputs": seqio.Feature(vocabulary, add_eos=True),
+          "targets": seqio.Feature(vocab_lib.OfficialDecoding(vocabulary), add_eos=True)}
+
+
 @functools.lru_cache(maxsize=None)
 def output_features() -> dict:
-  """Tokenized `inputs` / `targets` with the T5 SentencePiece vocabulary (loaded lazily by seqio)."""
-  vocabulary = seqio.SentencePieceVocabulary(sources.spm_path())
-  return {"inputs": seqio.Feature(vocabulary, add_eos=True), "targets": seqio.Feature(vocabulary, add_eos=True)}
+  """`features` of the T5 SentencePiece vocabulary (loaded lazily by seqio)."""
+  return features(seqio.SentencePieceVocabulary(sources.spm_path()))
 
 
 def _indexed(examples: Iterable[dict]):

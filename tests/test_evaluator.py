@@ -15,6 +15,7 @@ from phatgoose_jax.tasks import jsonl, seqio_tasks
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
 from phatgoose_jax.experts.config import ExpertConfig
+from text_runner import TextRunner
 
 CONFIG = preset("tiny", dropout_rate=0.0)
 
@@ -97,6 +98,30 @@ def test_protocol_generation_length_decodes_one_token_less(runner, task, length)
     alone = runner.model.predict_batch(runner.variables, {"encoder_input_tokens": enc,
                                                           "decoder_input_tokens": np.zeros((1, length - 1), np.int32)})
     np.testing.assert_array_equal(outputs[i], np.asarray(alone)[0])
+
+
+class _FixedOutputs(TextRunner):
+  """Generates the given text (byte ids, then EOS, padded to 16) for each input."""
+
+  def __init__(self, outputs):
+    super().__init__(lambda inputs, target: 0.0)
+    self.outputs = outputs
+
+  def predict_fn(self, task, rows):
+    del task
+    ids = lambda i: list(seqio.ByteVocabulary().encode(self.outputs[rows[i]["inputs_pretokenized"].decode()]))
+    return lambda dataset: [(int(i), np.asarray((ids(int(i)) + [1] + [0] * 16)[:16], np.int32))
+                            for i, _ in dataset.as_numpy_iterator()]
+
+
+def test_exact_match_reads_outputs_as_the_official_tokenizer_decodes_them():
+  """Generated ids become text as `batch_decode(skip_special_tokens=True)` does (spaces before . and n't
+  cleaned up, src/models/interface_mixin.py:260), compared to the reference unchanged (src/data/metrics.py)."""
+  examples = [("q1", "it's."), ("q2", "don't"), ("q3", "a b")]
+  _register_generative("test_official_text", examples)
+  runner = _FixedOutputs({"q1": "it 's .", "q2": "do n't", "q3": "a  b"})
+  result = evaluator.evaluate("test_official_text", runner)
+  assert result["tasks"]["test_official_text"]["metrics"] == {"exact_match": pytest.approx(2 / 3)}
 
 
 def test_rank_classification_rows_are_not_decoded(runner):

@@ -25,7 +25,7 @@ def test_rank_classification_counts_any_correct_choice():
 
 
 def test_exact_match_and_multi_answer():
-  assert metrics.exact_match(["Paris", " the  cat ", "dog"], ["Paris", "the cat", "Dog"]) == pytest.approx(2 / 3)
+  assert metrics.exact_match(["Paris", "the cat", "dog"], ["Paris", "the cat", "Dog"]) == pytest.approx(2 / 3)
   assert metrics.multi_answer_exact_match(["4", "five", "x"], [["four", "4"], ["5"], ["x", "y"]]) == pytest.approx(2 / 3)
   with pytest.raises(ValueError):
     metrics.exact_match(["a"], ["a", "b"])
@@ -40,6 +40,13 @@ def test_rouge_l_by_hand_best_of_references():
   assert metrics.rouge_l(["The Cat sat"], [["a dog", "the cat sat down"]]) == pytest.approx(6 / 7)
   with pytest.raises(ValueError, match="list of reference texts"):
     metrics.rouge_l(["the cat"], ["the cat"])
+
+
+def test_exact_match_compares_the_decoded_text_as_it_is():
+  """evaluate's "exact_match" with no options and `ExactMatchMultipleAns` (`pred in ref_list`) compare the
+  strings unchanged (src/data/metrics.py:25-32, 210-215): spacing and case count."""
+  assert metrics.exact_match([" the cat", "the  cat", "the cat "], ["the cat"] * 3) == 0.0
+  assert metrics.multi_answer_exact_match(["4 ", " 4"], [["4"], ["four", "4"]]) == 0.0
 
 
 def test_squad_v1_normalisation_exact_match_and_f1_by_hand():

@@ -209,8 +209,7 @@ def eval_examples(task: str, seed: int, sizes: SuiteSizes) -> List[dict]:
 
 
 def output_features() -> dict:
-  vocabulary = seqio.ByteVocabulary()
-  return {"inputs": seqio.Feature(vocabulary, add_eos=True), "targets": seqio.Feature(vocabulary, add_eos=True)}
+  return seqio_tasks.features(seqio.ByteVocabulary())
 
 
 def _add(name: str, source, evaluation: bool) -> None:

@@ -3,9 +3,10 @@
 - Rank classification: every answer choice of an example is scored by its mean target-token
   log-likelihood (= minus the length-normalised cross-entropy); the prediction is the choice with the
   HIGHEST score, i.e. the lowest length-normalised cross-entropy.
-- Generation: exact match, multiple-answer exact match (any reference matches), and the metrics the
-  official `Scorer` computes with Hugging Face `evaluate` (src/data/metrics.py): ROUGE-L F-measure against
-  the best reference, SQuAD v1.1 exact match and F1, corpus BLEU (tensorflow/nmt `compute_bleu`).
+- Generation: exact match, multiple-answer exact match (any reference matches; both on the strings
+  unchanged), and the metrics the official `Scorer` computes with Hugging Face `evaluate`
+  (src/data/metrics.py): ROUGE-L F-measure against the best reference, SQuAD v1.1 exact match and F1, corpus
+  BLEU (tensorflow/nmt `compute_bleu`).
 - Aggregation: a dataset's score is the mean of its metrics; a benchmark's score is the unweighted mean
   over its datasets.
 
@@ -40,21 +41,18 @@ def rank_classification_accuracy(scores, example_ids, choice_ids, correct) -> fl
   return float(correct[order][first].mean())
 
 
-def _normalize(text: str) -> str:
-  return " ".join(text.strip().split())
-
-
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-  """Fraction of predictions equal to their reference (whitespace-normalised, case-sensitive)."""
-  _check_lengths(predictions, references)
-  return float(np.mean([_normalize(p) == _normalize(r) for p, r in zip(predictions, references)]))
+  """Fraction of predictions equal to their reference, the strings unchanged: evaluate's "exact_match" with
+  its defaults (src/data/metrics.py:122-124, 210-215). Predictions are the official tokenizer's text of the
+  generated ids (`vocab.official_decode`)."""
+  return multi_answer_exact_match(predictions, [[r] for r in references])
 
 
 def multi_answer_exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-  """Fraction of predictions equal to ANY of their example's references."""
+  """Fraction of predictions equal to ANY of their example's references, the strings unchanged
+  (`ExactMatchMultipleAns`: `pred in ref_list`, src/data/metrics.py:25-32)."""
   _check_lengths(predictions, references)
-  hits = [_normalize(p) in {_normalize(r) for r in refs} for p, refs in zip(predictions, references)]
-  return float(np.mean(hits))
+  return float(np.mean([p in list(refs) for p, refs in zip(predictions, references)]))
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
