@@ -3,7 +3,8 @@
 Layout of a library directory:
   <name>/manifest.json           name, source dataset, base-model fingerprint (T5 architecture + sha256 of
                                  the base weights), rank, target modules, stored dtype, whether a gate is
-                                 present, training metadata, and the sha256 of the weights file
+                                 present, training metadata, the sha256 of the weights file, and the
+                                 entry's place in the library's order (`order`)
   <name>/weights.safetensors     flat '/'-joined keys `lora/<module>/lora_a` <[d_in, r]>,
                                  `lora/<module>/lora_b` <[r, d_out]>, `gates/<module>/gate` <[d_in]>
   <name>/derived/<kind>.safetensors   cached artifacts computed from the expert (average activations,
@@ -19,6 +20,12 @@ no successor and deletes what is not an entry, so the library holds each expert 
 its new version; dot-directories are never listed. Entries are created with the permissions the umask
 gives. Every expert of one library shares the base model, the rank and the target modules, which is what
 stacking them into one routed model needs; `verify` and `route` check that (`check_consistent`).
+
+The library lists its experts, and routers stack them, in one order (`names`): the experts of a preset pool
+(P3, FLAN) in the pool's official order, whatever order they were added in (`tasks.pool_position`: the order
+the official code concatenates them in, so that top-k ties and per-expert tables follow it), then the other
+experts in the order they were added. Each manifest records its place (`order`, kept by a replace), so the
+order needs no file besides the entries; entries written before it was recorded list first, by name.
 """
 import collections
 import contextlib
@@ -52,6 +59,7 @@ _TMP = ".tmp-"  # an entry being written, never committed
 _NEW = ".new-"  # the complete new version of an interrupted replace
 _OLD = ".old-"  # the entry a replace sets aside
 _TRASH = ".trash-"  # an entry being removed
+ADDED = 2  # the `order` group of experts outside the preset pools (tasks.pool_position: P3 0, FLAN 1)
 _REQUIRED = ("name", "base", "rank", "targets", "dtype", "gate", "weights")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
@@ -209,6 +217,14 @@ def _reference_of(manifests: Sequence[dict]) -> Optional[dict]:
   return min(manifests, key=lambda m: (-counts[_signature(m)], m.get("created", 0.0), m["name"]))
 
 
+def _order_key(manifest: Optional[dict], name: str) -> tuple:
+  """Sort key of an entry in the library's order: entries without a recorded `order` first, by name; then by
+  `order`; unreadable entries last."""
+  if manifest is None:
+    return (2, [], name)
+  return (0, [], name) if "order" not in manifest else (1, manifest["order"], name)
+
+
 def _umask() -> int:
   mask = os.umask(0o022)
   os.umask(mask)
@@ -290,11 +306,13 @@ class ExpertLibrary:
     return os.path.join(self.path, name)
 
   def names(self) -> List[str]:
-    """The entries, sorted (temporary, set-aside and half-removed directories are not entries)."""
+    """The entries in the library's order (module docstring); unreadable ones last, by name (temporary,
+    set-aside and half-removed directories are not entries)."""
     if not os.path.isdir(self.path):
       return []
-    return sorted(n for n in os.listdir(self.path)
-                  if not n.startswith(".") and os.path.isfile(os.path.join(self.path, n, MANIFEST)))
+    entries = [n for n in os.listdir(self.path)
+               if not n.startswith(".") and os.path.isfile(os.path.join(self.path, n, MANIFEST))]
+    return sorted(entries, key=lambda n: _order_key(self._manifest_or_none(n), n))
 
   def manifest(self, name: str) -> dict:
     path = os.path.join(self._entry(name), MANIFEST)
@@ -315,7 +333,7 @@ class ExpertLibrary:
     return manifest
 
   def list(self) -> List[dict]:
-    """The manifests of all readable entries, sorted by name (see `unreadable` for the others)."""
+    """The manifests of all readable entries, in the library's order (see `unreadable` for the others)."""
     return [m for m in map(self._manifest_or_none, self.names()) if m is not None]
 
   def unreadable(self) -> Dict[str, str]:
@@ -402,8 +420,23 @@ class ExpertLibrary:
     with _locked(self.path):
       self._recover()
       self._check_compatible(manifest, replace)
+      manifest["order"] = self._order_of(name, dataset)
       self._write_entry(name, weights, manifest)
     return self.manifest(name)
+
+  def _order_of(self, name: str, dataset: Optional[str]) -> list:
+    """Under the lock: the `order` of entry `name`: the one it has (a replace), else its preset pool's
+    `[pool, index]`, else `[ADDED, n]` after every entry added so far."""
+    current = self._manifest_or_none(name) if os.path.isdir(self._entry(name)) else None
+    if current is not None and "order" in current:
+      return current["order"]
+    if dataset is not None:
+      from phatgoose_jax import tasks  # pylint: disable=import-outside-toplevel  # the pools, only when needed
+      position = tasks.pool_position(dataset)
+      if position is not None:
+        return list(position)
+    added = [m["order"][1] for m in self.list() if m.get("order", [None])[0] == ADDED]
+    return [ADDED, max(added, default=-1) + 1]
 
   def _write_entry(self, name: str, weights: Dict[str, np.ndarray], manifest: dict) -> None:
     """Under the lock: write weights then manifest into a temporary directory, then rename it into place,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import seqio
 
-from phatgoose_jax.tasks import bigbench, jsonl, p3, seqio_tasks, sources
+from phatgoose_jax.tasks import bigbench, flan, jsonl, p3, seqio_tasks, sources
 
 BIGBENCH_PREFIX = "bigbench/"
 
@@ -55,6 +55,16 @@ def get_eval_examples(name: str, max_examples: Optional[int] = None, **dirs) -> 
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   with sources.using_dirs(**dirs):
     return {task.name: task_examples(task, max_examples) for task in tasks}
+
+
+def pool_position(task: Optional[str]) -> Optional[tuple]:
+  """(pool, index) of a training task in its expert pool's official order, the order the official code stacks
+  the experts in (scripts/concatenate.py:264-295): (0, i) for the P3 pool's i-th dataset `p3_<key>`
+  (p3_dataset_dict, lines 8-45), (1, i) for the FLAN pool's i-th expert `flan_<name>` (full_dataset_dict, lines
+  186-193); None for any other task."""
+  positions = {f"p3_{source.key}": (0, i) for i, source in enumerate(sources.P3_HELD_IN)}
+  positions.update({f"flan_{name}": (1, i) for i, (name, _, _) in enumerate(flan.FLAN_EXPERTS)})
+  return positions.get(task)
 
 
 def registered_names(prefix: str = "") -> list:

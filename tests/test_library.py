@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from phatgoose_jax import routers
+from phatgoose_jax import cli, routers
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names, peft
 from phatgoose_jax.models import EncoderDecoderModel
@@ -202,6 +202,45 @@ def test_routed_model_of_one_expert_top1_equals_the_single_expert_model(tmp_path
   routed = np.asarray(models["routed1"].logits(routing.variables(base[0]), batch))
   single = np.asarray(models["lora"].logits({"params": base[0], "lora": names.unflatten(lora)}, batch))
   np.testing.assert_allclose(routed, single, atol=1e-4)
+
+
+def test_experts_follow_the_official_pool_order_then_the_order_added(tmp_path, base, models, capsys):
+  """P3 pool experts in scripts/concatenate.py:8-45 order (ag_news, amazon_polarity, cosmos_qa, ...) whatever
+  order they were added in, the others after them as added; equal gates make every PHATGOOSE score tie, and a
+  tie goes to the first expert in that order."""
+  library = lib.ExpertLibrary(str(tmp_path / "lib"))
+  gates, loras = random_expert(0)[1], {}
+  added = [("z_mine", None), ("cosmos", "p3_cosmos_qa"), ("b_mine", "mine.jsonl"), ("news", "p3_ag_news"),
+           ("amazon", "p3_amazon_polarity")]
+  for i, (name, dataset) in enumerate(added):
+    loras[name] = random_expert(20 + i)[0]
+    library.add(name, loras[name], base=base[1], gates=gates, dataset=dataset)
+  library.add("cosmos", loras["cosmos"], base=base[1], gates=gates, dataset="p3_cosmos_qa", replace=True)
+  library.add("z_mine", loras["z_mine"], base=base[1], gates=gates, replace=True)  # keeps its place
+  order = ["news", "amazon", "cosmos", "z_mine", "b_mine"]
+  assert library.names() == order and [m["name"] for m in library.list()] == order
+  assert cli.main(["library", "list", "--library", library.path]) == 0
+  assert [line.split()[0] for line in capsys.readouterr()[0].splitlines()[1:]] == order  # the per-expert table
+  routing = routers.build("phatgoose", library, library.names(), top_k=1)
+  batch = random_batch(1)
+  routed = np.asarray(EncoderDecoderModel(CFG, routing.expert_config).logits(routing.variables(base[0]), batch))
+  first = np.asarray(models["lora"].logits({"params": base[0], "lora": names.unflatten(loras["news"])}, batch))
+  np.testing.assert_allclose(routed, first, atol=1e-4)
+
+
+def test_a_library_written_without_an_order_keeps_listing_by_name(filled, base):
+  """Entries from before the recorded order list by name, as they always did; experts added later follow them."""
+  library, _ = filled
+  for name in ("e0", "e1", "e2"):
+    path = os.path.join(library.path, name, lib.MANIFEST)
+    with open(path) as f:
+      manifest = json.load(f)
+    manifest.pop("order")
+    with open(path, "w") as f:
+      json.dump(manifest, f)
+  library.add("a_new", random_expert(5)[0], base=base[1], dataset="p3_ag_news")
+  assert library.names() == ["e0", "e1", "e2", "a_new"]
+  assert library.verify() == []
 
 
 def test_peft_expert_routed_equals_numpy(tmp_path, base, models):
