@@ -14,6 +14,10 @@ pytest.importorskip("t5x")
 import t5x.utils  # noqa: E402
 
 from phatgoose_jax import aot, t5x_dry_run  # noqa: E402
+from phatgoose_jax import library as lib  # noqa: E402
+from phatgoose_jax.checkpoints import native  # noqa: E402
+
+from random_trees import TINY, random_expert, random_params  # noqa: E402
 
 TRAIN = ["--gin_file=gin/t5x/examples/tiny_offline_train_expert.gin", "--gin.MODEL_DIR='/tmp/unused'",
          "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}"]
@@ -116,6 +120,28 @@ def test_without_a_topology_score_and_predict_compile_on_the_local_cpu(reports, 
   assert reports["score_batch"].argument == expected
   decoder_features = 3 * math.prod(shapes["decoder_input_tokens"]) * 4  # decoding reads only their shape
   assert reports["predict_batch"].argument == expected - decoder_features
+
+
+@pytest.fixture
+def routed(tmp_path) -> list:
+  """gin/t5x/routed.gin over a library of two gated experts of a tiny native base."""
+  base = random_params()
+  native.save_native(str(tmp_path / "base"), {"params": base}, TINY)
+  library = lib.ExpertLibrary(str(tmp_path / "library"))
+  for seed, name in enumerate(["a", "b"]):
+    lora, gates = random_expert(seed, rank=4)
+    library.add(name, lora, base=lib.base_fingerprint(TINY, base), gates=gates, dataset=f"{name}_data")
+  return ["--gin_file=gin/t5x/models/t5_1_1_tiny.gin", "--gin_file=gin/t5x/routed.gin",
+          f"--gin.LIBRARY='{library.path}'", f"--gin.CHECKPOINT_PATH='{tmp_path / 'base'}'",
+          "--gin.MIXTURE_OR_TASK_NAME='unused'", "--gin.EVAL_OUTPUT_DIR='/tmp/unused'"] + EVAL[3:]
+
+
+def test_a_routed_model_scores_with_its_library_experts_in_the_arguments(routed, reports, capsys):
+  assert t5x_dry_run.main(routed) == 0
+  assert sorted(_rows(capsys.readouterr().out)) == ["predict_batch", "score_batch"]
+  state, axes, shapes = _state_and_batch(routed, "eval")
+  assert "experts" in state.params
+  assert reports["score_batch"].argument == _bytes(_shards(state.params, axes.params, shapes, {"data": 1}))
 
 
 def _error(capsys) -> str:
