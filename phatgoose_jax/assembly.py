@@ -179,6 +179,9 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", na
     return load_model(base, config=config, **routing())
   library_ = lib.ExpertLibrary(library)
   names = list(names or library_.names())
+  if {"data", "examples"} & set(routers.spec(router).needs):  # the router reads its experts' texts
+    for task in {library_.manifest(n)["dataset"] for n in names} - {None}:
+      data.check_vocabulary(data.vocabulary(task), base)
   return load_model(base, library, router, names=names, config=config,
                     router_inputs=router_inputs(library_, names, router, held_out, **(router_options or {})),
                     **routing())

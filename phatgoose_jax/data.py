@@ -22,6 +22,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from phatgoose_jax import checkpoints, utils
+from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.tasks import jsonl, seqio_tasks
 
 FEATURES = ("inputs", "targets")
@@ -100,6 +102,14 @@ def validation_task(name: str) -> Optional[str]:
 def vocabulary(name: str) -> seqio.Vocabulary:
   """The vocabulary of a task's (or a mixture's first task's) `inputs` feature."""
   return seqio.get_mixture_or_task(task_names(name)[0]).output_features["inputs"].vocabulary
+
+
+def check_vocabulary(vocabulary_: seqio.Vocabulary, base: Optional[str]) -> None:
+  """Refuses (ValueError, `vocab.check_fits`) a vocabulary that does not fit the embedding of the configured
+  model (`utils.model_config`), else of `base`'s architecture, read from its metadata alone: every stage that
+  reads text calls it before any data or weights are read."""
+  config = utils.model_config() or checkpoints.architecture(base)
+  vocab_lib.check_fits(vocabulary_, config.vocab_size)
 
 
 def _trim(ids: tf.Tensor, length: int, eos_id: int) -> tf.Tensor:

@@ -47,6 +47,7 @@ def evaluate(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: str
   task = data.resolve(task)
   expert_pool = _expert_pool(library, expert_pool)
   flan.check_evaluation(expert_pool, task)  # before any model is loaded (algorithm.md §6)
+  data.check_vocabulary(data.vocabulary(task), base)
   os.makedirs(output_dir, exist_ok=True)
   loaded = assembly.load(base, library, router, names, held_out, router_options)
   results = evaluator.evaluate(task, runner(loaded, data.vocabulary(task)), max_examples=max_examples,
@@ -63,6 +64,7 @@ def route_stats(task: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, base: 
                 held_out: data.HeldOut = data.NOTHING_HELD_OUT) -> dict:
   """Per dataset and layer, the fraction of top-k choices each expert gets; JSON + one heatmap per dataset."""
   task = data.resolve(task)
+  data.check_vocabulary(data.vocabulary(task), base)
   os.makedirs(output_dir, exist_ok=True)
   loaded = assembly.load(base, library, router, names, held_out)
   if loaded.model.experts.mode != "routed" or loaded.expert_weights is not None:

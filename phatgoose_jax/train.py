@@ -213,6 +213,7 @@ def train_expert(base: str = gin.REQUIRED, task: str = gin.REQUIRED, library: st
   """Train one LoRA expert on `task` (base frozen, algorithm.md §2), keep the step of the best validation
   task metric (`selection`), and add it to `library` (process 0); its manifest."""
   started = time.time()
+  data.check_vocabulary(data.vocabulary(data.resolve(task)), base)
   train = train_examples(task, held_out, max_train_examples)
   loaded = utils.restore_base(base)
   params = loaded.variables["params"]
@@ -245,6 +246,7 @@ def train_gate(base: str = gin.REQUIRED, library: str = gin.REQUIRED, name: str 
     raise ValueError(f"expert {name!r} records no training dataset (it was imported); name the task its gate "
                      f"trains on (--task TASK)")
   started = time.time()
+  data.check_vocabulary(data.vocabulary(data.resolve(task)), base)
   train = train_examples(task, held_out, max_train_examples)
   loaded = utils.restore_base(base)
   params = loaded.variables["params"]
@@ -280,6 +282,7 @@ def train_multitask(task: str = gin.REQUIRED, output: str = gin.REQUIRED, workdi
   if base is None and (finetune == "lora" or utils.model_config() is None):
     raise ValueError("training without a base needs finetune='full' and a configured model (a gin/models file)")
   started = time.time()
+  data.check_vocabulary(data.vocabulary(data.resolve(task)), base)
   train = train_examples(task, held_out, max_train_examples)
   if base is None:
     config, params = utils.model_config(), None

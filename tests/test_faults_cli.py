@@ -14,6 +14,7 @@ from phatgoose_jax import cli
 from phatgoose_jax import library as lib
 from phatgoose_jax import vocab
 from phatgoose_jax.checkpoints import hf, names
+from phatgoose_jax.demo import suite
 
 import random_trees as trees
 
@@ -211,3 +212,36 @@ def test_evaluate_refuses_an_unknown_precision(tmp_path, base_dir, capsys):
   fails_in_one_line(capsys, ["evaluate", "--base", base_dir, "--task", "demo_upper_eval", "--output_dir",
                              str(tmp_path / "out"), "--precision", "fp16"], "--precision", "float32, bfloat16")
   assert "fp16" not in gin.config_str()  # a refused configuration leaves no binding behind for the next run
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+  """A tiny model whose embedding (1024 rows) no test vocabulary (bytes: 259 ids) fits, and a library of one
+  expert trained on it (on the byte-level demo tasks, registered here)."""
+  suite.register(0, suite.SuiteSizes(train=8, validation=4, held_out=3))
+  path = str(tmp_path_factory.mktemp("wide"))
+  config = CFG.replace(vocab_size=1024)
+  params = trees.random_params(config)
+  hf.save_hf(path, config, params)
+  library = lib.ExpertLibrary(path + "_library")
+  lora, gates = trees.random_expert(0)
+  library.add("upper", lora, base=lib.base_fingerprint(config, params), gates=gates, dataset="demo_upper")
+  return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train-expert", "train-gate", "assemble", "route-stats", "serve"])
+def test_every_stage_that_reads_text_refuses_a_vocabulary_the_model_does_not_fit(tmp_path, wide_base, library_dir,
+                                                                                 command, capsys, monkeypatch):
+  """Before any data or weights are read: the one-line error names the vocabulary and the embedding."""
+  monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("weights were read"))
+  flags = {"evaluate": ["--task", "demo_upper_eval", "--output_dir", str(tmp_path / "o")],
+           "route-stats": ["--task", "demo_upper_eval", "--library", library_dir, "--output_dir", str(tmp_path / "o")],
+           "train-expert": ["--task", "demo_upper", "--library", str(tmp_path / "l"), "--workdir", str(tmp_path / "w")],
+           "train-gate": ["--task", "demo_upper", "--library", library_dir, "--name", "x",
+                          "--workdir", str(tmp_path / "w")],
+           "assemble": ["--library", wide_base + "_library", "--router", "average_activation_pooled",
+                        "--output", str(tmp_path / "a")],
+           "serve": []}[command]
+  fails_in_one_line(capsys, [command, "--base", wide_base] + flags, "the byte vocabulary (259 ids) does not match the "
+                    "model's embedding of 1024 rows")
+  assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "a")

@@ -1,11 +1,17 @@
 """`phatgoose serve`: the OpenAI-compatible server of a base and its library under uvicorn."""
+from phatgoose_jax.cli import UsageError
 
 
 def run(args) -> int:
   import uvicorn  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax import data, vocab  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.serving import app  # pylint: disable=import-outside-toplevel
+  try:
+    data.check_vocabulary(vocab.get_vocabulary(args.vocab), args.base)  # before the server starts
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   config = {"base": args.base, "library": args.library, "top_k": args.top_k, "batch_size": args.batch_size,
-            "max_queue": args.max_queue, "timeout_s": args.timeout, "dtype": args.dtype}
+            "max_queue": args.max_queue, "timeout_s": args.timeout, "dtype": args.dtype, "vocab": args.vocab}
   uvicorn.run(app.create_app(config), host=args.host, port=args.port, log_level="info",
               timeout_graceful_shutdown=args.timeout)
   return 0
@@ -24,4 +30,5 @@ def register(subparsers):
   serve.add_argument("--max_queue", type=int, default=256, help="requests waiting before 429")
   serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its batch")
   serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  serve.add_argument("--vocab", default="byte", help="'byte' or the path of a SentencePiece .model")
   serve.set_defaults(func=run)

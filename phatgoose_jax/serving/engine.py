@@ -70,11 +70,11 @@ class Engine:
 
   def __init__(self, base: str, library: Optional[str] = None, top_k: int = 2, batch_size: int = 8,
                max_queue: int = 256, timeout_s: float = 60.0, dtype: str = "float32", max_models: int = 16,
-               on_batch=None):
-    self.base, self.library_path, self.top_k, self.dtype = base, library, top_k, dtype
+               on_batch=None, vocab: str = "byte"):
+    self.base, self.library_path, self.top_k, self.dtype, self.vocab = base, library, top_k, dtype, vocab
     self.batch_size, self.timeout_s, self.max_models = batch_size, timeout_s, max_models
     self.base_name = os.path.basename(os.path.normpath(base))
-    self.base_model = text_model.load(base, dtype=dtype, batch_size=batch_size)
+    self.base_model = text_model.load(base, dtype=dtype, vocab=vocab, batch_size=batch_size)
     self.library = lib.ExpertLibrary(library) if library else None
     self.experts = self.library.names() if self.library else []
     if self.library and not self.experts:
@@ -120,7 +120,7 @@ class Engine:
         self._models.move_to_end(key)
         return self._models[key]
     model = text_model.load(self.base, self.library_path, router=router, top_k=top_k, experts=experts,
-                            dtype=self.dtype, batch_size=self.batch_size)
+                            dtype=self.dtype, vocab=self.vocab, batch_size=self.batch_size)
     with self._lock:
       self._models[key] = model
       while len(self._models) > self.max_models:
