@@ -21,6 +21,7 @@ from phatgoose_jax.t5 import layout
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.t5 import config as t5_config
+from phatgoose_jax.t5 import network
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -28,15 +29,18 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @gin.configurable
 def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size: Optional[str] = None,
                  overrides: Optional[dict] = None, dropout_rate: float = 0.1, dtype: str = "float32",
-                 scan_layers: bool = False) -> Optional[t5_config.T5Config]:
+                 scan_layers: bool = False, remat_policy: str = "none") -> Optional[t5_config.T5Config]:
   """The configured T5 v1.1: a preset (`tiny`, `small` ... `xxl`) with optional architecture `overrides`.
 
   Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout, dtype
   and layout are always the configured ones (`dtype`: 'float32', or 'bfloat16' for the official bf16
-  evaluation; `scan_layers`: each stack under `nn.scan`, one layer body compiled per stack, t5/network.py)."""
+  evaluation; `scan_layers`: each stack under `nn.scan`, one layer body compiled per stack, t5/network.py; `remat_policy`:
+  what each layer keeps for the backward pass, one of `network.REMAT_POLICIES`)."""
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(f"model dtype (--precision) must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
-  configured = dict(dropout_rate=dropout_rate, dtype=dtype, scan_layers=scan_layers)
+  if remat_policy not in network.REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {', '.join(network.REMAT_POLICIES)}, got {remat_policy!r}")
+  configured = dict(dropout_rate=dropout_rate, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy)
   if size is not None:
     return t5_config.preset(size, **(overrides or {})).replace(**configured)
   if checkpoint_config is None:

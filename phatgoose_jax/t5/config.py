@@ -29,6 +29,8 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
   scan_layers: bool = False  # each stack's layers under nn.scan, their variables stacked (checkpoints/layout.py)
+  # What a layer keeps for the backward pass (t5/network.py REMAT_POLICIES): 'none' keeps every activation.
+  remat_policy: str = "none"
 
   @property
   def joined_kv(self) -> int:
@@ -52,7 +54,7 @@ class T5Config:
     """The architecture as a canonical JSON string (dtype, dropout and the layer layout excluded: they do not
     change weights)."""
     d = self.to_dict()
-    for field in ("dtype", "dropout_rate", "scan_layers"):
+    for field in ("dtype", "dropout_rate", "scan_layers", "remat_policy"):
       d.pop(field)
     return json.dumps(d, sort_keys=True)
 

@@ -10,10 +10,15 @@ With `config.scan_layers` each stack runs its layers under `nn.scan` (t5x's and 
 one layer body is compiled per stack, and every collection holds `encoder/layers/...` with a leading
 `layers` axis instead of `encoder/layers_{i}/...` (checkpoints/layout.py converts; checkpoints keep t5x's
 per-layer names on disk).
+
+With `config.remat_policy` each layer is rematerialised in the backward pass (`nn.remat`, flaxformer's and
+MaxText's `remat_policy`): 'full' keeps only the layer's input, 'minimal' also its matmul outputs
+(`dots_with_no_batch_dims_saveable`), 'none' every activation.
 """
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from phatgoose_jax.t5 import layers
@@ -63,6 +68,19 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def layer_class(cls, cfg: T5Config, static_argnums: tuple):
+  """`cls`, or `cls` rematerialised under `cfg.remat_policy`; `static_argnums` (self = 0) are its non-array
+  arguments."""
+  if cfg.remat_policy == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers,
+                  static_argnums=static_argnums)
+
+
 def run_layers(make_layer: Callable, num_layers: int, scan: bool, x, *args):
   """x through `num_layers` layers `make_layer(name)` named `layers_{i}`, or through one layer named `layers`
   under `nn.scan`, its variables with a leading `layers` axis (call inside a compact module); `args` are shared
@@ -93,7 +111,8 @@ class Encoder(nn.Module):
     mask = layers.attention_mask(valid, valid)
     drop = nn.Dropout(cfg.dropout_rate)
     x = drop(self.embedder(tokens), deterministic=deterministic)
-    layer = lambda name: EncoderLayer(cfg, self.dense, name=name)  # noqa: E731
+    layer_cls = layer_class(EncoderLayer, cfg, static_argnums=(3, 4))  # position_bias_fn, deterministic
+    layer = lambda name: layer_cls(cfg, self.dense, name=name)  # noqa: E731
     x = run_layers(layer, cfg.num_encoder_layers, cfg.scan_layers, x, mask, position_bias_fn, deterministic,
                    expert_weights)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
@@ -120,7 +139,8 @@ class Decoder(nn.Module):
         targets.shape[1])
     drop = nn.Dropout(cfg.dropout_rate)
     y = drop(self.embedder(decoder_input_tokens), deterministic=deterministic)
-    layer = lambda name: DecoderLayer(cfg, self.dense, name=name)  # noqa: E731
+    layer_cls = layer_class(DecoderLayer, cfg, static_argnums=(5, 6, 7))  # position_bias_fn, deterministic, decode
+    layer = lambda name: layer_cls(cfg, self.dense, name=name)  # noqa: E731
     y = run_layers(layer, cfg.num_decoder_layers, cfg.scan_layers, y, encoded, self_mask, cross_mask,
                    position_bias_fn, deterministic, decode, expert_weights)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
