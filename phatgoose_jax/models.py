@@ -89,7 +89,8 @@ def sample_step(logits: jax.Array, keys: jax.Array, steps: jax.Array, temperatur
 
 def network(config: T5Config, experts: ExpertConfig = ExpertConfig()) -> Transformer:
   """The flax module: the T5 whose linear layers carry `experts` (plain dense layers when mode is 'none')."""
-  dense = layers.Dense if experts.mode == "none" else functools.partial(ExpertDense, experts=experts)
+  dense = layers.Dense if experts.mode == "none" else functools.partial(ExpertDense, experts=experts,
+                                                                        autocast=config.autocast)
   return Transformer(config, dense)
 
 

@@ -24,6 +24,17 @@ from phatgoose_jax.t5 import config as t5_config
 from phatgoose_jax.t5 import network
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "official")
+
+
+def precision_fields(precision: str) -> dict:
+  """The `T5Config` fields (`dtype`, `autocast`) of a precision (algorithm.md §2): 'float32' (the default: the
+  exact formulas, the same numbers on every platform), 'official' (bf16 compute rounded at each step as the
+  official runs under bf16 torch.autocast, colm/models/t5xl/t5.gin:20) or 'bfloat16' (bf16 compute with the
+  official router math, the rest of the network rounded as XLA does)."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"model dtype (--precision) must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+  return dict(dtype="float32" if precision == "float32" else "bfloat16", autocast=precision == "official")
 
 
 @gin.configurable
@@ -32,15 +43,14 @@ def model_config(checkpoint_config: Optional[t5_config.T5Config] = None, *, size
                  scan_layers: bool = False, remat_policy: str = "none") -> Optional[t5_config.T5Config]:
   """The configured T5 v1.1: a preset (`tiny`, `small` ... `xxl`) with optional architecture `overrides`.
 
-  Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout, dtype
-  and layout are always the configured ones (`dtype`: 'float32', or 'bfloat16' for the official bf16
-  evaluation; `scan_layers`: each stack under `nn.scan`, one layer body compiled per stack, t5/network.py; `remat_policy`:
-  what each layer keeps for the backward pass, one of `network.REMAT_POLICIES`)."""
-  if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"model dtype (--precision) must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  Without a configured `size`, the architecture is `checkpoint_config`'s (None if not given); dropout, precision
+  (`dtype`, one of PRECISIONS: `precision_fields`) and layout are always the configured ones (`scan_layers`: each
+  stack under `nn.scan`, one layer body compiled per stack, t5/network.py; `remat_policy`: what each layer keeps
+  for the backward pass, one of `network.REMAT_POLICIES`)."""
   if remat_policy not in network.REMAT_POLICIES:
     raise ValueError(f"remat_policy must be one of {', '.join(network.REMAT_POLICIES)}, got {remat_policy!r}")
-  configured = dict(dropout_rate=dropout_rate, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+  configured = dict(dropout_rate=dropout_rate, scan_layers=scan_layers, remat_policy=remat_policy,
+                    **precision_fields(dtype))
   if size is not None:
     return t5_config.preset(size, **(overrides or {})).replace(**configured)
   if checkpoint_config is None:

@@ -38,6 +38,15 @@ def lora_update(u: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float
   return (u @ lora_a.astype(u.dtype)) @ lora_b.astype(u.dtype) * scale
 
 
+def autocast_merged_kernel(kernel, lora_a, lora_b, scale, dtype) -> jax.Array:
+  """W + (B A) / r with each step rounded to `dtype`, as `LoRALinear` computes its kernel under torch.autocast
+  (src/models/custom_modules/lora/lora_linear.py:23-29): B A a `dtype` matmul (float32 accumulation), the
+  division by r = 1 / scale and the sum with the `dtype` W each rounded to `dtype`. Returns
+  <dtype>[d_in, d_out] (our layout: (B A)^T = lora_a @ lora_b)."""
+  update = (lora_a.astype(dtype) @ lora_b.astype(dtype)) / jnp.asarray(1 / scale, dtype)
+  return kernel.astype(dtype) + update
+
+
 def gate_value(u: jax.Array, gate: jax.Array) -> jax.Array:
   """sigmoid(v . u), the post-hoc gate of algorithm.md §3, in float32. Returns [..., 1]."""
   return jax.nn.sigmoid(jnp.einsum("...i,i->...", u.astype(jnp.float32), gate.astype(jnp.float32)))[..., None]
@@ -51,12 +60,19 @@ class ExpertDense(nn.Module):
     kernel_axes: logical names of W's (input, output) axes, e.g. ('embed', 'joined_kv').
     experts: where and how experts apply; this layer is a target when its name is in `experts.targets`.
     dtype: compute dtype; all variables are stored in float32.
+    autocast: round as the official code does under bf16 torch.autocast over bf16 frozen parameters
+      (`T5Config.autocast`, algorithm.md §2). 'lora' merges W + (B A) / r in the compute dtype and applies the
+      merged kernel, as `LoRALinear` (src/models/custom_modules/lora/lora_linear.py:23-29); 'gated' multiplies
+      the bf16 input by the float32 gate in float32 and rounds that product for the expert's first matmul
+      (src/models/addons/moe.py:796-799, 842, 686-689); 'routed' mixes on the ragged path, whose bf16 steps are
+      the official dispatch's (moe.py:686-711, `routing.mix_ragged`).
   """
   features: int
   kernel_axes: tuple[str, str]
   experts: ExpertConfig
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
+  autocast: bool = False
 
   def _expert_var(self, collection, name, init, shape, axes):
     boxed = nn.with_logical_partitioning(init, axes)
@@ -78,19 +94,23 @@ class ExpertDense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (d_in, self.features), jnp.float32)
     u = u.astype(self.dtype)
-    y = u @ kernel.astype(self.dtype)
     if not self.experts.applies_to(self.name):
-      return y
+      return u @ kernel.astype(self.dtype)
     self.sow("activations", "inputs", u)
     scale = self.experts.lora_scale
     mode = self.experts.mode
-    if mode in ("lora", "gated"):
-      update = lora_update(u, *self._lora("lora", d_in), scale)
-      if mode == "gated":
-        gate = self._expert_var("gates", "gate", nn.initializers.zeros, (d_in,), (self.kernel_axes[0],))
-        update = update * gate_value(u, gate).astype(self.dtype)
-      return y + update
-    return y + self._routed(u, expert_weights, scale).astype(self.dtype)
+    if mode == "lora" and self.autocast:
+      return u @ autocast_merged_kernel(kernel, *self._lora("lora", d_in), scale, self.dtype)
+    y = u @ kernel.astype(self.dtype)
+    if mode == "routed":
+      return y + self._routed(u, expert_weights, scale).astype(self.dtype)
+    lora = self._lora("lora", d_in)
+    if mode == "lora":
+      return y + lora_update(u, *lora, scale)
+    gate = gate_value(u, self._expert_var("gates", "gate", nn.initializers.zeros, (d_in,), (self.kernel_axes[0],)))
+    if self.autocast:
+      return y + lora_update((u.astype(jnp.float32) * gate).astype(self.dtype), *lora, scale)
+    return y + lora_update(u, *lora, scale) * gate.astype(self.dtype)
 
   def _routed(self, u, expert_weights, scale):
     num = self.experts.num_experts
@@ -106,7 +126,7 @@ class ExpertDense(nn.Module):
     if sharded.expert_mesh() is not None:  # experts split over the context mesh's 'expert' axis
       route = functools.partial(sharded.route, kernel_axes=self.kernel_axes)
     update, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
-                                   score=self.experts.score, impl=self.experts.impl)
+                                   score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl)
     self.sow("intermediates", "route_index", index)
     self.sow("intermediates", "route_weights", weights)
     return update

@@ -28,6 +28,8 @@ class T5Config:
   dropout_rate: float = 0.1
   layer_norm_epsilon: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  # With dtype bfloat16: round as torch.autocast (CUDA) does in the official bf16 runs (algorithm.md §2).
+  autocast: bool = False
   scan_layers: bool = False  # each stack's layers under nn.scan, their variables stacked (checkpoints/layout.py)
   # What a layer keeps for the backward pass (t5/network.py REMAT_POLICIES): 'none' keeps every activation.
   remat_policy: str = "none"
@@ -51,10 +53,10 @@ class T5Config:
     return cls(**d)
 
   def fingerprint(self) -> str:
-    """The architecture as a canonical JSON string (dtype, dropout and the layer layout excluded: they do not
+    """The architecture as a canonical JSON string (precision, dropout and the layer layout excluded: they do not
     change weights)."""
     d = self.to_dict()
-    for field in ("dtype", "dropout_rate", "scan_layers", "remat_policy"):
+    for field in ("dtype", "autocast", "dropout_rate", "scan_layers", "remat_policy"):
       d.pop(field)
     return json.dumps(d, sort_keys=True)
 

@@ -37,9 +37,14 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, no bias (T5 LayerNorm)."""
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, no bias (T5 LayerNorm).
+
+  With `autocast`, as Hugging Face's `T5LayerNorm.forward` computes over the official's bf16 frozen scale under
+  torch.autocast (transformers/models/t5/modeling_t5.py:65-72): the variance and the normalisation in float32,
+  the normalised x rounded to the compute dtype, then multiplied by the rounded scale in that dtype."""
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  autocast: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -47,6 +52,8 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    if self.autocast:
+      return y.astype(self.dtype) * scale.astype(self.dtype)
     return (y * scale).astype(self.dtype)
 
 
@@ -95,12 +102,18 @@ class RelativePositionBiases(nn.Module):
                              dtype=self.dtype)
 
 
-def dot_product_attention(query, key, value, bias, dropout, deterministic):
+def dot_product_attention(query, key, value, bias, dropout, deterministic, autocast=False):
   """softmax(q k^T + bias) v, no 1/sqrt(d) scaling (T5 folds it into the query init).
 
-  query <float>[b, q, h, d], key/value [b, k, h, d], bias [b or 1, h, q, k] -> [b, q, h, d].
+  query <float>[b, q, h, d], key/value [b, k, h, d], bias [b or 1, h, q, k] -> [b, q, h, d]. With `autocast`,
+  q k^T + bias is rounded to the query's dtype before the float32 softmax, as Hugging Face's T5 attention adds
+  the bf16 bias to the bf16 scores under torch.autocast (`scores += position_bias_masked` then
+  `softmax(scores.float()).type_as(scores)` in the 4.x `T5Attention.forward` of the official runs; the same
+  roundings in transformers/models/t5/modeling_t5.py:159-170, `eager_attention_forward`, of 5.x).
   """
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias.astype(jnp.float32)
+  if autocast:
+    logits = logits.astype(query.dtype).astype(jnp.float32)
   weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
   weights = dropout(weights, deterministic=deterministic)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
@@ -165,7 +178,7 @@ class MultiHeadAttention(nn.Module):
     if position_bias_fn is not None:
       total_bias = total_bias + position_bias_fn(query_positions, key_positions)
     dropout = nn.Dropout(cfg.dropout_rate)
-    out = dot_product_attention(query, key, value, total_bias, dropout, deterministic)
+    out = dot_product_attention(query, key, value, total_bias, dropout, deterministic, cfg.autocast)
     out = out.reshape(*out.shape[:2], cfg.joined_kv)
     out = nn.with_logical_constraint(out, ("batch", "length", "joined_kv"))
     return self.dense(features=cfg.d_model, kernel_axes=("joined_kv", "embed"), dtype=cfg.dtype, name="out",
@@ -173,7 +186,11 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Gated-GELU feed-forward: wo(dropout(gelu(wi_0 x) * wi_1 x))."""
+  """Gated-GELU feed-forward: wo(dropout(gelu(wi_0 x) * wi_1 x)).
+
+  With `config.autocast`, gelu(wi_0 x) * wi_1 x and its dropout in float32 from the bf16 projections, rounded
+  once by `wo`: torch.autocast on CUDA runs the `pow` of Hugging Face's tanh GELU (`NewGELUActivation`) in
+  float32, so the product is float32 until `T5DenseGatedActDense` casts it to `wo`'s dtype after the dropout."""
   config: T5Config
   dense: Callable = Dense
 
@@ -184,6 +201,8 @@ class MlpBlock(nn.Module):
     wi = lambda name: self.dense(features=cfg.d_ff, kernel_axes=("embed", "mlp"), kernel_init=init_in,  # noqa: E731
                                  dtype=cfg.dtype, name=name)(x, expert_weights)
     gate, linear = wi("wi_0"), wi("wi_1")
+    if cfg.autocast:
+      gate, linear = gate.astype(jnp.float32), linear.astype(jnp.float32)
     hidden = nn.gelu(gate, approximate=True) * linear
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)

@@ -27,7 +27,7 @@ from phatgoose_jax.t5.config import T5Config
 
 def pre_norm_residual(cfg: T5Config, norm_name: str, x, sublayer, deterministic):
   """x + dropout(sublayer(RMSNorm(x))): T5's pre-norm residual sub-layer (call inside a compact module)."""
-  h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name=norm_name)(x)
+  h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.autocast, name=norm_name)(x)
   return x + nn.Dropout(cfg.dropout_rate)(sublayer(h), deterministic=deterministic)
 
 
@@ -115,7 +115,7 @@ class Encoder(nn.Module):
     layer = lambda name: layer_cls(cfg, self.dense, name=name)  # noqa: E731
     x = run_layers(layer, cfg.num_encoder_layers, cfg.scan_layers, x, mask, position_bias_fn, deterministic,
                    expert_weights)
-    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.autocast, name="encoder_norm")(x)
     return drop(x, deterministic=deterministic)
 
 
@@ -143,7 +143,7 @@ class Decoder(nn.Module):
     layer = lambda name: layer_cls(cfg, self.dense, name=name)  # noqa: E731
     y = run_layers(layer, cfg.num_decoder_layers, cfg.scan_layers, y, encoded, self_mask, cross_mask,
                    position_bias_fn, deterministic, decode, expert_weights)
-    y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
+    y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.autocast, name="decoder_norm")(y)
     y = drop(y, deterministic=deterministic)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="logits_dense",
                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5),
