@@ -82,14 +82,16 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
 
   `config`: the configured architecture (dtype and dropout included) that the checkpoint must match; by
   default the checkpoint's architecture with dropout off, computing in `dtype` if given, else in the configured
-  `utils.model_config.dtype`: 'bfloat16' is the official bf16 evaluation (bf16 parameters, `in_compute_dtype`,
-  and router math, `experts/routing.py`). `router_inputs` are extra builder arguments (e.g. `data` for
-  average_activation, `examples` for retrieval, `label_to_expert` for oracle).
+  `utils.model_config.dtype` (a precision, `utils.precision_fields`): 'official' is the official bf16 evaluation
+  (bf16 parameters, `in_compute_dtype`, each op rounded as under torch.autocast, algorithm.md §2), 'bfloat16'
+  the same parameters and router math (`experts/routing.py`) with XLA's roundings elsewhere. `router_inputs`
+  are extra builder arguments (e.g. `data` for average_activation, `examples` for retrieval, `label_to_expert`
+  for oracle).
   """
   loaded = load_checkpoint(base, expect=config)
   configured = utils.model_config(loaded.config)
-  model_config = config or loaded.config.replace(dropout_rate=0.0, dtype=dtype or configured.dtype,
-                                                 scan_layers=configured.scan_layers)
+  precision = utils.precision_fields(dtype) if dtype else dict(dtype=configured.dtype, autocast=configured.autocast)
+  model_config = config or loaded.config.replace(dropout_rate=0.0, scan_layers=configured.scan_layers, **precision)
   if library is None:
     return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize),
                        layout.for_model(in_compute_dtype(loaded.variables, model_config.dtype), model_config))

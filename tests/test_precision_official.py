@@ -7,19 +7,21 @@ layer_norm and sum in float32): CPU autocast has other op lists, so it is not us
 """
 import math
 
-import flax.linen as nn
+import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from phatgoose_jax import utils
+from phatgoose_jax import assembly, utils
 from phatgoose_jax.experts import routing
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.experts.lora import ExpertDense
 from phatgoose_jax.t5 import layers
 from phatgoose_jax.t5.config import T5Config
+from test_precision import saved  # noqa: F401 (the fixture: a tiny base and a three-expert library)
 
 BF16 = torch.bfloat16
 CFG = T5Config(d_model=32, d_ff=48, num_heads=4, d_kv=8, dropout_rate=0.0, **utils.precision_fields("official"))
@@ -217,3 +219,18 @@ def test_whole_model_equals_transformers_t5_in_bf16(tmp_path):
     equal[precision] = np.mean(logits[valid] == expected[valid])
   assert equal["official"] == 1.0
   assert equal["float32"] < 0.5 and equal["bfloat16"] < 0.5
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_evaluation_runs_the_official_precision(saved, configured):
+  """Configured (`utils.model_config.dtype`, the evaluate run's PRECISION) or given (`dtype`, the CLI's
+  --dtype): the routed model computes in bf16 with the autocast roundings, over bf16 variables."""
+  base, library = saved
+  gin.clear_config()
+  try:
+    gin.parse_config(f"utils.model_config.dtype = '{'official' if configured else 'float32'}'")
+    loaded = assembly.load_model(base, library, "phatgoose", dtype=None if configured else "official")
+  finally:
+    gin.clear_config()
+  assert (loaded.model.config.dtype, loaded.model.config.autocast) == ("bfloat16", True)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(loaded.variables)} == {np.dtype(jnp.bfloat16)}
