@@ -37,7 +37,6 @@ from t5x import utils as t5x_utils
 
 from phatgoose_jax import aot
 from phatgoose_jax.cli import UsageError
-from phatgoose_jax.main import split_args
 
 RUNS = {"train": t5x.train.train, "evaluate": t5x.eval.evaluate}  # what `import __main__` names in t5x's gin
 
@@ -185,16 +184,18 @@ def dry_run(topology: Optional[str] = None) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.t5x_dry_run", description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin file, as t5x's (repeatable)")
-  parser.add_argument("--gin.KEY=VALUE", dest="unused", help="one gin binding (repeatable)")
-  parser.add_argument("--gin_bindings", action="append", default=[], help="one gin binding (repeatable)")
+  parser.add_argument("--gin_bindings", action="append", default=[], help="one gin binding; --gin.KEY=VALUE "
+                      "is the same as --gin_bindings='KEY = VALUE' (repeatable)")
   parser.add_argument("--gin_search_paths", default=".", help="comma-separated gin search paths (t5x's flag)")
   parser.add_argument("--topology", help="compile for this TPU slice (v5e:4x4, v4:2x2x4; needs libtpu) instead "
                       "of the local devices")
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    files, bindings, rest = split_args(argv)
-    args = parser.parse_args(rest)
-    parse(files, bindings + args.gin_bindings, args.gin_search_paths.split(","))
+    try:
+      args = parser.parse_args(gin_utils.rewrite_gin_args(argv))  # t5x's own --gin.KEY=VALUE rewriting
+    except ValueError as e:
+      raise UsageError(str(e)) from e
+    parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
     dry_run(args.topology)
   except UsageError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("t5x")
 
+import t5x.gin_utils  # noqa: E402
 import t5x.utils  # noqa: E402
 
 from phatgoose_jax import aot, t5x_dry_run  # noqa: E402
@@ -20,7 +21,8 @@ from phatgoose_jax.checkpoints import native  # noqa: E402
 from random_trees import TINY, random_expert, random_params  # noqa: E402
 
 TRAIN = ["--gin_file=gin/t5x/examples/tiny_offline_train_expert.gin", "--gin.MODEL_DIR='/tmp/unused'",
-         "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}"]
+         "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+         "--gin.t5x.trainer.Trainer.num_microbatches=2"]
 # t5x has no default mesh for a v5e: a (2, 1, 1, 1) model-parallel tile, so data=2 x model=2 on a 2x2 slice;
 # the vocabulary grows to 260 so that the `vocab` axis splits over `model`.
 V5E = ["--topology", "v5e:2x2", "--gin.partitioning.PjitPartitioner.num_partitions=None",
@@ -44,8 +46,8 @@ def _rows(out: str) -> dict:
 
 def _state_and_batch(argv, run: str) -> tuple:
   """t5x's abstract train state, its PartitionSpecs and the batch shapes of the configuration `argv`."""
-  files, bindings, _ = t5x_dry_run.split_args(argv)
-  t5x_dry_run.parse(files, bindings)
+  args = [arg.split("=", 1) for arg in t5x.gin_utils.rewrite_gin_args(argv)]
+  t5x_dry_run.parse([v for k, v in args if k == "--gin_file"], [v for k, v in args if k == "--gin_bindings"])
   _, configured = t5x_dry_run.configured_run()
   model, partitioner = (t5x_dry_run.built(configured, k) for k in ("model", "partitioner"))
   config = "train_dataset_cfg" if run == "train" else "dataset_cfg"
@@ -160,6 +162,7 @@ def test_an_oversized_batch_exits_2_naming_the_program(capsys):
 
 @pytest.mark.parametrize("argv,error", [
     (["--gin_file=gin/t5x/missing.gin"], "bad gin configuration: "),
+    (TRAIN + ["--gin.BATCH_SIZE"], "Gin bindings must be of the form '--gin.<param>=<value>'"),
     (["--gin_file=gin/t5x/models/t5_1_1_tiny.gin"], "configure neither t5x's train nor its evaluate"),
     (EVAL[:-1], "a dry run needs the feature lengths of the run's dataset_cfg"),
     (TRAIN + ["--topology", "v5e:2x2"], "t5x's PjitPartitioner finds no mesh for 4 x TPU v5 lite"),
