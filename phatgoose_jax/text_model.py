@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import seqio
 
-from phatgoose_jax import assembly, data
+from phatgoose_jax import assembly, data, utils
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.models import EOS_ID, pad_tokens, shift_right
 
@@ -248,13 +248,13 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", to
          batch_size: int = 16) -> TextModel:
   """The `TextModel` of checkpoint `base` (any format: phatgoose-jax, assembled, Hugging Face, t5x), routed over
   `library`'s experts (`experts`, default all) by `router` with `top_k` experts per token when a library is
-  given (`assembly.load_model`). `dtype`: 'float32' or 'bfloat16' (None: the configured one); `vocab`: 'byte'
-  or the path of a SentencePiece .model, refused before the model is loaded unless it fits its embedding
-  (`data.check_vocabulary`)."""
+  given (`assembly.load_model`). `dtype`: a precision, one of `utils.PRECISIONS` (None: the configured one);
+  `vocab`: 'byte' or the path of a SentencePiece .model, refused before the model is loaded unless it fits its
+  embedding (`data.check_vocabulary`)."""
   if library is not None and router == "oracle":
     raise ValueError("the oracle router needs each example's label; it cannot run on inputs alone")
-  if dtype not in (None, "float32", "bfloat16"):
-    raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  if dtype is not None:
+    utils.precision_fields(dtype)  # a bad precision fails here, before any checkpoint is read
   vocabulary = vocab_lib.get_vocabulary(vocab)
   data.check_vocabulary(vocabulary, base)
   loaded = assembly.load_model(base, library, router, top_k, list(experts) if experts is not None else None,

@@ -234,3 +234,15 @@ def test_evaluation_runs_the_official_precision(saved, configured):
     gin.clear_config()
   assert (loaded.model.config.dtype, loaded.model.config.autocast) == ("bfloat16", True)
   assert {x.dtype for x in jax.tree_util.tree_leaves(loaded.variables)} == {np.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("command", ["score", "generate", "serve"])
+def test_cli_takes_the_official_precision(command):
+  """--dtype names every precision; a bad one is a usage error (exit 2) naming the choices."""
+  from phatgoose_jax import cli
+  parser = cli.build_parser()
+  args = parser.parse_args([command, "--base", "b", "--dtype", "official"])
+  assert args.dtype == "official"
+  with pytest.raises(SystemExit) as exit_info:
+    parser.parse_args([command, "--base", "b", "--dtype", "fp16"])
+  assert exit_info.value.code == 2

@@ -11,6 +11,10 @@ import importlib
 from phatgoose_jax.cli import UsageError
 
 MAX_LENGTH = 512  # `vocab.MAX_LENGTH`, named here so that --help needs no numerical import
+PRECISIONS = ("float32", "bfloat16", "official")  # `utils.PRECISIONS`, likewise
+PRECISION_HELP = ("precision (algorithm.md §2): float32, the default (the exact formulas, the same numbers on "
+                  "every platform); official (bf16 rounded at each op as the official bf16 torch.autocast runs); "
+                  "bfloat16 (bf16 parameters and router math, XLA's roundings elsewhere)")
 
 
 def _run(name: str):
@@ -31,7 +35,9 @@ def dry_run(args) -> int:
   for --topology or the local devices from shapes only: the architecture is read from the checkpoint's
   metadata, the expert count from the library; no weights are read."""
   from phatgoose_jax import checkpoints, library, main, stage_programs  # pylint: disable=import-outside-toplevel
-  config = checkpoints.architecture(args.base).replace(dtype=args.dtype or "float32", dropout_rate=0.0)
+  from phatgoose_jax import utils  # pylint: disable=import-outside-toplevel
+  config = checkpoints.architecture(args.base).replace(**utils.precision_fields(args.dtype or "float32"),
+                                                       dropout_rate=0.0)
   num_experts = len(library.ExpertLibrary(args.library).names()) if args.library else 0
   lengths = {"inputs": MAX_LENGTH, "targets": getattr(args, "max_decode_length", MAX_LENGTH)}
   generate = args.command == "generate"
@@ -46,7 +52,7 @@ def dry_run(args) -> int:
 def add_model_flags(parser) -> None:
   parser.add_argument("--base", required=True,
                       help="model checkpoint: phatgoose-jax (base or assembled routed), Hugging Face or t5x")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: float32)")
+  parser.add_argument("--dtype", choices=PRECISIONS, help=PRECISION_HELP)
   parser.add_argument("--vocab", default="byte", help="'byte' or the path of a SentencePiece .model")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--library", help="expert library directory: route over its experts")

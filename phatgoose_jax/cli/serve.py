@@ -1,5 +1,5 @@
 """`phatgoose serve`: the OpenAI-compatible server of a base and its library under uvicorn."""
-from phatgoose_jax.cli import UsageError
+from phatgoose_jax.cli import UsageError, model
 
 
 def run(args) -> int:
@@ -29,6 +29,6 @@ def register(subparsers):
   serve.add_argument("--batch_size", type=int, default=8, help="rows of every compiled batch")
   serve.add_argument("--max_queue", type=int, default=256, help="requests waiting before 429")
   serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its batch")
-  serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  serve.add_argument("--dtype", default="float32", choices=model.PRECISIONS, help=model.PRECISION_HELP)
   serve.add_argument("--vocab", default="byte", help="'byte' or the path of a SentencePiece .model")
   serve.set_defaults(func=run)

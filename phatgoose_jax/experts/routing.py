@@ -95,7 +95,9 @@ def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
   Returns (weights <float32>[..., k], index <int32>[..., k]). For bfloat16 `scores`, the official bf16
   evaluation: the softmax in float32 rounded to bf16 before the top-k (src/models/addons/moe.py:480, :487),
-  the renormalisation in float32 rounded to bf16 (moe.py:670-677); weights <bfloat16> then.
+  the renormalisation in float32 rounded to bf16 (moe.py:670-677: CUDA autocast runs `torch.sum` of the bf16
+  top-k in float32, torch/testing/_internal/autocast_test_lists.py, so the sum is not rounded to bf16 before the
+  division); weights <bfloat16> then.
   """
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
   top_p, index = jax.lax.top_k(probs, k)
