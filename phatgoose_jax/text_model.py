@@ -82,11 +82,11 @@ class TextModel:
   """A loaded model (`assembly.LoadedModel`) with its vocabulary: strings in, scores and generations out.
 
   `model`, `variables`: the `EncoderDecoderModel` and its variables (t5x's feature names and methods);
-  `vocabulary`: the seqio vocabulary; `max_length`: the longest input, target or generation in tokens;
+  `vocabulary`: the seqio vocabulary (None: ids only, texts are refused); `max_length`: the longest input, target or generation in tokens;
   `batch_size`: the rows of every compiled batch.
   """
 
-  def __init__(self, loaded: assembly.LoadedModel, vocabulary: seqio.Vocabulary, batch_size: int = 16,
+  def __init__(self, loaded: assembly.LoadedModel, vocabulary: Optional[seqio.Vocabulary], batch_size: int = 16,
                max_length: int = vocab_lib.MAX_LENGTH):
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -112,10 +112,11 @@ class TextModel:
 
   def encode(self, text: str) -> tuple:
     """(the ids of `text` truncated to `max_length` with EOS, whether it was truncated). Raises ValueError when
-    the vocabulary is not the model's (`vocab.check_fits`)."""
-    vocab_lib.check_fits(self.vocabulary, self.vocab_size)
-    ids = vocab_lib.encode(self.vocabulary, text, self.max_length)
-    cut = len(ids) == self.max_length and len(vocab_lib.encode(self.vocabulary, text, self.max_length + 1)) > len(ids)
+    the vocabulary is not the model's (`vocab.check_fits`) or there is none."""
+    vocabulary = self._text_vocabulary()
+    vocab_lib.check_fits(vocabulary, self.vocab_size)
+    ids = vocab_lib.encode(vocabulary, text, self.max_length)
+    cut = len(ids) == self.max_length and len(vocab_lib.encode(vocabulary, text, self.max_length + 1)) > len(ids)
     return ids, cut
 
   def tokenize(self, texts: Sequence[str], truncate: bool = True, name: str = "texts") -> list[list[int]]:
@@ -143,7 +144,13 @@ class TextModel:
 
   def detokenize(self, ids: Sequence[int]) -> str:
     """The text of `ids` up to (excluding) the first EOS; pad ids are dropped."""
-    return vocab_lib.decode(self.vocabulary, ids)
+    return vocab_lib.decode(self._text_vocabulary(), ids)
+
+  def _text_vocabulary(self) -> seqio.Vocabulary:
+    if self.vocabulary is None:
+      raise ValueError("this model was loaded without a vocabulary (vocab=None) and takes ids only: give ids, or "
+                       "load it with vocab='byte' or the path of a SentencePiece .model")
+    return self.vocabulary
 
   # Scoring.
 
@@ -235,7 +242,7 @@ class TextModel:
     return out
 
   def _result(self, ids: list, logprobs: list, eos: bool, stop: list) -> dict:
-    cut = stop_cut(self.vocabulary, ids, stop) if stop else None
+    cut = stop_cut(self._text_vocabulary(), ids, stop) if stop else None
     if cut is not None:
       text, n = cut
       return {"text": text, "token_ids": ids[:n], "logprobs": logprobs[:n], "finish_reason": "stop"}
@@ -244,19 +251,20 @@ class TextModel:
 
 
 def load(base: str, library: Optional[str] = None, router: str = "phatgoose", top_k: int = 2,
-         experts: Optional[Sequence[str]] = None, dtype: Optional[str] = "float32", vocab: str = "byte",
+         experts: Optional[Sequence[str]] = None, dtype: Optional[str] = "float32", vocab: Optional[str] = "byte",
          batch_size: int = 16) -> TextModel:
   """The `TextModel` of checkpoint `base` (any format: phatgoose-jax, assembled, Hugging Face, t5x), routed over
   `library`'s experts (`experts`, default all) by `router` with `top_k` experts per token when a library is
   given (`assembly.load_model`). `dtype`: a precision, one of `utils.PRECISIONS` (None: the configured one);
   `vocab`: 'byte' or the path of a SentencePiece .model, refused before the model is loaded unless it fits its
-  embedding (`data.check_vocabulary`)."""
+  embedding (`data.check_vocabulary`); None: no vocabulary, the model takes and gives ids only."""
   if library is not None and router == "oracle":
     raise ValueError("the oracle router needs each example's label; it cannot run on inputs alone")
   if dtype is not None:
     utils.precision_fields(dtype)  # a bad precision fails here, before any checkpoint is read
-  vocabulary = vocab_lib.get_vocabulary(vocab)
-  data.check_vocabulary(vocabulary, base)
+  vocabulary = None if vocab is None else vocab_lib.get_vocabulary(vocab)
+  if vocabulary is not None:
+    data.check_vocabulary(vocabulary, base)
   loaded = assembly.load_model(base, library, router, top_k, list(experts) if experts is not None else None,
                                dtype=dtype)
   return TextModel(loaded, vocabulary, batch_size)

@@ -211,6 +211,8 @@ def test_retrieval_variants_by_name(library, params, tmp_path, monkeypatch):
   base = str(tmp_path / "base")
   native.save_native(base, {"params": params}, TINY)
   monkeypatch.setattr(assembly, "stored_examples", lambda *args: examples)
+  monkeypatch.setattr(assembly.data, "vocabulary", lambda task: None)  # the fixture's datasets are unregistered
+  monkeypatch.setattr(assembly.data, "check_vocabulary", lambda *args: None)
   loaded = assembly.load(base, library.path, "retrieval_t5")
   query = {"encoder_input_tokens": np.stack([examples["b"][0]["encoder_input_tokens"][1],
                                              examples["a"][0]["encoder_input_tokens"][2]])}

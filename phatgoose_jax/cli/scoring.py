@@ -1,7 +1,7 @@
 """What `phatgoose score` and `phatgoose generate` run (the flags are in `cli/model.py`).
 
 Each input line is `{"inputs": ..., "targets": ...}` (text, encoded with the vocabulary, EOS appended)
-or `{"input_ids": [...], "target_ids": [...]}` (raw ids, used as they are); texts over `vocab.MAX_LENGTH`
+or `{"input_ids": [...], "target_ids": [...]}` (raw ids, used as they are: scoring ids alone reads no --vocab); texts over `vocab.MAX_LENGTH`
 tokens are truncated with a warning that counts them (`--error_on_truncation` refuses them). Results go one
 JSON object per input line, in order, to --output or standard output; --output is opened before any work
 and written only with complete results (a NaN or Inf score is an error); all logging goes to standard error.
@@ -31,8 +31,9 @@ def _data_hint(router: str, library: str) -> str:
           f"the router needs), or choose a router that needs no data: {free}")
 
 
-def load_model(args) -> text_model.TextModel:
-  """The --base model (any checkpoint format), routed over --library's readable experts when given."""
+def load_model(args, texts: bool = True) -> text_model.TextModel:
+  """The --base model (any checkpoint format), routed over --library's readable experts when given; with
+  `texts` False (ids in, scores out) without a vocabulary, so that --vocab is not checked against it."""
   names = None
   if args.library:
     if not os.path.isdir(args.library):
@@ -42,22 +43,20 @@ def load_model(args) -> text_model.TextModel:
       print(f"warning: skipping expert {name!r}: {why}", file=sys.stderr)
     names = [m["name"] for m in library.list()]
   try:
-    return text_model.load(args.base, args.library, args.router, args.top_k, names, args.dtype, args.vocab,
-                           args.batch_size)
+    return text_model.load(args.base, args.library, args.router, args.top_k, names, args.dtype,
+                           args.vocab if texts else None, args.batch_size)
   except (OSError, ValueError, ImportError) as e:
     raise UsageError(f"{e}{_data_hint(args.router, args.library) if args.library else ''}") from e
 
 
-def read_jsonl(path: str, model: text_model.TextModel, need_targets: bool,
-               error_on_truncation: bool = False) -> list[dict]:
-  """Parsed and validated input lines: each {'input_ids': [...], 'target_ids': [...] or None}. Texts over
-  `vocab.MAX_LENGTH` tokens are truncated, with a warning counting them (an error with `error_on_truncation`)."""
+def read_jsonl(path: str) -> list[tuple]:
+  """(line number, JSON object) of each non-blank line of --input, read before the model: UTF-8, valid JSON."""
   try:
     with open(path, "rb") as f:
       lines = f.read().splitlines()
   except OSError as e:
     raise UsageError(f"cannot read --input {path!r}: {e.strerror}") from e
-  records, truncated = [], []
+  objects = []
   for lineno, raw in enumerate(lines, 1):
     try:
       line = raw.decode("utf-8")
@@ -65,11 +64,27 @@ def read_jsonl(path: str, model: text_model.TextModel, need_targets: bool,
       raise UsageError(f"line {lineno} of --input {path!r} is not UTF-8 text ({e.reason} at byte {e.start + 1} "
                        f"of the line); re-encode the file as UTF-8, e.g. with iconv -t UTF-8") from e
     if line.strip():
-      record, cut = _parse_line(line, lineno, model, need_targets)
-      records.append(record)
-      truncated += [lineno] if cut else []
-  _report_truncation(truncated, len(records), error_on_truncation)
-  return records
+      objects.append((lineno, _parse_line(line, lineno)))
+  return objects
+
+
+def has_text(objects: list[tuple]) -> bool:
+  """Whether some line gives a text where it gives no ids (ids win when a line has both)."""
+  return any(text in record and ids not in record
+             for _, record in objects for text, ids in (("inputs", "input_ids"), ("targets", "target_ids")))
+
+
+def records(objects: list[tuple], model: text_model.TextModel, need_targets: bool,
+            error_on_truncation: bool = False) -> list[dict]:
+  """Validated input lines: each {'input_ids': [...], 'target_ids': [...] or None}. Texts over
+  `vocab.MAX_LENGTH` tokens are truncated, with a warning counting them (an error with `error_on_truncation`)."""
+  out, truncated = [], []
+  for lineno, record in objects:
+    parsed, cut = _record(record, lineno, model, need_targets)
+    out.append(parsed)
+    truncated += [lineno] if cut else []
+  _report_truncation(truncated, len(out), error_on_truncation)
+  return out
 
 
 def _report_truncation(lines: list, total: int, error: bool) -> None:
@@ -99,14 +114,18 @@ def _ids(record, text_key, ids_key, model: text_model.TextModel, lineno) -> tupl
   return None, False
 
 
-def _parse_line(line, lineno, model, need_targets) -> tuple:
-  """(the record of one input line, whether a text of it was truncated)."""
+def _parse_line(line: str, lineno: int) -> dict:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
     raise UsageError(f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
   if not isinstance(record, dict):
     raise UsageError(f"line {lineno}: expected a JSON object with 'inputs' or 'input_ids'")
+  return record
+
+
+def _record(record: dict, lineno: int, model: text_model.TextModel, need_targets: bool) -> tuple:
+  """(the ids of one input line, whether a text of it was truncated)."""
   inputs, inputs_cut = _ids(record, "inputs", "input_ids", model, lineno)
   targets, targets_cut = _ids(record, "targets", "target_ids", model, lineno)
   if inputs is None:
@@ -156,11 +175,13 @@ def write_jsonl(rows: list[dict], out) -> None:
   out.write(text)
 
 
-def _prepare(args, need_targets):
+def _prepare(args, need_targets: bool):
+  """The model and the input records; generation always decodes text, scoring of ids needs no vocabulary."""
   if args.batch_size < 1:
     raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-  model = load_model(args)
-  return model, read_jsonl(args.input, model, need_targets, args.error_on_truncation)
+  objects = read_jsonl(args.input)
+  model = load_model(args, texts=not need_targets or has_text(objects))
+  return model, records(objects, model, need_targets, args.error_on_truncation)
 
 
 def run_score(args) -> int:
