@@ -99,7 +99,9 @@ class OfficialDecoding(seqio.Vocabulary):
     return self.vocabulary.decode_tf(ids)
 
   def __eq__(self, other) -> bool:
-    return isinstance(other, OfficialDecoding) and self.vocabulary == other.vocabulary
+    """Equal to the vocabulary it wraps (the same ids; only a decode's text differs): t5x's check that a task's
+    vocabularies are the model's (`utils.verify_matching_vocabs`, task first) accepts the model's plain one."""
+    return self.vocabulary == (other.vocabulary if isinstance(other, OfficialDecoding) else other)
 
 
 def _describe(vocabulary: seqio.Vocabulary) -> str:

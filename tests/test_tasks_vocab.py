@@ -54,3 +54,12 @@ def test_official_decode_is_transformers_batch_decode_skipping_special_tokens(tm
   rows = [list(byte.encode("it 's  a test , ok .")) + [1, 0], [2, 1, 104, 105, 300]]
   assert [vocab.official_decode(byte, r) for r in rows] == transformers.ByT5Tokenizer().batch_decode(
       rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
+def test_official_decoding_equals_the_vocabulary_it_wraps_as_t5x_checks_it():
+  """A task's targets vocabulary decodes the official way and still matches the model's plain vocabulary in t5x's
+  check (`t5x.utils.verify_matching_vocabs` compares the task's vocabularies with `!=`, task first)."""
+  byte = vocab.get_vocabulary("byte")
+  wrapped = vocab.OfficialDecoding(byte)
+  assert not wrapped != byte and wrapped == vocab.OfficialDecoding(seqio.ByteVocabulary())
+  assert wrapped != seqio.ByteVocabulary(extra_ids=3) and wrapped.encode("ab") == byte.encode("ab")
