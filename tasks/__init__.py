@@ -8,7 +8,7 @@ registered from its directory by `flan.register_pool`. Besides registered names,
 (`jsonl.py`).
 """
 import itertools
-from typing import Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import seqio
 
@@ -57,13 +57,25 @@ def get_eval_examples(name: str, max_examples: Optional[int] = None, **dirs) -> 
     return {task.name: task_examples(task, max_examples) for task in tasks}
 
 
+POOLS: Dict[int, Tuple[str, ...]] = {}  # `register_pool`: suites' own expert pools (group -> tasks in order)
+
+
+def register_pool(group: int, training_tasks: Sequence[str]) -> None:
+  """A suite's expert pool: its training tasks' experts list in this order, group `group` (3 and up: 0 and 1 are
+  P3 and FLAN, 2 the library's experts outside any pool), whatever order they are added in."""
+  if group < 3:
+    raise ValueError(f"pool group {group} is taken (0 P3, 1 FLAN, 2 experts outside a pool); use 3 or more")
+  POOLS[group] = tuple(training_tasks)
+
+
 def pool_position(task: Optional[str]) -> Optional[tuple]:
   """(pool, index) of a training task in its expert pool's official order, the order the official code stacks
   the experts in (scripts/concatenate.py:264-295): (0, i) for the P3 pool's i-th dataset `p3_<key>`
   (p3_dataset_dict, lines 8-45), (1, i) for the FLAN pool's i-th expert `flan_<name>` (full_dataset_dict, lines
-  186-193); None for any other task."""
+  186-193), (group, i) in a `register_pool` pool; None for any other task."""
   positions = {f"p3_{source.key}": (0, i) for i, source in enumerate(sources.P3_HELD_IN)}
   positions.update({f"flan_{name}": (1, i) for i, (name, _, _) in enumerate(flan.FLAN_EXPERTS)})
+  positions.update({name: (group, i) for group, names in POOLS.items() for i, name in enumerate(names)})
   return positions.get(task)
 
 

@@ -73,7 +73,7 @@ def test_concurrent_training_stores_the_same_weights(two_runs):
 
 def test_library_holds_one_gated_expert_per_held_in_task(two_runs):
   lib = library.ExpertLibrary(str(two_runs / "a" / "library"))
-  assert lib.names() == sorted(suite_tokens.HELD_IN_TASKS)
+  assert lib.names() == list(suite_tokens.HELD_IN_TASKS)  # the suite's pool order, whichever finished first
   assert all(m["gate"] and m["dataset"] in suite_tokens.HELD_IN_TASKS for m in lib.list())
 
 

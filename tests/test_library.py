@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from phatgoose_jax import cli, routers
+from phatgoose_jax import cli, routers, tasks
 from phatgoose_jax import library as lib
 from phatgoose_jax.checkpoints import names, peft
 from phatgoose_jax.models import EncoderDecoderModel
@@ -226,6 +226,19 @@ def test_experts_follow_the_official_pool_order_then_the_order_added(tmp_path, b
   routed = np.asarray(EncoderDecoderModel(CFG, routing.expert_config).logits(routing.variables(base[0]), batch))
   first = np.asarray(models["lora"].logits({"params": base[0], "lora": names.unflatten(loras["news"])}, batch))
   np.testing.assert_allclose(routed, first, atol=1e-4)
+
+
+def test_a_registered_pool_lists_in_its_order_whatever_finished_first(tmp_path, base, monkeypatch):
+  """A suite's pool (`tasks.register_pool`, as the demo's contributors train concurrently) lists its experts in
+  the pool's order after the experts outside any pool; a taken group is refused."""
+  monkeypatch.setattr(tasks, "POOLS", {})
+  tasks.register_pool(3, ["s_one", "s_two", "s_three"])
+  with pytest.raises(ValueError, match="pool group 2 is taken"):
+    tasks.register_pool(2, ["x"])
+  library = lib.ExpertLibrary(str(tmp_path / "lib"))
+  for i, (name, dataset) in enumerate([("three", "s_three"), ("mine", None), ("one", "s_one"), ("two", "s_two")]):
+    library.add(name, random_expert(40 + i)[0], base=base[1], gates=random_expert(40 + i)[1], dataset=dataset)
+  assert library.names() == ["mine", "one", "two", "three"]
 
 
 def test_a_library_written_without_an_order_keeps_listing_by_name(filled, base):

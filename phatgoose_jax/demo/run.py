@@ -135,7 +135,7 @@ def evaluate_methods(s, base: str, library: str, multitask: str, workdir: str) -
 def routing_accuracies(s, base: str, library: str, max_examples: int) -> tuple:
   """({per-token router: routing accuracy on held-in validation data}, chance k/E)."""
   examples = tasks.get_eval_examples(s.HELD_IN_EVAL_MIXTURE, max_examples)
-  names = sorted(s.HELD_IN_TASKS)  # the library's expert order
+  names = list(s.HELD_IN_TASKS)  # the library's expert order (the suite's pool, `tasks.register_pool`)
   accuracy = {}
   for router in PER_TOKEN_METHODS:
     runner = routed_runner(base, library, router, s.HELD_IN_EVAL_MIXTURE)
@@ -148,7 +148,7 @@ def routing_accuracies(s, base: str, library: str, max_examples: int) -> tuple:
 
 def routing_figures(s, base: str, library: str, workdir: str, max_examples: int) -> None:
   """PHATGOOSE's expert choices per layer on held-in (`routing.png`) and held-out tasks (`routing_heldout.png`)."""
-  labels = [t[len(s.PREFIX):] for t in sorted(s.HELD_IN_TASKS)]
+  labels = [t[len(s.PREFIX):] for t in s.HELD_IN_TASKS]  # the library's expert order
   for task, name in ((s.HELD_IN_EVAL_MIXTURE, "routing.png"), (s.HELD_OUT_MIXTURE, "routing_heldout.png")):
     stats = stages.route_stats(task=task, output_dir=os.path.join(workdir, "route_stats", name[:-4]), base=base,
                                library=library, router="phatgoose", max_examples=max_examples)

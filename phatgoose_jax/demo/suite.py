@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import seqio
 
+from phatgoose_jax import tasks
 from phatgoose_jax.tasks import seqio_tasks
 
 VOWELS = frozenset("aeiou")
@@ -78,6 +79,7 @@ HELD_IN_TASKS = tuple(held_in_task(s) for s in SKILLS)
 HELD_OUT_TASKS = tuple(held_out_task(p) for p in HELD_OUT_PAIRS)
 HELD_IN_EVAL_TASKS = tuple(f"{t}_eval" for t in HELD_IN_TASKS)
 EXPERT_NAMES = tuple(SKILLS)
+POOL_GROUP = 3  # `tasks.register_pool`: the library lists the experts in HELD_IN_TASKS order, however added
 
 
 def oracle_skill(task: str) -> str:
@@ -230,8 +232,8 @@ def register_tasks(training: Sequence[str], evaluation: Sequence[str], train_fn:
 
 
 def add_mixtures(mixtures: Dict[str, Sequence[str]]) -> None:
-  for name, tasks in mixtures.items():
-    seqio_tasks.add_mixture(name, tasks)
+  for name, members in mixtures.items():
+    seqio_tasks.add_mixture(name, members)
 
 
 def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
@@ -241,6 +243,7 @@ def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
   `demo_<skill>_eval` (held-in sanity check) and `demo_<a>_<b>` (held-out); mixtures `demo_held_in`
   (training), `demo_held_in_eval`, `demo_held_out` and `demo_eval` (both) (evaluation).
   """
+  tasks.register_pool(POOL_GROUP, HELD_IN_TASKS)
   register_tasks((PRETRAIN_TASK,) + HELD_IN_TASKS, HELD_IN_EVAL_TASKS + HELD_OUT_TASKS,
                  lambda task, split: train_examples(task, split, seed, sizes),
                  lambda task: eval_examples(oracle_expert(task) if task in HELD_IN_EVAL_TASKS else task, seed, sizes))

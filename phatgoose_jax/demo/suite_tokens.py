@@ -56,6 +56,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from phatgoose_jax import tasks
 from phatgoose_jax.demo import suite as common
 from phatgoose_jax.demo.suite import SuiteSizes, eval_record
 
@@ -77,6 +78,7 @@ EVAL_MIXTURE = f"{PREFIX}eval"  # held-in validation and held-out tasks: one pas
 EXPERT_NAMES = tuple(ALPHABETS)
 HELD_IN_TASKS = tuple(f"{PREFIX}{a}" for a in ALPHABETS)
 HELD_IN_EVAL_TASKS = tuple(f"{t}_eval" for t in HELD_IN_TASKS)
+POOL_GROUP = 4  # `tasks.register_pool`: the library lists the experts in HELD_IN_TASKS order, however added
 REORDER_TASKS = tuple(f"{PREFIX}reorder_{a}" for a in ALPHABETS)
 MIX_TASKS = tuple(f"{PREFIX}mix_{a}_{b}" for a, b in MIX_PAIRS)
 HELD_OUT_TASKS = REORDER_TASKS + MIX_TASKS
@@ -219,6 +221,7 @@ def register(seed: int = 0, sizes: SuiteSizes = SuiteSizes()) -> None:
   """Registers (or re-registers, for another seed) the suite's seqio tasks and mixtures: training tasks
   `tok_pretrain`, `tok_<X>`; evaluation tasks `tok_<X>_eval` (held-in), `tok_reorder_<X>`, `tok_mix_<X>_<Y>`
   (held-out); mixtures `tok_held_in`, `tok_held_in_eval`, `tok_held_out` and `tok_eval` (both)."""
+  tasks.register_pool(POOL_GROUP, HELD_IN_TASKS)
   common.register_tasks([PRETRAIN_TASK, *HELD_IN_TASKS], [*HELD_IN_EVAL_TASKS, *HELD_OUT_TASKS],
                         lambda task, split: train_examples(task, split, seed, sizes),
                         lambda task: eval_examples(task, seed, sizes))
