@@ -24,7 +24,7 @@ import dataclasses
 import os
 import sys
 import types
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 from unittest import mock
 
 import gin
@@ -128,7 +128,7 @@ def place(partitioner, devices: Sequence[jax.Device]) -> None:
       mesh = partitioner.mesh
   except (ValueError, AssertionError) as e:
     raise UsageError(f"t5x's PjitPartitioner finds no mesh for {len(devices)} x {devices[0].device_kind}: "
-                     f"{str(e).strip().splitlines()[0] or 'a submesh that does not divide the slice'} (bind "
+                     f"{str(e).strip().splitlines()[0].strip() or 'a submesh that does not divide the slice'} (bind "
                      f"partitioning.PjitPartitioner.model_parallel_submesh, e.g. (2, 1, 1, 1))") from e
   print(f"t5x mesh: data={mesh.shape['data']} x model={mesh.shape['model']}")
 

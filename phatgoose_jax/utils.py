@@ -29,7 +29,7 @@ PRECISIONS = ("float32", "bfloat16", "official")
 
 def precision_fields(precision: str) -> dict:
   """The `T5Config` fields (`dtype`, `autocast`) of a precision (algorithm.md §2): 'float32' (the default: the
-  exact formulas, the same numbers on every platform), 'official' (bf16 compute rounded at each step as the
+  exact formulas, the reference the tests compare against), 'official' (bf16 compute rounded at each step as the
   official runs under bf16 torch.autocast, colm/models/t5xl/t5.gin:20) or 'bfloat16' (bf16 compute with the
   official router math, the rest of the network rounded as XLA does)."""
   if precision not in PRECISIONS:

@@ -246,3 +246,29 @@ def test_cli_takes_the_official_precision(command):
   with pytest.raises(SystemExit) as exit_info:
     parser.parse_args([command, "--base", "b", "--dtype", "fp16"])
   assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("mode", ["lora", "gated"])
+def test_training_under_the_official_precision_keeps_float32_trainables(saved, mode):
+  """train-expert / train-gate restore their base with the configured precision (`utils.restore_base`); the
+  trained collection (LoRA, or the gates) and its gradient stay float32 through the bf16 autocast ops."""
+  from phatgoose_jax.models import EncoderDecoderModel
+  from random_trees import random_batch
+  base, _ = saved
+  gin.clear_config()
+  try:
+    gin.parse_config("utils.model_config.dtype = 'official'")
+    restored = utils.restore_base(base)
+  finally:
+    gin.clear_config()
+  assert (restored.config.dtype, restored.config.autocast) == ("bfloat16", True)
+  model = EncoderDecoderModel(restored.config, ExpertConfig(mode=mode, rank=4))
+  variables = model.get_initial_variables(jax.random.key(0))
+  trained_lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape) * 0.1, variables["lora"])
+  variables = {**variables, "params": restored.variables["params"], "lora": trained_lora}  # B != 0: gates learn
+  trained = "lora" if mode == "lora" else "gates"
+  batch = random_batch(1, batch=2, in_len=6, out_len=4)
+  grads = jax.grad(lambda t: model.loss_fn({**variables, trained: t}, batch)[0])(variables[trained])
+  leaves = jax.tree_util.tree_leaves(grads)
+  assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
+  assert all(np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x)).max() > 0 for x in leaves)

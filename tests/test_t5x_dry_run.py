@@ -6,7 +6,6 @@ import sys
 
 import flax
 import gin
-import jax
 import pytest
 
 pytest.importorskip("t5x")

@@ -12,9 +12,10 @@ from phatgoose_jax.cli import UsageError
 
 MAX_LENGTH = 512  # `vocab.MAX_LENGTH`, named here so that --help needs no numerical import
 PRECISIONS = ("float32", "bfloat16", "official")  # `utils.PRECISIONS`, likewise
-PRECISION_HELP = ("precision (algorithm.md §2): float32, the default (the exact formulas, the same numbers on "
-                  "every platform); official (bf16 rounded at each op as the official bf16 torch.autocast runs); "
-                  "bfloat16 (bf16 parameters and router math, XLA's roundings elsewhere)")
+PRECISION_HELP = ("precision (algorithm.md §2): float32, the default (the exact formulas, the tested reference); "
+                  "official (bf16 rounded at each op as the official bf16 torch.autocast runs; bit-exact with "
+                  "XLA_FLAGS=--xla_allow_excess_precision=false); bfloat16 (bf16 parameters and router math, "
+                  "XLA's roundings elsewhere)")
 
 
 def _run(name: str):
