@@ -8,6 +8,10 @@ allocated. Per chip:
   needed     = argument + temporary + output - alias bytes          (`compiled.memory_analysis()`)
   roofline_s = max(flops / peak_flops, bytes_accessed / bandwidth)   (`compiled.cost_analysis()`, `CHIPS`)
 
+XLA counts a while loop's body once (a scan over 24 layers reports one layer's FLOPs), so a program whose
+layers run under `nn.scan`, or whose gradient accumulates over micro-batches, carries `cost_terms`: loop-free
+programs whose weighted sum of counts is its own (`stage_programs.loop_free_costs`). Its memory is its own.
+
 A program fits when `needed` <= the chip's memory. Compiling for a TPU topology needs libtpu
 (`pip install "phatgoose-jax[tpu]"`, i.e. `jax[tpu]`); with JAX_PLATFORMS=cpu it compiles on any host.
 """
@@ -85,11 +89,13 @@ def chip_of(devices: Sequence[jax.Device]) -> Optional[Chip]:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A stage's jitted function and the abstract arguments it runs on."""
+  """A stage's jitted function and the abstract arguments it runs on; `cost_terms` ((weight, Program), ...),
+  when given, count its FLOPs and bytes (module docstring)."""
   name: str
   fn: Callable
   args: tuple
   kwargs: dict = dataclasses.field(default_factory=dict)
+  cost_terms: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +152,13 @@ def compile_program(program: Program, devices: Sequence[jax.Device]) -> Report:
                      f"{_ADVICE}") from e
   seconds = time.perf_counter() - started
   memory, cost = compiled.memory_analysis(), _cost(compiled)
+  flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  if program.cost_terms:
+    terms = [(weight, compile_program(term, devices)) for weight, term in program.cost_terms if weight]
+    flops, moved = (sum(w * getattr(r, field) for w, r in terms) for field in ("flops", "bytes_accessed"))
   return Report(program.name, int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes),
-                int(memory.output_size_in_bytes), int(memory.alias_size_in_bytes), float(cost.get("flops", 0.0)),
-                float(cost.get("bytes accessed", 0.0)), seconds, chip_of(devices))
+                int(memory.output_size_in_bytes), int(memory.alias_size_in_bytes), flops, moved, seconds,
+                chip_of(devices))
 
 
 def shortfall(reports: Sequence[Report]) -> Optional[str]:

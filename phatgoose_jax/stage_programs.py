@@ -8,8 +8,14 @@
 Variables are `jax.eval_shape` of the model's initialisation, laid out by the logical rules on the mesh of the
 target devices; the frozen base is in `utils.frozen_base_dtype`. Batches have the stage's feature lengths
 (`data.feature_lengths`). Nothing here reads a checkpoint or allocates an array.
+
+FLOPs and bytes are the compiler's counts of loop-free twins (`loop_free_costs`): for layers under `nn.scan`
+the unrolled program at depths 1 and 2, cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)) per stack; for A
+accumulated micro-batches A times the step on one micro-batch (its optimizer update, a few elementwise passes
+over the trainable collection, counted A times).
 """
-from typing import List, Optional
+import dataclasses
+from typing import Callable, List, Optional
 
 import gin
 import jax
@@ -69,9 +75,34 @@ def _batch(shapes: dict, mesh, rules) -> dict:
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in shapes.items()}
 
 
-def train_programs(stage: str, config, mesh, rules) -> List[aot.Program]:
-  """The training step of `stage` (its trainable collection, optimizer, batch and accumulation) and its
-  validation `score_batch`."""
+def loop_free_depths(config) -> list:
+  """[(weight, unrolled config)] whose weighted costs sum to `config`'s, each stack's cost linear in its depth."""
+  if not config.scan_layers:
+    return [(1, config)]
+  e, d = config.num_encoder_layers, config.num_decoder_layers
+  depth = lambda i, j: config.replace(scan_layers=False, num_encoder_layers=i, num_decoder_layers=j)  # noqa: E731
+  if e == d:
+    return [(2 - e, depth(1, 1)), (e - 1, depth(2, 2))]
+  return [(3 - e - d, depth(1, 1)), (e - 1, depth(2, 1)), (d - 1, depth(1, 2))]
+
+
+def loop_free_costs(programs: List[aot.Program], config, rebuild: Callable, repeats: Optional[dict] = None):
+  """`programs` with the `cost_terms` that count their loops (module docstring): `rebuild(config)` builds the
+  same programs loop-free (unrolled, one micro-batch) for `config`; `repeats` {name: times a program runs its
+  rebuilt twin} (a training step: its micro-batches)."""
+  repeats = repeats or {}
+  depths = loop_free_depths(config)
+  if depths == [(1, config)] and all(n == 1 for n in repeats.values()):
+    return programs
+  twins = [(weight, {p.name: p for p in rebuild(unrolled)}) for weight, unrolled in depths]
+  return [dataclasses.replace(p, cost_terms=tuple((w * repeats.get(p.name, 1), twin[p.name]) for w, twin in twins))
+          for p in programs]
+
+
+def train_programs(stage: str, config, mesh, rules, accum: Optional[int] = None,
+                   batch_size: Optional[int] = None, counted: bool = True) -> List[aot.Program]:
+  """The training step of `stage` (its trainable collection, optimizer, batch and accumulation: the configured
+  ones unless given) and its validation `score_batch`; `counted`: with `loop_free_costs`."""
   mode, trainable = TRAIN_STAGES[stage]
   if stage == "train_multitask" and bound("train.train_multitask.finetune", "lora") == "full":
     mode, trainable = "none", ["params/.*"]
@@ -79,7 +110,8 @@ def train_programs(stage: str, config, mesh, rules) -> List[aot.Program]:
   model = utils.get_model(config, experts)
   variables = abstract_variables(model)
   num_steps = bound(f"train.{stage}.num_steps", 1000 if stage != "train_gate" else 100)
-  batch_size, accum = bound("train.fit.batch_size", 32), bound("train.fit.accum_steps", 1)
+  batch_size = batch_size or bound("train.fit.batch_size", 32)
+  accum = accum or bound("train.fit.accum_steps", 1)
   trainer = Trainer(model.loss_fn, variables, trainable=trainable, mesh=mesh, rules=rules,
                     optimizer=optimizers.make_optimizer(num_steps=num_steps), accum_steps=accum)
   lengths = data.feature_lengths()
@@ -88,7 +120,10 @@ def train_programs(stage: str, config, mesh, rules) -> List[aot.Program]:
   if stage != "train_gate":
     programs.append(score_program(model, _placed(variables, mesh, rules),
                                   bound("train.selection.batch_size", 64), lengths, mesh, rules, "validation_score"))
-  return programs
+  if not counted:
+    return programs
+  micro_batch = lambda unrolled: train_programs(stage, unrolled, mesh, rules, 1, batch_size // accum, False)  # noqa: E731
+  return loop_free_costs(programs, config, micro_batch, {"train_step": accum})
 
 
 def score_program(model, variables, batch_size: int, lengths: dict, mesh, rules,
@@ -122,14 +157,20 @@ def routed_experts(num_experts: int, top_k: int) -> ExpertConfig:
 
 
 def eval_programs(config, mesh, rules, num_experts: int, top_k: int, generate: bool = True,
-                  batch_size: Optional[int] = None, lengths: Optional[dict] = None) -> List[aot.Program]:
-  """The routed model's `score_batch` and, with `generate`, its encoder pass and one decoding step."""
+                  batch_size: Optional[int] = None, lengths: Optional[dict] = None,
+                  counted: bool = True) -> List[aot.Program]:
+  """The routed model's `score_batch` and, with `generate`, its encoder pass and one decoding step;
+  `counted`: with `loop_free_costs`."""
   model = utils.get_model(config, routed_experts(num_experts, top_k))
   variables = _placed(abstract_variables(model), mesh, rules)
   batch_size = batch_size or bound("evaluate.runner.batch_size", 64)
   lengths = lengths or data.feature_lengths()
   programs = [score_program(model, variables, batch_size, lengths, mesh, rules)]
-  return programs + (decode_programs(model, variables, batch_size, lengths, mesh, rules) if generate else [])
+  programs += decode_programs(model, variables, batch_size, lengths, mesh, rules) if generate else []
+  if not counted:
+    return programs
+  return loop_free_costs(programs, config, lambda unrolled: eval_programs(
+      unrolled, mesh, rules, num_experts, top_k, generate, batch_size, lengths, counted=False))
 
 
 def programs(config, mesh, rules, num_experts: int = 0, top_k: int = 2) -> List[aot.Program]:

@@ -155,3 +155,31 @@ def test_score_and_generate_compile_from_the_checkpoint_metadata_alone(command, 
   assert cli_main(argv + (["--max_decode_length", "8"] if command == "generate" else [])) == 0
   rows = _table(capsys.readouterr().out)
   assert sorted(rows) == sorted(programs) and all(r[4] == "yes" for r in rows.values())
+
+
+def _counted(programs, devices) -> dict:
+  return {p.name: aot.compile_program(p, devices) for p in programs}
+
+
+def test_scanned_and_accumulated_programs_count_every_layer_and_micro_batch():
+  """XLA counts a loop body once; the reported FLOPs and bytes of a scanned model (and of an accumulated
+  step) are those of the same program unrolled (and on the whole batch at once: within 10%, the optimizer's
+  update over the gates counted once per micro-batch), memory the program's own."""
+  main.parse(["models/t5_1_1_tiny.gin", "runs/train_gate.gin"], SMALL[1::2] + ["train.fit.batch_size = 8"],
+             require=False)
+  devices = aot.target_devices()
+  mesh, rules = utils.sharding(mesh=partitioning.make_mesh(devices=devices))
+  config = utils.model_config().replace(num_encoder_layers=4, num_decoder_layers=3)
+  evaluation = [_counted(stage_programs.eval_programs(c, mesh, rules, 3, 2, batch_size=8), devices)
+                for c in (config, config.replace(scan_layers=True))]
+  training = [_counted(stage_programs.train_programs("train_gate", c, mesh, rules, accum=a), devices)
+              for c, a in ((config, 1), (config.replace(scan_layers=True), 4))]
+  for unrolled, scanned in (evaluation, training):
+    assert sorted(unrolled) == sorted(scanned)
+    for name, want in unrolled.items():
+      got = scanned[name]
+      assert got.flops == pytest.approx(want.flops, rel=0.1 if name == "train_step" else 0.02), name
+      assert got.bytes_accessed == pytest.approx(want.bytes_accessed, rel=0.25), name
+  plain = stage_programs.train_programs("train_gate", config.replace(scan_layers=True), mesh, rules,
+                                        accum=4, counted=False)[0]
+  assert aot.compile_program(plain, devices).flops < 0.2 * training[1]["train_step"].flops  # one layer, one batch
