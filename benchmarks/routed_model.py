@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/routed_model.py [--cases base:36,small:166] [--batch 4] [--input_length 128]
          [--target_length 32] [--top_k 2] [--rank 16] [--impls auto] [--rounds 5] [--json]
+       JAX_PLATFORMS=cpu python benchmarks/routed_model.py --topology v5e:4x4 --cases xl:36,small:36
+         [--mesh 1,4,4] [--batch 32 --input_length 512 --target_length 64] [--unrolled]
 
 Every linear layer (attention q, k, v, o and FFN wi_0, wi_1, wo) carries E routed LoRA experts with random
 weights and router vectors. Times (medians of interleaved rounds, compilation excluded): the teacher-forced
@@ -13,12 +15,21 @@ compile per case; `--impls blocks,gather` compares the paths (two more compilati
 Beside the forward: the unrouted forward's GFLOP/s and the ratio's FLOP bound, (F + 2 M) / F with F the
 unrouted forward's FLOPs (XLA's cost analysis of the compiled program) and M routing's multiply-adds
 (`routing_macs`).
+
+With --topology (libtpu, JAX_PLATFORMS=cpu) nothing runs: the routed evaluation's programs (`score_batch`,
+the encoder pass and one cached decoding step: `stage_programs.eval_programs`, the base in bfloat16, layers
+under `nn.scan` unless --unrolled) and the unrouted model's are compiled for the topology on the mesh
+(data, model, expert) of --mesh, and each row gives per chip the routed / unrouted roofline time
+(`aot.Report.roofline_s`), FLOPs and bytes, the temporaries and the compile times.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import common
+import gin
+import phatgoose_jax.main  # noqa: F401  (registers the gin configurables the bindings below name)
+from phatgoose_jax import aot, partitioning, stage_programs, utils
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel, shift_right, unbox
 from phatgoose_jax.t5.config import preset
@@ -97,6 +108,38 @@ def measure(size, experts, args):
   return out
 
 
+def topology_case(size, experts, args):
+  """{program: {'routed': report, 'unrouted': report}} of one model compiled for `args.topology`."""
+  config = preset(size, dropout_rate=0.0, dtype="bfloat16", scan_layers=not args.unrolled)
+  gin.parse_config([f"utils.lora_config.rank = {args.rank}", "utils.frozen_base_dtype.dtype = 'bfloat16'",
+                    f"assembly.routing.impl = '{args.impls[0]}'"])
+  devices = aot.target_devices(args.topology)
+  data, model, expert = (int(n) for n in args.mesh.split(","))
+  mesh, rules = utils.sharding(mesh=partitioning.make_mesh(data, model, expert, devices=devices))
+  lengths = {"inputs": args.input_length, "targets": args.target_length}
+  out = {}
+  for variant, num_experts in (("routed", experts), ("unrouted", 0)):
+    for program in stage_programs.eval_programs(config, mesh, rules, num_experts, args.top_k,
+                                                batch_size=args.batch, lengths=lengths):
+      out.setdefault(program.name, {})[variant] = aot.compile_program(program, devices).as_dict()
+  gin.clear_config()
+  return {"model": size, "experts": experts, "mesh": dict(mesh.shape), "programs": out}
+
+
+def topology_table(result, args):
+  header = ["model", "E", "program", "roofline routed / unrouted", "FLOPs ratio", "bytes ratio",
+            "temp GiB routed (unrouted)", "compile s routed (unrouted)"]
+  rows = []
+  for c in result["cases"]:
+    for name, r in c["programs"].items():
+      a, b = r["routed"], r["unrouted"]
+      rows.append([c["model"], c["experts"], name, f"{a['roofline_s'] / b['roofline_s']:.3f}",
+                   f"{a['flops'] / b['flops']:.3f}", f"{a['bytes_accessed'] / b['bytes_accessed']:.2f}",
+                   f"{a['temp_bytes'] / aot.GiB:.2f} ({b['temp_bytes'] / aot.GiB:.2f})",
+                   f"{a['compile_s']:.0f} ({b['compile_s']:.0f})"])
+  common.emit(result, args.json, header, rows)
+
+
 def main():
   p = common.parser(__doc__)
   p.add_argument("--cases", default="base:36,small:166")
@@ -107,8 +150,17 @@ def main():
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--impls", default="auto")
   p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--topology", default=None, help="compile for this TPU topology (e.g. v5e:4x4); nothing runs")
+  p.add_argument("--mesh", default="1,4,4", help="with --topology: the mesh's (data, model, expert) sizes")
+  p.add_argument("--unrolled", action="store_true", help="with --topology: layers unrolled, not under nn.scan")
   args = p.parse_args()
   args.impls = args.impls.split(",")
+  if args.topology:
+    result = {"benchmark": "routed_model", "machine": common.machine(), "topology": args.topology,
+              "batch": args.batch, "input_length": args.input_length, "target_length": args.target_length, "top_k": args.top_k,
+              "rank": args.rank, "impl": args.impls[0], "scan_layers": not args.unrolled,
+              "cases": [topology_case(c.split(":")[0], int(c.split(":")[1]), args) for c in args.cases.split(",")]}
+    return topology_table(result, args)
   result = {"benchmark": "routed_model", "machine": common.machine(), "batch": args.batch,
             "input_length": args.input_length, "target_length": args.target_length, "top_k": args.top_k,
             "rank": args.rank, "cases": []}
