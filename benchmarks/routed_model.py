@@ -157,8 +157,8 @@ def main():
   args.impls = args.impls.split(",")
   if args.topology:
     result = {"benchmark": "routed_model", "machine": common.machine(), "topology": args.topology,
-              "batch": args.batch, "input_length": args.input_length, "target_length": args.target_length, "top_k": args.top_k,
-              "rank": args.rank, "impl": args.impls[0], "scan_layers": not args.unrolled,
+              "batch": args.batch, "input_length": args.input_length, "target_length": args.target_length,
+              "top_k": args.top_k, "rank": args.rank, "impl": args.impls[0], "scan_layers": not args.unrolled,
               "cases": [topology_case(c.split(":")[0], int(c.split(":")[1]), args) for c in args.cases.split(",")]}
     return topology_table(result, args)
   result = {"benchmark": "routed_model", "machine": common.machine(), "batch": args.batch,
