@@ -232,6 +232,19 @@ def test_live_add_and_remove_of_an_expert(server, base_dir, libraries):
   shutil.rmtree(os.path.join(served, "z"))
 
 
+def test_an_expert_added_live_takes_its_place_in_the_library_order(base_dir, tmp_path):
+  """Served experts stack in the library's order (pool order, else as added), not by name: a later 'a' goes last."""
+  from phatgoose_jax import cli  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.checkpoints import reference  # pylint: disable=import-outside-toplevel
+  library = trees.imported_library(tmp_path, base_dir, "x,y")
+  engine = engine_lib.Engine(base_dir, library, top_k=1, batch_size=4)
+  lora, gates = trees.random_expert(7, lora_scale=1.0)
+  reference.save_reference(str(tmp_path / "a.safetensors"), [lora], [gates])
+  assert cli.main(["library", "import-reference", str(tmp_path / "a.safetensors"), "--base", base_dir,
+                   "--library", library, "--names", "a"]) == 0
+  assert engine.add_expert("a") == ["x", "y", "a"]
+
+
 def test_sigterm_finishes_the_request_in_flight(base_dir):
   port = free_port()
   proc = subprocess.Popen([sys.executable, "-m", "phatgoose_jax.cli", "serve", "--base", base_dir, "--port",

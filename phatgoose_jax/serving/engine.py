@@ -137,7 +137,7 @@ class Engine:
     with self._lock:
       if name in self.experts:
         raise RequestError(f"expert {name!r} is already served", "name")
-      self.experts = sorted(self.experts + [name])
+      self.experts = [n for n in self.library.names() if n in self.experts or n == name]  # the library's order
       return list(self.experts)
 
   def remove_expert(self, name: str) -> list:
