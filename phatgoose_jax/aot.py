@@ -39,7 +39,7 @@ _TPU_DOCS = "cloud.google.com/tpu/docs/"
 CHIPS = {  # by `device.device_kind`
     "TPU v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9, _TPU_DOCS + "v4"),
     "TPU v5 lite": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, _TPU_DOCS + "v5e"),
-    "TPU v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, _TPU_DOCS + "v5p"),
+    "TPU v5": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, _TPU_DOCS + "v5p"),
     "TPU v6 lite": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9, _TPU_DOCS + "v6e"),
     "NVIDIA H100 80GB HBM3": Chip("H100 SXM", 80 * GiB, 989e12, 3350e9, "nvidia.com/en-us/data-center/h100"),
     "NVIDIA H200": Chip("H200", 141e9, 989e12, 4800e9, "nvidia.com/en-us/data-center/h200"),
@@ -69,11 +69,24 @@ def target_devices(topology: Optional[str] = None) -> list:
                         f"'jax[tpu]==0.10.2' (phatgoose-jax[tpu]), then rerun with JAX_PLATFORMS=cpu") from e
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    description = topologies.get_topology_desc(topology_name=topology, platform="tpu", **_chip_config(topology))
+    return list(description.devices)
   except Exception as e:  # libtpu reports a bad name as several error types
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise TopologyError(f"unknown or unsupported TPU topology {topology!r} ({first}); names look like "
                         f"v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x4") from e
+
+
+def _chip_config(topology: str) -> dict:
+  """How libtpu is to lay out a slice of `topology`: v4 and v5p chips hold two TensorCores that JAX drives as one
+  device (megacore; without it libtpu gives a device per core, twice the chips at half their memory), their hosts
+  2 x 2 x 1 chips, the torus wrapped from 4 x 4 x 4 on (MaxText's accelerator_to_spec_map.py)."""
+  generation, _, shape = topology.partition(":")
+  if generation not in ("v4", "v5p", "v5"):
+    return {}
+  dims = [int(n) for n in shape.split("x") if n.isdigit()]
+  return {"chip_config_name": "megacore", "chips_per_host_bounds": (2, 2, 1), "num_slices": 1,
+          "wrap": (len(dims) == 3 and min(dims) >= 4,) * 3}
 
 
 def chip_of(devices: Sequence[jax.Device]) -> Optional[Chip]:
