@@ -9,8 +9,11 @@ export (`tasksource/bigbench`), whose `inputs` are BIG-bench's own zero-shot for
   (default true, Python truthiness) from the task's own task.json (lines 443-446); the task prefix
   `task_prefix` (line 550).
 - `default_format_fn` (lines 88-142): for a multiple-choice example whose `append_choices_to_input` holds, the
-  input gets `choice_prefix + choice_prefix.join(choices)` with the choices SORTED then permuted by a fresh
-  `np.random.RandomState(42)` (line 116, 121); the formatted input is `input_prefix + input + output_prefix`;
+  input gets `choice_prefix + choice_prefix.join(choices)` with the choices SORTED (unstripped) then permuted by
+  a fresh `np.random.RandomState(42)` built in every call (line 116, 121), not one generator per task: every
+  example with n choices gets `RandomState(42).permutation(n)`, wherever it stands (JsonTask formats each
+  distinct example so, lines 513-523, before bbseqio shuffles them into splits; BIG-bench 0.0.1 does the same);
+  the formatted input is `input_prefix + input + output_prefix`;
   without a `target`, the target is the first choice of maximal score (lines 125-135).
 - The export (`bbseqio/bigbench_bridge.py` lines 227-249 and the Hugging Face `bigbench.py` script): `inputs =
   (task_prefix + formatted input).strip()`, `targets` = the example's targets (each stripped),

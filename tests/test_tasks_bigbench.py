@@ -103,6 +103,54 @@ def test_real_prompts_show_prefixes_and_choices(shared_data):
   assert grid[0]["inputs"].endswith("\n  choice: 1\n  choice: 2\n  choice: 3\nA:\nAnswer:")
 
 
+# np.random.RandomState(42).permutation(n) for n = 2..6. BIG-bench 1.0.0's default_format_fn builds a fresh
+# RandomState(random_seed=42) in every call (api/json_task.py line 116; JsonTask formats each distinct example
+# with it, lines 513-523, before bbseqio shuffles them into splits), so every example with n choices lists its
+# sorted choices in this one order, wherever it stands in its task.
+_ORDER = {2: [1, 0], 3: [0, 1, 2], 4: [1, 3, 0, 2], 5: [1, 4, 2, 0, 3], 6: [0, 1, 5, 2, 4, 3]}
+
+
+def test_real_rows_append_sorted_choices_in_one_order_per_choice_count(shared_data):
+  root = shared_data / "bigbench"
+  seen = set()
+  for task in ("hindu_knowledge", "logic_grid_puzzle", "strange_stories/multiple_choice",
+               "conceptual_combinations/emergent_properties", "bbq_lite_json/disability_status_ambig"):
+    data = json.loads((root / task / "task.json").read_text(encoding="utf-8"))
+    choice_prefix = data.get("choice_prefix", "\n  choice: ")
+    output_prefix = data.get("example_output_prefix", "\nA: ").rstrip()
+    for row in bigbench.export_examples(task, root):
+      assert row["inputs"].endswith(output_prefix), task
+      appended = row["inputs"][:-len(output_prefix)].split(choice_prefix)[1:]
+      n = len(row["multiple_choice_targets"])
+      assert len(appended) == n and sorted(c.strip() for c in appended) == sorted(row["multiple_choice_targets"])
+      assert appended == [sorted(appended)[i] for i in _ORDER[n]], (task, appended)
+      seen.add(n)
+  assert seen == set(_ORDER)
+
+
+def test_real_rows_pin_the_export_choice_order(shared_data):
+  root = shared_data / "bigbench"
+  # logic_grid_puzzle: choices "1".."n" (n = 2..5); every row's prompt ends in the one order for its n.
+  rows = bigbench.export_examples("logic_grid_puzzle", root)
+  tails = {}
+  for row in rows:
+    tail = row["inputs"][row["inputs"].index("\n  choice: "):]
+    tails[tail] = tails.get(tail, 0) + 1
+  assert tails == {"\n  choice: 2\n  choice: 1\nA:": 212, "\n  choice: 1\n  choice: 2\n  choice: 3\nA:": 258,
+                   "\n  choice: 2\n  choice: 4\n  choice: 1\n  choice: 3\nA:": 258,
+                   "\n  choice: 2\n  choice: 5\n  choice: 3\n  choice: 1\n  choice: 4\nA:": 272}
+  # The prompt's order is not the order of `multiple_choice_targets` (task.json's), which the official code scores.
+  (row, *_) = bigbench.export_examples("hindu_knowledge", root)
+  assert row["inputs"] == ("Q: The Hindu deity Hanuman is depicted as which animal?\n  choice: Elephant\n"
+                           "  choice: Monkey\n  choice: Boar\n  choice: Fish\nA:")
+  assert (row["multiple_choice_targets"], row["targets"]) == (["Elephant", "Boar", "Monkey", "Fish"], ["Monkey"])
+  # Choices are sorted and appended unstripped ("The friend "); the export strips only its targets.
+  row = bigbench.export_examples("bbq_lite_json/disability_status_ambig", root)[225]
+  assert row["inputs"].endswith("Who talked about their emotions?\n  choice: Cannot answer\n  choice: The friend \n"
+                                "  choice: The person who has autism\nA:")
+  assert row["multiple_choice_targets"] == ["The friend", "Cannot answer", "The person who has autism"]
+
+
 def test_large_task_first_and_last_prompts(shared_data):
   # formal_fallacies_syllogisms_negation: 14200 examples, choices not appended, default prefixes.
   task_dir = shared_data / "bigbench" / "formal_fallacies_syllogisms_negation"
