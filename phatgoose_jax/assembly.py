@@ -22,6 +22,7 @@ from phatgoose_jax.checkpoints import native
 from phatgoose_jax.t5 import layout
 from phatgoose_jax.models import EncoderDecoderModel, pad_tokens
 from phatgoose_jax.t5.config import T5Config
+from phatgoose_jax.tasks import sources
 
 
 class LoadedModel(NamedTuple):
@@ -119,13 +120,14 @@ def expert_dataset(library_: lib.ExpertLibrary, name: str) -> str:
 def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut,
                 max_examples: Optional[int], batch_size: int) -> Dict[str, list]:
   """{expert: [batches of its training data]} (the first `max_examples` rows, or all): t5x features plus
-  `inputs` (the input texts)."""
+  `inputs` (the input texts), in batches of its dataset's official training batch size
+  (`sources.train_batch_size`), else of `batch_size`."""
   out = {}
   for name in names:
-    features = data.examples(expert_dataset(library_, name), "train", data.feature_lengths(),
-                             max_examples=max_examples, held_out=held_out)
+    task = expert_dataset(library_, name)
+    features = data.examples(task, "train", data.feature_lengths(), max_examples=max_examples, held_out=held_out)
     features["inputs"] = features.pop("inputs_pretokenized")
-    out[name] = data.batches(features, batch_size)
+    out[name] = data.batches(features, sources.train_batch_size(task) or batch_size)
   return out
 
 
@@ -151,8 +153,9 @@ def router_inputs(library_: lib.ExpertLibrary, names: Sequence[str], router: str
                   activation_examples: Optional[int] = None, retrieval_examples: int = 1000, batch_size: int = 64,
                   oracle_labels: Optional[dict] = None) -> dict:
   """What router `router` declares it needs beyond the base weights: its experts' training data (for
-  average activation, all of it by default: the router draws the official seeded sample of 1000 pairs from
-  it; for retrieval, the official store of `stored_examples`), the oracle's label map."""
+  average activation, all of it by default, in batches of each dataset's official training batch size, else of
+  `batch_size`: the router draws the official seeded sample of 1000 pairs from it; for retrieval, the official
+  store of `stored_examples`), the oracle's label map."""
   needs = routers.spec(router).needs
   inputs = {}
   if "data" in needs:

@@ -308,6 +308,60 @@ FLAN_MAX_GEN_LENGTH = {
 }
 
 
+# The training batch size of each of the 166 experts' datasets, by official expert name (scripts/concatenate.py
+# maps it to its gin dataset): the `batch_size` of its `D/<NAME>/TRAIN` scope, colm/datasets/p3_t5xl.gin lines
+# 21-1127 for the 43 P3-collection experts (which are also the P3 pool's datasets) and
+# colm/datasets/flanv2_t5xl.gin lines 23-2133 (`D/<NAME>/ZS/TRAIN`) for the 123 FLAN-collection ones. The
+# official evaluator batches a dataset by it (src/procedures/utils/batcher.py:136), also when it computes
+# average activations over `D/<NAME>/TRAIN` (colm/experiments/bash_scripts/reinit_router_embedding.sh:103).
+TRAIN_BATCH_SIZE = {
+    "P3Agnews": 16, "P3Amazonpolarity": 16, "P3Cosmosqa": 16, "P3Samsum": 4, "P3Quartz": 32, "P3Ropes": 16,
+    "P3Wikibio": 4, "P3Paws": 32, "P3Wikiqa": 16, "P3Socialiqa": 32, "P3Qasc": 32, "P3Quail": 16, "P3Dream": 4,
+    "P3Wiqa": 32, "P3Quarel": 32, "P3Sciq": 16, "P3Quoref": 16, "P3Duorc": 4, "P3Rottentomatoes": 32, "P3Yelp": 16,
+    "P3Commongen": 32, "P3Gigaword": 16, "P3Xsum": 8, "P3Mrpc": 32, "P3Qqp": 16, "P3Commonsenseqa": 32, "P3Cose": 32,
+    "P3Wikihop": 2, "P3Hotpotqa": 4, "P3Appreviews": 8, "P3Trec": 8, "P3Multinews": 4, "P3Imdb": 16,
+    "P3Adversarialqa": 8, "P3Cnndailymail": 4, "P3Dbpedia14": 16, "Flanv2zsAi2arceasy": 16,
+    "Flanv2zsAi2arcchallenge": 16, "Flanv2zsAlgebralinear1d": 16, "Flanv2zsBoolq": 16, "Flanv2zsCoqa": 4,
+    "Flanv2zsDefpronounresolution": 16, "Flanv2zsDrop": 2, "Flanv2zsFixpunct": 16, "Flanv2zsGemDart": 16,
+    "Flanv2zsGeme2enlg": 16, "Flanv2zsGemwebnlgen": 16, "Flanv2zsGemwikilinguaen": 2, "Flanv2zsGluesst2": 16,
+    "Flanv2zsGluecola": 16, "Flanv2zsGluemnli": 16, "Flanv2zsGlueqnli": 16, "Flanv2zsGluestsb": 16,
+    "Flanv2zsGluewnli": 16, "Flanv2zsLambada": 16, "Flanv2zsNaturalquestionsopen": 16, "Flanv2zsNewsroom": 2,
+    "Flanv2zsOpenbookqa": 16, "Flanv2zsOpinionabstractidebate": 4, "Flanv2zsOpinionabstractrottentomatoes": 4,
+    "Flanv2zsParacrawlenes": 8, "Flanv2zsPiqa": 4, "Flanv2zsQuac": 2, "Flanv2zsSentiment140": 16, "Flanv2zsSnli": 16,
+    "Flanv2zsSquad": 16, "Flanv2zsSupergluemultirc": 16, "Flanv2zsSupergluerecord": 4, "Flanv2zsTriviaqa": 16,
+    "Flanv2zsTruecase": 16, "Flanv2zsUnifiedqascienceinst": 16, "Flanv2zsWordsegment": 4, "Niv2zsTranslation": 4,
+    "Niv2zsProgramexecution": 4, "Niv2zsQuestiongeneration": 16, "Niv2zsSentimentanalysis": 4,
+    "Niv2zsTextcategorization": 4, "Niv2zsTextmatching": 8, "Niv2zsToxiclanguagedetection": 8,
+    "Niv2zsCauseeffectclassification": 16, "Niv2zsInformationextraction": 4, "Niv2zsTextualentailment": 16,
+    "Niv2zsWrongcandidategeneration": 4, "Niv2zsNamedentityrecognition": 4, "Niv2zsCommonsenseclassification": 16,
+    "Niv2zsFillintheblank": 8, "Niv2zsTextcompletion": 8, "Niv2zsSentencecomposition": 4, "Niv2zsTitlegeneration": 8,
+    "Niv2zsLanguageidentification": 16, "Niv2zsQuestionunderstanding": 2, "Niv2zsSentenceperturbation": 4,
+    "Niv2zsAnswerabilityclassification": 16, "Niv2zsSummarization": 2, "Niv2zsCoreferenceresolution": 2,
+    "Niv2zsTextqualityevaluation": 16, "Niv2zsTexttocode": 16, "Niv2zsParaphrasing": 16,
+    "Niv2zsDialoguegeneration": 4, "Niv2zsQuestionrewriting": 8, "Niv2zsWordsemantics": 16, "Niv2zsPostagging": 4,
+    "Niv2zsLinguisticprobing": 16, "Niv2zsStorycomposition": 4, "Niv2zsSpeakeridentification": 16,
+    "Niv2zsWordanalogy": 16, "Niv2zsDatatotext": 4, "Niv2zsStereotypedetection": 16,
+    "Niv2zsNegotiationstrategydetection": 16, "Niv2zsDialogueactrecognition": 16, "Niv2zsGenderclassification": 16,
+    "Niv2zsCoherenceclassification": 16, "Niv2zsExplanation": 4, "Niv2zsEthicsclassification": 16,
+    "Niv2zsWordrelationclassification": 16, "Niv2zsSentenceordering": 16, "Niv2zsAnswerverification": 16,
+    "Niv2zsMathematics": 16, "Niv2zsIntentidentification": 16, "Niv2zsKeywordtagging": 16, "Niv2zsCodetotext": 8,
+    "Niv2zsDialoguestatetracking": 16, "Niv2zsTextsimplification": 16, "Niv2zsStancedetection": 16,
+    "Niv2zsFactverification": 16, "Niv2zsGrammarerrordetection": 4, "Niv2zsSectionclassification": 8,
+    "Niv2zsNumberconversion": 16, "Niv2zsStyletransfer": 16, "Niv2zsSpeakerrelationclassification": 16,
+    "Niv2zsIronydetection": 16, "Niv2zsQuestiondecomposition": 8, "Niv2zsOverlapextraction": 16,
+    "Niv2zsGrammarerrorcorrection": 4, "Niv2zsSpellingerrordetection": 16, "Niv2zsEntitygeneration": 16,
+    "Niv2zsSentenceexpansion": 16, "Niv2zsDiscourseconnectiveidentification": 16,
+    "Niv2zsDiscourserelationclassification": 16, "Niv2zsPoemgeneration": 8, "Niv2zsEntityrelationclassification": 16,
+    "Niv2zsPunctuationerrordetection": 16, "Niv2zsSpamclassification": 16, "Niv2zsPaperreview": 16,
+    "Niv2zsSentencecompression": 16, "Niv2zsPrepositionprediction": 16, "Niv2zsMisc": 8, "P3Wscfixed": 16,
+    "P3Copa": 16, "P3Hswag": 4, "P3Wic": 16, "P3Racehigh": 2, "P3Racemiddle": 2, "P3Webquestions": 32,
+    "Flanv2zsQrecc": 4, "Flanv2zsWikidialog": 2, "Flanv2zsQreccii": 4, "Flanv2zsWikidialogii": 2, "Flanv2zsAeslc": 2,
+    "Flanv2zsWmt16translatecsen": 2, "Flanv2zsWmt16translatedeen": 2, "Flanv2zsWmt16translateruen": 2,
+    "Flanv2zsWmt16translatefien": 2, "Flanv2zsWmt16translateroen": 2, "Flanv2zsWmt16translatetren": 2,
+    "Flanv2zsWmt14translatefren": 2,
+}
+
+
 def bigbench_spec(task: str) -> Optional[BigBenchTask]:
   """The official configuration of a BIG-bench task path ("name[/subtask]") read from BIG-bench's JSON, or
   None for a task the paper does not evaluate."""
@@ -334,6 +388,16 @@ def generation_length(name: str) -> int:
   else:
     spec = None
   return (spec.max_gen_length if spec else None) or DEFAULT_MAX_GEN_LENGTH
+
+
+def train_batch_size(name: str) -> Optional[int]:
+  """The official training batch size of the dataset of training task `name` (`TRAIN_BATCH_SIZE`): a P3 pool
+  task `p3_<key>` has that of the P3-collection expert on the same dataset, a FLAN pool task `flan_<expert>` its
+  expert's; None for any other task (a user's dataset)."""
+  prefix, _, rest = name.partition("_")
+  experts = {"p3": {s.key: expert for expert, s in FLAN_P3_SOURCES.items()}.get(rest),
+             "flan": rest}
+  return TRAIN_BATCH_SIZE.get(experts.get(prefix))
 
 
 _OVERRIDES: dict = {}

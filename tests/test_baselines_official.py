@@ -118,7 +118,7 @@ def test_average_activation_is_the_official_mean_of_per_example_means(library, p
   data = {"a": [{"encoder_input_tokens": tokens[:8]}, {"encoder_input_tokens": tokens[8:]}]}
   collection = routers.build("average_activation", library, ["a"], params=params, data=data, top_k=1)[1]
   sample = np.random.default_rng(42).choice(list(range(len(tokens))), len(tokens) - 3, replace=False)
-  expected, steps = numpy_official_average(params, lora, tokens[sample], generated[sample])
+  expected, steps = numpy_official_average(params, lora, tokens[sample], generated[sample], batch_size=8)
   assert steps[0] < aa.MAX_GEN_LENGTH - 1  # the decoder vectors come from an early last step
   flat = names.flatten(collection)
   assert set(expected) == set(names.module_paths(TINY))

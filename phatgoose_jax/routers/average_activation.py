@@ -7,8 +7,10 @@ colm/models/t5xl/moe_lora_rank16_a2.gin, run by colm/experiments/bash_scripts/re
   1. Sample: of the expert's P (example, template) pairs (the rows of its data, in order), the 1000 pairs
      `numpy.random.default_rng(42).choice(P, 1000, replace=False)` when P > 1000, else all P in order
      (src/data/p3.py:96-112; seed 42 from src/data/dataset.py:67,90; max_examples_per_dataset=1000 at
-     reinit_router_embedding.sh:103). They run in batches of 32 in sample order (colm/datasets/p3_t5xl.gin:12,
-     unshuffled: src/procedures/evaluator.py:36) through greedy generation (the "gen" interface,
+     reinit_router_embedding.sh:103). They run in sample order, unshuffled (src/procedures/evaluator.py:36), in
+     batches of the training batch size of the expert's dataset (src/procedures/utils/batcher.py:136: the
+     `batch_size` of its `D/<NAME>/TRAIN` scope, 2-32, `tasks/sources.py` TRAIN_BATCH_SIZE; the size of the
+     given batches) through greedy generation (the "gen" interface,
      src/models/interface_mixin.py:247-262: at most `MAX_GEN_LENGTH` = 20 positions with the start token).
   2. Per example x and module l (src/models/addons/moe.py:865-888):
 
@@ -47,7 +49,6 @@ KIND = "average_activation"
 KIND_POOLED = "average_activation_pooled"
 SAMPLE_SIZE = 1000
 SAMPLE_SEED = 42
-BATCH_SIZE = 32
 MAX_GEN_LENGTH = 20
 EPSILON = 1e-6
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
@@ -92,8 +93,8 @@ def example_means(module: Transformer, variables: Mapping, encoder_tokens: jax.A
   return means
 
 
-def official_means(model: EncoderDecoderModel, variables: Mapping, encoder_tokens: np.ndarray,
-                   batch_size: int = BATCH_SIZE, max_gen_length: int = MAX_GEN_LENGTH) -> dict:
+def official_means(model: EncoderDecoderModel, variables: Mapping, encoder_tokens: np.ndarray, batch_size: int,
+                   max_gen_length: int = MAX_GEN_LENGTH) -> dict:
   """`{module: v <float32>[d_in]}`: the mean over the rows of `encoder_tokens` of their recorded inputs, in
   batches of `batch_size` generated greedily (module docstring, steps 2-3)."""
   totals, count = {}, 0
@@ -157,9 +158,11 @@ def lora_model(library, expert, params: Mapping) -> tuple:
 
 
 def official_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
-  """The official average activations of `expert` over the pairs sampled from the rows of `batches`."""
+  """The official average activations of `expert` over the pairs sampled from the rows of `batches`, run in
+  batches of their size (the first batch's rows: its dataset's training batch size)."""
   tokens = np.concatenate([np.asarray(b["encoder_input_tokens"]) for b in batches])
-  return official_means(*lora_model(library, expert, params), tokens[sample_pairs(len(tokens))])
+  return official_means(*lora_model(library, expert, params), tokens[sample_pairs(len(tokens))],
+                        len(batches[0]["encoder_input_tokens"]))
 
 
 def pooled_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
@@ -179,8 +182,9 @@ def build_kind(library, names, kind: str, compute: Callable, params: Optional[Ma
 def build(library, names, *, params: Optional[Mapping] = None, data: Optional[Mapping[str, Sequence]] = None,
           top_k: int = 2, impl: str = "auto") -> Routing:
   """Routes by the official average activations (module docstring). `data` maps expert names to lists of
-  batches of their training data (t5x features; the rows are its (example, template) pairs in order),
-  `params` are the base model's. Cached vectors are reused when `data` is left out."""
+  batches of their training data (t5x features; the rows are its (example, template) pairs in order), each but
+  the last of its dataset's training batch size; `params` are the base model's. Cached vectors are reused when
+  `data` is left out."""
   return build_kind(library, names, KIND, official_vectors, params, data, top_k, impl)
 
 
