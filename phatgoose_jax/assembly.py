@@ -24,6 +24,10 @@ from phatgoose_jax.models import EncoderDecoderModel, pad_tokens
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.tasks import sources
 
+# The official average-activation run's max_examples_per_dataset (colm/experiments/bash_scripts/
+# reinit_router_embedding.sh:103).
+ACTIVATION_SAMPLE = 1000
+
 
 class LoadedModel(NamedTuple):
   """A model and its variables; per-example routers (uniform, oracle, retrieval) add `expert_weights`,
@@ -120,46 +124,59 @@ def expert_dataset(library_: lib.ExpertLibrary, name: str) -> str:
 def expert_data(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut,
                 max_examples: Optional[int], batch_size: int) -> Dict[str, list]:
   """{expert: [batches of its training data]} (the first `max_examples` rows, or all): t5x features plus
-  `inputs` (the input texts), in batches of its dataset's official training batch size
-  (`sources.train_batch_size`), else of `batch_size`."""
+  `inputs` (the input texts), in batches of `batch_size`."""
   out = {}
   for name in names:
-    task = expert_dataset(library_, name)
-    features = data.examples(task, "train", data.feature_lengths(), max_examples=max_examples, held_out=held_out)
+    features = data.examples(expert_dataset(library_, name), "train", data.feature_lengths(),
+                             max_examples=max_examples, held_out=held_out)
     features["inputs"] = features.pop("inputs_pretokenized")
-    out[name] = data.batches(features, sources.train_batch_size(task) or batch_size)
+    out[name] = data.batches(features, batch_size)
   return out
 
 
 def stored_examples(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut, count: int,
                     batch_size: int) -> Dict[str, list]:
   """{expert: [batches of the examples retrieval stores]} (`data.stored_examples`: the first `count` in the
-  official dataset's own order): `inputs`, `answer_choices` and `encoder_input_tokens` (the task's vocabulary,
-  trimmed to the configured input length with EOS kept, as `data.examples` encodes them)."""
-  out = {}
+  official dataset's own order): `inputs`, `answer_choices` and `encoder_input_tokens` (`encoded`)."""
+  return {name: data.batches(encoded(task, data.stored_examples(task, count, held_out)), batch_size)
+          for name, task in ((n, expert_dataset(library_, n)) for n in names)}
+
+
+def sampled_examples(library_: lib.ExpertLibrary, names: Sequence[str], held_out: data.HeldOut, count: int,
+                     batch_size: int) -> Dict[str, list]:
+  """{expert: [batches of the examples average activation runs]} (`data.sampled_examples`: its dataset under
+  the official `max_examples_per_dataset = count`, in its own order): `inputs` and `encoder_input_tokens`
+  (`encoded`), in batches of its dataset's official training batch size (`sources.train_batch_size`), else of
+  `batch_size`."""
+  return {name: data.batches(encoded(task, data.sampled_examples(task, count, held_out)),
+                             sources.train_batch_size(task) or batch_size)
+          for name, task in ((n, expert_dataset(library_, n)) for n in names)}
+
+
+def encoded(task: str, examples: Dict[str, list]) -> Dict[str, object]:
+  """`examples` with `encoder_input_tokens`: their `inputs` in the task's vocabulary, trimmed to the configured
+  input length with EOS kept, as `data.examples` encodes them."""
   length = data.feature_lengths()["inputs"]
-  for name in names:
-    task = expert_dataset(library_, name)
-    stored = data.stored_examples(task, count, held_out)
-    vocabulary = data.vocabulary(task)
-    stored["encoder_input_tokens"] = pad_tokens([vocab_lib.encode(vocabulary, t, length) for t in stored["inputs"]],
-                                                length)
-    out[name] = data.batches(stored, batch_size)
-  return out
+  vocabulary = data.vocabulary(task)
+  tokens = pad_tokens([vocab_lib.encode(vocabulary, text, length) for text in examples["inputs"]], length)
+  return dict(examples, encoder_input_tokens=tokens)
 
 
 @gin.configurable(denylist=["library_", "names", "router", "held_out"])
 def router_inputs(library_: lib.ExpertLibrary, names: Sequence[str], router: str, held_out: data.HeldOut,
                   activation_examples: Optional[int] = None, retrieval_examples: int = 1000, batch_size: int = 64,
                   oracle_labels: Optional[dict] = None) -> dict:
-  """What router `router` declares it needs beyond the base weights: its experts' training data (for
-  average activation, all of it by default, in batches of each dataset's official training batch size, else of
-  `batch_size`: the router draws the official seeded sample of 1000 pairs from it; for retrieval, the official
-  store of `stored_examples`), the oracle's label map."""
+  """What router `router` declares it needs beyond the base weights: its experts' training data (the first
+  `activation_examples` rows, or all), their official average-activation sample (`sampled_examples`: of
+  `activation_examples` pairs, default the official 1000, colm/experiments/bash_scripts/
+  reinit_router_embedding.sh:103), retrieval's official store (`stored_examples`), the oracle's label map."""
   needs = routers.spec(router).needs
   inputs = {}
   if "data" in needs:
     inputs["data"] = expert_data(library_, names, held_out, activation_examples, batch_size)
+  if "sample" in needs:
+    inputs["sample"] = sampled_examples(library_, names, held_out, activation_examples or ACTIVATION_SAMPLE,
+                                        batch_size)
   if "examples" in needs:
     inputs["examples"] = stored_examples(library_, names, held_out, retrieval_examples, batch_size)
   if "labels" in needs and oracle_labels is not None:
@@ -184,7 +201,7 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", na
     return load_model(base, config=config, **routing())
   library_ = lib.ExpertLibrary(library)
   names = list(names or library_.names())
-  if {"data", "examples"} & set(routers.spec(router).needs):  # the router reads its experts' texts
+  if {"data", "sample", "examples"} & set(routers.spec(router).needs):  # the router reads its experts' texts
     for task in {library_.manifest(n)["dataset"] for n in names} - {None}:
       data.check_vocabulary(data.vocabulary(task), base)
   return load_model(base, library, router, names=names, config=config,

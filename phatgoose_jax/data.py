@@ -178,18 +178,31 @@ def stored_examples(name: str, count: int, held_out: HeldOut = NOTHING_HELD_OUT)
   """`inputs` (texts) and `answer_choices` (lists, or None) of the examples retrieval stores for a training task
   or mixture: each task's first `count` training examples in its official dataset's own order
   (`seqio_tasks.TextSource.stored_examples`, algorithm.md §5). Held-out tasks and examples are refused."""
+  stored = _text_examples(name, held_out, lambda source: source.stored_examples("train", count))
+  return {"inputs": [e["inputs"] for e in stored], "answer_choices": [e["answer_choices"] for e in stored]}
+
+
+def sampled_examples(name: str, count: int, held_out: HeldOut = NOTHING_HELD_OUT) -> Dict[str, list]:
+  """`inputs` (texts) of the examples average activation runs for a training task or mixture: each task's
+  training examples under the official `max_examples_per_dataset = count`, in its dataset's own order
+  (`seqio_tasks.TextSource.sampled_examples`, algorithm.md §5). Held-out tasks and examples are refused."""
+  sampled = _text_examples(name, held_out, lambda source: source.sampled_examples("train", count))
+  return {"inputs": [example["inputs"] for example in sampled]}
+
+
+def _text_examples(name: str, held_out: HeldOut, read: Callable) -> list:
+  """`read(source)` of each task's text source, concatenated; held-out tasks and input texts refused."""
   names = task_names(name)
   held_out.check_tasks(names)
-  stored = []
+  examples = []
   for task_name in names:
     source = seqio.get_mixture_or_task(task_name).source
     if not isinstance(source, seqio_tasks.TextSource):
       raise ValueError(f"task {task_name} is not a text task of phatgoose_jax.tasks (its source is "
-                       f"{type(source).__name__}); retrieval reads the texts of its examples")
-    stored += source.stored_examples("train", count)
-  texts = [example["inputs"] for example in stored]
-  held_out.check_texts(texts)
-  return {"inputs": texts, "answer_choices": [example["answer_choices"] for example in stored]}
+                       f"{type(source).__name__}); this router reads the texts of its examples")
+    examples += read(source)
+  held_out.check_texts([example["inputs"] for example in examples])
+  return examples
 
 
 def batches(features: Mapping[str, np.ndarray], batch_size: int) -> List[Dict[str, np.ndarray]]:

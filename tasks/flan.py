@@ -46,7 +46,6 @@ SPLIT_SEED = 1234  # src/data/flat.py line 262
 VALIDATION_FRACTION = 0.1  # flat.py line 267
 MAX_VALIDATION_ROWS = 10_000  # flat.py line 267
 MAX_TRAIN_ROWS = 500_000  # colm/datasets/flanv2_t5xl.gin: TRAIN max_examples_per_dataset
-TRAIN_SEED = 42  # src/data/dataset.py line 67
 ZERO_SHOT_TEMPLATE_TYPES = ("zs_opt", "zs_noopt")
 VALIDATION_METRIC = "rouge_l"  # flanv2_t5xl.gin: every ZS/EVAL FlanDataset has metrics = ["rouge"]
 
@@ -239,8 +238,9 @@ def zero_shot_rows(path) -> list:
   return rows
 
 
-def split_indices(num_rows: int, split: str) -> list:
-  """Row indices of the official `split` ("train" or "validation") of an expert's `num_rows` rows."""
+def split_indices(num_rows: int, split: str, cap: int) -> list:
+  """Row indices of the official `split` ("train" or "validation") of an expert's `num_rows` rows, the train
+  split under `max_examples_per_dataset = cap` (src/data/flat.py:195-203)."""
   if split not in ("train", "validation"):
     raise ValueError(f"a FLAN expert has splits 'train' and 'validation', not {split!r}")
   order = np.random.RandomState(SPLIT_SEED).choice(num_rows, size=num_rows, replace=False)
@@ -248,15 +248,14 @@ def split_indices(num_rows: int, split: str) -> list:
   if split == "validation":
     return order[:num_validation].tolist()
   train = order[num_validation:]
-  if len(train) > MAX_TRAIN_ROWS:
-    train = train[np.random.default_rng(TRAIN_SEED).choice(len(train), size=MAX_TRAIN_ROWS, replace=False)]
-  return train.tolist()
+  return train[seqio_tasks.drawn(len(train), cap)].tolist()
 
 
-def split_examples(path, split: str) -> list:
-  """{inputs, targets} of one expert's `split`, in the official order."""
+def split_examples(path, split: str, cap: Optional[int] = None) -> list:
+  """{inputs, targets} of one expert's `split` (the train split under `max_examples_per_dataset = cap`, default
+  the training cap `MAX_TRAIN_ROWS`), in the official order."""
   rows = zero_shot_rows(path)
-  return [rows[i] for i in split_indices(len(rows), split)]
+  return [rows[i] for i in split_indices(len(rows), split, MAX_TRAIN_ROWS if cap is None else cap)]
 
 
 def validation_examples(path) -> list:
@@ -287,7 +286,8 @@ def register_file_expert(path) -> str:
   """Registers a FLAN-collection expert's task `flan_<expert>` (splits "train" and "validation") and its
   validation task `flan_<expert>_eval` (`validation_examples`). Returns the training task name."""
   source = seqio_tasks.text_source(lambda split, p=path: split_examples(p, split), seqio_tasks.TRAIN_SIGNATURE,
-                                   splits=("train", "validation"))
+                                   splits=("train", "validation"),
+                                   sampled_fn=lambda split, count, p=path: split_examples(p, split, count))
   name = seqio_tasks.add_task(task_name(path), source, evaluation=False).name
   validation = seqio_tasks.text_source(lambda split, p=path: validation_examples(p), seqio_tasks.EVAL_SIGNATURE,
                                        splits=("validation",))

@@ -33,7 +33,7 @@ from phatgoose_jax.tasks import bigbench, promptsource, readers, seqio_tasks, so
 
 NO_INPUT = "<NO INPUT>"
 NO_LABEL = "<NO LABEL>"
-SEED = 42  # src/data/dataset.py line 67: Dataset(seed=42) -> np.random.default_rng(seed)
+SEED = seqio_tasks.SAMPLE_SEED  # src/data/dataset.py line 67: Dataset(seed=42) -> np.random.default_rng(seed)
 MAX_TRAIN_PAIRS = 500_000  # colm/datasets/p3_t5xl.gin: TRAIN max_examples_per_dataset
 HOLDOUT_SEED = 1234  # src/data/p3.py line 319
 
@@ -80,9 +80,8 @@ def _rows(source: sources.DatasetSource, split: str, train: bool):
 def sampled_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> np.ndarray:
   """The flat indices row * num_templates + template of the pairs the official code trains on, in its dataset's
   own index order (src/data/p3.py:96-112, 123-124): all of them in order, or `cap` drawn without replacement by
-  default_rng(42), in the order drawn."""
-  total = num_rows * num_templates
-  return np.random.default_rng(SEED).choice(total, cap, replace=False) if total > cap else np.arange(total)
+  default_rng(42), in the order drawn (`seqio_tasks.drawn`)."""
+  return seqio_tasks.drawn(num_rows * num_templates, cap)
 
 
 def train_pairs(num_rows: int, num_templates: int, cap: int = MAX_TRAIN_PAIRS) -> list:
@@ -118,9 +117,24 @@ def stored_examples(source: sources.DatasetSource, count: int, split: str = "tra
   order, the examples retrieval stores (algorithm.md §5): item i is the i-th pair drawn (`sampled_pairs`,
   src/data/p3.py:104-108, 123-124), not the i-th sorted one; `answer_choices` is the template's list for the
   row, [] for a template without answer choices (lines 144-146)."""
+  return _drawn_examples(source, split, lambda num_rows, num_templates: sampled_pairs(
+      num_rows, num_templates, MAX_TRAIN_PAIRS)[:count])
+
+
+def sampled_examples(source: sources.DatasetSource, count: int, split: str = "train") -> list:
+  """{inputs, targets, answer_choices} of the pairs the official dataset serves under
+  `max_examples_per_dataset = count`, the sample average activation runs (algorithm.md §5;
+  colm/experiments/bash_scripts/reinit_router_embedding.sh:103): `count` of all rows x templates pairs (not of the
+  500,000 trained on), drawn by default_rng(42), in the order drawn (src/data/p3.py:96-112, 123-124)."""
+  return _drawn_examples(source, split, lambda num_rows, num_templates: sampled_pairs(num_rows, num_templates, count))
+
+
+def _drawn_examples(source: sources.DatasetSource, split: str, indices_fn) -> list:
+  """{inputs, targets, answer_choices} of the training pairs at flat indices `indices_fn(num_rows, num_templates)`,
+  in that order."""
   chosen = templates(source, train=True)
   num_rows = sum(1 for _ in _rows(source, split, train=True))
-  pairs = [divmod(int(i), len(chosen)) for i in sampled_pairs(num_rows, len(chosen), MAX_TRAIN_PAIRS)[:count]]
+  pairs = [divmod(int(i), len(chosen)) for i in indices_fn(num_rows, len(chosen))]
   wanted = {row for row, _ in pairs}
   rows = {i: row for i, row in enumerate(_rows(source, split, train=True)) if i in wanted}
   return [dict(train_pair(chosen[t], rows[r]), answer_choices=promptsource.answer_choices(chosen[t], rows[r]) or [])
@@ -191,7 +205,8 @@ def register_dataset(name: str, source: sources.DatasetSource) -> str:
   evaluation task carries only the rank-classification metric. Returns `name`."""
   train = seqio_tasks.text_source(
       lambda split, s=source: train_examples(s, _split_of(s, split)), seqio_tasks.TRAIN_SIGNATURE,
-      stored_fn=lambda split, count, s=source: stored_examples(s, count, _split_of(s, split)))
+      stored_fn=lambda split, count, s=source: stored_examples(s, count, _split_of(s, split)),
+      sampled_fn=lambda split, count, s=source: sampled_examples(s, count, _split_of(s, split)))
   seqio_tasks.add_task(name, train, evaluation=False)
   evaluation = seqio_tasks.text_source(
       lambda split, s=source: eval_examples(s, _split_of(s, split)), seqio_tasks.EVAL_SIGNATURE)

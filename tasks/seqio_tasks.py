@@ -17,6 +17,7 @@ import functools
 import itertools
 from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -47,6 +48,7 @@ GENERATION_METRICS = {
 METRIC_SEPARATOR = ","  # a row scored by several metrics lists them as "bleu,rouge_l"
 _FIRST_EXAMPLES = contextvars.ContextVar("first_examples", default=None)
 _CHUNK_ROWS = 1024  # training rows per python -> tf.data transfer
+SAMPLE_SEED = 42  # src/data/dataset.py:67, 90: Dataset(seed=42) -> numpy.random.default_rng(seed)
 
 
 @contextlib.contextmanager
@@ -72,6 +74,13 @@ def output_features() -> dict:
   return features(seqio.SentencePieceVocabulary(sources.spm_path()))
 
 
+def drawn(total: int, cap: int) -> np.ndarray:
+  """The indices an official dataset keeps of its `total` items under `max_examples_per_dataset = cap`, in its own
+  order: all in order, or `cap` drawn without replacement by default_rng(42), in the order drawn
+  (src/data/p3.py:96-112, src/data/flat.py:195-203)."""
+  return np.random.default_rng(SAMPLE_SEED).choice(total, cap, replace=False) if total > cap else np.arange(total)
+
+
 def _indexed(examples: Iterable[dict]):
   for idx, ex in enumerate(examples):
     yield {**{k: ex[k] for k in EVAL_SIGNATURE if k != "idx"}, "idx": idx}
@@ -89,12 +98,14 @@ class TextSource(seqio.FunctionDataSource):
   """A seqio source over `examples_fn(split)` (python dicts), read when the dataset is requested.
 
   `get_dataset` serves them as tf.data; `examples` gives the same dicts directly, without tf.data;
-  `stored_examples` the ones retrieval stores."""
+  `stored_examples` the ones retrieval stores; `sampled_examples` the ones average activation runs."""
 
-  def __init__(self, examples_fn: Callable, signature: dict, splits, stored_fn: Optional[Callable] = None):
+  def __init__(self, examples_fn: Callable, signature: dict, splits, stored_fn: Optional[Callable] = None,
+               sampled_fn: Optional[Callable] = None):
     self.examples_fn = examples_fn
     self.signature = signature
     self.stored_fn = stored_fn
+    self.sampled_fn = sampled_fn
     super().__init__(self._dataset_fn, splits=splits)
 
   def examples(self, split: str) -> Iterator[dict]:
@@ -108,6 +119,15 @@ class TextSource(seqio.FunctionDataSource):
     if self.stored_fn is not None:
       return self.stored_fn(split, count)
     return [dict(example, answer_choices=None) for example in itertools.islice(self.examples_fn(split), count)]
+
+  def sampled_examples(self, split: str, count: int) -> list:
+    """The examples of `split` the official dataset serves under `max_examples_per_dataset = count`, in its own
+    order (algorithm.md §5): `sampled_fn(split, count)` where the served examples are themselves capped or
+    sampled (P3 pairs, `p3.sampled_examples`; FLAN rows), else `drawn` over the examples served."""
+    if self.sampled_fn is not None:
+      return self.sampled_fn(split, count)
+    examples = list(self.examples_fn(split))
+    return [examples[i] for i in drawn(len(examples), count)]
 
   def _dataset_fn(self, split, shuffle_files, seed=None):
     del shuffle_files, seed
@@ -133,8 +153,8 @@ def _from_scalar_rows(examples: Callable[[], Iterable[dict]], signature: dict) -
 
 
 def text_source(examples_fn: Callable, signature: dict, splits=("train", "validation"),
-                stored_fn: Optional[Callable] = None) -> TextSource:
-  return TextSource(examples_fn, signature, splits, stored_fn)
+                stored_fn: Optional[Callable] = None, sampled_fn: Optional[Callable] = None) -> TextSource:
+  return TextSource(examples_fn, signature, splits, stored_fn, sampled_fn)
 
 
 def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -1,7 +1,6 @@
 """The baselines as the official code computes them (algorithm.md §5): average activation and retrieval
 against independent recomputations of r-three/phatgoose's rules (src/data/p3.py, src/models/addons/moe.py,
 src/procedures/retriever.py)."""
-import functools
 import sys
 
 import jax
@@ -92,11 +91,9 @@ def numpy_official_average(params, lora, tokens, rows, batch_size=32):
 
 def test_sampled_pairs_follow_the_official_seeded_draw():
   official = np.random.default_rng(42).choice(list(range(5000)), 1000, replace=False)  # src/data/p3.py:104-108
-  np.testing.assert_array_equal(aa.sample_pairs(5000), official)
-  np.testing.assert_array_equal(aa.sample_pairs(5000), aa.sample_pairs(5000))
-  assert len(set(aa.sample_pairs(5000).tolist())) == 1000
-  assert not np.array_equal(aa.sample_pairs(5000, seed=0), official)
-  np.testing.assert_array_equal(aa.sample_pairs(1000), np.arange(1000))  # P <= 1000: every pair, in order
+  np.testing.assert_array_equal(seqio_tasks.drawn(5000, 1000), official)
+  assert len(set(seqio_tasks.drawn(5000, 1000).tolist())) == 1000
+  np.testing.assert_array_equal(seqio_tasks.drawn(1000, 1000), np.arange(1000))  # P <= 1000: every pair, in order
 
 
 def test_generation_steps_run_until_every_row_has_emitted_eos():
@@ -105,7 +102,7 @@ def test_generation_steps_run_until_every_row_has_emitted_eos():
   assert aa.generation_steps(np.array([[1, 0], [1, 0]])) == 1
 
 
-def test_average_activation_is_the_official_mean_of_per_example_means(library, params, monkeypatch):
+def test_average_activation_is_the_official_mean_of_per_example_means(library, params):
   lora = library.load("a").lora
   model, variables = EncoderDecoderModel(TINY, LORA), {"params": params, "lora": names.unflatten(lora)}
   rng = np.random.default_rng(0)
@@ -114,11 +111,9 @@ def test_average_activation_is_the_official_mean_of_per_example_means(library, p
   generated = greedy_rows(model, variables, pool)
   finished = np.any(generated == EOS_ID, axis=1)  # rows whose generation emits EOS
   tokens, generated = pool[finished], generated[finished]
-  monkeypatch.setattr(aa, "sample_pairs", functools.partial(aa.sample_pairs, size=len(tokens) - 3))
-  data = {"a": [{"encoder_input_tokens": tokens[:8]}, {"encoder_input_tokens": tokens[8:]}]}
-  collection = routers.build("average_activation", library, ["a"], params=params, data=data, top_k=1)[1]
-  sample = np.random.default_rng(42).choice(list(range(len(tokens))), len(tokens) - 3, replace=False)
-  expected, steps = numpy_official_average(params, lora, tokens[sample], generated[sample], batch_size=8)
+  sample = {"a": [{"encoder_input_tokens": tokens[i:i + 8]} for i in range(0, len(tokens), 8)]}
+  collection = routers.build("average_activation", library, ["a"], params=params, sample=sample, top_k=1)[1]
+  expected, steps = numpy_official_average(params, lora, tokens, generated, batch_size=8)
   assert steps[0] < aa.MAX_GEN_LENGTH - 1  # the decoder vectors come from an early last step
   flat = names.flatten(collection)
   assert set(expected) == set(names.module_paths(TINY))

@@ -23,7 +23,7 @@ from phatgoose_jax.cli import UsageError
 
 
 def _data_hint(router: str, library: str) -> str:
-  if not set(routers.spec(router).needs) & {"data", "examples"}:
+  if not set(routers.spec(router).needs) & {"data", "sample", "examples"}:
     return ""
   free = ", ".join(r for r, spec in routers.ROUTERS.items() if not spec.needs)
   return (f"; --router {router} reads each expert's training data: run `phatgoose evaluate --base BASE --library "

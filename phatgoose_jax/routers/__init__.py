@@ -24,7 +24,9 @@ class RouterSpec(NamedTuple):
   per_token: routes every token at every module (takes `top_k`); otherwise one mixture per example or
     one merged expert.
   needs: inputs its builder takes beyond the library: 'params' (the base model's weights), 'data'
-    (batches of each expert's training data as t5x features), 'examples' (the same with their texts).
+    (batches of each expert's training data as t5x features), 'sample' (batches of each expert's official
+    average-activation sample: `encoder_input_tokens` and their texts), 'examples' (retrieval's store: the
+    same).
     Routers that need data reuse what an earlier run cached in the library when no data is given.
   """
   builder: str
@@ -34,7 +36,7 @@ class RouterSpec(NamedTuple):
 
 ROUTERS = {
     "phatgoose": RouterSpec("phatgoose:build", per_token=True),
-    "average_activation": RouterSpec("average_activation:build", per_token=True, needs=("params", "data")),
+    "average_activation": RouterSpec("average_activation:build", per_token=True, needs=("params", "sample")),
     "average_activation_pooled": RouterSpec("average_activation:build_pooled", per_token=True,
                                             needs=("params", "data")),
     "arrow": RouterSpec("arrow:build", per_token=True),

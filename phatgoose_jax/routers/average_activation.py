@@ -4,13 +4,15 @@ the expert's training data, computed with that expert installed; then routed exa
 `average_activation` is the official computation (r-three/phatgoose 4fd5790, the A2 architecture of
 colm/models/t5xl/moe_lora_rank16_a2.gin, run by colm/experiments/bash_scripts/reinit_router_embedding.sh:103):
 
-  1. Sample: of the expert's P (example, template) pairs (the rows of its data, in order), the 1000 pairs
-     `numpy.random.default_rng(42).choice(P, 1000, replace=False)` when P > 1000, else all P in order
-     (src/data/p3.py:96-112; seed 42 from src/data/dataset.py:67,90; max_examples_per_dataset=1000 at
-     reinit_router_embedding.sh:103). They run in sample order, unshuffled (src/procedures/evaluator.py:36), in
-     batches of the training batch size of the expert's dataset (src/procedures/utils/batcher.py:136: the
-     `batch_size` of its `D/<NAME>/TRAIN` scope, 2-32, `tasks/sources.py` TRAIN_BATCH_SIZE; the size of the
-     given batches) through greedy generation (the "gen" interface,
+  1. Sample: the expert's training dataset under max_examples_per_dataset=1000 (reinit_router_embedding.sh:103):
+     of all its P (example, template) pairs (all rows x templates, not the 500,000 pairs trained on), the 1000
+     `numpy.random.default_rng(42).choice(P, 1000, replace=False)` in the order drawn when P > 1000, else all P
+     in order (src/data/p3.py:96-112, 123-124; seed 42 from src/data/dataset.py:67,90; a FLAN-collection
+     dataset draws over all its train rows, src/data/flat.py:195-203), given as the batches of `sample`
+     (`seqio_tasks.TextSource.sampled_examples`, built by `assembly.sampled_examples`). They run as given, in
+     sample order, unshuffled (src/procedures/evaluator.py:36), in batches of the training batch size of the
+     expert's dataset (src/procedures/utils/batcher.py:136: the `batch_size` of its `D/<NAME>/TRAIN` scope,
+     2-32, `tasks/sources.py` TRAIN_BATCH_SIZE) through greedy generation (the "gen" interface,
      src/models/interface_mixin.py:247-262: at most `MAX_GEN_LENGTH` = 20 positions with the start token).
   2. Per example x and module l (src/models/addons/moe.py:865-888):
 
@@ -47,8 +49,6 @@ from phatgoose_jax.t5.network import Transformer
 
 KIND = "average_activation"
 KIND_POOLED = "average_activation_pooled"
-SAMPLE_SIZE = 1000
-SAMPLE_SEED = 42
 MAX_GEN_LENGTH = 20
 EPSILON = 1e-6
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
@@ -58,13 +58,6 @@ def uses_encoder_mask(module_path: str) -> bool:
   """Whether a module's inputs are encoder positions: encoder modules and cross-attention key / value."""
   stack, *_, block, kind = module_path.split("/")
   return stack == "encoder" or (block == "encoder_decoder_attention" and kind in ("key", "value"))
-
-
-def sample_pairs(num_pairs: int, size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED) -> np.ndarray:
-  """Indices of the sampled (example, template) pairs, in sample order (src/data/p3.py:96-112)."""
-  if num_pairs <= size:
-    return np.arange(num_pairs)
-  return np.random.default_rng(seed).choice(num_pairs, size, replace=False)
 
 
 def generation_steps(generated: np.ndarray, eos_id: int = EOS_ID) -> int:
@@ -93,13 +86,13 @@ def example_means(module: Transformer, variables: Mapping, encoder_tokens: jax.A
   return means
 
 
-def official_means(model: EncoderDecoderModel, variables: Mapping, encoder_tokens: np.ndarray, batch_size: int,
+def official_means(model: EncoderDecoderModel, variables: Mapping, batches: Sequence[np.ndarray],
                    max_gen_length: int = MAX_GEN_LENGTH) -> dict:
-  """`{module: v <float32>[d_in]}`: the mean over the rows of `encoder_tokens` of their recorded inputs, in
-  batches of `batch_size` generated greedily (module docstring, steps 2-3)."""
+  """`{module: v <float32>[d_in]}`: the mean over the rows of `batches` (encoder tokens) of their recorded
+  inputs, each batch generated greedily (module docstring, steps 2-3)."""
   totals, count = {}, 0
-  for start in range(0, len(encoder_tokens), batch_size):
-    tokens = jnp.asarray(encoder_tokens[start:start + batch_size])
+  for encoder_tokens in batches:
+    tokens = jnp.asarray(encoder_tokens)
     batch = {"encoder_input_tokens": tokens,
              "decoder_input_tokens": jnp.zeros((len(tokens), new_tokens(max_gen_length)), jnp.int32)}
     generated = np.asarray(model.jit_predict(variables, batch)[0])
@@ -144,8 +137,8 @@ def expert_vectors(library, expert, kind: str, batches: Optional[Sequence[Mappin
   if cached is not None:
     return cached
   if batches is None or compute is None:
-    raise ValueError(f"no cached average activations for expert {name!r}: pass params= and data={{{name!r}: "
-                     f"[batches of its training data]}}")
+    raise ValueError(f"no cached average activations for expert {name!r}: pass params= and its batches (sample= "
+                     f"for {KIND}, data= for {KIND_POOLED})")
   vectors = compute(expert, batches)
   library.save_derived(name, kind, vectors, lib.data_key(batches))
   return vectors
@@ -158,11 +151,8 @@ def lora_model(library, expert, params: Mapping) -> tuple:
 
 
 def official_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
-  """The official average activations of `expert` over the pairs sampled from the rows of `batches`, run in
-  batches of their size (the first batch's rows: its dataset's training batch size)."""
-  tokens = np.concatenate([np.asarray(b["encoder_input_tokens"]) for b in batches])
-  return official_means(*lora_model(library, expert, params), tokens[sample_pairs(len(tokens))],
-                        len(batches[0]["encoder_input_tokens"]))
+  """The official average activations of `expert` over its sample, `batches` run as given."""
+  return official_means(*lora_model(library, expert, params), [np.asarray(b["encoder_input_tokens"]) for b in batches])
 
 
 def pooled_vectors(library, params: Mapping, expert, batches: Sequence[Mapping]) -> dict:
@@ -179,13 +169,12 @@ def build_kind(library, names, kind: str, compute: Callable, params: Optional[Ma
   return routed(experts, vectors, top_k=top_k, impl=impl)
 
 
-def build(library, names, *, params: Optional[Mapping] = None, data: Optional[Mapping[str, Sequence]] = None,
+def build(library, names, *, params: Optional[Mapping] = None, sample: Optional[Mapping[str, Sequence]] = None,
           top_k: int = 2, impl: str = "auto") -> Routing:
-  """Routes by the official average activations (module docstring). `data` maps expert names to lists of
-  batches of their training data (t5x features; the rows are its (example, template) pairs in order), each but
-  the last of its dataset's training batch size; `params` are the base model's. Cached vectors are reused when
-  `data` is left out."""
-  return build_kind(library, names, KIND, official_vectors, params, data, top_k, impl)
+  """Routes by the official average activations (module docstring). `sample` maps expert names to the batches
+  of their sample (`encoder_input_tokens`; module docstring, step 1), `params` are the base model's. Cached
+  vectors are reused when `sample` is left out."""
+  return build_kind(library, names, KIND, official_vectors, params, sample, top_k, impl)
 
 
 def build_pooled(library, names, *, params: Optional[Mapping] = None,
