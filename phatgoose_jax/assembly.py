@@ -201,7 +201,7 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", na
     return load_model(base, config=config, **routing())
   library_ = lib.ExpertLibrary(library)
   names = list(names or library_.names())
-  if {"data", "sample", "examples"} & set(routers.spec(router).needs):  # the router reads its experts' texts
+  if routers.spec(router).reads_texts:
     for task in {library_.manifest(n)["dataset"] for n in names} - {None}:
       data.check_vocabulary(data.vocabulary(task), base)
   return load_model(base, library, router, names=names, config=config,

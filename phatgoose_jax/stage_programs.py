@@ -122,7 +122,9 @@ def train_programs(stage: str, config, mesh, rules, accum: Optional[int] = None,
                                   bound("train.selection.batch_size", 64), lengths, mesh, rules, "validation_score"))
   if not counted:
     return programs
-  micro_batch = lambda unrolled: train_programs(stage, unrolled, mesh, rules, 1, batch_size // accum, False)  # noqa: E731
+
+  def micro_batch(unrolled):
+    return train_programs(stage, unrolled, mesh, rules, 1, batch_size // accum, False)
   return loop_free_costs(programs, config, micro_batch, {"train_step": accum})
 
 

@@ -82,7 +82,8 @@ class TextModel:
   """A loaded model (`assembly.LoadedModel`) with its vocabulary: strings in, scores and generations out.
 
   `model`, `variables`: the `EncoderDecoderModel` and its variables (t5x's feature names and methods);
-  `vocabulary`: the seqio vocabulary (None: ids only, texts are refused); `max_length`: the longest input, target or generation in tokens;
+  `vocabulary`: the seqio vocabulary (None: ids only, texts are refused); `max_length`: the longest input,
+  target or generation in tokens;
   `batch_size`: the rows of every compiled batch.
   """
 

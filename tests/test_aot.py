@@ -132,8 +132,8 @@ def test_a_topology_without_libtpu_says_how_to_install_it(monkeypatch):
     aot.target_devices("v5e:2x2")
 
 
-@pytest.mark.parametrize("topology,chips,kind,memory", [("v4:2x2x4", 16, "TPU v4", 32), ("v5p:2x2x4", 16, "TPU v5p", 95),
-                                                         ("v5e:4x4", 16, "TPU v5e", 16)])
+@pytest.mark.parametrize("topology,chips,kind,memory", [
+    ("v4:2x2x4", 16, "TPU v4", 32), ("v5p:2x2x4", 16, "TPU v5p", 95), ("v5e:4x4", 16, "TPU v5e", 16)])
 def test_a_topology_has_one_device_per_chip_with_the_chips_memory(topology, chips, kind, memory):
   """A v4 or v5p slice is one JAX device per chip (megacore), as on the pod, each with the chip's memory (libtpu
   is in the test extra)."""

@@ -1,10 +1,11 @@
 """What `phatgoose score` and `phatgoose generate` run (the flags are in `cli/model.py`).
 
 Each input line is `{"inputs": ..., "targets": ...}` (text, encoded with the vocabulary, EOS appended)
-or `{"input_ids": [...], "target_ids": [...]}` (raw ids, used as they are: scoring ids alone reads no --vocab); texts over `vocab.MAX_LENGTH`
-tokens are truncated with a warning that counts them (`--error_on_truncation` refuses them). Results go one
-JSON object per input line, in order, to --output or standard output; --output is opened before any work
-and written only with complete results (a NaN or Inf score is an error); all logging goes to standard error.
+or `{"input_ids": [...], "target_ids": [...]}` (raw ids, used as they are: scoring ids alone reads no --vocab);
+texts over `vocab.MAX_LENGTH` tokens are truncated with a warning that counts them (`--error_on_truncation`
+refuses them). Results go one JSON object per input line, in order, to --output or standard output; --output
+is opened before any work and written only with complete results (a NaN or Inf score is an error); all logging
+goes to standard error.
 The model is a `text_model.TextModel` (`phatgoose_jax.load`): a checkpoint of any format, routed over `--library`
 when given; it encodes, checks, batches and decodes.
 """
@@ -23,7 +24,7 @@ from phatgoose_jax.cli import UsageError
 
 
 def _data_hint(router: str, library: str) -> str:
-  if not set(routers.spec(router).needs) & {"data", "sample", "examples"}:
+  if not routers.spec(router).reads_texts:
     return ""
   free = ", ".join(r for r, spec in routers.ROUTERS.items() if not spec.needs)
   return (f"; --router {router} reads each expert's training data: run `phatgoose evaluate --base BASE --library "

@@ -33,6 +33,11 @@ class RouterSpec(NamedTuple):
   per_token: bool
   needs: tuple = ()
 
+  @property
+  def reads_texts(self) -> bool:
+    """Whether the builder reads its experts' datasets (their vocabulary must fit the model)."""
+    return bool({"data", "sample", "examples"} & set(self.needs))
+
 
 ROUTERS = {
     "phatgoose": RouterSpec("phatgoose:build", per_token=True),
