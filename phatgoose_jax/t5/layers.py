@@ -77,10 +77,12 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
 
 
 def position_bias(table, query_positions, key_positions, *, bidirectional, max_distance, dtype):
-  """table <f32>[h, num_buckets], query_positions <int>[q], key_positions <int>[k] -> bias <dtype>[1, h, q, k]."""
-  buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None], bidirectional,
+  """table <f32>[h, num_buckets], query_positions <int>[q] (or [b, q]: each row's own, as a decoding cache's),
+  key_positions <int>[k] -> bias <dtype>[1, h, q, k] (or [b, h, q, k])."""
+  buckets = relative_position_bucket(key_positions[..., None, :] - query_positions[..., :, None], bidirectional,
                                      table.shape[1], max_distance)
-  return jnp.take(table, buckets, axis=1)[None].astype(dtype)
+  bias = jnp.moveaxis(jnp.take(table, buckets, axis=1), 0, -3)
+  return (bias if bias.ndim == 4 else bias[None]).astype(dtype)
 
 
 class RelativePositionBiases(nn.Module):
@@ -122,11 +124,15 @@ def dot_product_attention(query, key, value, bias, dropout, deterministic, autoc
 class MultiHeadAttention(nn.Module):
   """Multi-head attention whose q, k, v, o projections are `dense` layers.
 
-  In `decode` mode (self-attention only) keys and values of past steps come from the `cache`
-  collection (`cached_key`, `cached_value` <float>[b, max_len, h, d], `cache_index`).
+  In `decode` mode keys and values come from the `cache` collection. Self-attention (`cross` False) writes
+  each step's at its row's position: `cached_key`, `cached_value` <float>[b, max_len, h, d] and
+  `cache_index` <int32>[b], the next position of each row (rows may be at different positions, as the
+  server's decoding slots are). Cross-attention (`cross` True) projects the encoder output once, when the cache
+  is made, into `cross_key`, `cross_value` <float>[b, L_in, h, d], and reads them at every step.
   """
   config: T5Config
   dense: Callable = Dense
+  cross: bool = False
 
   def _project(self, name, x, expert_weights):
     cfg = self.config
@@ -136,22 +142,31 @@ class MultiHeadAttention(nn.Module):
     return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.d_kv)
 
   def _cache_variables(self, key):
-    """The cache collection's variables, created zero-filled (index 0) with the shape of `key`."""
+    """The cache collection's variables, created zero-filled (every row at index 0) with the shape of `key`."""
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, key.shape, key.dtype)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    cache_index = self.variable("cache", "cache_index", jnp.zeros, key.shape[:1], jnp.int32)
     return cached_key, cached_value, cache_index
 
   def _update_cache(self, key, value):
-    """Write this step's key/value at the cache index; returns full cached keys/values and the index."""
+    """Write this step's key/value at each row's cache index; returns the full cached keys/values and the
+    indices <int32>[b]."""
     cached_key, cached_value, cache_index = self._cache_variables(key)
     index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                                    (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                                      (0, index, 0, 0))
+    write = jax.vmap(lambda cached, x, i: jax.lax.dynamic_update_slice(cached, x.astype(cached.dtype), (i, 0, 0)))
+    cached_key.value = write(cached_key.value, key, index)
+    cached_value.value = write(cached_value.value, value, index)
     cache_index.value = index + key.shape[1]
     return cached_key.value, cached_value.value, index
+
+  def _cross_cache(self, inputs_kv, expert_weights):
+    """Cross-attention keys and values in decode mode: projected once from the encoder output, read after."""
+    if self.has_variable("cache", "cross_key"):
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    key, value = self._project("key", inputs_kv, expert_weights), self._project("value", inputs_kv, expert_weights)
+    self.put_variable("cache", "cross_key", key)
+    self.put_variable("cache", "cross_value", value)
+    return key, value
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, bias, *, deterministic=True, decode=False, position_bias_fn=None,
@@ -162,16 +177,18 @@ class MultiHeadAttention(nn.Module):
     """
     cfg = self.config
     query = self._project("query", inputs_q, expert_weights)
-    key = self._project("key", inputs_kv, expert_weights)
-    value = self._project("value", inputs_kv, expert_weights)
+    if decode and self.cross:
+      key, value = self._cross_cache(inputs_kv, expert_weights)
+    else:
+      key, value = self._project("key", inputs_kv, expert_weights), self._project("value", inputs_kv, expert_weights)
     query_positions = jnp.arange(query.shape[1])
     key_positions = jnp.arange(key.shape[1])
-    if decode:
+    if decode and not self.cross:
       if self.has_variable("cache", "cached_key"):
         key, value, index = self._update_cache(key, value)
-        query_positions = index + query_positions
+        query_positions = index[:, None] + query_positions  # [b, q]
         key_positions = jnp.arange(key.shape[1])
-        bias = jnp.where(key_positions[None, :] <= query_positions[:, None], 0.0, NEG_INF)[None, None]
+        bias = jnp.where(key_positions <= query_positions[..., None], 0.0, NEG_INF)[:, None]
       else:
         self._cache_variables(key)
     total_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias

@@ -59,9 +59,10 @@ class DecoderLayer(nn.Module):
     y = pre_norm_residual(cfg, "pre_self_attention_layer_norm", y, lambda h: self_attention(
         h, h, self_mask, deterministic=deterministic, decode=decode, position_bias_fn=position_bias_fn,
         expert_weights=expert_weights), deterministic)
-    cross_attention = layers.MultiHeadAttention(cfg, dense, name="encoder_decoder_attention")
+    cross_attention = layers.MultiHeadAttention(cfg, dense, cross=True, name="encoder_decoder_attention")
     y = pre_norm_residual(cfg, "pre_cross_attention_layer_norm", y, lambda h: cross_attention(
-        h, encoded, cross_mask, deterministic=deterministic, expert_weights=expert_weights), deterministic)
+        h, encoded, cross_mask, deterministic=deterministic, decode=decode, expert_weights=expert_weights),
+        deterministic)
     mlp = layers.MlpBlock(cfg, dense, name="mlp")
     y = pre_norm_residual(cfg, "pre_mlp_layer_norm", y, lambda h: mlp(
         h, deterministic=deterministic, expert_weights=expert_weights), deterministic)
