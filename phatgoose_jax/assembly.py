@@ -79,6 +79,24 @@ def stored_as_frozen_base(params: Mapping) -> Mapping:
   return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def _model_config(stored: T5Config, config: Optional[T5Config], dtype: Optional[str]) -> T5Config:
+  """The architecture a checkpoint of `stored` runs as: `config` if given, else `stored` with dropout off, the
+  configured layer layout and the precision `dtype` (default: the configured one)."""
+  configured = utils.model_config(stored)
+  precision = utils.precision_fields(dtype) if dtype else dict(dtype=configured.dtype, autocast=configured.autocast)
+  return config or stored.replace(dropout_rate=0.0, scan_layers=configured.scan_layers, **precision)
+
+
+def routing_base(base: str, loaded=None, config: Optional[T5Config] = None, dtype: Optional[str] = None) -> tuple:
+  """(the model config, the base `params` as its experts were trained on) of checkpoint `base` (or its
+  `loaded` checkpoint), to route library experts over; refuses a checkpoint that carries experts."""
+  loaded = loaded or load_checkpoint(base, expect=config)
+  if loaded.experts.mode != "none":
+    raise ValueError(f"{base} already carries experts ({loaded.experts.mode}); give its base model to route over "
+                     f"a library")
+  return _model_config(loaded.config, config, dtype), stored_as_frozen_base(loaded.variables["params"])
+
+
 def load_model(base: str, library: Optional[str] = None, router: str = "phatgoose", top_k: int = 2,
                names: Optional[Sequence[str]] = None, impl: str = "auto", router_inputs: Optional[Mapping] = None,
                config: Optional[T5Config] = None, length_normalize: bool = True,
@@ -94,17 +112,12 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   for oracle).
   """
   loaded = load_checkpoint(base, expect=config)
-  configured = utils.model_config(loaded.config)
-  precision = utils.precision_fields(dtype) if dtype else dict(dtype=configured.dtype, autocast=configured.autocast)
-  model_config = config or loaded.config.replace(dropout_rate=0.0, scan_layers=configured.scan_layers, **precision)
+  model_config = _model_config(loaded.config, config, dtype)
   if library is None:
     return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize),
                        layout.for_model(in_compute_dtype(loaded.variables, model_config.dtype), model_config))
-  if loaded.experts.mode != "none":
-    raise ValueError(f"{base} already carries experts ({loaded.experts.mode}); give its base model to route over "
-                     f"a library")
+  _, params = routing_base(base, loaded)
   library_ = lib.ExpertLibrary(library)
-  params = stored_as_frozen_base(loaded.variables["params"])
   routing = route(library_, names or library_.names(), params, router, top_k, impl, router_inputs)
   model = EncoderDecoderModel(model_config, routing.expert_config, length_normalize)
   variables = layout.for_model(in_compute_dtype(routing.variables(params), model_config.dtype), model_config)

@@ -37,6 +37,13 @@ def pad(rows: Sequence[Sequence[int]], num_rows: int) -> np.ndarray:
   return pad_tokens(rows, bucket(max(len(r) for r in rows)), num_rows)
 
 
+def stack_rows(routes: Sequence, num_rows: int):
+  """Rows' routing inputs (each a pytree of numpy arrays without a batch axis) stacked along a batch axis,
+  zero rows up to `num_rows`."""
+  return jax.tree.map(lambda *xs: np.concatenate([np.stack(xs), np.zeros((num_rows - len(xs), *np.shape(xs[0])),
+                                                                          np.asarray(xs[0]).dtype)]), *routes)
+
+
 def chunks(items: Sequence, size: int):
   for start in range(0, len(items), size):
     yield start, items[start:start + size]
@@ -164,14 +171,19 @@ class TextModel:
                        f"{len(targets)}")
     return self.score_ids(self.tokenize(inputs, truncate, "inputs"), self.tokenize(targets, truncate, "targets"))
 
-  def score_ids(self, input_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]]) -> list[dict]:
-    """`score` on ids, used as given (no EOS appended): `batch_size` rows at a time through `jit_score`."""
+  def score_ids(self, input_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+                routes: Optional[Sequence] = None) -> list[dict]:
+    """`score` on ids, used as given (no EOS appended): `batch_size` rows at a time through `jit_score`.
+    `routes`: each row's routing inputs (`expert_weights` of one row, e.g. a served library's
+    `routing.RowRouting`), in place of the model's own."""
     results = []
     for start, enc_rows in chunks(list(input_ids), self.batch_size):
       tgt = pad(target_ids[start:start + len(enc_rows)], self.batch_size)
       batch = {"encoder_input_tokens": pad(enc_rows, self.batch_size), "decoder_input_tokens": shift_right(tgt),
                "decoder_target_tokens": tgt}
-      _, aux = self.model.jit_score(self.variables, self.loaded.with_expert_weights(batch), return_intermediates=True)
+      batch = (self.loaded.with_expert_weights(batch) if routes is None else
+               dict(batch, expert_weights=stack_rows(routes[start:start + len(enc_rows)], self.batch_size)))
+      _, aux = self.model.jit_score(self.variables, batch, return_intermediates=True)
       values = [np.asarray(aux[k])[:len(enc_rows)] for k in ("sum_logprob", "mean_logprob", "num_target_tokens")]
       results += [{"sum_logprob": float(s), "mean_logprob": float(m), "num_tokens": int(n)} for s, m, n in zip(*values)]
     return results

@@ -208,3 +208,42 @@ def test_every_router_and_the_config_default_to_auto():
                for b in builders] + [routers.options, routers.routed, routing.route, sharded.route]
   assert {inspect.signature(f).parameters["impl"].default for f in functions} == {"auto"}
   assert ExpertConfig().impl == "auto"
+
+
+@pytest.mark.parametrize("impl", ["dense", "gather", "blocks"])
+def test_per_row_routing_equals_each_rows_own_router_over_its_own_subset(impl):
+  """RowRouting: row i scores by its own router over its own experts with its own k <= the config's, exactly
+  (up to float32 rounding) the route of a model holding only those experts."""
+  num, d_in, d_out, rank, k = 6, 12, 10, 3, 3
+  rng = np.random.default_rng(3)
+  u = rng.normal(size=(4, 5, d_in)).astype(np.float32)
+  a = rng.normal(size=(num, d_in, rank)).astype(np.float32)
+  b = rng.normal(size=(num, rank, d_out)).astype(np.float32)
+  vectors = {"standardized": rng.normal(size=(num, d_in)).astype(np.float32),
+             "arrow": rng.normal(size=(num, d_in)).astype(np.float32),
+             "spectr": np.linalg.qr(rng.normal(size=(num, d_in, rank)))[0].astype(np.float32)}
+  subsets = [[0, 1, 2, 3, 4, 5], [1, 3], [5, 0, 2], [4]]
+  scorers, ks = [0, 1, 2, 0], [3, 2, 1, 1]
+  mask = np.zeros((4, num), bool)
+  for i, s in enumerate(subsets):
+    mask[i, s] = True
+  rows = routing.RowRouting(jnp.asarray(scorers, jnp.int32), jnp.asarray(mask), jnp.asarray(ks, jnp.int32))
+  got, weights, index = routing.route(u, vectors, a, b, top_k=k, scale=0.5, score="per_row", impl=impl, rows=rows)
+  for i, subset in enumerate(subsets):
+    keep = sorted(subset)  # the library's order
+    name = routing.ROW_SCORES[scorers[i]]
+    want, _, _ = routing.route(u[i:i + 1], vectors[name][keep], a[keep], b[keep], top_k=ks[i], scale=0.5,
+                               score=name, impl="dense")
+    np.testing.assert_allclose(np.asarray(got[i:i + 1]), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isin(np.asarray(index[i, :, :ks[i]]), subset))
+    assert np.all(np.asarray(weights[i, :, ks[i]:]) == 0)
+  calls = []
+  with jax.disable_jit():  # a score no row asks for is not computed
+    real = routing.SCORES["spectr"]
+    routing.SCORES["spectr"] = lambda *args: calls.append(1) or real(*args)
+    try:
+      routing.route(u, vectors, a, b, top_k=k, scale=0.5, score="per_row", impl="dense",
+                    rows=rows._replace(scorer=jnp.zeros(4, jnp.int32)))
+    finally:
+      routing.SCORES["spectr"] = real
+  assert not calls

@@ -76,7 +76,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(base_dir, libraries):
-  engine = engine_lib.Engine(base_dir, libraries[0], top_k=1, batch_size=4, max_queue=64)
+  engine = engine_lib.Engine(base_dir, libraries[0], top_k=1, max_top_k=2, batch_size=4, max_queue=64,
+                             max_tokens=64)
   running = Server(engine)
   yield running
   running.stop()

@@ -8,7 +8,7 @@ from typing import Optional
 from phatgoose_jax.t5.config import ALL_TARGETS
 
 ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "grouped", "auto")
-ROUTER_SCORES = ("standardized", "arrow", "spectr")
+ROUTER_SCORES = ("standardized", "arrow", "spectr", "per_row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,9 @@ class ExpertConfig:
     'lora'   one expert: `W u + (B A u) * scale`                          (algorithm.md §2);
     'gated'  one expert with its gate: `W u + sigmoid(v . u) (B A u) * scale` (algorithm.md §3);
     'routed' E experts, per-token top-k routing over router vectors        (algorithm.md §4, §5).
-  `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score or Arrow's |u . e|.
+  `scale` defaults to 1/rank. `score` picks the PHATGOOSE standardized score, Arrow's |u . e|, SpectR's
+  ||V^T u||, or 'per_row': each row of a batch its own of these three over its own subset of the experts, with
+  its own top-k up to `top_k` (`routing.RowRouting`, passed as the model's `expert_weights`: a served library).
   `impl` picks the routed computation, all exact: 'dense' (every expert, masked: the reference, memory
   O(tokens E d_out)), 'gather' (the chosen experts' weights gathered per token, memory O(tokens k d_in r)),
   'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`: the accelerator path), 'blocks' (tokens sorted

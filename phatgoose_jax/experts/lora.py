@@ -7,7 +7,8 @@ loads unchanged. Expert state lives in collections of its own beside it:
   lora     `lora_a` <f32>[d_in, r], `lora_b` <f32>[r, d_out]                   one expert (algorithm.md §2)
   gates    `gate` <f32>[d_in]                                                  its gate (algorithm.md §3)
   experts  `lora_a` [E, d_in, r], `lora_b` [E, r, d_out], `router` [E, d_in]   routed experts (algorithm.md §4)
-           (`router` [E, d_in, r] for the SpectR score: each expert's spectral basis, algorithm.md §5)
+           (`router` [E, d_in, r] for the SpectR score: each expert's spectral basis, algorithm.md §5;
+           for per-row routing `router`, `arrow` [E, d_in] and `spectr` [E, d_in, r] side by side)
 
 so "train only LoRA" / "train only gates" is a choice of collection. Two sown collections report what
 happened: `activations` (each target layer's input `u`, for average-activation routers) and
@@ -89,7 +90,8 @@ class ExpertDense(nn.Module):
 
   @nn.compact
   def __call__(self, u: jax.Array, expert_weights: Optional[jax.Array] = None) -> jax.Array:
-    """u: <float>[batch, length, d_in]; expert_weights: optional <float>[batch, E] fixed per-example mix."""
+    """u: <float>[batch, length, d_in]; expert_weights: optional <float>[batch, E] fixed per-example mix, or
+    for score 'per_row' the batch's `routing.RowRouting`."""
     d_in = u.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (d_in, self.features), jnp.float32)
@@ -112,21 +114,35 @@ class ExpertDense(nn.Module):
       return y + lora_update((u.astype(jnp.float32) * gate).astype(self.dtype), *lora, scale)
     return y + lora_update(u, *lora, scale) * gate.astype(self.dtype)
 
+  def _router(self, d_in):
+    """The `router` variable(s): [E, d_in], [E, d_in, r] for SpectR, all three for 'per_row' (by score)."""
+    num, score, in_axis = self.experts.num_experts, self.experts.score, self.kernel_axes[0]
+
+    def vector(name, spectral):
+      basis = ((self.experts.rank,), ("rank",)) if spectral else ((), ())  # SpectR's V_e [d_in, r]
+      return self._expert_var("experts", name, nn.initializers.zeros, (num, d_in, *basis[0]),
+                              ("expert", in_axis, *basis[1]))
+    if score == "per_row":
+      return {s: vector(routing.ROW_VECTORS[s], s == "spectr") for s in routing.ROW_SCORES}
+    return vector("router", score == "spectr")
+
   def _routed(self, u, expert_weights, scale):
     num = self.experts.num_experts
     lora_a, lora_b = self._lora("experts", u.shape[-1], (num,), ("expert",))
-    basis = ((self.experts.rank,), ("rank",)) if self.experts.score == "spectr" else ((), ())  # V_e [d_in, r]
-    router = self._expert_var("experts", "router", nn.initializers.zeros, (num, u.shape[-1], *basis[0]),
-                              ("expert", self.kernel_axes[0], *basis[1]))
-    if expert_weights is not None:
+    router = self._router(u.shape[-1])
+    per_row = self.experts.score == "per_row"
+    if expert_weights is not None and not per_row:
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
       return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),
                                scale)
     route = routing.route
     if sharded.expert_mesh() is not None:  # experts split over the context mesh's 'expert' axis
+      if per_row:
+        raise ValueError("per-row routing (a served library) does not split its experts over a mesh axis")
       route = functools.partial(sharded.route, kernel_axes=self.kernel_axes)
     update, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
-                                   score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl)
+                                   score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl,
+                                   **({"rows": expert_weights} if per_row else {}))
     self.sow("intermediates", "route_index", index)
     self.sow("intermediates", "route_weights", weights)
     return update

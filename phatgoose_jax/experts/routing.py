@@ -17,7 +17,7 @@ never their parameters.
 """
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,20 +88,52 @@ def spectr_scores(u: jax.Array, bases: jax.Array) -> jax.Array:
 
 
 SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores, "spectr": spectr_scores}
+# The scores a served library routes by, per row (`RowRouting.scorer` indexes this tuple), and the name of each
+# one's router variable in the `experts` collection (ExpertConfig.score 'per_row').
+ROW_SCORES = ("standardized", "arrow", "spectr")
+ROW_VECTORS = {"standardized": "router", "arrow": "arrow", "spectr": "spectr"}
+MASKED_SCORE = -1e9
 
 
-def top_k_weights(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+class RowRouting(NamedTuple):
+  """Per-row routing of a served library (ExpertConfig.score 'per_row'): row i of the batch scores the experts
+  by ROW_SCORES[scorer[i]] among those of mask[i] and keeps its top_k[i] (<= the config's top_k) best.
+
+  scorer <int32>[b]; mask <bool>[b, E] (False: the expert is not offered to the row; a free slot of the
+  library is False for every row); top_k <int32>[b]."""
+  scorer: jax.Array
+  mask: jax.Array
+  top_k: jax.Array
+
+
+def row_scores(u: jax.Array, vectors: dict, rows: RowRouting) -> jax.Array:
+  """s <float32>[b, L, E]: each row's own score (`SCORES[ROW_SCORES[scorer]]`) of `u` <float>[b, L, d_in] against
+  its router `vectors[score]`, MASKED_SCORE outside its mask (a softmax weight of exactly 0). A score no row
+  asks for is not computed (`lax.cond`)."""
+  out = jnp.zeros((*u.shape[:-1], rows.mask.shape[-1]), jnp.float32)
+  for i, name in enumerate(ROW_SCORES):
+    chosen = rows.scorer == i
+    scores = jax.lax.cond(jnp.any(chosen), lambda v=vectors[name], f=SCORES[name]: f(u, v).astype(jnp.float32),
+                          lambda: out)
+    out = jnp.where(chosen[:, None, None], scores, out)
+  return jnp.where(rows.mask[:, None, :], out, MASKED_SCORE)
+
+
+def top_k_weights(scores: jax.Array, k: int, row_k: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """p = softmax(s); keep the top k; w = p_topk / (sum p_topk + 1e-6)  (algorithm.md §4).
 
-  Returns (weights <float32>[..., k], index <int32>[..., k]). For bfloat16 `scores`, the official bf16
-  evaluation: the softmax in float32 rounded to bf16 before the top-k (src/models/addons/moe.py:480, :487),
-  the renormalisation in float32 rounded to bf16 (moe.py:670-677: CUDA autocast runs `torch.sum` of the bf16
-  top-k in float32, torch/testing/_internal/autocast_test_lists.py, so the sum is not rounded to bf16 before the
-  division); weights <bfloat16> then.
+  Returns (weights <float32>[..., k], index <int32>[..., k]). With `row_k` (broadcasting against [..., 1]), each
+  row keeps its first row_k <= k of the top k (the rest weigh 0): the same weights as its own top-row_k. For
+  bfloat16 `scores`, the official bf16 evaluation: the softmax in float32 rounded to bf16 before the top-k
+  (src/models/addons/moe.py:480, :487), the renormalisation in float32 rounded to bf16 (moe.py:670-677: CUDA
+  autocast runs `torch.sum` of the bf16 top-k in float32, torch/testing/_internal/autocast_test_lists.py, so
+  the sum is not rounded to bf16 before the division); weights <bfloat16> then.
   """
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
   top_p, index = jax.lax.top_k(probs, k)
   top_p32 = top_p.astype(jnp.float32)
+  if row_k is not None:
+    top_p32 = jnp.where(jnp.arange(k) < row_k, top_p32, 0.0)
   return (top_p32 / (jnp.sum(top_p32, axis=-1, keepdims=True) + RENORM_EPS)).astype(scores.dtype), index
 
 
@@ -329,11 +361,15 @@ def layer_shape(u, lora_b, index) -> cost.LayerShape:
                          jnp.dtype(u.dtype).name)
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto"):
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
   """The routed LoRA update of one linear layer: scores -> top-k weights -> mixed expert outputs.
 
-  Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
+  With score 'per_row', `router` is `{score: vectors}` over ROW_SCORES and `rows` the batch's `RowRouting`
+  (`row_scores`, each row's own top-k). Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
-  weights, index = top_k_weights(SCORES[score](u, router), top_k)
+  if score == "per_row":
+    weights, index = top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None])
+  else:
+    weights, index = top_k_weights(SCORES[score](u, router), top_k)
   update = mixer(resolve_impl(impl, layer=layer_shape(u, lora_b, index)))(u, lora_a, lora_b, weights, index, scale)
   return update, weights, index

@@ -2,10 +2,12 @@
 
 Served model names (`model_names`): the base (its directory's name), `expert:<name>` for each library expert
 alone (its LoRA, router 'merged' over one expert), and each router over the library's served experts
-(`ROUTERS`). A request may narrow a router to `experts` (a subset of the library) and set its `top_k`; each
-(model, top_k, experts) is a `TextModel` loaded on first use and kept (at most `max_models`, least recently
-used dropped). Experts can be added to and removed from the served set while serving (`add_expert`,
-`remove_expert`): router models are rebuilt over the new set on their next request.
+(`ROUTERS`). A request may narrow a router to `experts` (a subset of the library) and set its `top_k`.
+The per-token routers (phatgoose, arrow, spectr) run in one program, the `LiveLibrary`'s: each row routes by
+its own router over its own subset with its own top-k (up to `max_top_k`), so their requests share every
+batch and step. The other models are `TextModel`s loaded on first use and kept (at most `max_models`, least
+recently used dropped). Experts are added to and removed from the live library while serving (`add_expert`,
+`remove_expert`) without recompiling; models built over the old set are rebuilt on their next request.
 
 Bad bodies raise `RequestError(message, param)` with one line naming the field and what it must be.
 """
@@ -21,11 +23,13 @@ from phatgoose_jax import library as lib
 from phatgoose_jax import routers as routers_lib
 from phatgoose_jax import text_model
 from phatgoose_jax import vocab as vocab_lib
+from phatgoose_jax.serving import live_library
 from phatgoose_jax.serving import scheduler as sched
 
 # Routers over a library that need nothing beyond it and the base's weights.
 ROUTERS = tuple(n for n in ("phatgoose", "arrow", "spectr", "merged", "uniform")
                 if set(routers_lib.spec(n).needs) <= {"params"})
+LIBRARY_PROGRAM = "library"  # the program of the live library's routers
 MAX_ROWS = 64  # prompts x n of one request
 MAX_STOP = 4
 
@@ -61,29 +65,55 @@ def _strings(value, name, allow_one=True):
   return value
 
 
+class LibraryModel(text_model.TextModel):
+  """The `TextModel` of a live library: its variables are the library's current ones."""
+
+  def __init__(self, live: live_library.LiveLibrary, vocabulary, batch_size: int):
+    super().__init__(text_model.assembly.LoadedModel(live.model, live.variables), vocabulary, batch_size)
+    self.live = live
+
+  @property
+  def variables(self) -> dict:
+    return self.live.variables
+
+
 class Engine:
   """Models of `base` (and routers over `library`) behind one `Scheduler`.
 
-  batch_size: rows of every compiled batch; max_queue: jobs waiting before 429; timeout_s: how long a request
-  may wait for its batch; on_batch: as `Scheduler`'s.
+  batch_size: rows of every compiled batch and decoding slots of each program; max_queue: jobs waiting before
+  429; timeout_s: how long a request may take; max_tokens: the most tokens a completion may ask for;
+  capacity: expert slots of the live library (default: its experts plus 8); max_top_k: the largest top_k a
+  request may ask of the per-token routers (default `top_k`); on_batch: as `Scheduler`'s.
   """
 
   def __init__(self, base: str, library: Optional[str] = None, top_k: int = 2, batch_size: int = 8,
                max_queue: int = 256, timeout_s: float = 60.0, dtype: str = "float32", max_models: int = 16,
-               on_batch=None, vocab: str = "byte"):
+               on_batch=None, vocab: str = "byte", max_tokens: int = 256, capacity: Optional[int] = None,
+               max_top_k: Optional[int] = None):
     self.base, self.library_path, self.top_k, self.dtype, self.vocab = base, library, top_k, dtype, vocab
     self.batch_size, self.timeout_s, self.max_models = batch_size, timeout_s, max_models
     self.base_name = os.path.basename(os.path.normpath(base))
     self.base_model = text_model.load(base, dtype=dtype, vocab=vocab, batch_size=batch_size)
+    self.max_tokens = min(max_tokens, self.base_model.max_length)
     self.library = lib.ExpertLibrary(library) if library else None
-    self.experts = self.library.names() if self.library else []
-    if self.library and not self.experts:
-      raise ValueError(f"library {library} holds no experts; add some or leave --library out")
+    self.live = None
+    if self.library:
+      names = self.library.names()
+      self.live = live_library.LiveLibrary(base, library, capacity or len(names) + 8, max_top_k or top_k, dtype)
+      self.library_model = LibraryModel(self.live, self.base_model.vocabulary, batch_size)
     self._models = collections.OrderedDict()
     self._lock = threading.Lock()
-    self.scheduler = sched.Scheduler(max_queue, on_batch)
+    self.scheduler = sched.Scheduler(max_queue, on_batch, batch_size, self.base_model.max_length, self.max_tokens)
 
   # Models.
+
+  @property
+  def experts(self) -> list:
+    """The served experts, in the library's order."""
+    if self.live is None:
+      return []
+    served = set(self.live.names())
+    return [n for n in self.library.names() if n in served]
 
   def model_names(self) -> list:
     if not self.experts:
@@ -91,7 +121,8 @@ class Engine:
     return [self.base_name] + [f"expert:{e}" for e in self.experts] + list(ROUTERS)
 
   def _resolve(self, body: dict) -> tuple:
-    """(the model's key, a loader) of a body's `model`, `top_k` and `experts`."""
+    """(the program's name, a loader of its TextModel, each row's routing inputs or None) of a body's `model`,
+    `top_k` and `experts`."""
     name = body.get("model", self.base_name)
     if name not in self.model_names():
       raise RequestError(f"unknown model {name!r}; GET /v1/models lists {self.model_names()}", "model")
@@ -99,19 +130,24 @@ class Engine:
     if not routed and ("experts" in body or "top_k" in body):
       raise RequestError(f"top_k and experts apply to the routers {list(ROUTERS)}, not to model {name!r}", "model")
     if name == self.base_name:
-      return (name,), lambda: self.base_model
+      return name, lambda: self.base_model, None
     if not routed:
       expert = name.split(":", 1)[1]
-      return (name,), lambda: self._load("merged", 1, [expert])
-    with self._lock:
-      served = list(self.experts)
+      return name, lambda: self._load("merged", 1, [expert]), None
+    served = self.experts
     experts = _strings(body.get("experts", served), "experts", allow_one=False)
     unknown = [e for e in experts if e not in served]
     if unknown:
       raise RequestError(f"unknown experts {unknown}; the library serves {served}", "experts")
-    top_k = _integer(body, "top_k", min(self.top_k, len(experts)), 1, len(experts))
-    key = (name, top_k, tuple(experts))
-    return key, lambda: self._load(name, top_k, experts)
+    per_token = name in live_library.ROUTER_SCORES
+    most = min(self.live.experts.top_k, len(experts)) if per_token else len(experts)
+    top_k = _integer(body, "top_k", min(self.top_k, most), 1, most)
+    if per_token:
+      try:
+        return LIBRARY_PROGRAM, lambda: self.library_model, self.live.routing(name, experts, top_k)
+      except ValueError as e:
+        raise RequestError(str(e), "experts") from None
+    return f"{name}/{top_k}/{','.join(experts)}", lambda: self._load(name, top_k, experts), None
 
   def _load(self, router: str, top_k: int, experts: list) -> text_model.TextModel:
     key = (router, top_k, tuple(experts))
@@ -134,27 +170,47 @@ class Engine:
     if not isinstance(name, str) or name not in self.library.names():
       raise RequestError(f"library {self.library.path} has no expert {name!r}; it has {self.library.names()}",
                          "name")
-    with self._lock:
-      if name in self.experts:
-        raise RequestError(f"expert {name!r} is already served", "name")
-      self.experts = [n for n in self.library.names() if n in self.experts or n == name]  # the library's order
-      return list(self.experts)
+    try:
+      self.live.add(name)
+    except (ValueError, lib.LibraryError) as e:
+      raise RequestError(str(e), "name") from None
+    return self.experts
 
   def remove_expert(self, name: str) -> list:
+    if self.live is None:
+      raise RequestError("the server runs without a library; start it with --library", "name")
+    try:
+      self.live.remove(name)
+    except ValueError as e:
+      raise RequestError(str(e), "name") from None
     with self._lock:
-      if name not in self.experts:
-        raise RequestError(f"expert {name!r} is not served; served are {self.experts}", "name")
-      if len(self.experts) == 1:
-        raise RequestError("the last expert cannot be removed; a library model needs one", "name")
-      self.experts = [e for e in self.experts if e != name]
       self._models = collections.OrderedDict((k, m) for k, m in self._models.items() if name not in k[2])
-      return list(self.experts)
+    return self.experts
+
+  def warm_up(self) -> int:
+    """Compile the decoding programs of every bucket for the base and the live library (`SlotDecoder.warm_up`);
+    returns how many programs ran."""
+    count = 0
+    models = [(self.base_model, None)] + ([(self.library_model, self.live.routing(
+        "arrow", self.live.names(), 1))] if self.live else [])
+    for model, route in models:
+      count += sched.slots_lib.SlotDecoder(model, self.batch_size, model.max_length, self.max_tokens,
+                                           route).warm_up()
+    return count
 
   # Requests.
 
-  def _submit(self, key, loader, kind: str, rows: list) -> sched.Job:
-    job = sched.Job("/".join(map(str, key)), loader, kind, rows, time.monotonic() + self.timeout_s)
-    self.scheduler.submit(job)
+  def _submit(self, program: str, loader, kind: str, rows: list) -> sched.Job:
+    job = sched.Job(program, loader, kind, rows, time.monotonic() + self.timeout_s)
+    route = rows[0].route
+    if route is not None:  # its experts' slots stay out of reuse until the job ends
+      self.live.acquire(route.mask)
+      job.future.add_done_callback(lambda _: self.live.release(route.mask))
+    try:
+      self.scheduler.submit(job)
+    except sched.QueueFull:
+      job.future.cancel()
+      raise
     return job
 
   def _ids(self, texts: list, name: str) -> list:
@@ -165,10 +221,9 @@ class Engine:
 
   def completion(self, body: dict) -> tuple:
     """(the job, `format(results) -> choices`) of a /v1/completions body."""
-    key, loader = self._resolve(body)
+    program, loader, route = self._resolve(body)
     prompts = _strings(body.get("prompt"), "prompt")
-    limit = self.base_model.max_length
-    max_tokens = _integer(body, "max_tokens", 16, 1, limit)
+    max_tokens = _integer(body, "max_tokens", 16, 1, self.max_tokens)
     temperature = _real(body, "temperature", 1.0, 0.0, 100.0)
     top_p = _real(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     n = _integer(body, "n", 1, 1, MAX_ROWS)
@@ -189,9 +244,9 @@ class Engine:
     if not isinstance(echo, bool):
       raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
     ids = self._ids(prompts, "prompt")
-    rows = [sched.GenerateRow(ids[i // n], max_tokens, temperature, top_p, text_model.prompt_key(seed, i), stop)
-            for i in range(len(prompts) * n)]
-    job = self._submit(key, loader, "generate", rows)
+    rows = [sched.GenerateRow(ids[i // n], max_tokens, temperature, top_p, text_model.prompt_key(seed, i), stop,
+                              route) for i in range(len(prompts) * n)]
+    job = self._submit(program, loader, "generate", rows)
 
     def format_(results):
       return [{"index": i, "text": (prompts[i // n] if echo else "") + r["text"], "finish_reason": r["finish_reason"],
@@ -211,7 +266,7 @@ class Engine:
 
   def score(self, body: dict) -> tuple:
     """(the job, `format(results)`) of a /v1/score body: `items`, a list of {input, choices}."""
-    key, loader = self._resolve(body)
+    program, loader, route = self._resolve(body)
     items = body.get("items")
     if not isinstance(items, list) or not items or len(items) > MAX_ROWS:
       raise RequestError(f"items must be a list of 1..{MAX_ROWS} objects {{input, choices}}", "items")
@@ -225,8 +280,8 @@ class Engine:
       targets += choices
     if len(targets) > 4 * MAX_ROWS:
       raise RequestError(f"the items hold {len(targets)} choices, over {4 * MAX_ROWS}; split the request", "items")
-    rows = [sched.ScoreRow(x, y) for x, y in zip(self._ids(inputs, "input"), self._ids(targets, "choices"))]
-    job = self._submit(key, loader, "score", rows)
+    rows = [sched.ScoreRow(x, y, route) for x, y in zip(self._ids(inputs, "input"), self._ids(targets, "choices"))]
+    job = self._submit(program, loader, "score", rows)
 
     def format_(results):
       out = []
