@@ -272,3 +272,85 @@ def test_sigterm_finishes_the_request_in_flight(base_dir):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_decodes(server):
+  """Iteration-level batching: a request sent while another decodes joins it between two steps and ends at its
+  own length; both equal their single-request answers."""
+  engine = server.engine
+  base = engine.base_model
+  prompt = next(p for p in PROMPTS if base.generate([p], max_new_tokens=48)[0]["finish_reason"] == "length")
+  long_job, _ = engine.completion({"prompt": prompt, "max_tokens": 48, "temperature": 0})
+  deadline = time.monotonic() + 60
+  while not engine.scheduler._decoders:  # pylint: disable=protected-access
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  short_job, _ = engine.completion({"prompt": "x", "max_tokens": 2, "temperature": 0})
+  short = short_job.future.result(60)
+  assert not long_job.future.done(), "the short request waited for the long one"
+  want = base.generate(["x"], max_new_tokens=2, seed=0)[0]
+  assert short[0]["token_ids"] == want["token_ids"]
+  np.testing.assert_allclose(short[0]["logprobs"], want["logprobs"], rtol=1e-5)
+  assert long_job.future.result(120)[0]["text"] == base.generate([prompt], max_new_tokens=48)[0]["text"]
+
+
+@pytest.mark.parametrize("body,router,experts", [({"model": "arrow", "experts": ["y"], "top_k": 1}, "arrow", ["y"]),
+                                                 ({"model": "spectr", "top_k": 2}, "spectr", ["x", "y"]),
+                                                 ({"model": "phatgoose", "experts": ["y", "x"]}, "phatgoose",
+                                                  ["x", "y"])])
+def test_every_router_and_subset_in_the_shared_program_equals_its_own_model(server, base_dir, libraries, body,
+                                                                            router, experts):
+  """One program serves every per-token router over any subset and top-k: each equals a model built for it
+  (to float32 rounding: the shared program's matmuls span its 10 expert slots, the model's only its experts)."""
+  top_k = body.get("top_k", 1)
+  alone = phatgoose_jax.load(base_dir, libraries[0], router=router, top_k=top_k, experts=experts, batch_size=4)
+  response = server.client.completions.create(prompt=PROMPTS, max_tokens=5, temperature=0.7, seed=2, logprobs=0,
+                                              model=body["model"], extra_body={k: v for k, v in body.items()
+                                                                               if k != "model"})
+  for choice, want in zip(response.choices, alone.generate(PROMPTS, max_new_tokens=5, temperature=0.7, seed=2)):
+    assert choice.text == want["text"]
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, want["logprobs"], rtol=1e-4, atol=1e-4)
+  items = [{"input": "is it?", "choices": ["yes", "no", "maybe"]}]
+  got = httpx.post(f"{server.url}/v1/score", json=dict(body, items=items), timeout=60).json()["choices"][0]
+  np.testing.assert_allclose([s["sum_logprob"] for s in got["scores"]],
+                             [s["sum_logprob"] for s in alone.choose(**items[0])["scores"]], rtol=1e-4, atol=1e-4)
+
+
+def test_after_warm_up_no_request_compiles_not_even_an_expert_added_live(base_dir, libraries):
+  from phatgoose_jax.models import _jit_score  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax.serving import slots  # pylint: disable=import-outside-toplevel
+  served, full = libraries
+  engine = engine_lib.Engine(base_dir, served, top_k=1, max_top_k=2, batch_size=4, max_tokens=16, max_input=32)
+  try:
+    assert engine.warm_up() > 0
+    programs = [slots._step, slots._admit, _jit_score]  # pylint: disable=protected-access
+    compiled = [f._cache_size() for f in programs]  # pylint: disable=protected-access
+    shutil.copytree(os.path.join(full, "z"), os.path.join(served, "z"))
+    engine.add_expert("z")
+    bodies = [{"prompt": (p * r)[:31], "max_tokens": t, "temperature": temp, **extra}
+              for p, r, t, temp, extra in zip(PROMPTS * 3, (1, 2, 3) * 4, (1, 5, 16, 9) * 3, (0.0, 0.9) * 6,
+                                              ({"model": "phatgoose"}, {"model": "arrow", "experts": ["z"]},
+                                               {"model": "spectr", "top_k": 2, "experts": ["x", "z"]}, {}) * 3)]
+    jobs = [engine.completion(b)[0] for b in bodies]
+    jobs += [engine.score({"model": "arrow", "items": [{"input": "a" * 30, "choices": ["b", "c" * 20]}]})[0]]
+    assert all(len(j.future.result(120)) for j in jobs)
+    engine.remove_expert("y")
+    assert engine.completion({"model": "phatgoose", "prompt": "a"})[0].future.result(60)
+    assert [f._cache_size() for f in programs] == compiled  # pylint: disable=protected-access
+  finally:
+    engine.close()
+    shutil.rmtree(os.path.join(served, "z"), ignore_errors=True)
+
+
+def test_a_live_library_slot_is_reused_only_out_of_flight(base_dir, libraries):
+  from phatgoose_jax.serving import live_library  # pylint: disable=import-outside-toplevel
+  live = live_library.LiveLibrary(base_dir, libraries[1], capacity=2, names=["x", "y"])
+  with pytest.raises(ValueError, match="slots are in use"):
+    live.add("z")
+  mask = live.routing("phatgoose", ["x"], 1).mask
+  live.acquire(mask)
+  live.remove("x")
+  with pytest.raises(ValueError, match="slots are in use"):
+    live.add("z")  # a request in flight may still route to x's slot
+  live.release(mask)
+  assert live.add("z") == 0 and live.names() == ["z", "y"]

@@ -11,7 +11,9 @@ def run(args) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from e
   config = {"base": args.base, "library": args.library, "top_k": args.top_k, "batch_size": args.batch_size,
-            "max_queue": args.max_queue, "timeout_s": args.timeout, "dtype": args.dtype, "vocab": args.vocab}
+            "max_queue": args.max_queue, "timeout_s": args.timeout, "dtype": args.dtype, "vocab": args.vocab,
+            "max_tokens": args.max_tokens, "max_input": args.max_input, "capacity": args.capacity,
+            "max_top_k": args.max_top_k, "warm_up": args.warm_up}
   uvicorn.run(app.create_app(config), host=args.host, port=args.port, log_level="info",
               timeout_graceful_shutdown=args.timeout)
   return 0
@@ -26,7 +28,16 @@ def register(subparsers):
   serve.add_argument("--port", type=int, default=8000)
   serve.add_argument("--top_k", type=int, default=2, help="experts per token of the routers (a request's top_k "
                                                            "overrides it)")
-  serve.add_argument("--batch_size", type=int, default=8, help="rows of every compiled batch")
+  serve.add_argument("--max_top_k", type=int, help="the largest top_k a request may ask of the per-token routers "
+                                                   "(default --top_k; every step computes this many per token)")
+  serve.add_argument("--capacity", type=int, help="expert slots of the live library (default: its experts + 8): "
+                                                  "experts added while serving fill free slots without recompiling")
+  serve.add_argument("--batch_size", type=int, default=8, help="rows of every compiled batch, and sequences "
+                                                               "decoded at once per model")
+  serve.add_argument("--max_tokens", type=int, default=256, help="the most tokens a completion may ask for")
+  serve.add_argument("--max_input", type=int, help="the longest prompt in tokens (default: the model's)")
+  serve.add_argument("--warm_up", action="store_true", help="compile every length bucket before serving, so "
+                                                            "that no request waits for a compilation")
   serve.add_argument("--max_queue", type=int, default=256, help="requests waiting before 429")
   serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its batch")
   serve.add_argument("--dtype", default="float32", choices=model.PRECISIONS, help=model.PRECISION_HELP)

@@ -42,12 +42,13 @@ class Metrics:
     self.requests = prometheus_client.Counter("phatgoose_requests", "HTTP requests by path and status",
                                               ["path", "status"], registry=self.registry)
     self.queue = prometheus_client.Gauge("phatgoose_queue_length", "jobs waiting for a batch", registry=self.registry)
-    self.batch = prometheus_client.Histogram("phatgoose_batch_rows", "rows of each batch run", ["kind"],
+    self.batch = prometheus_client.Histogram("phatgoose_batch_rows", "rows of each scoring batch and sequences "
+                                             "of each decoder step", ["kind"],
                                              buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
     self.tokens = prometheus_client.Counter("phatgoose_generated_tokens", "tokens generated",
                                             registry=self.registry)
     self.tokens_per_s = prometheus_client.Gauge("phatgoose_tokens_per_second",
-                                                "generated tokens per second of the last generation batch",
+                                                "generated tokens per second of the last decoder step",
                                                 registry=self.registry)
 
   def on_batch(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
@@ -95,8 +96,8 @@ async def wait(request: fastapi.Request, job: sched.Job):
 
 
 def create_app(engine_or_config) -> fastapi.FastAPI:
-  """The application of an `Engine`, or of the keyword arguments of one (a dict), built at start-up and
-  closed (queued work run, then the worker stopped) at shutdown."""
+  """The application of an `Engine`, or of the keyword arguments of one (a dict, plus `warm_up`: compile every
+  bucket before serving), built at start-up and closed (queued work run, then the worker stopped) at shutdown."""
   metrics = Metrics()
   state = {}
 
@@ -106,7 +107,11 @@ def create_app(engine_or_config) -> fastapi.FastAPI:
       state["engine"] = engine_or_config
       engine_or_config.scheduler.on_batch = metrics.on_batch
     else:
-      state["engine"] = await asyncio.to_thread(engine_lib.Engine, **engine_or_config, on_batch=metrics.on_batch)
+      config = dict(engine_or_config)
+      warm_up = config.pop("warm_up", False)
+      state["engine"] = await asyncio.to_thread(engine_lib.Engine, **config, on_batch=metrics.on_batch)
+      if warm_up:
+        await asyncio.to_thread(state["engine"].warm_up)
     yield
     await asyncio.to_thread(state["engine"].close)
 

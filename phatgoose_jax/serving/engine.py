@@ -12,6 +12,7 @@ recently used dropped). Experts are added to and removed from the live library w
 Bad bodies raise `RequestError(message, param)` with one line naming the field and what it must be.
 """
 import collections
+import itertools
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from phatgoose_jax import text_model
 from phatgoose_jax import vocab as vocab_lib
 from phatgoose_jax.serving import live_library
 from phatgoose_jax.serving import scheduler as sched
+from phatgoose_jax.serving import slots as slots_lib
 
 # Routers over a library that need nothing beyond it and the base's weights.
 ROUTERS = tuple(n for n in ("phatgoose", "arrow", "spectr", "merged", "uniform")
@@ -82,6 +84,7 @@ class Engine:
 
   batch_size: rows of every compiled batch and decoding slots of each program; max_queue: jobs waiting before
   429; timeout_s: how long a request may take; max_tokens: the most tokens a completion may ask for;
+  max_input: the longest prompt in tokens (default and at most the model's `max_length`);
   capacity: expert slots of the live library (default: its experts plus 8); max_top_k: the largest top_k a
   request may ask of the per-token routers (default `top_k`); on_batch: as `Scheduler`'s.
   """
@@ -89,12 +92,13 @@ class Engine:
   def __init__(self, base: str, library: Optional[str] = None, top_k: int = 2, batch_size: int = 8,
                max_queue: int = 256, timeout_s: float = 60.0, dtype: str = "float32", max_models: int = 16,
                on_batch=None, vocab: str = "byte", max_tokens: int = 256, capacity: Optional[int] = None,
-               max_top_k: Optional[int] = None):
+               max_top_k: Optional[int] = None, max_input: Optional[int] = None):
     self.base, self.library_path, self.top_k, self.dtype, self.vocab = base, library, top_k, dtype, vocab
     self.batch_size, self.timeout_s, self.max_models = batch_size, timeout_s, max_models
     self.base_name = os.path.basename(os.path.normpath(base))
     self.base_model = text_model.load(base, dtype=dtype, vocab=vocab, batch_size=batch_size)
     self.max_tokens = min(max_tokens, self.base_model.max_length)
+    self.max_input = min(max_input or self.base_model.max_length, self.base_model.max_length)
     self.library = lib.ExpertLibrary(library) if library else None
     self.live = None
     if self.library:
@@ -103,7 +107,7 @@ class Engine:
       self.library_model = LibraryModel(self.live, self.base_model.vocabulary, batch_size)
     self._models = collections.OrderedDict()
     self._lock = threading.Lock()
-    self.scheduler = sched.Scheduler(max_queue, on_batch, batch_size, self.base_model.max_length, self.max_tokens)
+    self.scheduler = sched.Scheduler(max_queue, on_batch, batch_size, self.max_input, self.max_tokens)
 
   # Models.
 
@@ -188,14 +192,18 @@ class Engine:
     return self.experts
 
   def warm_up(self) -> int:
-    """Compile the decoding programs of every bucket for the base and the live library (`SlotDecoder.warm_up`);
-    returns how many programs ran."""
+    """Compile the programs of every bucket for the base and the live library: scoring at each (input, target)
+    length and decoding (`SlotDecoder.warm_up`); returns how many programs ran."""
+    models = [(self.base_model, None)]
+    if self.live:
+      models.append((self.library_model, self.live.routing("arrow", self.live.names(), 1)))
+    lengths = [b for b in (8 << i for i in range(16)) if b < self.max_input] + [text_model.bucket(self.max_input)]
     count = 0
-    models = [(self.base_model, None)] + ([(self.library_model, self.live.routing(
-        "arrow", self.live.names(), 1))] if self.live else [])
     for model, route in models:
-      count += sched.slots_lib.SlotDecoder(model, self.batch_size, model.max_length, self.max_tokens,
-                                           route).warm_up()
+      for source, target in itertools.product(lengths, lengths):
+        model.score_ids([[1] * source], [[1] * target], None if route is None else [route])
+        count += 1
+      count += slots_lib.SlotDecoder(model, self.batch_size, self.max_input, self.max_tokens, route).warm_up()
     return count
 
   # Requests.
@@ -215,9 +223,13 @@ class Engine:
 
   def _ids(self, texts: list, name: str) -> list:
     try:
-      return self.base_model.tokenize(texts, truncate=False, name=name)
+      ids = self.base_model.tokenize(texts, truncate=False, name=name)
     except ValueError as e:
       raise RequestError(str(e), name) from None
+    long = [i for i, row in enumerate(ids) if len(row) > self.max_input]
+    if long:
+      raise RequestError(f"{name}[{long[0]}] is longer than the server's {self.max_input} tokens; shorten it", name)
+    return ids
 
   def completion(self, body: dict) -> tuple:
     """(the job, `format(results) -> choices`) of a /v1/completions body."""
