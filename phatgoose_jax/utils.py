@@ -13,8 +13,9 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from phatgoose_jax import partitioning
+from phatgoose_jax import host_memory, partitioning
 from phatgoose_jax import checkpoints
 from phatgoose_jax.checkpoints import Loaded
 from phatgoose_jax.t5 import layout
@@ -84,8 +85,33 @@ def restore_base(path: str, dtype: Optional[str] = None) -> Loaded:
   loaded = checkpoints.load(path, expect=expect, shardings=params_shardings(config.replace(scan_layers=False), mesh,
                                                                              rules), dtype=dtype or frozen_base_dtype())
   config = model_config(loaded.config)
-  stacked = {"params": params_shardings(config, mesh, rules)} if config.scan_layers else None
-  return loaded._replace(config=config, variables=layout.for_model(loaded.variables, config, stacked))
+  if not config.scan_layers:
+    return loaded._replace(config=config)
+  params = _stacked_params(loaded.variables["params"], config, params_shardings(config, mesh, rules))
+  return loaded._replace(config=config, variables=layout.for_model({**loaded.variables, "params": params}, config))
+
+
+def _stacked_params(params: dict, config: t5_config.T5Config, shardings: dict) -> dict:
+  """`layout.stack_layers` of freshly restored per-layer `params` one stacked leaf at a time, each layer's
+  array deleted once its stack is placed: beside the restored base only one parameter's stacked copy is alive
+  (stacking a whole stack at once held every layer's array until the last leaf was stacked: a second base)."""
+  flat = traverse_util.flatten_dict(params)
+  groups = {}
+  for key in flat:
+    if key[0] in ("encoder", "decoder") and key[1].startswith("layers_"):
+      groups.setdefault((key[0], key[2:]), []).append(key)
+  out = {k: v for k, v in flat.items() if not (k[0] in ("encoder", "decoder") and k[1].startswith("layers_"))}
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  for (stack, rest), keys in groups.items():
+    name = (stack, layout.STACKED_NAME) + rest
+    one = traverse_util.unflatten_dict({k: flat[k] for k in keys})
+    placed = traverse_util.unflatten_dict({name: flat_shardings[name]})
+    out[name] = traverse_util.flatten_dict(layout.stack_layers({"params": one}, config, {"params": placed})["params"])[name]
+    for k in keys:
+      x = flat.pop(k)
+      if isinstance(x, jax.Array):
+        x.delete()
+  return traverse_util.unflatten_dict(out)
 
 
 @gin.configurable
@@ -131,6 +157,7 @@ def init_variables(model: EncoderDecoderModel, seed: int, **collections) -> dict
   draw = jax.jit(lambda key: {name: partitioning.unbox(model.get_initial_variables(key)[name]) for name in fresh},
                  out_shardings=shardings)
   values = {**draw(jax.random.key(seed)), **collections}
+  host_memory.release_free_memory()  # what compiling `draw` (the whole model's initialiser) left in the heap
   return {name: _reboxed(abstract[name], values[name]) for name in abstract}
 
 

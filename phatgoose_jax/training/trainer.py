@@ -51,7 +51,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
-from phatgoose_jax import aot, distributed, partitioning
+from phatgoose_jax import aot, distributed, host_memory, partitioning
 from phatgoose_jax.training import optimizers
 
 LossFn = Callable[[Any, dict, jax.Array], tuple]
@@ -208,6 +208,7 @@ class Trainer:
     self.manager = self._checkpoint_manager(keep, best_fn, best_mode) if workdir else None
     self.writer = self._metric_writer() if workdir and tensorboard and distributed.is_writer() else None
     self.history = []
+    self._compiled = {}  # batch shapes -> the compiled training step (`_compiled_step`)
     if self.manager is not None and self.manager.latest_step() is not None:
       self.state = self._restore(self.manager.latest_step())
 
@@ -385,6 +386,15 @@ class Trainer:
         self.manager.wait_until_finished()
     return self.variables()
 
+  def _compiled_step(self, batch: dict):
+    """The training step compiled for `batch`'s shapes (once per shapes), the compiler's freed memory handed
+    back before it first runs (`host_memory`): the same program `jax.jit` would compile at the first call."""
+    key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    if key not in self._compiled:
+      self._compiled[key] = self._train_step.lower(self.state, self.frozen, batch).compile()
+      host_memory.release_free_memory()
+    return self._compiled[key]
+
   def _loop(self, batch_fn: BatchFn, step: int, num_steps: int, bar: tqdm.tqdm):
     if step == 0 and (self.manager is None or self.manager.latest_step() is None):
       self._validate_and_checkpoint(step, num_steps)
@@ -394,7 +404,8 @@ class Trainer:
       if step == first:
         self._check_batch(batch)
       with jax.set_mesh(self.mesh):
-        self.state, metrics = self._train_step(self.state, self.frozen, self.global_batch(batch))
+        batch = self.global_batch(batch)
+        self.state, metrics = self._compiled_step(batch)(self.state, self.frozen, batch)
       step += 1
       bar.update(1)
       if step % self.log_every == 0 or step == num_steps:
