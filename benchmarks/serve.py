@@ -4,12 +4,13 @@ Usage: python benchmarks/serve.py [--size small] [--experts 36] [--top_k 2] [--r
          [--batch_size 32] [--max_tokens 16] [--seconds 6] [--json]
 
 Three random models of one size (`eval_shape` and random draws, routed_model.random_variables): the unrouted
-base, the base with one LoRA, and the base routing every token over E LoRA experts (top-k). For each model
+base, the base with one LoRA, and the routed library as the server runs it (`serving.live_library`: E LoRA
+experts in one program with per-row routing; every request asks PHATGOOSE's top-k over all E). For each model
 and number of clients, each client thread submits one prompt of random bytes at a time to the scheduler
-(`serving.scheduler`: one worker packing concurrent requests into batches of `batch_size` rows) and waits
-for its tokens; random weights never emit EOS, so every request decodes `max_tokens` tokens. Reported:
-generated tokens per second over the run and the p50 / p99 request latency. HTTP is not in the loop (the
-server adds its JSON and socket work per request on the same CPUs). Every shape is compiled before timing.
+(`serving.scheduler`: iteration-level decoding in `batch_size` slots) and waits for its tokens; random
+weights never emit EOS, so every request decodes `max_tokens` tokens. Reported: generated tokens per second
+over the run and the p50 / p99 request latency. HTTP is not in the loop (the server adds its JSON and socket
+work per request on the same CPUs). Every bucket is compiled before timing (`SlotDecoder.warm_up`).
 """
 import threading
 import time
@@ -20,28 +21,33 @@ import common
 from routed_model import random_variables
 from phatgoose_jax import assembly, text_model
 from phatgoose_jax import vocab as vocab_lib
+from phatgoose_jax.experts import routing
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.serving import scheduler as sched
+from phatgoose_jax.serving import slots
 from phatgoose_jax.t5.config import preset
 
 
 def text_models(args) -> dict:
+  """{name: (TextModel, one row's routing inputs or None)}."""
   config = preset(args.size, dropout_rate=0.0)
   variants = {"base": ExpertConfig(), "lora": ExpertConfig(mode="lora", rank=args.rank),
-              "routed": ExpertConfig(mode="routed", rank=args.rank, num_experts=args.experts, top_k=args.top_k)}
+              "routed": ExpertConfig(mode="routed", rank=args.rank, num_experts=args.experts, top_k=args.top_k,
+                                     score="per_row")}
+  route = routing.RowRouting(np.int32(0), np.ones(args.experts, bool), np.int32(args.top_k))
   vocabulary = vocab_lib.get_vocabulary("byte")
   out = {}
   for name, experts in variants.items():
     model = EncoderDecoderModel(config, experts)
-    out[name] = text_model.TextModel(assembly.LoadedModel(model, random_variables(model)), vocabulary,
-                                     args.batch_size)
+    out[name] = (text_model.TextModel(assembly.LoadedModel(model, random_variables(model)), vocabulary,
+                                      args.batch_size), route if name == "routed" else None)
   return out
 
 
-def run(model, clients: int, args) -> dict:
+def run(model, route, clients: int, args) -> dict:
   """Tokens per second and latencies of `clients` threads asking `model` for `seconds`."""
-  scheduler = sched.Scheduler(max_queue=4 * clients)
+  scheduler = sched.Scheduler(4 * clients, None, args.batch_size, args.prompt_length, args.max_tokens)
   rng = np.random.default_rng(clients)
   prompts = [list(rng.integers(3, 259, args.prompt_length)) for _ in range(64)]
   latencies, tokens = [], []
@@ -51,7 +57,7 @@ def run(model, clients: int, args) -> dict:
     i = c
     while time.monotonic() < stop_at:
       row = sched.GenerateRow([int(t) for t in prompts[i % 64]], args.max_tokens, 0.0, 1.0,
-                              text_model.prompt_key(0, i), [])
+                              text_model.prompt_key(0, i), [], route)
       start = time.monotonic()
       result = scheduler.submit(sched.Job("m", lambda: model, "generate", [row], start + 600)).result()
       latencies.append(time.monotonic() - start)
@@ -87,11 +93,10 @@ def main():
   result = {"benchmark": "serve", "machine": common.machine(), "size": args.size, "experts": args.experts,
             "top_k": args.top_k, "rank": args.rank, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
             "prompt_length": args.prompt_length, "runs": []}
-  for name, model in models.items():
-    sched.decode_rows(model, [sched.GenerateRow([3] * args.prompt_length, args.max_tokens, 0.0, 1.0,
-                                                text_model.prompt_key(0, 0), [])])  # the one shape of every run
+  for name, (model, route) in models.items():
+    slots.SlotDecoder(model, args.batch_size, args.prompt_length, args.max_tokens, route).warm_up()
     for clients in map(int, args.clients.split(",")):
-      result["runs"].append({"model": name, **run(model, clients, args)})
+      result["runs"].append({"model": name, **run(model, route, clients, args)})
   base = {r["clients"]: r["tokens_per_s"] for r in result["runs"] if r["model"] == "base"}
   one = {r["model"]: r["tokens_per_s"] for r in result["runs"] if r["clients"] == 1}
   rows = [[r["model"], r["clients"], r["requests"], f"{r['tokens_per_s']:.1f}",

@@ -106,7 +106,8 @@ def _stacked_params(params: dict, config: t5_config.T5Config, shardings: dict) -
     name = (stack, layout.STACKED_NAME) + rest
     one = traverse_util.unflatten_dict({k: flat[k] for k in keys})
     placed = traverse_util.unflatten_dict({name: flat_shardings[name]})
-    out[name] = traverse_util.flatten_dict(layout.stack_layers({"params": one}, config, {"params": placed})["params"])[name]
+    stacked = layout.stack_layers({"params": one}, config, {"params": placed})["params"]
+    out[name] = traverse_util.flatten_dict(stacked)[name]
     for k in keys:
       x = flat.pop(k)
       if isinstance(x, jax.Array):

@@ -204,8 +204,10 @@ def test_64_concurrent_clients_each_get_their_single_request_answer(server, base
       i = (c * 7 + done) % len(bodies)
       got, seconds = ask(bodies[i])
       latencies.append(seconds)
-      if [t for t, _ in got] != [t for t, _ in alone[i]] or not np.allclose(got[0][1], alone[i][0][1], atol=1e-5):
-        mismatches.append(i)
+      if [t for t, _ in got] != [t for t, _ in alone[i]]:
+        mismatches.append((i, "text", got, alone[i]))
+      elif not np.allclose(got[0][1], alone[i][0][1], rtol=1e-4, atol=1e-4):  # float32 rounding of other batches
+        mismatches.append((i, "logprobs", got, alone[i]))
       done += 1
     return done
 
@@ -213,7 +215,8 @@ def test_64_concurrent_clients_each_get_their_single_request_answer(server, base
     counts = list(pool.map(client, range(64)))
   p50, p99 = np.percentile(latencies, [50, 99])
   print(f"64 clients: {sum(counts)} requests, p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
-  assert not mismatches and all(counts) and len(latencies) == sum(counts)
+  assert not mismatches, mismatches[:3]
+  assert all(counts) and len(latencies) == sum(counts)
 
 
 def test_live_add_and_remove_of_an_expert(server, base_dir, libraries):
@@ -354,3 +357,30 @@ def test_a_live_library_slot_is_reused_only_out_of_flight(base_dir, libraries):
     live.add("z")  # a request in flight may still route to x's slot
   live.release(mask)
   assert live.add("z") == 0 and live.names() == ["z", "y"]
+
+
+def test_a_full_queue_refuses_and_the_queued_requests_still_run(server):
+  """Jobs waiting and sequences waiting for a slot count against max_queue; past it, QueueFull (the server's
+  429); once the worker runs again every accepted request is answered."""
+  from phatgoose_jax.serving import scheduler as sched  # pylint: disable=import-outside-toplevel
+  model, gate = server.engine.base_model, threading.Event()
+  scheduler = sched.Scheduler(max_queue=2, slots=1, max_input=32, max_new_tokens=4)
+  row = lambda: sched.GenerateRow([5, 6, 1], 3, 0.0, 1.0, np.zeros(2, np.uint32), [])  # noqa: E731
+  blocked = lambda: gate.wait(60) and model  # noqa: E731
+  try:
+    jobs = [sched.Job("m", blocked, "generate", [row()], time.monotonic() + 60)]
+    scheduler.submit(jobs[0])
+    deadline = time.monotonic() + 30
+    while scheduler.jobs.qsize() or scheduler.queue_length() != 1:  # taken, its sequence waits for the model
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    jobs.append(sched.Job("m", blocked, "generate", [row()], time.monotonic() + 60))
+    scheduler.submit(jobs[1])
+    with pytest.raises(sched.QueueFull, match="queue is full"):
+      scheduler.submit(sched.Job("m", blocked, "generate", [row()], time.monotonic() + 60))
+    gate.set()
+    want = model.generate_ids([[5, 6, 1]], 3)[0]["token_ids"]
+    assert all(j.future.result(60)[0]["token_ids"] == want for j in jobs)
+  finally:
+    gate.set()
+    scheduler.close()

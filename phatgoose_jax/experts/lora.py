@@ -135,6 +135,10 @@ class ExpertDense(nn.Module):
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
       return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),
                                scale)
+    if per_row and expert_weights is None:  # initialisation: every row the standardized score over every slot
+      b = u.shape[0]
+      expert_weights = routing.RowRouting(jnp.zeros(b, jnp.int32), jnp.ones((b, num), bool),
+                                          jnp.full(b, self.experts.top_k, jnp.int32))
     route = routing.route
     if sharded.expert_mesh() is not None:  # experts split over the context mesh's 'expert' axis
       if per_row:

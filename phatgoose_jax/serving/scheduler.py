@@ -1,6 +1,6 @@
 """Cross-request batching: scoring rows packed into compiled batches, decoding batched at every step.
 
-Requests enter a bounded queue (`QueueFull` when it holds `max_queue` jobs: the server answers 429). One
+Requests enter a bounded queue (`QueueFull` when `max_queue` jobs and sequences wait: the server answers 429). One
 worker thread owns the device. Each turn it takes every queued job and drops those cancelled (client gone) or
 past their deadline. Scoring jobs of one program (`Job.program`) run `batch_size` rows at a time. Generation is
 iteration-level: each program has a `slots.SlotDecoder` of `batch_size` slots; a job's sequences wait for free
@@ -80,6 +80,8 @@ class Scheduler:
   def submit(self, job: Job) -> concurrent.futures.Future:
     if self._closing.is_set():
       raise QueueFull("the server is shutting down")
+    if self.queue_length() >= self.jobs.maxsize:
+      raise QueueFull(f"the queue is full ({self.queue_length()} requests and sequences waiting); retry later")
     try:
       self.jobs.put_nowait(job)
     except queue.Full:
@@ -87,6 +89,7 @@ class Scheduler:
     return job.future
 
   def queue_length(self) -> int:
+    """Jobs not yet taken plus sequences waiting for a decoding slot (both count against `max_queue`)."""
     return self.jobs.qsize() + sum(len(w) for w in list(self._waiting.values()))
 
   def close(self, timeout: float = 30.0) -> None:
