@@ -17,7 +17,8 @@ import test_trainer
 
 
 def test_release_free_memory_is_glibc_malloc_trim_or_nothing():
-  assert host_memory.release_free_memory() == (host_memory._malloc_trim() is not None)  # pylint: disable=protected-access
+  trim = host_memory._malloc_trim()  # pylint: disable=protected-access
+  assert host_memory.release_free_memory() == (trim is not None)
   if sys.platform.startswith("linux"):
     assert host_memory.release_free_memory()  # the test machines run glibc
 
@@ -34,7 +35,8 @@ def test_the_step_compiled_ahead_is_the_jitted_step_bitwise():
   plain = trainer_lib.Trainer(loss_fn, variables, **kw)
   with jax.set_mesh(plain.mesh):
     for step in range(3):
-      plain.state, _ = plain._train_step(plain.state, plain.frozen, plain.global_batch(batches(step)))  # pylint: disable=protected-access
+      batch = plain.global_batch(batches(step))
+      plain.state, _ = plain._train_step(plain.state, plain.frozen, batch)  # pylint: disable=protected-access
   assert test_trainer.leaves_equal(got, plain.variables())
 
 
@@ -46,7 +48,8 @@ def scanned_gin():
   gin.clear_config()
 
 
-def test_a_scanned_base_is_stacked_without_keeping_the_per_layer_arrays(tmp_path, scanned_gin, monkeypatch):  # pylint: disable=redefined-outer-name,unused-argument
+# pylint: disable-next=redefined-outer-name,unused-argument
+def test_a_scanned_base_is_stacked_without_keeping_the_per_layer_arrays(tmp_path, scanned_gin, monkeypatch):
   """While the restored base is stacked, the live arrays never exceed the base plus one stacked parameter."""
   config = preset("tiny", num_encoder_layers=3, num_decoder_layers=2)
   params = partitioning.unbox(models.EncoderDecoderModel(config).get_initial_variables(jax.random.key(0)))["params"]
