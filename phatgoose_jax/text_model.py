@@ -32,6 +32,11 @@ def bucket(length: int) -> int:
   return max(8, 1 << (length - 1).bit_length())
 
 
+def buckets(longest: int) -> list:
+  """Every length `bucket` gives up to `longest` (itself the last, bucket or not: a cap)."""
+  return [b for b in (8 << i for i in range(32)) if b < longest] + [longest]
+
+
 def pad(rows: Sequence[Sequence[int]], num_rows: int) -> np.ndarray:
   """<int32>[num_rows, bucket(longest row)]: the rows zero-padded."""
   return pad_tokens(rows, bucket(max(len(r) for r in rows)), num_rows)
@@ -231,7 +236,7 @@ class TextModel:
     rows = []
     for start, chunk in chunks(list(prompt_ids), self.batch_size):
       rows += self._decode(chunk, start, max_new_tokens, temperature, top_p, seed)
-    return [self._result(ids, logprobs, eos, stop) for ids, logprobs, eos in rows]
+    return [self.decoded(ids, logprobs, eos, stop) for ids, logprobs, eos in rows]
 
   def _decode(self, prompt_ids, start: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list:
     """[(ids before EOS, pad ids dropped; their log-probabilities; whether EOS ended them)] of one chunk."""
@@ -254,7 +259,9 @@ class TextModel:
       out.append(([t for t, _ in kept], [s for _, s in kept], eos))
     return out
 
-  def _result(self, ids: list, logprobs: list, eos: bool, stop: list) -> dict:
+  def decoded(self, ids: list, logprobs: list, eos: bool, stop: list) -> dict:
+    """`generate`'s result of a sequence's ids before EOS (pad ids dropped), their log-probabilities, whether
+    EOS ended it, and the stop strings."""
     cut = stop_cut(self._text_vocabulary(), ids, stop) if stop else None
     if cut is not None:
       text, n = cut

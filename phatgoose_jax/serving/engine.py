@@ -197,7 +197,7 @@ class Engine:
     models = [(self.base_model, None)]
     if self.live:
       models.append((self.library_model, self.live.routing("arrow", self.live.names(), 1)))
-    lengths = [b for b in (8 << i for i in range(16)) if b < self.max_input] + [text_model.bucket(self.max_input)]
+    lengths = text_model.buckets(text_model.bucket(self.max_input))
     count = 0
     for model, route in models:
       for source, target in itertools.product(lengths, lengths):

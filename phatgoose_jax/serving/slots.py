@@ -17,7 +17,7 @@ sequence's tokens do not depend on the slots beside it or on when it joined.
 import dataclasses
 import functools
 import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import jax
@@ -86,8 +86,8 @@ class SlotDecoder:
     fixed = model.loaded.expert_weights  # a fixed per-example mixture (uniform): computed from the prompt
     self._route = (lambda s: s.route) if fixed is None else (
         lambda s: fixed({"encoder_input_tokens": text_model.pad([s.prompt_ids], 1)})[0])
-    self.route_example = route_example if fixed is None else self._route(Sequence([1], 1, 0.0, 1.0, None, [],
-                                                                                    None, print))
+    self.route_example = route_example if fixed is None else fixed({"encoder_input_tokens": np.ones((1, 8),
+                                                                                                    np.int32)})[0]
     self.live = [None] * slots  # the Sequence in each slot
     self.state = None  # allocated while any slot is live
 
@@ -130,7 +130,7 @@ class SlotDecoder:
     index = np.full(rows, self.slots, np.int32)  # padding rows write nowhere
     index[:len(slots)] = slots
     pad = lambda values, dtype: np.asarray(list(values) + [0] * (rows - len(slots)), dtype)  # noqa: E731
-    route = text_model.stack_rows([self._route(s) for s in sequences], rows) if self.route_example is not None else None
+    route = None if self.route_example is None else text_model.stack_rows([self._route(s) for s in sequences], rows)
     self.state = _admit(self.text_model.model, variables, self.state, index,
                         text_model.pad([s.prompt_ids for s in sequences], rows), route,
                         np.stack([s.key for s in sequences] + [np.zeros(2, np.uint32)] * (rows - len(slots))),
@@ -150,7 +150,7 @@ class SlotDecoder:
     windows = (text_model.bucket(max(s.steps for s in live) + 1),
                text_model.bucket(max(len(s.prompt_ids) for s in live)))
     self.state, tokens, logprobs = _step(self.text_model.model, self.text_model.variables, self.state,
-                                         *self.windows(*windows))
+                                         *self._clip(*windows))
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     for slot, sequence in enumerate(self.live):
       if sequence is not None and self._advance(sequence, int(tokens[slot]), float(logprobs[slot])):
@@ -158,7 +158,7 @@ class SlotDecoder:
     if not self.busy():
       self.state = None
 
-  def windows(self, cache_window: int, input_window: int) -> tuple:
+  def _clip(self, cache_window: int, input_window: int) -> tuple:
     return min(cache_window, self.max_new_tokens), min(input_window, self.max_input)
 
   def _advance(self, sequence: Sequence, token: int, logprob: float) -> bool:
@@ -173,25 +173,25 @@ class SlotDecoder:
     if not ended and sequence.stop and model.vocabulary is not None:
       ended = text_model.stop_cut(model.vocabulary, sequence.token_ids, sequence.stop) is not None
     if ended:
-      sequence.done(model._result(sequence.token_ids, sequence.logprobs, eos, sequence.stop))  # pylint: disable=protected-access
+      sequence.done(model.decoded(sequence.token_ids, sequence.logprobs, eos, sequence.stop))
     return ended
 
   def warm_up(self) -> int:
     """Compile every bucket's programs (run on an all-padding state); returns how many were run."""
     variables, count = self.text_model.variables, 0
     state = self._empty_state(variables)
-    buckets = lambda top: [b for b in (8 << i for i in range(16)) if b < top] + [top]  # noqa: E731
     row_buckets = [b for b in (1 << i for i in range(16)) if b <= self.slots]
     row_buckets += [] if row_buckets[-1] == self.slots else [1 << (self.slots - 1).bit_length()]
     route = lambda rows: (text_model.stack_rows([self.route_example], rows)  # noqa: E731
                           if self.route_example is not None else None)
-    for rows, length in itertools.product(row_buckets, buckets(self.max_input)):
+    for rows, length in itertools.product(row_buckets, text_model.buckets(self.max_input)):
       state = _admit(self.text_model.model, variables, state, np.full(rows, self.slots, np.int32),
                      np.zeros((rows, length), np.int32), route(rows), np.zeros((rows, 2), np.uint32),
                      np.zeros(rows, np.float32), np.ones(rows, np.float32))
       count += 1
-    for windows in itertools.product(buckets(self.max_new_tokens), buckets(self.max_input)):
-      state, *_ = _step(self.text_model.model, variables, state, *windows)
+    pairs = itertools.product(text_model.buckets(self.max_new_tokens), text_model.buckets(self.max_input))
+    for cache_window, input_window in pairs:
+      state, *_ = _step(self.text_model.model, variables, state, cache_window, input_window)
       count += 1
     jax.block_until_ready(state)
     return count
