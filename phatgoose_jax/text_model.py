@@ -277,7 +277,9 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", to
   `library`'s experts (`experts`, default all) by `router` with `top_k` experts per token when a library is
   given (`assembly.load_model`). `dtype`: a precision, one of `utils.PRECISIONS` (None: the configured one);
   `vocab`: 'byte' or the path of a SentencePiece .model, refused before the model is loaded unless it fits its
-  embedding (`data.check_vocabulary`); None: no vocabulary, the model takes and gives ids only."""
+  embedding (`data.check_vocabulary`); None: no vocabulary, the model takes and gives ids only. The variables are
+  placed on the configured mesh with the logical axis rules (`utils.sharding`, as evaluation places them), so a
+  model too large for one device is split over the mesh's 'model' axis."""
   if library is not None and router == "oracle":
     raise ValueError("the oracle router needs each example's label; it cannot run on inputs alone")
   if dtype is not None:
@@ -287,4 +289,5 @@ def load(base: str, library: Optional[str] = None, router: str = "phatgoose", to
     data.check_vocabulary(vocabulary, base)
   loaded = assembly.load_model(base, library, router, top_k, list(experts) if experts is not None else None,
                                dtype=dtype)
+  loaded = loaded._replace(variables=utils.place(loaded.model, loaded.variables, *utils.sharding()))
   return TextModel(loaded, vocabulary, batch_size)

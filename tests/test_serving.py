@@ -384,3 +384,43 @@ def test_a_full_queue_refuses_and_the_queued_requests_still_run(server):
   finally:
     gate.set()
     scheduler.close()
+
+
+SHARDED_SERVER = r'''
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import gin, jax
+from phatgoose_jax import main  # noqa: F401 (gin registrations)
+from phatgoose_jax.serving import engine as engine_lib
+gin.parse_config(["partitioning.make_mesh.data = 2", "partitioning.make_mesh.model = 2"])
+base, library = sys.argv[1:3]
+engine = engine_lib.Engine(base, library, top_k=1, batch_size=4, max_tokens=8)
+specs = {str(x.sharding.spec) for x in jax.tree.leaves(engine.live.variables)}
+body = {"model": "phatgoose", "prompt": ["the cat sat", "x"], "max_tokens": 6, "temperature": 0, "logprobs": 0}
+job, format_ = engine.completion(body)
+out = format_(job.future.result(300))
+engine.close()
+print(json.dumps({"specs": sorted(specs), "devices": len(jax.devices()),
+                  "texts": [c["text"] for c in out], "logprobs": [c["logprobs"]["token_logprobs"] for c in out]}))
+'''
+
+
+def test_a_model_split_over_a_mesh_serves_the_same_answers(base_dir, libraries, tmp_path):
+  """The mesh and rules of evaluation (gin: partitioning.make_mesh) split the served library over 4 devices
+  (data 2 x model 2); its completions equal the single-device server's."""
+  engine = engine_lib.Engine(base_dir, libraries[0], top_k=1, batch_size=4, max_tokens=8)
+  try:
+    body = {"model": "phatgoose", "prompt": ["the cat sat", "x"], "max_tokens": 6, "temperature": 0, "logprobs": 0}
+    job, format_ = engine.completion(body)
+    want = format_(job.future.result(120))
+  finally:
+    engine.close()
+  script = tmp_path / "sharded_server.py"
+  script.write_text(SHARDED_SERVER)
+  done = subprocess.run([sys.executable, str(script), base_dir, libraries[0]], capture_output=True, text=True,
+                        timeout=600, check=True)
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 4 and any("model" in spec for spec in got["specs"]), got["specs"]
+  assert got["texts"] == [c["text"] for c in want]
+  for mine, theirs in zip(got["logprobs"], want):
+    np.testing.assert_allclose(mine, theirs["logprobs"]["token_logprobs"], rtol=1e-4, atol=1e-5)

@@ -6,6 +6,8 @@ def run(args) -> int:
   import uvicorn  # pylint: disable=import-outside-toplevel
   from phatgoose_jax import data, vocab  # pylint: disable=import-outside-toplevel
   from phatgoose_jax.serving import app  # pylint: disable=import-outside-toplevel
+  from phatgoose_jax import main  # pylint: disable=import-outside-toplevel
+  main.parse(args.gin_file, args.gin, require=False)  # the mesh and rules, as evaluation's
   try:
     data.check_vocabulary(vocab.get_vocabulary(args.vocab), args.base)  # before the server starts
   except ValueError as e:
@@ -42,4 +44,8 @@ def register(subparsers):
   serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its batch")
   serve.add_argument("--dtype", default="float32", choices=model.PRECISIONS, help=model.PRECISION_HELP)
   serve.add_argument("--vocab", default="byte", help="'byte' or the path of a SentencePiece .model")
+  serve.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable), e.g. the mesh")
+  serve.add_argument("--gin", action="append", default=[], metavar="KEY=VALUE",
+                     help="gin binding (repeatable): the mesh and rules as evaluation takes them, e.g. "
+                          "'partitioning.make_mesh.model = 4' to split a model too large for one device")
   serve.set_defaults(func=run)

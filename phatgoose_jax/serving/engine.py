@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from phatgoose_jax import assembly
 from phatgoose_jax import library as lib
 from phatgoose_jax import routers as routers_lib
 from phatgoose_jax import text_model
@@ -71,7 +72,7 @@ class LibraryModel(text_model.TextModel):
   """The `TextModel` of a live library: its variables are the library's current ones."""
 
   def __init__(self, live: live_library.LiveLibrary, vocabulary, batch_size: int):
-    super().__init__(text_model.assembly.LoadedModel(live.model, live.variables), vocabulary, batch_size)
+    super().__init__(assembly.LoadedModel(live.model, live.variables), vocabulary, batch_size)
     self.live = live
 
   @property

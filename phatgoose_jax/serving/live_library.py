@@ -8,7 +8,8 @@ library by `routers.weight_derived`). A request for router R over experts S with
 `routing(R, S, k)`: its score, a mask of S's slots and k, so rows of different routers, subsets and k share
 one batch and one compiled program. Free slots hold zeros and are in no row's mask.
 
-`add` writes a library entry into the lowest free slot and `remove` frees one; the arrays keep their shapes, so
+The variables are placed on the configured mesh with the logical axis rules (`utils.sharding`, as evaluation
+places them). `add` writes a library entry into the lowest free slot and `remove` frees one; the arrays keep their shapes, so
 neither recompiles. A slot stays out of reuse while requests that may route to it are in flight
 (`acquire` / `release`). With no removal, slots follow the library's order, as a library model stacks its
 experts (`routers.stack`).
@@ -16,12 +17,11 @@ experts (`routers.stack`).
 import threading
 from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
 from phatgoose_jax import assembly
 from phatgoose_jax import library as lib
-from phatgoose_jax import routers
+from phatgoose_jax import routers, utils
 from phatgoose_jax.checkpoints import names as ckpt_names
 from phatgoose_jax.experts import routing
 from phatgoose_jax.experts.config import ExpertConfig
@@ -61,8 +61,10 @@ class LiveLibrary:
     self.gated = np.zeros(capacity, bool)
     self._in_flight = np.zeros(capacity, np.int64)
     self._lock = threading.Lock()
-    self.params = layout.for_model(assembly.in_compute_dtype({"params": self._base_params}, self.config.dtype),
-                                   self.config)["params"]
+    self._mesh = utils.sharding()
+    params = layout.for_model(assembly.in_compute_dtype({"params": self._base_params}, self.config.dtype),
+                              self.config)
+    self.params = utils.place(self.model, params, *self._mesh)["params"]
     for name in names:
       self._write(self.slots.index(None), name)
     self._place()
@@ -91,8 +93,8 @@ class LiveLibrary:
 
   def _place(self) -> None:
     collection = assembly.in_compute_dtype({"experts": ckpt_names.unflatten(dict(self._host))}, self.config.dtype)
-    self.variables = {"params": self.params,
-                      "experts": jax.device_put(layout.for_model(collection, self.config)["experts"])}
+    experts = utils.place(self.model, layout.for_model(collection, self.config), *self._mesh)["experts"]
+    self.variables = {"params": self.params, "experts": experts}
 
   def add(self, name: str) -> int:
     """Serve library entry `name` in the lowest free slot out of flight; returns the slot."""
