@@ -26,13 +26,3 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 def shared_data() -> pathlib.Path:
   assert SHARED_DATA.is_dir(), f"expected the real test data at {SHARED_DATA}"
   return SHARED_DATA
-
-
-@pytest.fixture(autouse=True)
-def no_gin_bindings():
-  """No gin binding outlives the test that made it: tests share worker processes, and a stage's gin-configurable
-  arguments (e.g. `train.train_gate.task`, bound by a run file) would change a later test's call."""
-  import gin  # pylint: disable=import-outside-toplevel
-  gin.clear_config()
-  yield
-  gin.clear_config()
