@@ -245,3 +245,5 @@ def test_every_stage_that_reads_text_refuses_a_vocabulary_the_model_does_not_fit
   fails_in_one_line(capsys, [command, "--base", wide_base] + flags, "the byte vocabulary (259 ids) does not match the "
                     "model's embedding of 1024 rows")
   assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "a")
+  from phatgoose_jax import train  # pylint: disable=import-outside-toplevel
+  assert not gin.get_bindings(train.train_gate), "a stage's gin bindings outlived it"

@@ -326,7 +326,7 @@ def test_after_warm_up_no_request_compiles_not_even_an_expert_added_live(base_di
   engine = engine_lib.Engine(base_dir, served, top_k=1, max_top_k=2, batch_size=4, max_tokens=16, max_input=32)
   try:
     assert engine.warm_up() > 0
-    programs = [slots._step, slots._admit, _jit_score]  # pylint: disable=protected-access
+    programs = [*slots.programs(engine.live.variables), *slots.programs(engine.base_model.variables), _jit_score]
     compiled = [f._cache_size() for f in programs]  # pylint: disable=protected-access
     shutil.copytree(os.path.join(full, "z"), os.path.join(served, "z"))
     engine.add_expert("z")

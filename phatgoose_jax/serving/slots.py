@@ -108,10 +108,14 @@ class SlotDecoder:
     cache = jax.eval_shape(lambda v, e, t: model.init_cache(v, e, t, self.max_new_tokens, route), variables,
                            encoded, tokens)
     zeros = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
-    return {"cache": {p: zeros(x) for p, x in _leaves(cache).items()}, "enc_tokens": zeros(tokens),
-            "token": jnp.zeros(size, jnp.int32), "step": jnp.zeros(size, jnp.int32),
-            "keys": jnp.zeros((size, 2), jnp.uint32), "temperature": jnp.zeros(size, jnp.float32),
-            "top_p": jnp.ones(size, jnp.float32), "route": None if route is None else jax.tree.map(zeros, route)}
+    state = {"cache": {p: zeros(x) for p, x in _leaves(cache).items()}, "enc_tokens": zeros(tokens),
+             "token": jnp.zeros(size, jnp.int32), "step": jnp.zeros(size, jnp.int32),
+             "keys": jnp.zeros((size, 2), jnp.uint32), "temperature": jnp.zeros(size, jnp.float32),
+             "top_p": jnp.ones(size, jnp.float32), "route": None if route is None else jax.tree.map(zeros, route)}
+    sharding = jax.tree.leaves(variables)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):  # as the programs give it back (`_compiled`)
+      state = jax.device_put(state, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return state
 
   # Sequences.
 
@@ -131,7 +135,8 @@ class SlotDecoder:
     index[:len(slots)] = slots
     pad = lambda values, dtype: np.asarray(list(values) + [0] * (rows - len(slots)), dtype)  # noqa: E731
     route = None if self.route_example is None else text_model.stack_rows([self._route(s) for s in sequences], rows)
-    self.state = _admit(self.text_model.model, variables, self.state, index,
+    admit, _ = programs(variables)
+    self.state = admit(self.text_model.model, variables, self.state, index,
                         text_model.pad([s.prompt_ids for s in sequences], rows), route,
                         np.stack([s.key for s in sequences] + [np.zeros(2, np.uint32)] * (rows - len(slots))),
                         pad((s.temperature for s in sequences), np.float32),
@@ -149,8 +154,9 @@ class SlotDecoder:
       return
     windows = (text_model.bucket(max(s.steps for s in live) + 1),
                text_model.bucket(max(len(s.prompt_ids) for s in live)))
-    self.state, tokens, logprobs = _step(self.text_model.model, self.text_model.variables, self.state,
-                                         *self._clip(*windows))
+    _, step = programs(self.text_model.variables)
+    self.state, tokens, logprobs = step(self.text_model.model, self.text_model.variables, self.state,
+                                        *self._clip(*windows))
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     for slot, sequence in enumerate(self.live):
       if sequence is not None and self._advance(sequence, int(tokens[slot]), float(logprobs[slot])):
@@ -179,25 +185,24 @@ class SlotDecoder:
   def warm_up(self) -> int:
     """Compile every bucket's programs (run on an all-padding state); returns how many were run."""
     variables, count = self.text_model.variables, 0
-    state = self._empty_state(variables)
+    state, (admit, step) = self._empty_state(variables), programs(variables)
     row_buckets = [b for b in (1 << i for i in range(16)) if b <= self.slots]
     row_buckets += [] if row_buckets[-1] == self.slots else [1 << (self.slots - 1).bit_length()]
     route = lambda rows: (text_model.stack_rows([self.route_example], rows)  # noqa: E731
                           if self.route_example is not None else None)
     for rows, length in itertools.product(row_buckets, text_model.buckets(self.max_input)):
-      state = _admit(self.text_model.model, variables, state, np.full(rows, self.slots, np.int32),
+      state = admit(self.text_model.model, variables, state, np.full(rows, self.slots, np.int32),
                      np.zeros((rows, length), np.int32), route(rows), np.zeros((rows, 2), np.uint32),
                      np.zeros(rows, np.float32), np.ones(rows, np.float32))
       count += 1
     pairs = itertools.product(text_model.buckets(self.max_new_tokens), text_model.buckets(self.max_input))
     for cache_window, input_window in pairs:
-      state, *_ = _step(self.text_model.model, variables, state, cache_window, input_window)
+      state, *_ = step(self.text_model.model, variables, state, cache_window, input_window)
       count += 1
     jax.block_until_ready(state)
     return count
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("state",))
 def _admit(model, variables, state, slots, prompts, route, keys, temperature, top_p):
   """Encode `prompts` and write their cross-attention caches, a zero position and their settings into `slots`
   (index = number of slots: a padding row, dropped)."""
@@ -221,7 +226,6 @@ def _admit(model, variables, state, slots, prompts, route, keys, temperature, to
           "route": None if route is None else jax.tree.map(put, state["route"], route)}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_window", "input_window"), donate_argnames=("state",))
 def _step(model, variables, state, cache_window, input_window):
   """One decoder step of every slot within the windows: (the new state, each slot's token and log p)."""
   window = _window(state["cache"], cache_window, input_window)
@@ -230,3 +234,19 @@ def _step(model, variables, state, cache_window, input_window):
   token, logprob = sample_step(logits[:, -1], state["keys"], state["step"], state["temperature"], state["top_p"])
   cache = _put_window(state["cache"], _leaves(window))
   return dict(state, cache=cache, token=token, step=state["step"] + 1), token, logprob
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mesh) -> tuple:
+  """(admit, step) jitted with every output replicated on `mesh` (None: placed as XLA places them), so that the
+  state a program gives back is laid out as a fresh one: no layout of the state compiles a second program."""
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (jax.jit(_admit, static_argnames=("model",), donate_argnames=("state",), out_shardings=out),
+          jax.jit(_step, static_argnames=("model", "cache_window", "input_window"), donate_argnames=("state",),
+                  out_shardings=out))
+
+
+def programs(variables) -> tuple:
+  """(admit, step) for a model whose variables are `variables` (on a mesh or one device)."""
+  sharding = jax.tree.leaves(variables)[0].sharding
+  return _compiled(sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None)
