@@ -2,6 +2,7 @@
 import json
 import os
 
+import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -96,6 +97,7 @@ def test_training_stages_refuse_another_runs_workdir(tmp_path, stages, capsys):
 
 def test_gate_training_of_an_imported_expert_without_a_dataset_names_the_fix(tmp_path, stages):
   """An expert imported without `--dataset` records none: its gate needs `--task`, said in one line."""
+  gin.clear_config()  # no task bound by a run file an earlier in-process command parsed
   library = lib.ExpertLibrary(str(tmp_path / "lib"))
   lora, _ = trees.random_expert(0, rank=16)
   library.add("imported", lora, base=lib.base_fingerprint(trees.TINY, hf.load_hf(stages)[1]))

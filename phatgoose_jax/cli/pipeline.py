@@ -91,16 +91,6 @@ def _bindings(args) -> list:
 
 
 def run_stage(args) -> int:
-  """One stage from its run file and flags; its gin bindings are cleared when it ends, so a later command in
-  the same process (`cli.main` called again) starts from none of them."""
-  import gin  # pylint: disable=import-outside-toplevel (a fast --help)
-  try:
-    return _run_stage(args)
-  finally:
-    gin.clear_config()
-
-
-def _run_stage(args) -> int:
   from phatgoose_jax import distributed, main  # pylint: disable=import-outside-toplevel (a fast --help)
   distributed.initialize_from_args(main.multihost_flags(args.extra))
   main.check_topology_flag(args)
