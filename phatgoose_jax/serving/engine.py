@@ -101,22 +101,21 @@ class Engine:
     self.max_tokens = min(max_tokens, self.base_model.max_length)
     self.max_input = min(max_input or self.base_model.max_length, self.base_model.max_length)
     self.library = lib.ExpertLibrary(library) if library else None
-    self.live = None
+    self.live, self.experts = None, []
     if self.library:
       names = self.library.names()
       self.live = live_library.LiveLibrary(base, library, capacity or len(names) + 8, max_top_k or top_k, dtype)
       self.library_model = LibraryModel(self.live, self.base_model.vocabulary, batch_size)
+      self.experts = self._served()
     self._models = collections.OrderedDict()
     self._lock = threading.Lock()
     self.scheduler = sched.Scheduler(max_queue, on_batch, batch_size, self.max_input, self.max_tokens)
 
   # Models.
 
-  @property
-  def experts(self) -> list:
-    """The served experts, in the library's order."""
-    if self.live is None:
-      return []
+  def _served(self) -> list:
+    """The live library's experts in the library's order (read from the library: on start-up and each change
+    only; requests read `experts`)."""
     served = set(self.live.names())
     return [n for n in self.library.names() if n in served]
 
@@ -179,6 +178,7 @@ class Engine:
       self.live.add(name)
     except (ValueError, lib.LibraryError) as e:
       raise RequestError(str(e), "name") from None
+    self.experts = self._served()
     return self.experts
 
   def remove_expert(self, name: str) -> list:
@@ -190,6 +190,7 @@ class Engine:
       raise RequestError(str(e), "name") from None
     with self._lock:
       self._models = collections.OrderedDict((k, m) for k, m in self._models.items() if name not in k[2])
+    self.experts = self._served()
     return self.experts
 
   def warm_up(self) -> int:
