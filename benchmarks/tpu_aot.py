@@ -6,8 +6,8 @@ Usage: JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py [--sizes xl,xxl] [--expert
 
 For every (size, E, stage, topology) the run file `gin/runs/<stage>.gin` and the model file are parsed
 as the CLI does, with the mesh of the README's pod recipes (`MESHES`: training data=4 x model=4, routed
-evaluation data=1 x model=4 x expert=4, 16 chips), then `stage_programs.programs` are compiled for the
-topology (`aot.compile_program`): per chip argument / temporary / output bytes against the chip's memory,
+evaluation data=1 x model=4 x expert=4, 16 chips; model=8 x expert=2 where E does not divide 4, e.g. 166),
+then `stage_programs.programs` are compiled for the topology (`aot.compile_program`): per chip argument / temporary / output bytes against the chip's memory,
 the compiler's FLOPs and bytes accessed, the roofline time and the compile time. Nothing is allocated.
 Each finished row is appended to `--out` at once (a long sweep keeps what it measured); `--json` prints
 one JSON object at the end. Needs libtpu (`pip install "jax[tpu]==0.10.2"`).
@@ -25,9 +25,17 @@ from phatgoose_jax import aot, main, partitioning, stage_programs, utils
 MESHES = {"train-expert": (4, 4, 1), "train-gate": (4, 4, 1), "evaluate": (1, 4, 4)}
 
 
+def mesh_shape(stage: str, experts: int) -> tuple:
+  """(data, model, expert) of 16 chips: the recipe's mesh, with `expert` 2 (model 8) where E does not divide 4."""
+  data, model, expert = MESHES[stage]
+  if experts % expert:
+    return data, model * expert // 2, 2
+  return data, model, expert
+
+
 def case(size: str, experts: int, stage: str, topology: str, extra: list) -> list:
   """The rows (one per program) of one configuration."""
-  data, model, expert = MESHES[stage]
+  data, model, expert = mesh_shape(stage, experts if stage == "evaluate" else 1)
   bindings = [f"partitioning.make_mesh.data = {data}", f"partitioning.make_mesh.model = {model}",
               f"partitioning.make_mesh.expert = {expert}", f"main.dry_run.num_experts = {experts}"] + extra
   main.parse([f"models/t5_1_1_{size}.gin", f"runs/{stage.replace('-', '_')}.gin"], bindings, require=False)
