@@ -17,6 +17,7 @@ import seqio
 
 from phatgoose_jax.t5.config import T5Config
 from phatgoose_jax.experts.config import ExpertConfig
+from phatgoose_jax.experts import sharded
 from phatgoose_jax.experts.lora import ExpertDense
 from phatgoose_jax.t5 import layers, layout
 from phatgoose_jax.t5.network import Transformer
@@ -111,7 +112,8 @@ class EncoderDecoderModel:
     self.experts = experts
     self.length_normalize = length_normalize
     self.module = network(config, experts)
-    self._apply = jax.jit(self.module.apply, static_argnames=("enable_dropout", "decode", "method", "mutable"))
+    self._apply = sharded.mesh_jit(self.module.apply,
+                                   static_argnames=("enable_dropout", "decode", "method", "mutable"))
 
   def get_initial_variables(self, rng: jax.Array, input_shapes: Optional[Mapping[str, tuple]] = None,
                             input_types=None) -> dict:
@@ -272,17 +274,17 @@ class EncoderDecoderModel:
     return hash(self._key())
 
 
-@functools.partial(jax.jit, static_argnames=("model", "return_intermediates"))
+@sharded.mesh_jit(static_argnames=("model", "return_intermediates"))
 def _jit_score(model: EncoderDecoderModel, variables, batch, return_intermediates: bool = False):
   return model.score_batch(variables, batch, return_intermediates)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@sharded.mesh_jit(static_argnames=("model",))
 def _jit_predict(model: EncoderDecoderModel, variables, batch):
   return model.predict_batch_with_aux(variables, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@sharded.mesh_jit(static_argnames=("model",))
 def _jit_sample(model: EncoderDecoderModel, variables, batch):
   return model.sample_batch_with_aux(variables, batch)
 

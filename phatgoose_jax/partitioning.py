@@ -14,8 +14,9 @@ since replicating the batch would silently multiply the work.
 
 Expert parallelism: the stacked experts' leading `expert` dimension goes over the 'expert' mesh axis (each
 device holds E / n experts) and their LoRA dimensions follow the base kernel's (`mlp`, `joined_kv` over
-'model'); the routed layer then mixes per expert shard (`experts/sharded.py`). Multi-host: each process
-feeds the rows of the batch its devices hold (`process_batch_rows`, `data_shard`).
+'model'); inside the routed layer each device routes its own share of the tokens with the layer's experts
+gathered (`experts/sharded.py`). Multi-host: each process feeds the rows of the batch its devices hold
+(`process_batch_rows`, `data_shard`).
 """
 import logging
 import math

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax import aot, data, partitioning, utils
+from phatgoose_jax.experts import sharded
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
 from phatgoose_jax.training import optimizers
@@ -131,8 +132,8 @@ def train_programs(stage: str, config, mesh, rules, accum: Optional[int] = None,
 def score_program(model, variables, batch_size: int, lengths: dict, mesh, rules,
                   name: str = "score_batch") -> aot.Program:
   """`score_batch` (the routed model's rank classification) on a batch of `batch_size` rows."""
-  return aot.Program(name, jax.jit(model.score_batch), (variables, _batch(batch_shapes(batch_size, lengths), mesh,
-                                                                           rules)))
+  return aot.Program(name, sharded.mesh_jit(model.score_batch),
+                     (variables, _batch(batch_shapes(batch_size, lengths), mesh, rules)))
 
 
 def decode_programs(model, variables, batch_size: int, lengths: dict, mesh, rules) -> List[aot.Program]:
@@ -146,8 +147,9 @@ def decode_programs(model, variables, batch_size: int, lengths: dict, mesh, rule
   cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
       mesh, rows if x.ndim else jax.sharding.PartitionSpec())), cache)
   step = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=tokens.sharding)
-  return [aot.Program("encode", jax.jit(model.encode), (variables, tokens)),
-          aot.Program("decode_step", jax.jit(model.decode_step), (variables, cache, encoded, tokens, step))]
+  return [aot.Program("encode", sharded.mesh_jit(model.encode), (variables, tokens)),
+          aot.Program("decode_step", sharded.mesh_jit(model.decode_step),
+                      (variables, cache, encoded, tokens, step))]
 
 
 def routed_experts(num_experts: int, top_k: int) -> ExpertConfig:

@@ -1,5 +1,6 @@
-"""Expert parallelism on 8 simulated CPU devices: experts split over 'expert', outputs equal the unsharded model,
-and the routed layer's gradients equal the unsharded layer's.
+"""The routed model on 8 simulated CPU devices: experts split over 'expert' at rest, each device routing its own
+share of the tokens; outputs equal the unsharded model, and the routed layer's gradients equal the unsharded
+layer's.
 
 The 8-device part runs in a subprocess (`python tests/test_expert_parallel.py OUT`) started with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`, since the flag must be set before jax is imported.
@@ -14,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phatgoose_jax import models, partitioning
 from phatgoose_jax.experts import routing, sharded
@@ -47,10 +50,10 @@ def layer_inputs():
   return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
 
 
-def layer_grads(route, kernel_axes):
+def layer_grads(route, inputs):
   """Gradients of sum(update^2) w.r.t. (u, router, lora_a, lora_b) through `route`."""
-  loss = lambda *x: jnp.sum(route(*x, top_k=2, scale=0.25, impl=EXPERTS.impl, **kernel_axes)[0] ** 2)
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*layer_inputs())
+  loss = lambda *x: jnp.sum(route(*x, top_k=2, scale=0.25, impl=EXPERTS.impl)[0] ** 2)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*inputs)
 
 
 def sharded_outputs(variables, batch, mesh, rules):
@@ -59,7 +62,7 @@ def sharded_outputs(variables, batch, mesh, rules):
   logits = lambda v: model.logits(v, batch)
   placed = jax.device_put(partitioning.unbox(variables), partitioning.variables_shardings(variables, mesh, rules))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    assert sharded.expert_mesh() is not None
+    assert sharded.context_mesh() is not None
     return logits(placed), placed, str(jax.make_jaxpr(logits)(placed))
 
 
@@ -69,9 +72,14 @@ def child(out: pathlib.Path):
   rules = partitioning.standard_logical_axis_rules()
   logits, placed, jaxpr = sharded_outputs(variables, batch, mesh, rules)
   grads = {}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    for name, axes in (("in_split", ("mlp", "embed")), ("out_split", ("embed", "mlp"))):
-      grads[name] = layer_grads(sharded.route, {"kernel_axes": axes})
+  # The layer's input split over the batch axes only (a query's input) and over 'model' too (an output
+  # projection's input), the experts split over 'expert' and their d_in over 'model' as stored.
+  inputs = layer_inputs()
+  for name, u_spec in (("in_split", P(("data", "expert"), None, "model")), ("batch_split", P(("data", "expert")))):
+    placed_inputs = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in
+                     zip(inputs, (u_spec, P("expert", "model"), P("expert", "model"), P("expert")))]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      grads[name] = layer_grads(sharded.route, placed_inputs)
   shapes = {"/".join(p.key for p in path): sorted({tuple(s.data.shape) for s in x.addressable_shards})
             for path, x in jax.tree_util.tree_leaves_with_path(placed)}
   np.savez(out / "sharded.npz", logits=np.asarray(logits),
@@ -103,8 +111,8 @@ def test_sharded_experts_equal_the_unsharded_model(tmp_path):
   logits = models.EncoderDecoderModel(CONFIG, EXPERTS).logits(partitioning.unbox(variables), batch)
   np.testing.assert_allclose(got["logits"], logits, rtol=1e-5, atol=1e-5)
   # An input split over 'model' (partial sums) and an output split over it: both equal one device's grads.
-  grads = layer_grads(routing.route, {})
-  for name in ("in_split", "out_split"):
+  grads = layer_grads(routing.route, layer_inputs())
+  for name in ("in_split", "batch_split"):
     for i, g in enumerate(grads):
       scale = float(np.abs(g).max())
       np.testing.assert_allclose(got[f"{name}_{i}"] / scale, g / scale, atol=1e-6, err_msg=f"{name} {i}")

@@ -15,6 +15,7 @@ program keeps a loop over more than LOOP_STATE_BYTES of state (everything a loop
 carried tuple) would look cheaper than it is, so `compiled_cost` refuses it. Loops over small state (a
 searchsorted of group offsets) cost next to nothing and are kept.
 """
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -24,6 +25,7 @@ from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config
 from jax._src import mesh as mesh_lib
 
 from phatgoose_jax import aot
@@ -89,13 +91,27 @@ def loop_state_bytes(hlo_text: str) -> list[int]:
   return sizes
 
 
+@contextlib.contextmanager
+def _without_context_mesh():
+  """No context mesh, also inside a trace (`jax.set_mesh` refuses to run there): the candidates' programs are
+  lowered while the routed layer of a program on a mesh is being traced."""
+  abstract = jax_config.abstract_mesh_context_manager.swap_local(mesh_lib.empty_abstract_mesh)
+  concrete = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+  try:
+    yield
+  finally:
+    jax_config.abstract_mesh_context_manager.set_local(abstract)
+    jax_config.device_context.set_local(concrete)
+
+
 def compiled_cost(mixer: Callable, layer: LayerShape, device) -> tuple[float, float]:
   """(flops, bytes accessed) of `mixer` (the mixers' contract, scale 1) for `layer`, compiled for `device`
   (`target_device()` is `device` while the mixer is traced)."""
   fn = lambda u, a, b, w, i: mixer(u, a, b, w, i, 1.0)  # noqa: E731
   token = _COSTED_FOR.set(device)
   try:
-    compiled = jax.jit(fn).lower(*layer.arguments(device)).compile()
+    with _without_context_mesh():  # the candidate is compiled for one device, not for the caller's mesh
+      compiled = jax.jit(fn).lower(*layer.arguments(device)).compile()
   finally:
     _COSTED_FOR.reset(token)
   big = [b for b in loop_state_bytes(compiled.as_text()) if b > LOOP_STATE_BYTES]

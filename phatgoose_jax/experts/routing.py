@@ -361,15 +361,21 @@ def layer_shape(u, lora_b, index) -> cost.LayerShape:
                          jnp.dtype(u.dtype).name)
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
-  """The routed LoRA update of one linear layer: scores -> top-k weights -> mixed expert outputs.
+def choose(u, router, *, top_k, score="standardized", rows=None) -> tuple[jax.Array, jax.Array]:
+  """The routing choice of one linear layer: scores -> top-k (weights [..., k], index [..., k]).
 
   With score 'per_row', `router` is `{score: vectors}` over ROW_SCORES and `rows` the batch's `RowRouting`
-  (`row_scores`, each row's own top-k). Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
-  """
+  (`row_scores`, each row's own top-k)."""
   if score == "per_row":
-    weights, index = top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None])
-  else:
-    weights, index = top_k_weights(SCORES[score](u, router), top_k)
+    return top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None])
+  return top_k_weights(SCORES[score](u, router), top_k)
+
+
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
+  """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed.
+
+  Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
+  """
+  weights, index = choose(u, router, top_k=top_k, score=score, rows=rows)
   update = mixer(resolve_impl(impl, layer=layer_shape(u, lora_b, index)))(u, lora_a, lora_b, weights, index, scale)
   return update, weights, index

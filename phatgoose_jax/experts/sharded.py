@@ -1,22 +1,17 @@
-"""Expert parallelism for the routed layer: each device mixes only the experts it holds (algorithm.md §4).
+"""The routed layer on a device mesh: every device routes its own share of the tokens (algorithm.md §4).
 
-With the stacked experts split over the 'expert' mesh axis into n shards of E/n experts, the routed update
-of `routing.route` is a sum over shards of the same mix restricted to each shard's experts:
-
-  y = sum_j w_j (B_{i_j} A_{i_j} u) scale = psum_s sum_{j : i_j in shard s} w_j (B_{i_j} A_{i_j} u) scale
-
-so inside a `shard_map` each device runs the ordinary mixer (`routing.mixer`) on its E/n experts, the
-(token, choice) pairs routed to other shards carrying weight 0, and one psum over 'expert' adds the shards
-up. The routing choice (scores against all E router vectors, top-k) is made outside, on the whole router,
-exactly as the unsharded layer makes it; tokens are replicated across the 'expert' axis inside the mix
-(gathered when the batch is split over it) and split over 'data' when it divides them.
-
-When the flax logical-axis rules are in context (`nn.logical_axis_rules`), the LoRA dimensions keep their
-'model' split inside the mix: an output split over 'model' stays split, and an input split over 'model'
-gives partial sums (`u A` is linear in `u`) that the same psum completes. Without rules they are gathered.
-The layer takes this path when the context mesh (`jax.set_mesh`) has an 'expert' axis of size > 1.
+Inside the routed layer the tokens are split over every mesh axis that divides them: the activations' batch
+axes ('data', 'expert'), and 'model' too, which the plain matmul splits by weight columns instead. Each device
+scores its tokens against all E router vectors, keeps their top-k and mixes their chosen experts with the
+ordinary functions (`routing.choose`, `routing.mixer`, inside a `shard_map`: the megablox kernel cannot be
+partitioned automatically), so every (token, choice) pair is routed and computed once, on one device, with
+the arithmetic of the unsharded layer. The layer's experts and router vectors, stored split over 'expert'
+(each device holds E/n experts) and their wide dimension over 'model', are gathered whole for the layer, in
+the compute dtype: E r (d_in + d_out) values move instead of the tokens' rows. The layer takes this path
+whenever the context mesh (`jax.set_mesh`) has more than one device; the model's programs are compiled with
+`mesh_jit`, which traces them under the mesh their arguments are laid out on.
 """
-import dataclasses
+import contextlib
 import math
 from typing import Optional
 
@@ -25,84 +20,101 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from phatgoose_jax.experts import routing
+from phatgoose_jax.experts import cost, routing
 
 EXPERT_AXIS = "expert"
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
-def expert_mesh() -> Optional[jax.sharding.AbstractMesh]:
-  """The context mesh when it splits experts (an 'expert' axis of size > 1), else None."""
+def context_mesh() -> Optional[jax.sharding.AbstractMesh]:
+  """The context mesh when it has more than one device, else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+  if mesh.empty or mesh.size == 1:
     return None
   return mesh
 
 
-def _axes_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+def on_mesh(tree) -> contextlib.AbstractContextManager:
+  """`jax.set_mesh` of the mesh `tree`'s first array (or shape struct) is laid out on, when that mesh has more
+  than one device and `tree` is not being traced; else no context."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.core.Tracer):
+      break
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+      return jax.set_mesh(sharding.mesh)
+    if sharding is not None:
+      break
+  return contextlib.nullcontext()
 
 
-def _split_if_divides(mesh, axes, size: int):
-  """`axes` when they are mesh axes whose size divides `size`, else None (replicated)."""
-  if axes is None or any(a not in mesh.shape for a in ((axes,) if isinstance(axes, str) else axes)):
-    return None
-  return axes if size % _axes_size(mesh, axes) == 0 else None
+class _MeshJit:
+  """A `jax.jit` function called and lowered under its arguments' mesh (`on_mesh`)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  def __call__(self, *args, **kwargs):
+    with on_mesh((args, kwargs)):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with on_mesh((args, kwargs)):
+      return self.jitted.lower(*args, **kwargs)
+
+  def __getattr__(self, name):  # the jitted function's own attributes (`_cache_size`, `eval_shape`, ...)
+    return getattr(self.jitted, name)
 
 
-def _model_axes(mesh, kernel_axes, d_in: int, d_out: int) -> tuple:
-  """(mesh axes of d_in, of d_out) inside the mix: from the context rules, at most one of them split."""
+def mesh_jit(fn=None, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` traced under the mesh its arguments are on, so the routed layer sees that mesh
+  as its context; usable as a decorator with keyword arguments."""
+  if fn is None:
+    return lambda f: mesh_jit(f, **jit_kwargs)
+  return _MeshJit(jax.jit(fn, **jit_kwargs))
+
+
+def token_axes(mesh, tokens: int) -> Optional[tuple]:
+  """The mesh axes the routed layer splits `tokens` over: the activations' batch axes (the rules' 'batch',
+  default ('data', 'expert')) and 'model', else fewer of them (the batch axes, then 'data' alone) where their
+  product does not divide `tokens`; None (every device routes every token) when none divides."""
   rules = nn.get_logical_axis_rules()
-  if not rules or kernel_axes is None:
-    return None, None
-  in_axes, out_axes = nn.logical_to_mesh_axes(kernel_axes, rules)
-  in_axes, out_axes = _split_if_divides(mesh, in_axes, d_in), _split_if_divides(mesh, out_axes, d_out)
-  if EXPERT_AXIS in (in_axes, out_axes) or DATA_AXIS in (in_axes, out_axes):
-    return None, None
-  return (None, out_axes) if out_axes is not None else (in_axes, None)
+  batch = nn.logical_to_mesh_axes(("batch",), rules)[0] if rules else (DATA_AXIS, EXPERT_AXIS)
+  batch = tuple(a for a in ((batch,) if isinstance(batch, str) else batch or ()) if a in mesh.shape)
+  for axes in (batch + (MODEL_AXIS,) * (MODEL_AXIS in mesh.shape and MODEL_AXIS not in batch), batch,
+               (DATA_AXIS,) * (DATA_AXIS in mesh.shape)):
+    if axes and tokens % math.prod(mesh.shape[a] for a in axes) == 0:
+      return axes
+  return None
 
 
-def mix(u, lora_a, lora_b, weights, index, scale, *, impl="auto", kernel_axes=None):
-  """The routed mix of `routing.mixer(impl)` with the experts split over the context mesh's 'expert' axis.
-
-  Same arguments and result as the mixers; `kernel_axes` are the layer kernel's logical (input, output)
-  names. Equal to the unsharded mix up to float summation order.
-  """
-  mesh = expert_mesh()
-  if lora_a.shape[0] % mesh.shape[EXPERT_AXIS]:
-    raise ValueError(f"{lora_a.shape[0]} experts cannot be split over an 'expert' mesh axis of size "
-                     f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
-  lead, d_in, d_out = u.shape[:-1], u.shape[-1], lora_b.shape[-1]
-  tokens = math.prod(lead)
-  tok = _split_if_divides(mesh, DATA_AXIS, tokens)
-  layer = dataclasses.replace(routing.layer_shape(u, lora_b, index), tokens=tokens // _axes_size(mesh, tok),
-                              experts=lora_a.shape[0] // mesh.shape[EXPERT_AXIS])  # one device's share
-  mixer = routing.mixer(routing.resolve_impl(impl, layer=layer))
-  in_axes, out_axes = _model_axes(mesh, kernel_axes, d_in, d_out)
-  reduce_axes = (EXPERT_AXIS,) + ((in_axes,) if isinstance(in_axes, str) else tuple(in_axes or ()))
-
-  def local(u, lora_a, lora_b, weights, index):
-    num_local = lora_a.shape[0]
-    offset = index - jax.lax.axis_index(EXPERT_AXIS) * num_local
-    mine = (offset >= 0) & (offset < num_local)
-    y = mixer(u, lora_a, lora_b, jnp.where(mine, weights, 0), jnp.where(mine, offset, 0), scale)
-    return jax.lax.psum(y, reduce_axes)
-
-  k = index.shape[-1]
-  out = jax.shard_map(
-      local, mesh=mesh, out_specs=PartitionSpec(tok, out_axes), check_vma=False,
-      in_specs=(PartitionSpec(tok, in_axes), PartitionSpec(EXPERT_AXIS, in_axes, None),
-                PartitionSpec(EXPERT_AXIS, None, out_axes), PartitionSpec(tok, None), PartitionSpec(tok, None)),
-  )(u.reshape(tokens, d_in), lora_a, lora_b, weights.reshape(tokens, k), index.reshape(tokens, k))
-  return out.reshape(*lead, d_out)
-
-
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", kernel_axes=None):
-  """`routing.route` with the experts split over the context mesh's 'expert' axis (see the module docstring).
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
+  """`routing.route` on the context mesh (see the module docstring): the same arguments and results, equal to
+  the unsharded layer's up to the mixer `auto` takes for one device's share of the tokens.
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
-  weights, index = routing.top_k_weights(routing.SCORES[score](u, router), top_k)
-  return mix(u, lora_a, lora_b, weights, index, scale, impl=impl, kernel_axes=kernel_axes), weights, index
+  mesh = context_mesh()
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  tokens = math.prod(lead)
+  tok = token_axes(mesh, tokens)
+  share = tokens // (math.prod(mesh.shape[a] for a in tok) if tok else 1)
+  num_experts, rank, d_out = lora_b.shape
+  layer = cost.LayerShape(share, d_in, d_out, num_experts, rank, top_k, jnp.dtype(u.dtype).name)
+  mixer = routing.mixer(routing.resolve_impl(impl, layer=layer))
+  if rows is not None:  # each token carries its row's routing (a row's tokens are contiguous)
+    rows = routing.RowRouting(*(jnp.repeat(x, tokens // x.shape[0], axis=0) for x in rows))
+
+  def local(u, router, lora_a, lora_b, rows):
+    weights, index = routing.choose(u[:, None], router, top_k=top_k, score=score, rows=rows)
+    weights, index = weights[:, 0], index[:, 0]
+    return mixer(u, lora_a, lora_b, weights, index, scale), weights, index
+
+  split, whole = PartitionSpec(tok), PartitionSpec()
+  update, weights, index = jax.shard_map(
+      local, mesh=mesh, check_vma=False, out_specs=(split, split, split),
+      in_specs=(split, jax.tree.map(lambda _: whole, router), whole, whole,
+                None if rows is None else routing.RowRouting(split, split, split)),
+  )(u.reshape(tokens, d_in), router, lora_a.astype(u.dtype), lora_b.astype(u.dtype), rows)
+  return update.reshape(*lead, -1), weights.reshape(*lead, top_k), index.reshape(*lead, top_k)

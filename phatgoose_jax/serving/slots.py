@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phatgoose_jax import text_model
+from phatgoose_jax.experts import sharded
 from phatgoose_jax.models import EOS_ID, sample_step
 
 SELF_KV, CROSS_KV = ("cached_key", "cached_value"), ("cross_key", "cross_value")
@@ -241,9 +242,9 @@ def _compiled(mesh) -> tuple:
   """(admit, step) jitted with every output replicated on `mesh` (None: placed as XLA places them), so that the
   state a program gives back is laid out as a fresh one: no layout of the state compiles a second program."""
   out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return (jax.jit(_admit, static_argnames=("model",), donate_argnames=("state",), out_shardings=out),
-          jax.jit(_step, static_argnames=("model", "cache_window", "input_window"), donate_argnames=("state",),
-                  out_shardings=out))
+  return (sharded.mesh_jit(_admit, static_argnames=("model",), donate_argnames=("state",), out_shardings=out),
+          sharded.mesh_jit(_step, static_argnames=("model", "cache_window", "input_window"),
+                           donate_argnames=("state",), out_shardings=out))
 
 
 def programs(variables) -> tuple:

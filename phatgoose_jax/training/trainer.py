@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
 from phatgoose_jax import aot, distributed, host_memory, partitioning
+from phatgoose_jax.experts import sharded
 from phatgoose_jax.training import optimizers
 
 LossFn = Callable[[Any, dict, jax.Array], tuple]
@@ -199,8 +200,8 @@ class Trainer:
     self.state = {"step": step, "params": params, "opt_state": jax.eval_shape(init_opt, params)} if self.abstract \
         else {"step": jax.device_put(jnp.zeros((), jnp.int32), self._replicated), "params": params,
               "opt_state": init_opt(params)}
-    self._train_step = jax.jit(self._step, in_shardings=(self._state_sh, frozen_sh, self._batch_sh),
-                               out_shardings=(self._state_sh, self._replicated), donate_argnums=(0,))
+    self._train_step = sharded.mesh_jit(self._step, in_shardings=(self._state_sh, frozen_sh, self._batch_sh),
+                                        out_shardings=(self._state_sh, self._replicated), donate_argnums=(0,))
 
     if self.abstract and workdir:
       raise ValueError("a Trainer of abstract variables (shapes only) compiles its step and writes nothing: "
