@@ -31,10 +31,14 @@ ARROW_TEMPERATURE = 10.0
 
 
 def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(mean(x), 1 / sqrt(var(x) + 1e-5)) over the last axis in float32, kept as [..., 1]."""
+  """(mean(x), 1 / sqrt(var(x) + 1e-5)) over the last axis in float32, kept as [..., 1].
+
+  One pass over x: var(x) = mean(x^2) - mean(x)^2 (flax's LayerNorm `use_fast_variance`), so both sums share
+  one read of the activation (XLA:TPU's cost analysis counts the two-pass variance at ~6x u's bytes, this at
+  ~1x; for a [16384, 2048] u, 403 MB against 70 MB)."""
   x = x.astype(jnp.float32)
-  mean, var = jnp.mean(x, axis=-1, keepdims=True), jnp.var(x, axis=-1, keepdims=True)
-  return mean, jax.lax.rsqrt(var + STANDARDIZE_EPS)
+  mean, mean_square = jnp.mean(x, axis=-1, keepdims=True), jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  return mean, jax.lax.rsqrt(jnp.maximum(mean_square - jnp.square(mean), 0.0) + STANDARDIZE_EPS)
 
 
 def standardize(x: jax.Array) -> jax.Array:
