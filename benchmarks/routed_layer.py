@@ -3,6 +3,7 @@
 Usage: python benchmarks/routed_layer.py [--experts 36,166] [--shapes 2048x2048,5120x2048] [--tokens 2048]
          [--rank 16] [--top_k 2] [--rounds 9] [--impls blocks,gather,dense,ragged] [--json]
        JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:2x2 [--impls ragged,blocks@128,grouped]
+       JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:4x4 --mesh 1,4,4 [--impls auto,grouped]
 
 For each (E, d_in x d_out) it prints the median time of the plain layer and of each routed implementation
 (router scores + top-k + mixed LoRA outputs + the plain layer), their ratio, the min-max spread, the FLOP
@@ -20,18 +21,24 @@ roofline time, max(FLOPs / peak, bytes accessed / bandwidth) (`cost.roofline_sec
 routed / plain roofline, FLOP and byte ratios and compile seconds per implementation (names of
 `routing.mixer`: blocks@128 is the one-chunk blocks path with 128-row blocks, grouped the megablox kernel).
 A program that keeps a while loop over more than 1 MiB of state is marked "loop": XLA counts a loop body
-once, so its figures are a lower bound. --max_gib does not apply (nothing is allocated).
+once, so its figures are a lower bound. --max_gib does not apply (nothing is allocated). With --mesh D,M,E
+the model's own linear layer (`ExpertDense`, plain and routed, logical rules in context) is compiled on a
+(data, model, expert) mesh of all the topology's chips, --tokens split as the batch is: per-chip figures of the
+routed layer as the model runs on that mesh (`experts/sharded.py`).
 """
 import sys
 import time
 
-import numpy as np
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import common
-from phatgoose_jax import aot
+from phatgoose_jax import aot, partitioning, utils
 from phatgoose_jax.experts import cost, routing
+from phatgoose_jax.experts.config import ExpertConfig
+from phatgoose_jax.experts.lora import ExpertDense
 
 SLOW = ("gather", "dense", "ragged")
 
@@ -110,6 +117,39 @@ def _estimate(experts, d_in, d_out, device, args):
           "least": min(routed, key=lambda i: (routed[i]["loop"], routed[i]["roofline_s"]))}
 
 
+def kernel_axes(d_in, d_out):
+  """An XL layer's logical kernel axes: a wider output splits over 'model' (wi), a wider input too (wo)."""
+  return ("mlp", "embed") if d_in > d_out else ("embed", "mlp")
+
+
+def estimate_on_mesh(experts, d_in, d_out, devices, args):
+  """The compiler's per-chip figures of the model's own linear layer (`ExpertDense`, plain and routed) on the
+  (data, model, expert) mesh of --mesh over the topology's devices, laid out by the standard logical rules:
+  the routed layer as the model runs it there (`experts/sharded.py`)."""
+  mesh, rules = utils.sharding(mesh=partitioning.make_mesh(*map(int, args.mesh.split(",")), devices=devices))
+  length = min(args.tokens, 512)
+  shape = (args.tokens // length, length, d_in)
+  figures = {}
+  for mode, impls in (("none", ["plain"]), ("routed", args.impls)):
+    for impl in impls:
+      config = ExpertConfig(mode=mode, num_experts=experts, top_k=args.top_k, rank=args.rank,
+                            impl="auto" if mode == "none" else impl, targets=("query",))
+      layer = ExpertDense(features=d_out, kernel_axes=kernel_axes(d_in, d_out), experts=config, dtype=args.dtype,
+                          name="query")
+      boxed = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros(shape, args.dtype)))
+      variables = aot.abstract(partitioning.unbox(boxed), partitioning.variables_shardings(boxed, mesh, rules))
+      variables["params"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, args.dtype, sharding=x.sharding),
+                                         variables["params"])
+      spec = nn.logical_to_mesh_axes(("batch", "length", kernel_axes(d_in, d_out)[0]), rules)
+      u = jax.ShapeDtypeStruct(shape, args.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        figures[impl] = compiled_figures(layer.apply, (variables, u), devices[0].device_kind)
+  plain = figures.pop("plain")
+  return {"experts": experts, "d_in": d_in, "d_out": d_out, "mesh": dict(mesh.shape), "plain": plain,
+          "routed": figures, "flop_bound": flop_bound(d_in, d_out, args.rank, experts, args.top_k),
+          "ratio": {i: f["roofline_s"] / plain["roofline_s"] for i, f in figures.items()}}
+
+
 def topology_table(result, args):
   header = ["E", "layer", "plain us"] + [f"{i} (FLOPs, bytes, compile s)" for i in args.impls] + ["FLOP bound",
                                                                                                    "target"]
@@ -137,6 +177,8 @@ def main():
   p.add_argument("--max_gib", type=float, default=2.0)
   p.add_argument("--topology", default=None, help="compile for one chip of this TPU topology, e.g. v5e:2x2")
   p.add_argument("--dtype", default=None, help="default float32 (CPU), bfloat16 (--topology)")
+  p.add_argument("--mesh", default=None, help="with --topology: the (data, model, expert) sizes of a mesh over all "
+                                              "its chips; the model's layer is compiled there (default: one chip)")
   args = p.parse_args()
   on_tpu = args.topology is not None
   args.tokens = args.tokens or (16384 if on_tpu else 2048)
@@ -148,9 +190,10 @@ def main():
   if unknown:
     p.exit(2, f"routed_layer.py: unknown --impls {unknown}; choose from {names}\n")
   try:
-    device = aot.target_devices(args.topology)[0] if on_tpu else None
+    devices = aot.target_devices(args.topology) if on_tpu else None
   except aot.TopologyError as e:
     p.exit(2, f"routed_layer.py: {e}\n")
+  device = devices[0] if on_tpu else None
   result = {"benchmark": "routed_layer", "machine": common.machine(), "tokens": args.tokens, "rank": args.rank,
             "top_k": args.top_k, "dtype": args.dtype.name, "topology": args.topology,
             "device_kind": device.device_kind if on_tpu else None,
@@ -158,11 +201,15 @@ def main():
   for experts in map(int, args.experts.split(",")):
     for shape in args.shapes.split(","):
       d_in, d_out = map(int, shape.split("x"))
-      result["cases"].append(estimate(experts, d_in, d_out, device, args) if on_tpu
-                             else measure(experts, d_in, d_out, args))
+      if args.mesh:
+        result["cases"].append(estimate_on_mesh(experts, d_in, d_out, devices, args))
+      else:
+        result["cases"].append(estimate(experts, d_in, d_out, device, args) if on_tpu
+                               else measure(experts, d_in, d_out, args))
   if on_tpu:
     header, rows = topology_table(result, args)
-    common.emit(result, args.json, header, rows, [f"compiled for one {device.device_kind} chip of {args.topology}, "
+    where = f"per chip of the mesh {args.mesh} (data, model, expert)" if args.mesh else "for one chip"
+    common.emit(result, args.json, header, rows, [f"compiled {where} of {args.topology} ({device.device_kind}), "
                                                   f"{args.dtype.name}, {args.tokens} tokens; ratios of roofline time"])
     return
   header = ["E", "layer", "plain ms", "GFLOP/s"] + [f"{i} (spread)" for i in args.impls] + ["FLOP bound"]
