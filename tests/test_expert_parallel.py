@@ -5,6 +5,7 @@ layer's.
 The 8-device part runs in a subprocess (`python tests/test_expert_parallel.py OUT`) started with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`, since the flag must be set before jax is imported.
 """
+import functools
 import json
 import os
 import pathlib
@@ -37,16 +38,16 @@ def make_inputs():
       lambda box: box.replace_boxed(jax.random.normal(next(keys), box.value.shape) * 0.5), variables["experts"],
       is_leaf=lambda x: isinstance(x, nn.Partitioned))
   rng = np.random.default_rng(0)
-  targets = rng.integers(2, 256, (4, 6), dtype=np.int32)
-  batch = {"encoder_input_tokens": rng.integers(2, 256, (4, 5), dtype=np.int32),
+  targets = rng.integers(2, 256, (8, 6), dtype=np.int32)  # 48 and 40 tokens: the experts move (E r = 16)
+  batch = {"encoder_input_tokens": rng.integers(2, 256, (8, 5), dtype=np.int32),
            "decoder_target_tokens": targets, "decoder_input_tokens": models.shift_right(targets)}
   return variables, batch
 
 
-def layer_inputs():
-  """One routed layer's input, router and experts: u [4, 6, 16], E = 4, r = 4, d_out = 24."""
+def layer_inputs(batch):
+  """One routed layer's input, router and experts: u [batch, 6, 16], E = 4, r = 4, d_out = 24."""
   rng = np.random.default_rng(0)
-  shapes = [(4, 6, 16), (4, 16), (4, 16, 4), (4, 4, 24)]
+  shapes = [(batch, 6, 16), (4, 16), (4, 16, 4), (4, 4, 24)]
   return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
 
 
@@ -73,13 +74,18 @@ def child(out: pathlib.Path):
   logits, placed, jaxpr = sharded_outputs(variables, batch, mesh, rules)
   grads = {}
   # The layer's input split over the batch axes only (a query's input) and over 'model' too (an output
-  # projection's input), the experts split over 'expert' and their d_in over 'model' as stored.
-  inputs = layer_inputs()
-  for name, u_spec in (("in_split", P(("data", "expert"), None, "model")), ("batch_split", P(("data", "expert")))):
-    placed_inputs = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in
-                     zip(inputs, (u_spec, P("expert", "model"), P("expert", "model"), P("expert")))]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      grads[name] = layer_grads(sharded.route, placed_inputs)
+  # projection's input), the experts split over 'expert' and their d_in over 'model' as stored; 4 rows of 6
+  # tokens move their tokens to the experts (E r = 16 > 24 / data), 8 rows move the experts.
+  for batch, layout in ((4, "experts_stay"), (8, "tokens_stay")):
+    inputs = layer_inputs(batch)
+    assert sharded.moves_experts(mesh, batch * 6, 4, 4) == (layout == "tokens_stay")
+    for split, axes in (("in_split", ("mlp", "embed")), ("batch_split", ("embed", "mlp"))):
+      u_spec = P(("data", "expert"), None, "model") if split == "in_split" else P(("data", "expert"))
+      placed_inputs = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in
+                       zip(inputs, (u_spec, P("expert", "model"), P("expert", "model"), P("expert")))]
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        grads[f"{layout}_{split}"] = layer_grads(functools.partial(sharded.route, kernel_axes=axes),
+                                                 placed_inputs)
   shapes = {"/".join(p.key for p in path): sorted({tuple(s.data.shape) for s in x.addressable_shards})
             for path, x in jax.tree_util.tree_leaves_with_path(placed)}
   np.savez(out / "sharded.npz", logits=np.asarray(logits),
@@ -111,11 +117,12 @@ def test_sharded_experts_equal_the_unsharded_model(tmp_path):
   logits = models.EncoderDecoderModel(CONFIG, EXPERTS).logits(partitioning.unbox(variables), batch)
   np.testing.assert_allclose(got["logits"], logits, rtol=1e-5, atol=1e-5)
   # An input split over 'model' (partial sums) and an output split over it: both equal one device's grads.
-  grads = layer_grads(routing.route, layer_inputs())
-  for name in ("in_split", "batch_split"):
-    for i, g in enumerate(grads):
-      scale = float(np.abs(g).max())
-      np.testing.assert_allclose(got[f"{name}_{i}"] / scale, g / scale, atol=1e-6, err_msg=f"{name} {i}")
+  for batch, layout in ((4, "experts_stay"), (8, "tokens_stay")):
+    grads = layer_grads(routing.route, layer_inputs(batch))
+    for name in (f"{layout}_in_split", f"{layout}_batch_split"):
+      for i, g in enumerate(grads):
+        scale = float(np.abs(g).max())
+        np.testing.assert_allclose(got[f"{name}_{i}"] / scale, g / scale, atol=1e-6, err_msg=f"{name} {i}")
 
 
 if __name__ == "__main__":

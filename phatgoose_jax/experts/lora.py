@@ -15,6 +15,7 @@ happened: `activations` (each target layer's input `u`, for average-activation r
 `intermediates` (`route_index`, `route_weights`: the chosen experts, for routing statistics). Our `lora_a` is the paper's A
 transposed and `lora_b` its B transposed: `B A u` is `(u @ lora_a) @ lora_b`.
 """
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -140,7 +141,7 @@ class ExpertDense(nn.Module):
                                           jnp.full(b, self.experts.top_k, jnp.int32))
     route = routing.route
     if sharded.context_mesh() is not None:  # on a mesh: each device mixes its own tokens
-      route = sharded.route
+      route = functools.partial(sharded.route, kernel_axes=self.kernel_axes)
     update, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
                                    score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl,
                                    rows=expert_weights if per_row else None)

@@ -1,17 +1,29 @@
-"""The routed layer on a device mesh: every device routes its own share of the tokens (algorithm.md §4).
+"""The routed layer on a device mesh (algorithm.md §4): the tokens' rows or the experts move, whichever is less.
 
-Inside the routed layer the tokens are split over every mesh axis that divides them: the activations' batch
-axes ('data', 'expert'), and 'model' too, which the plain matmul splits by weight columns instead. Each device
-scores its tokens against all E router vectors, keeps their top-k and mixes their chosen experts with the
-ordinary functions (`routing.choose`, `routing.mixer`, inside a `shard_map`: the megablox kernel cannot be
-partitioned automatically), so every (token, choice) pair is routed and computed once, on one device, with
-the arithmetic of the unsharded layer. The layer's experts and router vectors, stored split over 'expert'
-(each device holds E/n experts) and their wide dimension over 'model', are gathered whole for the layer, in
-the compute dtype: E r (d_in + d_out) values move instead of the tokens' rows. The layer takes this path
-whenever the context mesh (`jax.set_mesh`) has more than one device; the model's programs are compiled with
-`mesh_jit`, which traces them under the mesh their arguments are laid out on.
+Two layouts, chosen per layer from what would move (`moves_experts`):
+
+* Tokens stay (a long sequence: E r < the tokens of one data shard). Inside the routed layer the tokens are
+  split over every mesh axis that divides them: the activations' batch axes ('data', 'expert'), and 'model'
+  too, which the plain matmul splits by weight columns instead. Each device scores its tokens against all E
+  router vectors, keeps their top-k and mixes their chosen experts with the ordinary functions
+  (`routing.choose`, `routing.mixer`, inside a `shard_map`: the megablox kernel cannot be partitioned
+  automatically), so every (token, choice) pair is routed and computed once, with the arithmetic of the
+  unsharded layer. The layer's experts and router vectors, stored split over 'expert' (E/n per device) and
+  their wide dimension over 'model', are gathered whole for the layer: E r (d_in + d_out) values move.
+* Experts stay (a decoding step's few tokens). The routing choice is made outside on the whole router, as the
+  unsharded layer makes it; each device mixes every token of its data shard (gathered over 'expert') with
+  only the E/n experts it holds, the pairs routed to other shards carrying weight 0, and one psum over
+  'expert' adds the shards up:
+    y = sum_j w_j (B_{i_j} A_{i_j} u) scale = psum_s sum_{j : i_j in shard s} w_j (B_{i_j} A_{i_j} u) scale.
+  With the flax logical-axis rules in context (`nn.logical_axis_rules`), an output split over 'model' stays
+  split, and an input split over 'model' gives partial sums (`u A` is linear in `u`) that the same psum
+  completes.
+
+The layer takes this path whenever the context mesh (`jax.set_mesh`) has more than one device; the model's
+programs are compiled with `mesh_jit`, which traces them under the mesh their arguments are laid out on.
 """
 import contextlib
+import dataclasses
 import math
 from typing import Optional
 
@@ -84,25 +96,72 @@ def token_axes(mesh, tokens: int) -> Optional[tuple]:
   batch = tuple(a for a in ((batch,) if isinstance(batch, str) else batch or ()) if a in mesh.shape)
   for axes in (batch + (MODEL_AXIS,) * (MODEL_AXIS in mesh.shape and MODEL_AXIS not in batch), batch,
                (DATA_AXIS,) * (DATA_AXIS in mesh.shape)):
-    if axes and tokens % math.prod(mesh.shape[a] for a in axes) == 0:
+    if axes and tokens % _axes_size(mesh, axes) == 0:
       return axes
   return None
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
+def _axes_size(mesh, axes) -> int:
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def _split_if_divides(mesh, axes, size: int):
+  """`axes` when they are mesh axes whose size divides `size`, else None (replicated)."""
+  if axes is None or any(a not in mesh.shape for a in ((axes,) if isinstance(axes, str) else axes)):
+    return None
+  return axes if size % _axes_size(mesh, axes) == 0 else None
+
+
+def _model_axes(mesh, kernel_axes, d_in: int, d_out: int) -> tuple:
+  """(mesh axes of d_in, of d_out) inside the experts-stay mix: from the context rules, at most one split."""
+  rules = nn.get_logical_axis_rules()
+  if not rules or kernel_axes is None:
+    return None, None
+  in_axes, out_axes = nn.logical_to_mesh_axes(kernel_axes, rules)
+  in_axes, out_axes = _split_if_divides(mesh, in_axes, d_in), _split_if_divides(mesh, out_axes, d_out)
+  if EXPERT_AXIS in (in_axes, out_axes) or DATA_AXIS in (in_axes, out_axes):
+    return None, None
+  return (None, out_axes) if out_axes is not None else (in_axes, None)
+
+
+def moves_experts(mesh, tokens: int, num_experts: int, rank: int) -> bool:
+  """Whether the layer gathers its experts (tokens stay): when E r values per width are fewer than the token
+  rows one data shard would gather over 'expert' (tokens / data), and the experts are split at all."""
+  if mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    return True
+  return num_experts * rank < tokens // mesh.shape.get(DATA_AXIS, 1)
+
+
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None,
+          kernel_axes=None):
   """`routing.route` on the context mesh (see the module docstring): the same arguments and results, equal to
-  the unsharded layer's up to the mixer `auto` takes for one device's share of the tokens.
+  the unsharded layer's up to float summation order and the mixer `auto` takes for one device's share.
+  `kernel_axes` are the layer kernel's logical (input, output) names.
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
   mesh = context_mesh()
+  num_experts, rank = lora_b.shape[:2]
+  if num_experts % mesh.shape.get(EXPERT_AXIS, 1):
+    raise ValueError(f"{num_experts} experts cannot be split over an 'expert' mesh axis of size "
+                     f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
+  if moves_experts(mesh, math.prod(u.shape[:-1]), num_experts, rank):
+    return _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows)
+  weights, index = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
+  return _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes), weights, index
+
+
+def _layer(tokens, u, lora_b, top_k, **shares) -> cost.LayerShape:
+  num_experts, rank, d_out = lora_b.shape
+  layer = cost.LayerShape(tokens, u.shape[-1], d_out, num_experts, rank, top_k, jnp.dtype(u.dtype).name)
+  return dataclasses.replace(layer, **shares)
+
+
+def _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows):
   lead, d_in = u.shape[:-1], u.shape[-1]
   tokens = math.prod(lead)
   tok = token_axes(mesh, tokens)
-  share = tokens // (math.prod(mesh.shape[a] for a in tok) if tok else 1)
-  num_experts, rank, d_out = lora_b.shape
-  layer = cost.LayerShape(share, d_in, d_out, num_experts, rank, top_k, jnp.dtype(u.dtype).name)
-  mixer = routing.mixer(routing.resolve_impl(impl, layer=layer))
+  mixer = routing.mixer(routing.resolve_impl(impl, layer=_layer(tokens // _axes_size(mesh, tok), u, lora_b, top_k)))
   if rows is not None:  # each token carries its row's routing (a row's tokens are contiguous)
     rows = routing.RowRouting(*(jnp.repeat(x, tokens // x.shape[0], axis=0) for x in rows))
 
@@ -118,3 +177,28 @@ def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl
                 None if rows is None else routing.RowRouting(split, split, split)),
   )(u.reshape(tokens, d_in), router, lora_a.astype(u.dtype), lora_b.astype(u.dtype), rows)
   return update.reshape(*lead, -1), weights.reshape(*lead, top_k), index.reshape(*lead, top_k)
+
+
+def _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes):
+  lead, d_in, d_out = u.shape[:-1], u.shape[-1], lora_b.shape[-1]
+  tokens, k = math.prod(lead), index.shape[-1]
+  tok = _split_if_divides(mesh, DATA_AXIS, tokens)
+  in_axes, out_axes = _model_axes(mesh, kernel_axes, d_in, d_out)
+  layer = _layer(tokens // _axes_size(mesh, tok), u, lora_b, k,
+                 experts=lora_b.shape[0] // mesh.shape[EXPERT_AXIS])  # one device's share
+  mixer = routing.mixer(routing.resolve_impl(impl, layer=layer))
+  reduce_axes = (EXPERT_AXIS,) + ((in_axes,) if isinstance(in_axes, str) else tuple(in_axes or ()))
+
+  def local(u, lora_a, lora_b, weights, index):
+    num_local = lora_a.shape[0]
+    offset = index - jax.lax.axis_index(EXPERT_AXIS) * num_local
+    mine = (offset >= 0) & (offset < num_local)
+    y = mixer(u, lora_a, lora_b, jnp.where(mine, weights, 0), jnp.where(mine, offset, 0), scale)
+    return jax.lax.psum(y, reduce_axes)
+
+  out = jax.shard_map(
+      local, mesh=mesh, out_specs=PartitionSpec(tok, out_axes), check_vma=False,
+      in_specs=(PartitionSpec(tok, in_axes), PartitionSpec(EXPERT_AXIS, in_axes, None),
+                PartitionSpec(EXPERT_AXIS, None, out_axes), PartitionSpec(tok, None), PartitionSpec(tok, None)),
+  )(u.reshape(tokens, d_in), lora_a, lora_b, weights.reshape(tokens, k), index.reshape(tokens, k))
+  return out.reshape(*lead, d_out)
