@@ -32,8 +32,9 @@ ones). The key is stored with each checkpoint, so a resumed run selects as an un
 Multi-host: every process runs the same loop. `batch_fn(s)` returns this process's rows of step s's
 batch (`partitioning.process_batch_rows`; the whole batch on one process), from which each step builds the
 global batch with `jax.make_array_from_process_local_data`; orbax saves and restores across processes, and
-only process 0 writes TensorBoard events and the progress bar. Steps and `eval_fn` run with the trainer's
-mesh as the context mesh (`jax.set_mesh`), so experts split over its 'expert' axis mix per shard.
+only process 0 writes TensorBoard events and the progress bar. The step is compiled under the mesh its state
+is laid out on (`sharded.mesh_jit`) and `eval_fn` runs with the trainer's mesh as the context mesh
+(`jax.set_mesh`), so a routed layer there routes on the mesh (experts/sharded.py).
 """
 import logging
 import os
@@ -404,9 +405,8 @@ class Trainer:
       batch = batch_fn(step)
       if step == first:
         self._check_batch(batch)
-      with jax.set_mesh(self.mesh):
-        batch = self.global_batch(batch)
-        self.state, metrics = self._compiled_step(batch)(self.state, self.frozen, batch)
+      batch = self.global_batch(batch)
+      self.state, metrics = self._compiled_step(batch)(self.state, self.frozen, batch)
       step += 1
       bar.update(1)
       if step % self.log_every == 0 or step == num_steps:
