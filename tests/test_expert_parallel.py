@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec as P
+from t5x import partitioning as t5x_partitioning
 
 from phatgoose_jax import models, partitioning
 from phatgoose_jax.experts import routing, sharded
@@ -72,6 +73,10 @@ def child(out: pathlib.Path):
   mesh = partitioning.make_mesh(*MESH)
   rules = partitioning.standard_logical_axis_rules()
   logits, placed, jaxpr = sharded_outputs(variables, batch, mesh, rules)
+  # t5x's partitioner calls and lowers its programs under `with Mesh(...)`, not `jax.set_mesh`.
+  t5x_logits = lambda v: models.EncoderDecoderModel(CONFIG, EXPERTS).logits(v, batch)
+  t5x_fn = t5x_partitioning.PjittedFnWithContext(jax.jit(t5x_logits), mesh, rules)
+  t5x_jaxpr = t5x_fn.lower(placed).as_text()
   grads = {}
   # The layer's input split over the batch axes only (a query's input) and over 'model' too (an output
   # projection's input), the experts split over 'expert' and their d_in over 'model' as stored; 4 rows of 6
@@ -88,9 +93,10 @@ def child(out: pathlib.Path):
                                                  placed_inputs)
   shapes = {"/".join(p.key for p in path): sorted({tuple(s.data.shape) for s in x.addressable_shards})
             for path, x in jax.tree_util.tree_leaves_with_path(placed)}
-  np.savez(out / "sharded.npz", logits=np.asarray(logits),
+  np.savez(out / "sharded.npz", logits=np.asarray(logits), t5x_logits=np.asarray(t5x_fn(placed)),
            **{f"{name}_{i}": np.asarray(g) for name, gs in grads.items() for i, g in enumerate(gs)})
   (out / "report.json").write_text(json.dumps({"devices": jax.device_count(), "shard_map": "shard_map" in jaxpr,
+                                               "t5x_shard_map": "sdy.manual_computation" in t5x_jaxpr,
                                                "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}))
 
 
@@ -100,7 +106,7 @@ def test_sharded_experts_equal_the_unsharded_model(tmp_path):
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
-  assert report["devices"] == 8 and report["shard_map"]
+  assert report["devices"] == 8 and report["shard_map"] and report["t5x_shard_map"]
   shapes = report["shapes"]
   d, kv, r, e = CONFIG.d_model, CONFIG.joined_kv, EXPERTS.rank, EXPERTS.num_experts
   attention = "encoder/layers_0/attention"
@@ -116,6 +122,7 @@ def test_sharded_experts_equal_the_unsharded_model(tmp_path):
   got = np.load(tmp_path / "sharded.npz")
   logits = models.EncoderDecoderModel(CONFIG, EXPERTS).logits(partitioning.unbox(variables), batch)
   np.testing.assert_allclose(got["logits"], logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["t5x_logits"], logits, rtol=1e-5, atol=1e-5)
   # An input split over 'model' (partial sums) and an output split over it: both equal one device's grads.
   for batch, layout in ((4, "experts_stay"), (8, "tokens_stay")):
     grads = layer_grads(routing.route, layer_inputs(batch))

@@ -97,11 +97,13 @@ def _without_context_mesh():
   lowered while the routed layer of a program on a mesh is being traced."""
   abstract = jax_config.abstract_mesh_context_manager.swap_local(mesh_lib.empty_abstract_mesh)
   concrete = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+  resources, mesh_lib.thread_resources.env = mesh_lib.thread_resources.env, mesh_lib.EMPTY_ENV
   try:
     yield
   finally:
     jax_config.abstract_mesh_context_manager.set_local(abstract)
     jax_config.device_context.set_local(concrete)
+    mesh_lib.thread_resources.env = resources
 
 
 def compiled_cost(mixer: Callable, layer: LayerShape, device) -> tuple[float, float]:

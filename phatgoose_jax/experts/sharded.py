@@ -19,8 +19,9 @@ Two layouts, chosen per layer from what would move (`moves_experts`):
   split, and an input split over 'model' gives partial sums (`u A` is linear in `u`) that the same psum
   completes.
 
-The layer takes this path whenever the context mesh (`jax.set_mesh`) has more than one device; the model's
-programs are compiled with `mesh_jit`, which traces them under the mesh their arguments are laid out on.
+The layer takes this path whenever the context mesh (`jax.set_mesh`, or t5x's `with Mesh(...)`) has more than
+one device; the model's programs are compiled with `mesh_jit`, which traces them under the mesh their arguments
+are laid out on.
 """
 import contextlib
 import dataclasses
@@ -30,6 +31,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src import mesh as mesh_lib
 from jax.sharding import PartitionSpec
 
 from phatgoose_jax.experts import cost, routing
@@ -40,8 +42,11 @@ MODEL_AXIS = "model"
 
 
 def context_mesh() -> Optional[jax.sharding.AbstractMesh]:
-  """The context mesh when it has more than one device, else None."""
+  """The context mesh when it has more than one device, else None: `jax.set_mesh`'s, or the `with Mesh(...)`
+  resource environment t5x's partitioner calls and lowers its programs under (`PjittedFnWithContext`)."""
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = mesh_lib.thread_resources.env.physical_mesh
   if mesh.empty or mesh.size == 1:
     return None
   return mesh
