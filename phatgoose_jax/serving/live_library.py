@@ -33,6 +33,17 @@ from phatgoose_jax.t5 import layout
 ROUTER_SCORES = {"phatgoose": "standardized", "arrow": "arrow", "spectr": "spectr"}
 
 
+def _slot_shapes(expert: lib.Expert) -> dict:
+  """The shape of one slot of each served array, '<module>/<part>': the LoRA factors ('lora_a', 'lora_b') as
+  `expert` holds them and each router's vector ('router', 'arrow': [d_in]; 'spectr': [d_in, rank])."""
+  shapes = {}
+  for m in routers.modules_of(expert.lora):
+    d_in, rank = expert.lora[f"{m}/lora_a"].shape
+    shapes.update({f"{m}/lora_a": (d_in, rank), f"{m}/lora_b": expert.lora[f"{m}/lora_b"].shape})
+    shapes.update({f"{m}/{v}": (d_in, rank) if v == "spectr" else (d_in,) for v in routing.ROW_VECTORS.values()})
+  return shapes
+
+
 class LiveLibrary:
   """Experts of `library` (default all its entries) in `capacity` slots over checkpoint `base`; `top_k`: the
   most experts a row may keep; `dtype`: a precision (`utils.PRECISIONS`)."""
@@ -51,12 +62,7 @@ class LiveLibrary:
     self.experts = ExpertConfig(mode="routed", rank=manifest["rank"], targets=tuple(manifest["targets"]),
                                 num_experts=capacity, top_k=min(top_k, capacity), score="per_row")
     self.model = EncoderDecoderModel(self.config, self.experts)
-    self._host = {f"{m}/{v}": np.zeros((capacity, *reference.lora[f"{m}/lora_a"].shape[:1],
-                                        *((manifest["rank"],) if v == "spectr" else ())), np.float32)
-                  for m in routers.modules_of(reference.lora) for v in routing.ROW_VECTORS.values()}
-    for m in routers.modules_of(reference.lora):
-      for part in ("lora_a", "lora_b"):
-        self._host[f"{m}/{part}"] = np.zeros((capacity, *reference.lora[f"{m}/{part}"].shape), np.float32)
+    self._host = {key: np.zeros((capacity, *shape), np.float32) for key, shape in _slot_shapes(reference).items()}
     self.slots = [None] * capacity  # the expert name in each slot
     self.gated = np.zeros(capacity, bool)
     self._in_flight = np.zeros(capacity, np.int64)
