@@ -25,6 +25,7 @@ from phatgoose_jax import aot, data, partitioning, utils
 from phatgoose_jax.experts import sharded
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.models import EncoderDecoderModel
+from phatgoose_jax.t5 import layers
 from phatgoose_jax.training import optimizers
 from phatgoose_jax.training.trainer import Trainer
 
@@ -143,13 +144,22 @@ def decode_programs(model, variables, batch_size: int, lengths: dict, mesh, rule
   encoded = jax.eval_shape(model.encode, variables, tokens)
   encoded = jax.ShapeDtypeStruct(encoded.shape, encoded.dtype, sharding=tokens.sharding)
   cache = jax.eval_shape(lambda v, e, t: model.init_cache(v, e, t, lengths["targets"]), variables, encoded, tokens)
-  rows = partitioning.batch_sharding(mesh, rules).spec  # the key/value caches' rows as the batch's
-  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
-      mesh, rows if x.ndim else jax.sharding.PartitionSpec())), cache)
+  cache = jax.tree_util.tree_map_with_path(lambda path, x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=cache_sharding(path, x, mesh, rules)), cache)
   step = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=tokens.sharding)
+  # The cache is updated in place, as in the decoding loop's carry and the server's donated state.
   return [aot.Program("encode", sharded.mesh_jit(model.encode), (variables, tokens)),
-          aot.Program("decode_step", sharded.mesh_jit(model.decode_step),
+          aot.Program("decode_step", sharded.mesh_jit(model.decode_step, donate_argnums=1),
                       (variables, cache, encoded, tokens, step))]
+
+
+def cache_sharding(path, leaf, mesh, rules) -> jax.sharding.NamedSharding:
+  """A decoding cache variable's sharding from its logical axes (`layers.CACHE_AXES`): rows as the batch's,
+  heads over 'model', a scanned stack's layers whole."""
+  names = layers.CACHE_AXES[path[-1].key]
+  names = ("layers",) * (leaf.ndim - len(names)) + names
+  return jax.sharding.NamedSharding(mesh, partitioning.logical_to_mesh_spec(
+      names, leaf.shape, mesh, rules, what=jax.tree_util.keystr(path)))
 
 
 def routed_experts(num_experts: int, top_k: int) -> ExpertConfig:

@@ -6,6 +6,7 @@ import sys
 import gin
 import jax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from phatgoose_jax import aot, main, partitioning, stage_programs, utils
 from phatgoose_jax.cli import main as cli_main
@@ -59,6 +60,28 @@ def _param_bytes_per_device(model, mesh, rules) -> int:
   shardings = partitioning.unbox(partitioning.variables_shardings(variables, mesh, rules))
   return sum(partitioning._shard_size(x.shape, s.spec, mesh) * x.dtype.itemsize  # pylint: disable=protected-access
              for x, s in zip(jax.tree.leaves(partitioning.unbox(variables)), jax.tree.leaves(shardings)))
+
+
+def test_decode_step_holds_its_cache_as_the_decoding_loop_does():
+  """The decoding step's cache: rows as the batch's, heads over 'model', a scanned stack's layers whole (not
+  split over the batch axes), updated in place (donated: its bytes alias the new cache's)."""
+  pytest.importorskip("libtpu")
+  main.parse(["models/t5_1_1_tiny.gin", "runs/evaluate.gin"], SMALL[1::2] +
+             ["evaluate.runner.batch_size = 8"], require=False)
+  config = utils.model_config().replace(scan_layers=True)
+  devices = aot.target_devices("v5e:2x2")
+  mesh = partitioning.make_mesh(data=1, model=2, expert=2, devices=devices)
+  rules = partitioning.standard_logical_axis_rules()
+  programs = stage_programs.eval_programs(config, mesh, rules, num_experts=4, top_k=2, counted=False)
+  program = {p.name: p for p in programs}["decode_step"]
+  cache = program.args[1]["decoder"]["layers"]
+  rows = ("data", "expert")
+  assert cache["self_attention"]["cached_key"].sharding.spec == P(None, rows, None, "model", None)
+  assert cache["encoder_decoder_attention"]["cross_value"].sharding.spec == P(None, rows, None, "model", None)
+  assert cache["self_attention"]["cache_index"].sharding.spec == P(None, rows)
+  per_chip = sum(partitioning._shard_size(x.shape, x.sharding.spec, mesh) * x.dtype.itemsize  # pylint: disable=protected-access
+                 for x in jax.tree.leaves(program.args[1]))
+  assert aot.compile_program(program, devices).alias >= per_chip
 
 
 def test_score_batch_argument_bytes_are_the_eval_shape_arithmetic():

@@ -121,6 +121,12 @@ def dot_product_attention(query, key, value, bias, dropout, deterministic, autoc
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+# The logical axes of each decoding cache variable (a scanned stack's carry a leading 'layers' axis too).
+CACHE_AXES = {**dict.fromkeys(("cached_key", "cached_value", "cross_key", "cross_value"),
+                              ("batch", "length", "heads", "kv")),
+              "cache_index": ("batch",)}
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention whose q, k, v, o projections are `dense` layers.
 
