@@ -87,11 +87,14 @@ def test_protocol_generation_length_decodes_one_token_less(runner, task, length)
   """A task's official `max_gen_length` L is `generate(max_length=L)`, which counts the decoder start token:
   L - 1 new tokens (src/models/interface_mixin.py:254-259), the greedy decoding of each input at that count."""
   examples = [("reverse: cat", "tac"), ("x", "y")]
+  shadowed = seqio.TaskRegistry._REGISTRY.get(task)  # the real task of that name, restored after
   _register_generative(task, examples)
   try:
     _, outputs = _rows_and_outputs(task, runner, "predict_fn")
   finally:
     seqio.TaskRegistry.remove(task)
+    if shadowed is not None:
+      seqio.TaskRegistry.add_provider(task, shadowed)
   vocab = seqio.ByteVocabulary()
   for i, (inputs, _) in enumerate(examples):
     enc = np.array([list(vocab.encode(inputs)) + [1]], np.int32)
