@@ -1,6 +1,7 @@
 """The server's application as two Ray Serve replicas (`serving/ray_deployment.py`) on a local Ray instance
-on 127.0.0.1 answers as the same application in this process: models, greedy and seeded completions with
-logprobs, scores. Ray runs in a child process (`ray_serve_driver.py`), bounded by DEADLINE_S."""
+on 127.0.0.1, each splitting the model over 2 devices by the gin bindings it is given, answers as the same
+application in this process on one device: models, greedy and seeded completions with logprobs, scores. Ray
+runs in a child process (`ray_serve_driver.py`), bounded by DEADLINE_S."""
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ from phatgoose_jax.serving import ray_deployment
 import random_trees as trees
 
 DRIVER = str(pathlib.Path(__file__).with_name("ray_serve_driver.py"))
+SPLIT_DEVICES, MESH = "--xla_force_host_platform_device_count=2", "model = 2"  # each replica's devices, mesh
 DEADLINE_S = 240  # Ray's start, two replicas loading the model, the requests and the shutdown
 REQUESTS = [
     ("/v1/completions", {"model": "phatgoose", "prompt": ["the cat sat", "x"], "max_tokens": 6, "temperature": 0,
@@ -57,9 +59,9 @@ def answers(get, post) -> list:
 
 
 def assert_same(got, want):
-  """Equal JSON, floats (log-probabilities, scores) to float rounding."""
+  """Equal JSON, floats (log-probabilities, scores) to float rounding (of a model split over devices)."""
   if isinstance(want, float):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   elif isinstance(want, dict):
     assert sorted(got) == sorted(want)
     for key in want:
@@ -85,6 +87,11 @@ def test_build_app_refuses_args_without_an_engine_base():
     ray_deployment.build_app({"replicas": 2})
 
 
+def test_build_app_refuses_a_bad_gin_binding_before_any_replica_starts():
+  with pytest.raises(ValueError, match="make_mesh.modle"):
+    ray_deployment.build_app({"engine": {"base": "b"}, "gin": ["partitioning.make_mesh.modle = 2"]})
+
+
 def test_two_ray_serve_replicas_answer_as_the_in_process_app(engine_options):
   with testclient.TestClient(app_lib.create_app(engine_options)) as local:
     expected = answers(lambda p: local.get(p).json(), lambda p, b: local.post(p, json=b).json())
@@ -92,13 +99,15 @@ def test_two_ray_serve_replicas_answer_as_the_in_process_app(engine_options):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   deadline = time.monotonic() + DEADLINE_S
-  args = {"engine": engine_options, "num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}
+  args = {"engine": engine_options, "num_replicas": 2, "gin": [f"partitioning.make_mesh.{MESH}"],
+          "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SPLIT_DEVICES}}}}
   driver = subprocess.Popen([sys.executable, DRIVER, str(port), json.dumps(args)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
   try:
     assert ready_line(driver, deadline) == {"replicas": {"RUNNING": 2}}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=max(deadline - time.monotonic(), 1)) as ray:
       for _ in range(3):  # the proxy spreads the rounds over both replicas
+        assert ray.get("/health").json()["mesh"] == {"data": 1, "model": 2, "expert": 1}
         assert_same(answers(lambda p: ray.get(p).json(), lambda p, b: ray.post(p, json=b).json()), expected)
     driver.stdin.close()
     assert driver.wait(max(deadline - time.monotonic(), 1)) == 0

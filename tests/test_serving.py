@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import jax
 import numpy as np
 import openai
 import pytest
@@ -164,7 +165,8 @@ def test_bad_input_is_a_4xx_json_error_naming_it_and_serving_goes_on(server):
     assert words in response.json()["error"]["message"], response.text
   with pytest.raises(openai.BadRequestError, match="unknown model"):
     server.client.completions.create(model="nope", prompt="a")
-  assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+  health = httpx.get(f"{server.url}/health").json()
+  assert health["status"] == "ok" and health["mesh"] == {"data": jax.device_count(), "model": 1, "expert": 1}
   base = server.engine.base_name
   assert server.client.completions.create(model=base, prompt="a", max_tokens=2).choices[0].finish_reason in (
       "stop", "length")

@@ -182,7 +182,8 @@ def create_app(engine_or_config) -> fastapi.FastAPI:
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "queue_length": state["engine"].scheduler.queue_length()}
+    return {"status": "ok", "queue_length": state["engine"].scheduler.queue_length(),
+            "mesh": state["engine"].mesh_shape()}
 
   @app.get("/metrics")
   async def metrics_text():

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Optional
 
+import jax
 import numpy as np
 
 from phatgoose_jax import assembly
@@ -118,6 +119,10 @@ class Engine:
     only; requests read `experts`)."""
     served = set(self.live.names())
     return [n for n in self.library.names() if n in served]
+
+  def mesh_shape(self) -> dict:
+    """{axis: size} of the mesh the models are placed on (gin: `partitioning.make_mesh`)."""
+    return dict(jax.tree.leaves(self.base_model.variables)[0].sharding.mesh.shape)
 
   def model_names(self) -> list:
     if not self.experts:
