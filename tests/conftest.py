@@ -14,6 +14,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # workers and the processes the tests start (as the demo shares its stages' programs).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "phatgoose_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# With a size bound, JAX holds a file lock around each read and write of the cache (jax/_src/lru_cache.py):
+# without it a process can read, and deserialize, an entry another one is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("PHATGOOSE_SPM_PATH", str(pathlib.Path(importlib.util.find_spec("seqio").origin).parent
                                                 / "test_data" / "sentencepiece" / "sentencepiece.model"))
 

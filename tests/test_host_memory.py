@@ -57,7 +57,8 @@ def test_a_scanned_base_is_stacked_without_keeping_the_per_layer_arrays(tmp_path
   host = jax.device_get(params)
   base_bytes, largest = sum(x.nbytes for x in jax.tree.leaves(host)), max(x.nbytes for x in jax.tree.leaves(host))
   del params
-  before = {id(x) for x in jax.live_arrays()}
+  alive = jax.live_arrays()  # held, so that no new array can take one of their ids
+  before = {id(x) for x in alive}
   live = []
   stack_layers = layout.stack_layers
 
