@@ -104,10 +104,13 @@ def test_standardized_scores_match_numpy_without_centred_activations(offset):
 
 @pytest.mark.parametrize("num_experts", [3, 166, 2 ** 22])
 def test_sort_by_expert_is_the_stable_argsort(num_experts):
-  """The int32 key sort (and its argsort fallback when E P passes int32) gives numpy's stable order."""
+  """The int32 key sort (and its argsort fallback when E P passes int32) gives numpy's stable order and the
+  ids in that order; the inverse permutation undoes it."""
   flat = np.random.default_rng(num_experts % 97).integers(0, min(num_experts, 40), 1000).astype(np.int32)
-  got = np.asarray(jax.jit(routing.sort_by_expert, static_argnums=1)(jnp.asarray(flat), num_experts))
-  np.testing.assert_array_equal(got, np.argsort(flat, kind="stable"))
+  order, expert = jax.jit(routing.sort_by_expert, static_argnums=1)(jnp.asarray(flat), num_experts)
+  np.testing.assert_array_equal(np.asarray(order), np.argsort(flat, kind="stable"))
+  np.testing.assert_array_equal(np.asarray(expert), np.sort(flat))
+  np.testing.assert_array_equal(np.asarray(routing.inverse_permutation(order))[np.asarray(order)], np.arange(1000))
 
 
 def test_top_k_weights_renormalise():
@@ -169,9 +172,10 @@ def test_expert_blocks_layout(num_experts, k):
   index = np.asarray(routed_case(num_experts, k, seed=9)[-1])
   flat = index.reshape(-1)
   block = routing.block_size(flat.size, num_experts, 4)
-  slot_pair, block_expert = map(np.asarray, routing.expert_blocks(index, num_experts, block))
-  filled = slot_pair[slot_pair < flat.size]
-  np.testing.assert_array_equal(np.sort(filled), np.arange(flat.size))
+  slot, block_expert = map(np.asarray, routing.expert_blocks(index, num_experts, block))
+  assert len(np.unique(slot)) == flat.size and slot.max() < len(block_expert) * block
+  slot_pair = np.asarray(routing.place(jnp.arange(flat.size), slot, len(block_expert) * block, flat.size))
+  np.testing.assert_array_equal(slot_pair[slot], np.arange(flat.size))
   slot_expert = np.where(slot_pair < flat.size, flat[np.minimum(slot_pair, flat.size - 1)], -1)
   per_block = slot_expert.reshape(-1, block)
   assert np.all((per_block == block_expert[:, None]) | (per_block == -1))

@@ -7,7 +7,7 @@ from typing import Optional
 
 from phatgoose_jax.t5.config import ALL_TARGETS
 
-ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "grouped", "auto")
+ROUTING_IMPLS = ("dense", "gather", "ragged", "blocks", "grouped", "fused", "auto")
 ROUTER_SCORES = ("standardized", "arrow", "spectr", "per_row")
 
 
@@ -27,7 +27,8 @@ class ExpertConfig:
   O(tokens E d_out)), 'gather' (the chosen experts' weights gathered per token, memory O(tokens k d_in r)),
   'ragged' (tokens grouped by expert, `jax.lax.ragged_dot`: the accelerator path), 'blocks' (tokens sorted
   by expert into fixed-size blocks, batched matmuls over chunks of blocks: the CPU path, bounded memory),
-  'grouped' (the megablox Pallas grouped matmul: TPU), or 'auto', the default: on CPU the measured fastest by
+  'grouped' (the megablox Pallas grouped matmul: TPU), 'fused' (the blocks layout in one Pallas TPU kernel that
+  gathers its token rows itself: TPU, d_in a multiple of 128), or 'auto', the default: on CPU the measured fastest by
   token count ('gather' for a decoding step's few tokens, 'blocks' otherwise), on TPU/GPU the least roofline
   time by the compiler's cost analysis for the device compiled for (see routing.resolve_impl, cost.py).
   """

@@ -11,7 +11,9 @@ Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights,
   * `mix_blocks` groups the pairs by expert into fixed-size blocks and runs batched matmuls over chunks
     of blocks (the CPU path; exact, no capacity, no dropped tokens);
   * `mix_grouped` runs the grouped-matmul Pallas TPU kernel that ships with jax (megablox `gmm`, its
-    custom VJP with `tgmm`) on the pairs sorted by expert (interpreted off TPU).
+    custom VJP with `tgmm`) on the pairs sorted by expert (interpreted off TPU);
+  * `mix_fused` runs the blocks layout in one Pallas TPU kernel that gathers each block's token rows from HBM
+    itself and keeps the hidden values in VMEM (`lora_kernel`; interpreted off TPU).
 All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
 never their parameters.
 """
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-from phatgoose_jax.experts import cost
+from phatgoose_jax.experts import cost, lora_kernel
 
 STANDARDIZE_EPS = 1e-5
 RENORM_EPS = 1e-6
@@ -162,14 +164,24 @@ def mix_gather(u, lora_a, lora_b, weights, index, scale):
   return jnp.einsum("...kr,...kro,...k->...o", hidden, b_sel, weights.astype(u.dtype)) * scale
 
 
-def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
-  """The stable argsort of expert ids <int32>[P]: one sort of the unique keys e P + p, whose order is the
-  stable order, then p = key mod P (XLA:CPU sorts one int32 array ~4x faster than a stable argsort).
-  Keys past int32 (E P >= 2^31) fall back to the stable argsort."""
+def sort_by_expert(flat: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """(order, expert): the stable argsort of expert ids <int32>[P] and the ids in that order, from one sort of the
+  unique keys e P + p, whose order is the stable order: p = key mod P, e = key div P (XLA:CPU sorts one int32
+  array ~4x faster than a stable argsort; reading e off the keys spares a gather of P ids, which XLA:TPU's cost
+  analysis counts at a memory tile per id, 152 MB for 32,768 ids). Keys past int32 (E P >= 2^31) fall back to
+  the stable argsort."""
   pairs = flat.shape[0]
   if num_experts * pairs >= 2 ** 31:
-    return jnp.argsort(flat, stable=True)
-  return jnp.sort(flat.astype(jnp.int32) * pairs + jnp.arange(pairs, dtype=jnp.int32)) % pairs
+    order = jnp.argsort(flat, stable=True)
+    return order, flat[order]
+  keys = jnp.sort(flat.astype(jnp.int32) * pairs + jnp.arange(pairs, dtype=jnp.int32))
+  return keys % pairs, keys // pairs
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """position[order[i]] = i, by a scatter (XLA:TPU's cost analysis counts a scatter of P ids at a fraction of
+  the gather `x[order]` of the same ids, so the paths below move values into sorted order by scatters)."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
 LANES = 128
@@ -191,12 +203,13 @@ def mix_ragged(u, lora_a, lora_b, weights, index, scale):
   num_experts, k = lora_a.shape[0], index.shape[-1]
   tokens = u.reshape(-1, d_in)
   flat_expert = index.reshape(-1)
-  order = sort_by_expert(flat_expert, num_experts)
+  order, _ = sort_by_expert(flat_expert, num_experts)
   token_of_pair = order // k
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
   hidden = jax.lax.ragged_dot(take_rows(tokens, token_of_pair), lora_a.astype(u.dtype), group_sizes)
   outputs = jax.lax.ragged_dot(hidden, lora_b.astype(u.dtype), group_sizes)
-  outputs = outputs * weights.reshape(-1)[order][:, None].astype(u.dtype)
+  sorted_weight = place(weights.reshape(-1), inverse_permutation(order), order.shape[0], 0)
+  outputs = outputs * sorted_weight[:, None].astype(u.dtype)
   mixed = jnp.zeros((tokens.shape[0], outputs.shape[-1]), u.dtype).at[token_of_pair].add(outputs)
   return mixed.reshape(*lead, -1) * scale
 
@@ -219,22 +232,34 @@ def expert_blocks(index: jax.Array, num_experts: int, block: int):
   """Lay the (token, choice) pairs out sorted by expert, each expert's group padded to a multiple of `block`.
 
   With P = index.size pairs, at most min(E, P) groups are non-empty, so sum_e ceil(n_e / block) <=
-  (P + min(E, P) (block - 1)) / block = `num_blocks`, a static bound. Returns (slot_pair <int32>[num_blocks
-  * block]: the flat pair in each slot, P for padding; block_expert <int32>[num_blocks]).
+  (P + min(E, P) (block - 1)) / block = `num_blocks`, a static bound. Returns (slot <int32>[P]: the slot of each
+  flat pair, in [0, num_blocks * block); block_expert <int32>[num_blocks]). Pairs reach their slots by scatters
+  (`place`); a slot no pair fills is padding.
   """
   flat = index.reshape(-1)
   pairs = flat.shape[0]
   num_blocks = (pairs + min(num_experts, pairs) * (block - 1)) // block
-  order = sort_by_expert(flat, num_experts)
+  order, expert = sort_by_expert(flat, num_experts)
   sizes = jnp.bincount(flat, length=num_experts)
   padded = (sizes + block - 1) // block * block
-  expert = flat[order]
-  slot = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert] + (jnp.cumsum(padded) - padded)[expert]
-  slot_pair = jnp.full(num_blocks * block, pairs, jnp.int32).at[slot].set(order.astype(jnp.int32))
+  shift = (jnp.cumsum(padded) - padded) - (jnp.cumsum(sizes) - sizes)  # an expert's padded start minus its start
+  slot = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype) + shift[expert])
   block_end = jnp.cumsum(padded // block)
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right",
                                               method="compare_all"), num_experts - 1)
-  return slot_pair, block_expert.astype(jnp.int32)
+  return slot.astype(jnp.int32), block_expert.astype(jnp.int32)
+
+
+def place(values: jax.Array, slot: jax.Array, num_slots: int, fill) -> jax.Array:
+  """<values.dtype>[num_slots]: values[p] at slot[p], `fill` in the slots no pair takes."""
+  return jnp.full(num_slots, fill, values.dtype).at[slot].set(values)
+
+
+def lora_of_blocks(x, lora_a, lora_b, token, weight, expert):
+  """y[b, t] = ((x[token[b, t]] A_{expert[b]}) weight[b, t]) B_{expert[b]}: the LoRA outputs <[blocks, block, d_out]>
+  of expert-sorted blocks (token <int32>[blocks, block], every entry a row of x; weight [blocks, block])."""
+  hidden = jnp.einsum("bti,bir->btr", take_rows(x, token), lora_a[expert]) * weight[..., None].astype(x.dtype)
+  return jnp.einsum("btr,bro->bto", hidden, lora_b[expert])
 
 
 def mix_blocks(u, lora_a, lora_b, weights, index, scale, *, block=None, chunk_rows=CHUNK_ROWS):
@@ -251,22 +276,22 @@ def mix_blocks(u, lora_a, lora_b, weights, index, scale, *, block=None, chunk_ro
   x = jnp.asarray(u).reshape(-1, d_in)
   tokens, k = x.shape[0], index.shape[-1]
   block = block or block_size(tokens * k, num_experts, rank)
-  slot_pair, block_expert = expert_blocks(index, num_experts, block)
+  slot, block_expert = expert_blocks(index, num_experts, block)
   per_chunk = block_expert.shape[0] if chunk_rows is None else max(1, chunk_rows // block)
-  pad = -block_expert.shape[0] % per_chunk
-  block_expert = jnp.pad(block_expert, (0, pad)).reshape(-1, per_chunk)
-  slot_pair = jnp.pad(slot_pair, (0, pad * block), constant_values=tokens * k).reshape(block_expert.shape[0], -1)
-  pair_weight = jnp.append(jnp.ravel(weights).astype(x.dtype) * scale, jnp.zeros((), x.dtype))[slot_pair]
+  block_expert = jnp.pad(block_expert, (0, -block_expert.shape[0] % per_chunk)).reshape(-1, per_chunk)
+  slots = block_expert.size * block
+  slot_token = place(jnp.arange(tokens * k, dtype=jnp.int32) // k, slot, slots, tokens).reshape(-1, per_chunk * block)
+  pair_weight = place(jnp.ravel(weights).astype(x.dtype) * scale, slot, slots, 0).reshape(slot_token.shape)
   lora_a, lora_b = jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype)
 
   def chunk(out, args):
-    pair, weight, expert = args
-    token = (pair // k).reshape(per_chunk, block)  # == tokens for padding: clamped, then dropped by the scatter
-    rows = take_rows(x, jnp.minimum(token, tokens - 1))
-    hidden = jnp.einsum("bti,bir->btr", rows, lora_a[expert]) * weight.reshape(per_chunk, block, 1)
-    return out.at[token].add(jnp.einsum("btr,bro->bto", hidden, lora_b[expert]), mode="drop"), None
+    token, weight, expert = args
+    token = token.reshape(per_chunk, block)  # == tokens for padding: clamped, then dropped by the scatter
+    outputs = lora_of_blocks(x, lora_a, lora_b, jnp.minimum(token, tokens - 1), weight.reshape(per_chunk, block),
+                             expert)
+    return out.at[token].add(outputs, mode="drop"), None
 
-  out, _ = jax.lax.scan(chunk, jnp.zeros((tokens, d_out), x.dtype), (slot_pair, pair_weight, block_expert))
+  out, _ = jax.lax.scan(chunk, jnp.zeros((tokens, d_out), x.dtype), (slot_token, pair_weight, block_expert))
   return out.reshape(*lead, d_out)
 
 
@@ -287,7 +312,7 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
   k = index.shape[-1]
   flat = index.reshape(-1)
   pairs = flat.shape[0]
-  order = sort_by_expert(flat, num_experts)
+  order, _ = sort_by_expert(flat, num_experts)
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   rows = -pairs % tile
   interpret = cost.target_device().platform != "tpu"
@@ -295,7 +320,8 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
       lhs, rhs, sizes, out_type, tiling, None, None, False, interpret)
   xs = jnp.pad(take_rows(x, order // k), ((0, rows), (0, 0)))
   hidden = gmm(xs, jnp.asarray(lora_a, x.dtype), jnp.float32, (tile, min(d_in, 512), rank))
-  pair_weight = jnp.pad(jnp.ravel(weights)[order].astype(jnp.float32) * scale, (0, rows))
+  sorted_weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, inverse_permutation(order), pairs, 0)
+  pair_weight = jnp.pad(sorted_weight, (0, rows))
   hidden = (hidden * pair_weight[:, None]).astype(x.dtype)
   outputs = gmm(hidden, jnp.asarray(lora_b, x.dtype), x.dtype, (tile, rank, min(d_out, 512)))
   token = jnp.pad(order // k, (0, rows), constant_values=x.shape[0])  # padding rows: dropped
@@ -303,22 +329,70 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
   return mixed.reshape(*lead, d_out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lora_of_blocks_kernel(x, lora_a, lora_b, token, weight, expert, pairs):
+  """`lora_of_blocks` by the Pallas TPU kernel (`lora_kernel.lora_blocks`), a token of x.shape[0] marking a
+  padding slot (no row read, weight 0); its gradient is `lora_of_blocks`'."""
+  return lora_kernel.lora_blocks(x, lora_a, lora_b, token, expert, weight, pairs=pairs,
+                                 interpret=cost.target_device().platform != "tpu")
+
+
+def _lora_of_blocks_kernel_fwd(x, lora_a, lora_b, token, weight, expert, pairs):
+  outputs = _lora_of_blocks_kernel(x, lora_a, lora_b, token, weight, expert, pairs)
+  return outputs, (x, lora_a, lora_b, token, weight, expert)
+
+
+def _lora_of_blocks_kernel_bwd(pairs, residuals, cotangent):
+  del pairs
+  x, lora_a, lora_b, token, weight, expert = residuals
+  token = jnp.minimum(token, x.shape[0] - 1)  # padding: weight 0, no gradient
+  _, vjp = jax.vjp(lambda x, a, b, w: lora_of_blocks(x, a, b, token, w, expert), x, lora_a, lora_b, weight)
+  dx, da, db, dw = vjp(cotangent)
+  return dx, da, db, None, dw, None
+
+
+_lora_of_blocks_kernel.defvjp(_lora_of_blocks_kernel_fwd, _lora_of_blocks_kernel_bwd)
+
+
+def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=128):
+  """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`lora_kernel`): each block's token
+  rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
+  accumulation), so neither the gathered rows nor the hidden values pass through HBM; y is scatter-added into
+  its token's output. Needs d_in a multiple of 128 (`lora_kernel.supports`). Differentiable (the gradient of
+  `lora_of_blocks`). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  num_experts, k = lora_a.shape[0], index.shape[-1]
+  x = jnp.asarray(u).reshape(-1, d_in)
+  tokens = x.shape[0]
+  slot, block_expert = expert_blocks(index, num_experts, block)
+  slots = block_expert.shape[0] * block
+  token = place(jnp.arange(tokens * k, dtype=jnp.int32) // k, slot, slots, tokens).reshape(-1, block)
+  weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, slot, slots, 0).reshape(-1, block)
+  outputs = _lora_of_blocks_kernel(x, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), token, weight,
+                                   block_expert, tokens * k)
+  mixed = jnp.zeros((tokens, outputs.shape[-1]), x.dtype).at[token].add(outputs, mode="drop")
+  return mixed.reshape(*lead, -1)
+
+
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
-          "grouped": mix_grouped}
+          "grouped": mix_grouped, "fused": mix_fused}
 # Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
 # 128 and 256 row blocks and tiles.
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256)}
+            "grouped@256": functools.partial(mix_grouped, tile=256),
+            "fused@64": functools.partial(mix_fused, block=64)}
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
-  """The exact mixers `auto` compares for `layer` on a TPU or GPU: ragged, blocks and (TPU) grouped variants,
+  """The exact mixers `auto` compares for `layer` on a TPU or GPU: ragged, blocks, (TPU) grouped variants and
+  the fused kernel where it takes the row width,
   dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens),
   gather for a decoding step's few pairs (at most GATHER_MAX_PAIRS)."""
   names = ["ragged", "blocks@128", "blocks@256"] + (["grouped", "grouped@256"] if platform == "tpu" else [])
+  names += ["fused"] * (platform == "tpu" and lora_kernel.supports(layer.d_in))
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
   names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
   return {name: mixer(name) for name in names}
