@@ -13,7 +13,7 @@ Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights,
   * `mix_grouped` runs the grouped-matmul Pallas TPU kernel that ships with jax (megablox `gmm`, its
     custom VJP with `tgmm`) on the pairs sorted by expert (interpreted off TPU);
   * `mix_fused` runs the blocks layout in one Pallas TPU kernel that gathers each block's token rows from HBM
-    itself and keeps the hidden values in VMEM (`lora_kernel`; interpreted off TPU).
+    itself and keeps the hidden values in VMEM (`kernels`; interpreted off TPU).
 All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
 never their parameters.
 """
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-from phatgoose_jax.experts import cost, lora_kernel
+from phatgoose_jax.experts import cost, kernels
 
 STANDARDIZE_EPS = 1e-5
 RENORM_EPS = 1e-6
@@ -330,23 +330,25 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _lora_of_blocks_kernel(x, lora_a, lora_b, token, weight, expert, pairs):
-  """`lora_of_blocks` by the Pallas TPU kernel (`lora_kernel.lora_blocks`), a token of x.shape[0] marking a
-  padding slot (no row read, weight 0); its gradient is `lora_of_blocks`'."""
-  return lora_kernel.lora_blocks(x, lora_a, lora_b, token, expert, weight, pairs=pairs,
-                                 interpret=cost.target_device().platform != "tpu")
+def _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, weight, expert, pairs):
+  """`lora_of_blocks` of `x_lanes` (`kernels.lane_rows`) by the Pallas TPU kernel (`kernels.lora_blocks`), a token
+  of x.shape[0] marking a padding slot (no row read, weight 0); its gradient is `lora_of_blocks`'."""
+  return kernels.lora_blocks(x_lanes, lora_a, lora_b, token, expert, weight, pairs=pairs,
+                             interpret=cost.target_device().platform != "tpu")
 
 
-def _lora_of_blocks_kernel_fwd(x, lora_a, lora_b, token, weight, expert, pairs):
-  outputs = _lora_of_blocks_kernel(x, lora_a, lora_b, token, weight, expert, pairs)
-  return outputs, (x, lora_a, lora_b, token, weight, expert)
+def _lora_of_blocks_kernel_fwd(x_lanes, lora_a, lora_b, token, weight, expert, pairs):
+  outputs = _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, weight, expert, pairs)
+  return outputs, (x_lanes, lora_a, lora_b, token, weight, expert)
 
 
 def _lora_of_blocks_kernel_bwd(pairs, residuals, cotangent):
   del pairs
-  x, lora_a, lora_b, token, weight, expert = residuals
-  token = jnp.minimum(token, x.shape[0] - 1)  # padding: weight 0, no gradient
-  _, vjp = jax.vjp(lambda x, a, b, w: lora_of_blocks(x, a, b, token, w, expert), x, lora_a, lora_b, weight)
+  x_lanes, lora_a, lora_b, token, weight, expert = residuals
+  tokens = x_lanes.shape[0]
+  token = jnp.minimum(token, tokens - 1)  # padding: weight 0, no gradient
+  _, vjp = jax.vjp(lambda x, a, b, w: lora_of_blocks(x.reshape(tokens, -1), a, b, token, w, expert),
+                   x_lanes, lora_a, lora_b, weight)
   dx, da, db, dw = vjp(cotangent)
   return dx, da, db, None, dw, None
 
@@ -354,12 +356,14 @@ def _lora_of_blocks_kernel_bwd(pairs, residuals, cotangent):
 _lora_of_blocks_kernel.defvjp(_lora_of_blocks_kernel_fwd, _lora_of_blocks_kernel_bwd)
 
 
-def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=128):
-  """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`lora_kernel`): each block's token
-  rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
+def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=128, lanes=None):
+  """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`kernels.lora_blocks`): each block's
+  token rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
   accumulation), so neither the gathered rows nor the hidden values pass through HBM; y is scatter-added into
-  its token's output. Needs d_in a multiple of 128 (`lora_kernel.supports`). Differentiable (the gradient of
-  `lora_of_blocks`). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
+  its token's output. The kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the
+  scores kernel write it beside the scores; else it is relaid out here). Needs d_in a multiple of 128
+  (`kernels.supports`). Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted
+  (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, k = lora_a.shape[0], index.shape[-1]
   x = jnp.asarray(u).reshape(-1, d_in)
@@ -368,8 +372,8 @@ def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=128):
   slots = block_expert.shape[0] * block
   token = place(jnp.arange(tokens * k, dtype=jnp.int32) // k, slot, slots, tokens).reshape(-1, block)
   weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, slot, slots, 0).reshape(-1, block)
-  outputs = _lora_of_blocks_kernel(x, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), token, weight,
-                                   block_expert, tokens * k)
+  outputs = _lora_of_blocks_kernel(kernels.lane_rows(x) if lanes is None else lanes, jnp.asarray(lora_a, x.dtype),
+                                   jnp.asarray(lora_b, x.dtype), token, weight, block_expert, tokens * k)
   mixed = jnp.zeros((tokens, outputs.shape[-1]), x.dtype).at[token].add(outputs, mode="drop")
   return mixed.reshape(*lead, -1)
 
@@ -382,6 +386,7 @@ VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=No
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
             "grouped@256": functools.partial(mix_grouped, tile=256),
             "fused@64": functools.partial(mix_fused, block=64)}
+TAKES_LANES = ("fused", "fused@64")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
@@ -392,7 +397,7 @@ def candidates(layer: cost.LayerShape, platform: str) -> dict:
   dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens),
   gather for a decoding step's few pairs (at most GATHER_MAX_PAIRS)."""
   names = ["ragged", "blocks@128", "blocks@256"] + (["grouped", "grouped@256"] if platform == "tpu" else [])
-  names += ["fused"] * (platform == "tpu" and lora_kernel.supports(layer.d_in))
+  names += ["fused"] * (platform == "tpu" and kernels.supports(layer.d_in))
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
   names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
   return {name: mixer(name) for name in names}
@@ -432,10 +437,10 @@ def resolve_impl(impl: str, pairs: Optional[int] = None, layer: Optional[cost.La
   return cost.cheapest(candidates(layer, device.platform), layer, device)
 
 
-def layer_shape(u, lora_b, index) -> cost.LayerShape:
-  """The `cost.LayerShape` of a mix's arguments."""
+def layer_shape(u, lora_b, top_k: int) -> cost.LayerShape:
+  """The `cost.LayerShape` of a routed layer's activations `u` and experts' `lora_b`."""
   num_experts, rank, d_out = lora_b.shape
-  return cost.LayerShape(math.prod(u.shape[:-1]), u.shape[-1], d_out, num_experts, rank, index.shape[-1],
+  return cost.LayerShape(math.prod(u.shape[:-1]), u.shape[-1], d_out, num_experts, rank, top_k,
                          jnp.dtype(u.dtype).name)
 
 
@@ -446,14 +451,35 @@ def choose(u, router, *, top_k, score="standardized", rows=None) -> tuple[jax.Ar
   (`row_scores`, each row's own top-k)."""
   if score == "per_row":
     return top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None])
-  return top_k_weights(SCORES[score](u, router), top_k)
+  return top_k_weights(router_scores(u, router, score), top_k)
+
+
+def router_scores(u, router, score: str, lanes: bool = False):
+  """SCORES[score](u, router); for a TPU target, in one read of u (`kernels.rowwise`: the same function applied
+  to tiles of tokens) where the tokens fill whole tiles and the score is one dot per expert (SpectR's
+  [tile, E, r] projections exceed a kernel's VMEM). With `lanes` (the fused path's rows), returns (scores,
+  `kernels.lane_rows` of u written by the same kernel), or (scores, None) where the kernel does not apply."""
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  if (cost.target_device().platform != "tpu" or score not in ("standardized", "arrow")
+      or not kernels.rowwise_supports(math.prod(lead))):
+    scores = SCORES[score](u, router)
+    return (scores, None) if lanes else scores
+  out = kernels.rowwise(SCORES[score], u.reshape(-1, d_in), router, lanes=lanes)
+  scores, rows = out if lanes else (out, None)
+  scores = scores.reshape(*lead, -1)
+  return (scores, rows) if lanes else scores
 
 
 def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
-  """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed.
+  """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed. The fused
+  path takes the token rows its kernel reads from the scores kernel (`router_scores` with `lanes`).
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
-  weights, index = choose(u, router, top_k=top_k, score=score, rows=rows)
-  update = mixer(resolve_impl(impl, layer=layer_shape(u, lora_b, index)))(u, lora_a, lora_b, weights, index, scale)
-  return update, weights, index
+  name = resolve_impl(impl, layer=layer_shape(u, lora_b, top_k))
+  if score == "per_row" or name not in TAKES_LANES:
+    weights, index = choose(u, router, top_k=top_k, score=score, rows=rows)
+    return mixer(name)(u, lora_a, lora_b, weights, index, scale), weights, index
+  scores, lanes = router_scores(u, router, score, lanes=True)
+  weights, index = top_k_weights(scores, top_k)
+  return mixer(name)(u, lora_a, lora_b, weights, index, scale, lanes=lanes), weights, index

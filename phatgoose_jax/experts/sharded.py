@@ -6,7 +6,7 @@ Two layouts, chosen per layer from what would move (`moves_experts`):
   split over every mesh axis that divides them: the activations' batch axes ('data', 'expert'), and 'model'
   too, which the plain matmul splits by weight columns instead. Each device scores its tokens against all E
   router vectors, keeps their top-k and mixes their chosen experts with the ordinary functions
-  (`routing.choose`, `routing.mixer`, inside a `shard_map`: the megablox kernel cannot be partitioned
+  (`routing.route`, inside a `shard_map`: the Pallas kernels cannot be partitioned
   automatically), so every (token, choice) pair is routed and computed once, with the arithmetic of the
   unsharded layer. The layer's experts and router vectors, stored split over 'expert' (E/n per device) and
   their wide dimension over 'model', are gathered whole for the layer: E r (d_in + d_out) values move.
@@ -166,14 +166,14 @@ def _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, imp
   lead, d_in = u.shape[:-1], u.shape[-1]
   tokens = math.prod(lead)
   tok = token_axes(mesh, tokens)
-  mixer = routing.mixer(routing.resolve_impl(impl, layer=_layer(tokens // _axes_size(mesh, tok), u, lora_b, top_k)))
+  name = routing.resolve_impl(impl, layer=_layer(tokens // _axes_size(mesh, tok), u, lora_b, top_k))
   if rows is not None:  # each token carries its row's routing (a row's tokens are contiguous)
     rows = routing.RowRouting(*(jnp.repeat(x, tokens // x.shape[0], axis=0) for x in rows))
 
   def local(u, router, lora_a, lora_b, rows):
-    weights, index = routing.choose(u[:, None], router, top_k=top_k, score=score, rows=rows)
-    weights, index = weights[:, 0], index[:, 0]
-    return mixer(u, lora_a, lora_b, weights, index, scale), weights, index
+    update, weights, index = routing.route(u[:, None], router, lora_a, lora_b, top_k=top_k, scale=scale, score=score,
+                                           impl=name, rows=rows)
+    return update[:, 0], weights[:, 0], index[:, 0]
 
   split, whole = PartitionSpec(tok), PartitionSpec()
   update, weights, index = jax.shard_map(

@@ -1,4 +1,4 @@
-"""The fused routed-LoRA kernel (experts/lora_kernel.py) against a numpy recomputation, interpreted on this CPU:
+"""The fused routed-LoRA kernel (experts/kernels.py) against a numpy recomputation, interpreted on this CPU:
 rows gathered inside the kernel across several blocks (the next block's rows prefetched while one computes),
 padding slots that read no row, and the row-width check."""
 import importlib.util
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phatgoose_jax.experts import cost, lora_kernel, routing
+from phatgoose_jax.experts import cost, kernels, routing
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
 
@@ -24,7 +24,7 @@ def test_blocks_equal_numpy_with_padding_slots():
   token[4, 2:] = tokens
   weight = np.where(token < tokens, rng.uniform(0.1, 1.0, (blocks, block)), 0.0).astype(np.float32)
   block_expert = np.array([0, 0, 2, 3, 1], np.int32)
-  got = lora_kernel.lora_blocks(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), jnp.asarray(token),
+  got = kernels.lora_blocks(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), jnp.asarray(token),
                                 jnp.asarray(block_expert), jnp.asarray(weight), pairs=int((token < tokens).sum()),
                                 interpret=True)
   rows = x[np.minimum(token, tokens - 1)].astype(np.float64)
@@ -35,10 +35,10 @@ def test_blocks_equal_numpy_with_padding_slots():
 
 
 def test_a_row_width_that_128_does_not_divide_is_refused():
-  assert lora_kernel.supports(2048) and lora_kernel.supports(5120) and not lora_kernel.supports(768 + 64)
+  assert kernels.supports(2048) and kernels.supports(5120) and not kernels.supports(768 + 64)
   x = jnp.zeros((8, 96))
   with pytest.raises(ValueError, match="row width that 128 divides, got 96"):
-    lora_kernel.lora_blocks(x, jnp.zeros((2, 96, 4)), jnp.zeros((2, 4, 8)), jnp.zeros((1, 8), jnp.int32),
+    kernels.lora_blocks(x, jnp.zeros((2, 96, 4)), jnp.zeros((2, 4, 8)), jnp.zeros((1, 8), jnp.int32),
                             jnp.zeros((1,), jnp.int32), jnp.zeros((1, 8)), pairs=8, interpret=True)
 
 

@@ -1,0 +1,178 @@
+"""The routed layer's Pallas TPU kernels: the router scores in one read of the activations (`rowwise`), and the
+LoRA outputs of expert-sorted blocks with their token rows gathered inside the kernel (`lora_blocks`).
+
+`rowwise(fn, u, *operands)` applies a function of a tile of token rows, fn(u[rows], *operands), to every tile,
+each tile of u read from HBM once. XLA:TPU's cost analysis counts the standardised router scores of a
+[16384, 5120] bf16 activation (one-pass moments, standardisation, the dot with E router vectors) at ~2.1x u's
+bytes, having fused them only in part; applied row-wise by this kernel, the same function costs one read of u.
+
+`lora_blocks`: for block b of `block` slots, all routed to expert e = block_expert[b] (`routing.expert_blocks`'
+layout):
+
+  rows = x[token of each slot]     DMA'd row by row from HBM into VMEM, the next block's rows while this one computes
+  h = (rows A_e) w                 float32 accumulation, w the slot's routing weight times the LoRA scale
+  y = h B_e                        float32 accumulation, rounded to x's dtype
+
+The gathered rows are read from HBM once and never written back, h never leaves VMEM, and A_e, B_e are fetched
+per block (not again while consecutive blocks share an expert). Against a row gather followed by two grouped
+matmuls (`routing.mix_grouped`), the gathered [slots, d_in] rows and the [slots, r] hidden values make no round
+trip through HBM. The kernel's cost estimate, which XLA's cost analysis reports for it, counts what it moves:
+each pair's row (a padding slot reads none), each slot's output, token and weight, and one A and B per run of
+blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs).
+
+Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
+itself), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
+"""
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+ROW_TILE = 128
+LANES = 128
+
+
+def supports(d_in: int) -> bool:
+  """Whether `lora_blocks` takes rows of width d_in: each row is DMA'd as whole [d_in / 128, 128] lane rows."""
+  return d_in % LANES == 0
+
+
+def rowwise_supports(tokens: int) -> bool:
+  """Whether `rowwise` takes `tokens` rows: whole tiles of ROW_TILE rows."""
+  return tokens % ROW_TILE == 0
+
+
+def lane_rows(x: jax.Array) -> jax.Array:
+  """x <[tokens, d]> as <[tokens, d / 128, 128]>: the layout `lora_blocks` DMAs whole rows from (a row of the tiled
+  [tokens, d] layout shares its memory tiles with 7-15 other rows and is not a DMA-able unit). In XLA a relayout:
+  one read and one write of x."""
+  if not supports(x.shape[-1]):
+    raise ValueError(f"the routed LoRA kernel needs a row width that {LANES} divides, got {x.shape[-1]}")
+  return x.reshape(x.shape[0], x.shape[1] // LANES, LANES)
+
+
+def rowwise(fn, u, *operands, lanes=False, interpret=False):
+  """fn(u, *operands) for a row-wise `fn` (row i of its [tokens, n] result depends on u[i] alone), computed tile
+  by tile: u <[tokens, d]> read once, `operands` whole in every step (fetched once). With `lanes`, also
+  `lane_rows(u)`, written from the same read (returns the pair). The cost estimate counts fn's FLOPs per tile
+  (`pl.estimate_cost`) times the tiles, and those bytes. Differentiable: the gradient is that of the same
+  outputs in plain JAX."""
+  if not rowwise_supports(u.shape[0]):
+    raise ValueError(f"rowwise needs a token count that {ROW_TILE} divides, got {u.shape[0]}")
+
+  def reference(u, *operands):
+    return (fn(u, *operands), lane_rows(u)) if lanes else fn(u, *operands)
+
+  @jax.custom_vjp
+  def call(u, *operands):
+    return _rowwise_call(fn, u, *operands, lanes=lanes, interpret=interpret)
+
+  call.defvjp(lambda u, *operands: (call(u, *operands), (u, operands)),
+              lambda residuals, cotangent: jax.vjp(reference, residuals[0], *residuals[1])[1](cotangent))
+  return call(u, *operands)
+
+
+def _rowwise_call(fn, u, *operands, lanes, interpret):
+  tokens, d = u.shape
+  tile = [jax.ShapeDtypeStruct((ROW_TILE, d), u.dtype)] + [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands]
+  out, per_tile = jax.eval_shape(fn, *tile), pl.estimate_cost(fn, *tile)
+  whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)  # noqa: E731
+  nbytes = lambda x: x.size * jnp.dtype(x.dtype).itemsize  # noqa: E731
+  out_shapes = [jax.ShapeDtypeStruct((tokens, out.shape[1]), out.dtype)]
+  out_specs = [pl.BlockSpec((ROW_TILE, out.shape[1]), lambda i: (i, 0))]
+  if lanes:
+    out_shapes.append(jax.ShapeDtypeStruct((tokens, d // LANES, LANES), u.dtype))
+    out_specs.append(pl.BlockSpec((ROW_TILE, d // LANES, LANES), lambda i: (i, 0, 0)))
+
+  def kernel(u_ref, *refs):
+    operand_refs, out_refs = refs[:len(operands)], refs[len(operands):]
+    out_refs[0][...] = fn(u_ref[...], *(r[...] for r in operand_refs)).astype(out_refs[0].dtype)
+    for c in range(d // LANES if lanes else 0):
+      out_refs[1][:, c, :] = u_ref[:, c * LANES:(c + 1) * LANES]
+
+  results = pl.pallas_call(
+      kernel,
+      out_shape=out_shapes,
+      grid=(tokens // ROW_TILE,),
+      in_specs=[pl.BlockSpec((ROW_TILE, d), lambda i: (i, 0))] + [whole(x) for x in operands],
+      out_specs=out_specs,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=interpret,
+      cost_estimate=pl.CostEstimate(flops=tokens // ROW_TILE * per_tile.flops,
+                                    transcendentals=tokens // ROW_TILE * per_tile.transcendentals,
+                                    bytes_accessed=nbytes(u) * (1 + lanes) + sum(map(nbytes, operands))
+                                    + tokens * out.shape[1] * jnp.dtype(out.dtype).itemsize),
+  )(u, *operands)
+  return tuple(results) if lanes else results[0]
+
+
+def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows, sems):
+  """One block: wait for its rows (started by the previous step, or now for the first), start the next block's,
+  then y = ((rows A_e) w) B_e. The grid runs in order ('arbitrary'), so the prefetch crosses steps. A padding
+  slot (token = tokens) reads no row: its row is zeroed, and its weight is 0."""
+  del block_expert  # read by the A and B index maps
+  step, steps = pl.program_id(0), pl.num_programs(0)
+  block, tokens = rows.shape[1], x_hbm.shape[0]
+
+  def fetch(b, buffer, start):
+    for j in range(block):
+      token = slot_token[b * block + j]
+      copy = pltpu.make_async_copy(x_hbm.at[jnp.minimum(token, tokens - 1)], rows.at[buffer, j], sems.at[buffer])
+      if not start:
+        pl.when(token < tokens)(copy.wait)
+        continue
+      pl.when(token < tokens)(copy.start)
+
+      @pl.when(token >= tokens)
+      def _(j=j):
+        rows[buffer, j] = jnp.zeros(rows.shape[2:], rows.dtype)
+
+  pl.when(step == 0)(lambda: fetch(0, 0, start=True))
+  pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
+  fetch(step, step % 2, start=False)
+  buffer = step % 2
+  hidden = sum(jnp.dot(rows[buffer, :, c, :], a_ref[c], preferred_element_type=jnp.float32)
+               for c in range(rows.shape[2]))
+  # The [1, block] weights as a [block, 1] column: the diagonal matrix diag(w) summed over its rows (exact).
+  diagonal = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0) == jax.lax.broadcasted_iota(
+      jnp.int32, (block, block), 1)
+  weight = jnp.sum(jnp.where(diagonal, jnp.broadcast_to(w_ref[...], (block, block)), 0.0), axis=1, keepdims=True)
+  out_ref[...] = jnp.dot((hidden * weight).astype(b_ref.dtype), b_ref[...],
+                         preferred_element_type=jnp.float32).astype(out_ref.dtype)
+
+
+def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, interpret=False):
+  """y <x_lanes.dtype>[blocks, block, d_out]: slot (b, t)'s LoRA output ((x[token[b, t]] A_e) weight[b, t]) B_e, with
+  e = block_expert[b].
+
+  x_lanes <[tokens, d_in / 128, 128]> (`lane_rows`); lora_a <[E, d_in, r]>, lora_b <[E, r, d_out]> in x's dtype;
+  token <int32>[blocks, block], `tokens` for a padding slot (its weight must be 0); block_expert <int32>[blocks];
+  weight <float32>[blocks, block]; `pairs` the number of slots that are not padding.
+  """
+  (tokens, lanes, _), (num_experts, rank, d_out) = x_lanes.shape, lora_b.shape
+  num_blocks, block = token.shape
+  d_in, slots, itemsize = lanes * LANES, num_blocks * block, jnp.dtype(x_lanes.dtype).itemsize
+  cost = pl.CostEstimate(flops=2 * slots * rank * (d_in + d_out), transcendentals=0,
+                         bytes_accessed=(pairs * d_in + slots * d_out) * itemsize + slots * 8
+                         + min(num_blocks, num_experts) * rank * (d_in + d_out) * itemsize)
+  per_block = lambda b, token, expert: (b, 0, 0)  # noqa: E731
+  per_expert = lambda b, token, expert: (expert[b], 0, 0)  # noqa: E731
+  call = pl.pallas_call(
+      _kernel,
+      out_shape=jax.ShapeDtypeStruct((num_blocks, block, d_out), x_lanes.dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(num_blocks,),
+          in_specs=[pl.BlockSpec(memory_space=pl.ANY),
+                    pl.BlockSpec((None, lanes, LANES, rank), lambda b, token, expert: (expert[b], 0, 0, 0)),
+                    pl.BlockSpec((None, rank, d_out), per_expert),
+                    pl.BlockSpec((None, 1, block), per_block)],
+          out_specs=pl.BlockSpec((None, block, d_out), per_block),
+          scratch_shapes=[pltpu.VMEM((2, block, lanes, LANES), x_lanes.dtype), pltpu.SemaphoreType.DMA((2,))]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+      interpret=interpret,
+      cost_estimate=cost,
+  )
+  return call(token.reshape(-1), block_expert, x_lanes,
+              lora_a.reshape(num_experts, lanes, LANES, rank), lora_b, weight[:, None, :])
