@@ -18,7 +18,8 @@ per block (not again while consecutive blocks share an expert). Against a row ga
 matmuls (`routing.mix_grouped`), the gathered [slots, d_in] rows and the [slots, r] hidden values make no round
 trip through HBM. The kernel's cost estimate, which XLA's cost analysis reports for it, counts what it moves:
 each pair's row (a padding slot reads none), each slot's output, token and weight, and one A and B per run of
-blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs).
+blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs), A as TPU memory holds it
+([d_in, r] with its r lanes padded to 128).
 
 Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
 itself), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
@@ -132,18 +133,20 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
   fetch(step, step % 2, start=False)
   buffer = step % 2
-  hidden = sum(jnp.dot(rows[buffer, :, c, :], a_ref[c], preferred_element_type=jnp.float32)
+  hidden = sum(jax.lax.dot_general(rows[buffer, :, c, :], a_ref[:, c * LANES:(c + 1) * LANES],
+                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                for c in range(rows.shape[2]))
   # The [1, block] weights as a [block, 1] column: the diagonal matrix diag(w) summed over its rows (exact).
   diagonal = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0) == jax.lax.broadcasted_iota(
       jnp.int32, (block, block), 1)
   weight = jnp.sum(jnp.where(diagonal, jnp.broadcast_to(w_ref[...], (block, block)), 0.0), axis=1, keepdims=True)
-  out_ref[...] = jnp.dot((hidden * weight).astype(b_ref.dtype), b_ref[...],
-                         preferred_element_type=jnp.float32).astype(out_ref.dtype)
+  outputs = jnp.dot((hidden * weight).astype(b_ref.dtype), b_ref[...], preferred_element_type=jnp.float32)
+  for c in range(out_ref.shape[1]):
+    out_ref[:, c, :] = outputs[:, c * LANES:(c + 1) * LANES].astype(out_ref.dtype)
 
 
 def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, interpret=False):
-  """y <x_lanes.dtype>[blocks, block, d_out]: slot (b, t)'s LoRA output ((x[token[b, t]] A_e) weight[b, t]) B_e, with
+  """y <x_lanes.dtype>[blocks, block, d_out / 128, 128] (`lane_rows` per slot, for `combine`): slot (b, t)'s LoRA output ((x[token[b, t]] A_e) weight[b, t]) B_e, with
   e = block_expert[b].
 
   x_lanes <[tokens, d_in / 128, 128]> (`lane_rows`); lora_a <[E, d_in, r]>, lora_b <[E, r, d_out]> in x's dtype;
@@ -160,19 +163,71 @@ def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, 
   per_expert = lambda b, token, expert: (expert[b], 0, 0)  # noqa: E731
   call = pl.pallas_call(
       _kernel,
-      out_shape=jax.ShapeDtypeStruct((num_blocks, block, d_out), x_lanes.dtype),
+      out_shape=jax.ShapeDtypeStruct((num_blocks, block, d_out // LANES, LANES), x_lanes.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
           grid=(num_blocks,),
           in_specs=[pl.BlockSpec(memory_space=pl.ANY),
-                    pl.BlockSpec((None, lanes, LANES, rank), lambda b, token, expert: (expert[b], 0, 0, 0)),
+                    pl.BlockSpec((None, rank, d_in), per_expert),
                     pl.BlockSpec((None, rank, d_out), per_expert),
                     pl.BlockSpec((None, 1, block), per_block)],
-          out_specs=pl.BlockSpec((None, block, d_out), per_block),
+          out_specs=pl.BlockSpec((None, block, d_out // LANES, LANES), lambda b, token, expert: (b, 0, 0, 0)),
           scratch_shapes=[pltpu.VMEM((2, block, lanes, LANES), x_lanes.dtype), pltpu.SemaphoreType.DMA((2,))]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
       cost_estimate=cost,
   )
-  return call(token.reshape(-1), block_expert, x_lanes,
-              lora_a.reshape(num_experts, lanes, LANES, rank), lora_b, weight[:, None, :])
+  return call(token.reshape(-1), block_expert, x_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, None, :])
+
+
+def _combine_kernel(slot, y_hbm, out_ref, rows, sems):
+  """One tile of tokens: wait for its k slot rows each (started by the previous step, or now for the first),
+  start the next tile's, then out = the sum of each token's k rows (float32)."""
+  step, steps = pl.program_id(0), pl.num_programs(0)
+  pairs = rows.shape[1]
+  tile = out_ref.shape[0]
+  k = pairs // tile
+
+  def fetch(i, buffer, start):
+    for p in range(pairs):  # pair p = (token t, choice j) lands in row j * tile + t
+      copy = pltpu.make_async_copy(y_hbm.at[slot[i * pairs + p]], rows.at[buffer, p % k * tile + p // k],
+                                   sems.at[buffer])
+      copy.start() if start else copy.wait()
+
+  pl.when(step == 0)(lambda: fetch(0, 0, start=True))
+  pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
+  fetch(step, step % 2, start=False)
+  buffer = step % 2
+  for c in range(rows.shape[2]):
+    total = sum(rows[buffer, j * tile:(j + 1) * tile, c, :].astype(jnp.float32) for j in range(k))
+    out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+
+
+def combine(y_lanes, slot, k: int, *, interpret=False):
+  """out <[tokens, d_out]>: out[t] = sum_j y[slot[t k + j]], each token's k pair outputs summed (float32), the rows
+  DMA'd from y_lanes <[slots, d_out / 128, 128]> (`lora_blocks`' output) tile by tile of ROW_TILE tokens.
+
+  slot <int32>[tokens k], tokens a multiple of ROW_TILE. In place of an XLA scatter-add of the slots into the
+  tokens, which XLA:TPU's cost analysis counts erratically with the width (a [37248, d] scatter-add into 16,384
+  rows: 340 MB at d = 1024, 68 MB at 2048, less than its updates' bytes, 3.6 GB at 5120): this moves each pair's
+  row once and writes each token's row once, and its cost estimate says so.
+  """
+  _, lanes, _ = y_lanes.shape
+  tokens, itemsize = slot.shape[0] // k, jnp.dtype(y_lanes.dtype).itemsize
+  if not rowwise_supports(tokens):
+    raise ValueError(f"combine needs a token count that {ROW_TILE} divides, got {tokens}")
+  d_out = lanes * LANES
+  return pl.pallas_call(
+      _combine_kernel,
+      out_shape=jax.ShapeDtypeStruct((tokens, d_out), y_lanes.dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(tokens // ROW_TILE,),
+          in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=pl.BlockSpec((ROW_TILE, d_out), lambda i, slot: (i, 0)),
+          scratch_shapes=[pltpu.VMEM((2, k * ROW_TILE, lanes, LANES), y_lanes.dtype), pltpu.SemaphoreType.DMA((2,))]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+      interpret=interpret,
+      cost_estimate=pl.CostEstimate(flops=tokens * (k - 1) * d_out, transcendentals=0,
+                                    bytes_accessed=tokens * (k + 1) * d_out * itemsize + tokens * k * 4),
+  )(slot, y_lanes)

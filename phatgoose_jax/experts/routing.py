@@ -243,11 +243,18 @@ def expert_blocks(index: jax.Array, num_experts: int, block: int):
   sizes = jnp.bincount(flat, length=num_experts)
   padded = (sizes + block - 1) // block * block
   shift = (jnp.cumsum(padded) - padded) - (jnp.cumsum(sizes) - sizes)  # an expert's padded start minus its start
-  slot = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype) + shift[expert])
+  slot = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype) + per_expert(shift, expert))
   block_end = jnp.cumsum(padded // block)
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right",
                                               method="compare_all"), num_experts - 1)
   return slot.astype(jnp.int32), block_expert.astype(jnp.int32)
+
+
+def per_expert(table: jax.Array, expert: jax.Array) -> jax.Array:
+  """table[expert] for a per-expert table <[E]>, as a compare-and-sum over the E entries (XLA:TPU's cost analysis
+  counts a gather from a table of more than 128 entries at a memory tile per id: 135 MB for 32,768 ids of 166
+  experts, against 0.3 MB for this)."""
+  return jnp.sum(jnp.where(expert[:, None] == jnp.arange(table.shape[0]), table, 0), axis=1).astype(table.dtype)
 
 
 def place(values: jax.Array, slot: jax.Array, num_slots: int, fill) -> jax.Array:
@@ -349,33 +356,52 @@ def _lora_of_blocks_kernel_bwd(pairs, residuals, cotangent):
   token = jnp.minimum(token, tokens - 1)  # padding: weight 0, no gradient
   _, vjp = jax.vjp(lambda x, a, b, w: lora_of_blocks(x.reshape(tokens, -1), a, b, token, w, expert),
                    x_lanes, lora_a, lora_b, weight)
-  dx, da, db, dw = vjp(cotangent)
+  dx, da, db, dw = vjp(cotangent.reshape(*token.shape, -1))
   return dx, da, db, None, dw, None
 
 
 _lora_of_blocks_kernel.defvjp(_lora_of_blocks_kernel_fwd, _lora_of_blocks_kernel_bwd)
 
 
-def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=128, lanes=None):
+def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=None):
   """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`kernels.lora_blocks`): each block's
   token rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
-  accumulation), so neither the gathered rows nor the hidden values pass through HBM; y is scatter-added into
-  its token's output. The kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the
+  accumulation), so neither the gathered rows nor the hidden values pass through HBM; each token's k outputs are
+  then summed by a second kernel that DMAs them (`kernels.combine`). `block` defaults to `block_size` (at least 16 rows, a bf16 sublane tile), so a few tokens
+  over many experts are not padded to 128 rows an expert. The kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the
   scores kernel write it beside the scores; else it is relaid out here). Needs d_in a multiple of 128
-  (`kernels.supports`). Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted
+  and d_out multiples of 128 (`kernels.supports`). Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted
   (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, k = lora_a.shape[0], index.shape[-1]
   x = jnp.asarray(u).reshape(-1, d_in)
   tokens = x.shape[0]
+  block = block or max(16, block_size(tokens * k, num_experts, lora_a.shape[-1]))
   slot, block_expert = expert_blocks(index, num_experts, block)
   slots = block_expert.shape[0] * block
   token = place(jnp.arange(tokens * k, dtype=jnp.int32) // k, slot, slots, tokens).reshape(-1, block)
   weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, slot, slots, 0).reshape(-1, block)
   outputs = _lora_of_blocks_kernel(kernels.lane_rows(x) if lanes is None else lanes, jnp.asarray(lora_a, x.dtype),
                                    jnp.asarray(lora_b, x.dtype), token, weight, block_expert, tokens * k)
-  mixed = jnp.zeros((tokens, outputs.shape[-1]), x.dtype).at[token].add(outputs, mode="drop")
+  padded = -tokens % kernels.ROW_TILE  # tokens the combine adds up for nothing: dropped
+  slot = jnp.pad(slot.reshape(tokens, k), ((0, padded), (0, 0))).reshape(-1)
+  mixed = _combine(outputs.reshape(slots, *outputs.shape[2:]), slot, k)[:tokens]
   return mixed.reshape(*lead, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _combine(y_lanes, slot, k):
+  """kernels.combine (each token's k slot rows summed); its gradient is that of the same gather-and-sum."""
+  return kernels.combine(y_lanes, slot, k, interpret=cost.target_device().platform != "tpu")
+
+
+def _combine_reference(y_lanes, slot, k):
+  return jnp.sum(y_lanes.reshape(y_lanes.shape[0], -1)[slot].reshape(-1, k, math.prod(y_lanes.shape[1:])), axis=1)
+
+
+_combine.defvjp(lambda y_lanes, slot, k: (_combine(y_lanes, slot, k), (y_lanes, slot)),
+                lambda k, residuals, cotangent: (
+                    jax.vjp(lambda y: _combine_reference(y, residuals[1], k), residuals[0])[1](cotangent)[0], None))
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
@@ -384,20 +410,22 @@ MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "block
 # 128 and 256 row blocks and tiles.
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256),
-            "fused@64": functools.partial(mix_fused, block=64)}
-TAKES_LANES = ("fused", "fused@64")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
+            "grouped@256": functools.partial(mix_grouped, tile=256)}
+TAKES_LANES = ("fused",)  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
-  """The exact mixers `auto` compares for `layer` on a TPU or GPU: ragged, blocks, (TPU) grouped variants and
-  the fused kernel where it takes the row width,
-  dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens),
-  gather for a decoding step's few pairs (at most GATHER_MAX_PAIRS)."""
-  names = ["ragged", "blocks@128", "blocks@256"] + (["grouped", "grouped@256"] if platform == "tpu" else [])
-  names += ["fused"] * (platform == "tpu" and kernels.supports(layer.d_in))
+  """The exact mixers `auto` compares for `layer`: on a TPU ragged, grouped and the fused kernel where it takes
+  the row width; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
+  intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few
+  pairs (at most GATHER_MAX_PAIRS). The blocks variants and grouped@256 were never the least on a TPU chip
+  (benchmarks/README.md: routed layers of 128-16,384 tokens, E = 36 and 166, v5e and v4), so a TPU compile
+  does not lower them: each candidate is one lowering per layer shape."""
+  fused = kernels.supports(layer.d_in) and kernels.supports(layer.d_out)
+  names = ["ragged"] + (["grouped"] + ["fused"] * fused if platform == "tpu"
+                        else ["blocks@128", "blocks@256"])
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
   names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
   return {name: mixer(name) for name in names}
