@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/routed_layer.py [--experts 36,166] [--shapes 2048x2048,5120x2048] [--tokens 2048]
          [--rank 16] [--top_k 2] [--rounds 9] [--impls blocks,gather,dense,ragged] [--json]
-       JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:2x2 [--impls ragged,blocks@128,grouped]
+       JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:2x2 [--impls fused,grouped,dense]
        JAX_PLATFORMS=cpu python benchmarks/routed_layer.py --topology v5e:4x4 --mesh 1,4,4 [--impls auto,grouped]
 
 For each (E, d_in x d_out) it prints the median time of the plain layer and of each routed implementation
@@ -19,7 +19,8 @@ With --topology (e.g. v5e:2x2, v4:2x2x1; libtpu, JAX_PLATFORMS=cpu) nothing runs
 one chip of the topology (bf16 by default, --tokens 16384) and the compiler's cost analysis gives its
 roofline time, max(FLOPs / peak, bytes accessed / bandwidth) (`cost.roofline_seconds`); the table reports
 routed / plain roofline, FLOP and byte ratios and compile seconds per implementation (names of
-`routing.mixer`: blocks@128 is the one-chunk blocks path with 128-row blocks, grouped the megablox kernel).
+`routing.mixer`: blocks@128 is the one-chunk blocks path with 128-row blocks, grouped the megablox kernel,
+fused the Pallas kernels of experts/kernels.py).
 A program that keeps a while loop over more than 1 MiB of state is marked "loop": XLA counts a loop body
 once, so its figures are a lower bound. --max_gib does not apply (nothing is allocated). With --mesh D,M,E
 the model's own linear layer (`ExpertDense`, plain and routed, logical rules in context) is compiled on a
@@ -173,7 +174,7 @@ def main():
   p.add_argument("--rounds", type=int, default=9)
   p.add_argument("--slow_rounds", type=int, default=3)
   p.add_argument("--impls", default=None, help="default blocks,gather,dense,ragged (CPU), "
-                                               "ragged,blocks,blocks@128,grouped (--topology)")
+                                               "fused,grouped,ragged,blocks@128,dense (--topology)")
   p.add_argument("--max_gib", type=float, default=2.0)
   p.add_argument("--topology", default=None, help="compile for one chip of this TPU topology, e.g. v5e:2x2")
   p.add_argument("--dtype", default=None, help="default float32 (CPU), bfloat16 (--topology)")
@@ -183,7 +184,7 @@ def main():
   on_tpu = args.topology is not None
   args.tokens = args.tokens or (16384 if on_tpu else 2048)
   args.dtype = jnp.dtype(args.dtype or ("bfloat16" if on_tpu else "float32"))
-  default_impls = "ragged,blocks,blocks@128,grouped" if on_tpu else "blocks,gather,dense,ragged"
+  default_impls = "fused,grouped,ragged,blocks@128,dense" if on_tpu else "blocks,gather,dense,ragged"
   args.impls = (args.impls or default_impls).split(",")
   names = sorted({**routing.MIXERS, **routing.VARIANTS}) + ["auto"]
   unknown = [i for i in args.impls if i not in names]

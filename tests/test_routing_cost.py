@@ -29,17 +29,17 @@ def empty_cache():
 
 
 class FakeCost:
-  """(flops, bytes) per mixer from a table, counting the lowerings asked for."""
+  """(flops, bytes) per candidate path from a table, counting the lowerings asked for."""
 
   def __init__(self, table):
-    self.table = {routing.mixer(name): fb for name, fb in table.items()}
+    self.table = table
     self.calls = []
 
-  def __call__(self, mixer, layer, device):
-    self.calls.append((mixer, layer))
-    if mixer not in self.table:
+  def __call__(self, candidate, layer, device):
+    self.calls.append((candidate.name, layer))
+    if candidate.name not in self.table:
       raise ValueError("not costed")
-    return self.table[mixer]
+    return self.table[candidate.name]
 
 
 def tpu_table():
@@ -59,7 +59,7 @@ def test_auto_takes_the_least_roofline_time_not_the_least_flops_or_bytes(monkeyp
   fake = FakeCost(tpu_table())
   monkeypatch.setattr(cost, "compiled_cost", fake)
   assert routing.resolve_impl("auto", layer=LAYER, device=FakeDevice("tpu", V5E)) == "fused"
-  assert {m for m, _ in fake.calls} == set(routing.candidates(LAYER, "tpu").values())
+  assert {name for name, _ in fake.calls} == set(routing.candidates(LAYER, "tpu"))
 
 
 def test_choice_is_cached_per_platform_kind_and_shape_and_logged_once(monkeypatch, caplog):
@@ -124,12 +124,12 @@ def test_target_is_the_context_mesh_device_inside_jit():
 def test_compiled_cost_on_cpu_refuses_a_loop_over_large_state():
   layer = cost.LayerShape(tokens=512, d_in=256, d_out=256, experts=4, rank=8, k=2, dtype="float32")
   cpu = jax.devices("cpu")[0]
-  flops, nbytes = cost.compiled_cost(routing.mixer("blocks@128"), layer, cpu)
+  flops, nbytes = cost.compiled_cost(routing.Candidate("blocks@128", 2), layer, cpu)
   lora_flops = 2 * layer.pairs * layer.rank * (layer.d_in + layer.d_out)
-  assert lora_flops <= flops < 3 * lora_flops and nbytes > 4 * layer.tokens * layer.d_in
-  chunked = lambda *a: routing.mix_blocks(*a, block=8, chunk_rows=16)  # noqa: E731  a scan over 128 chunks
+  score_flops = 2 * layer.tokens * layer.d_in * layer.experts
+  assert lora_flops + score_flops <= flops < 3 * (lora_flops + score_flops) and nbytes > 4 * layer.tokens * layer.d_in
   with pytest.raises(ValueError, match="while loops"):
-    cost.compiled_cost(chunked, layer, cpu)
+    cost.compiled_cost(routing.Candidate("blocks", 2), layer, cpu)  # a scan over 512-row chunks
 
 
 @needs_libtpu

@@ -1,7 +1,8 @@
 """The routed layer's implementation chosen from the compiler's cost, for the device the program is compiled FOR.
 
-For a TPU or GPU target each candidate mixer is lowered and compiled for one device of the target
-(`compiled_cost`) and the least roofline time is taken:
+For a TPU or GPU target each candidate path's routed update (scores, top-k and the mix: the fused path also
+changes how the scores are made) is lowered and compiled for one device of the target (`compiled_cost`) and
+the least roofline time is taken:
 
   t = max(flops / peak FLOP/s, bytes accessed / HBM bandwidth)         (`roofline_seconds`, chip table `aot.CHIPS`)
 
@@ -46,12 +47,11 @@ class LayerShape:
     return self.tokens * self.k
 
   def arguments(self, device) -> tuple:
-    """Abstract (u, lora_a, lora_b, weights, index) of the mixers' contract, placed on `device`."""
+    """Abstract (u, router, lora_a, lora_b) of a routed layer of this shape, placed on `device`."""
     sharding = jax.sharding.SingleDeviceSharding(device)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-    return (spec((self.tokens, self.d_in), self.dtype), spec((self.experts, self.d_in, self.rank), self.dtype),
-            spec((self.experts, self.rank, self.d_out), self.dtype), spec((self.tokens, self.k), self.dtype),
-            spec((self.tokens, self.k), jnp.int32))
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding)  # noqa: E731
+    return (spec((self.tokens, self.d_in)), spec((self.experts, self.d_in)), spec((self.experts, self.d_in, self.rank)),
+            spec((self.experts, self.rank, self.d_out)))
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, device_kind: str) -> float:
@@ -106,14 +106,14 @@ def _without_context_mesh():
     mesh_lib.thread_resources.env = resources
 
 
-def compiled_cost(mixer: Callable, layer: LayerShape, device) -> tuple[float, float]:
-  """(flops, bytes accessed) of `mixer` (the mixers' contract, scale 1) for `layer`, compiled for `device`
-  (`target_device()` is `device` while the mixer is traced)."""
-  fn = lambda u, a, b, w, i: mixer(u, a, b, w, i, 1.0)  # noqa: E731
+def compiled_cost(layer_fn: Callable, layer: LayerShape, device) -> tuple[float, float]:
+  """(flops, bytes accessed) of `layer_fn(u, router, lora_a, lora_b)`, one candidate's routed update (scores,
+  top-k and mix: a path may change how the scores are made), for `layer`, compiled for `device`
+  (`target_device()` is `device` while it is traced)."""
   token = _COSTED_FOR.set(device)
   try:
     with _without_context_mesh():  # the candidate is compiled for one device, not for the caller's mesh
-      compiled = jax.jit(fn).lower(*layer.arguments(device)).compile()
+      compiled = jax.jit(layer_fn).lower(*layer.arguments(device)).compile()
   finally:
     _COSTED_FOR.reset(token)
   big = [b for b in loop_state_bytes(compiled.as_text()) if b > LOOP_STATE_BYTES]
@@ -128,9 +128,9 @@ _CHOICES: dict = {}
 
 
 def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost: Optional[Callable] = None) -> str:
-  """The candidate mixer of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
+  """The candidate (a routed layer's update by one path) of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
 
-  `cost(mixer, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
+  `cost(layer_fn, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
   (ValueError) is left out.
   """
   cost = cost or compiled_cost
@@ -138,9 +138,9 @@ def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost
   if key not in _CHOICES:
     roofline_seconds(0, 0, device.device_kind)  # an unknown chip fails here, before any lowering
     times = {}
-    for name, mixer in candidates.items():
+    for name, layer_fn in candidates.items():
       try:
-        times[name] = roofline_seconds(*cost(mixer, layer, device), device.device_kind)
+        times[name] = roofline_seconds(*cost(layer_fn, layer, device), device.device_kind)
       except ValueError as e:
         logging.info("routing: %s left out for %s: %s", name, layer, e)
     if not times:

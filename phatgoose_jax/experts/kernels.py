@@ -1,5 +1,6 @@
-"""The routed layer's Pallas TPU kernels: the router scores in one read of the activations (`rowwise`), and the
-LoRA outputs of expert-sorted blocks with their token rows gathered inside the kernel (`lora_blocks`).
+"""The routed layer's Pallas TPU kernels: the router scores in one read of the activations (`rowwise`), the
+LoRA outputs of expert-sorted blocks with their token rows gathered inside the kernel (`lora_blocks`), and each
+token's k outputs summed (`combine`).
 
 `rowwise(fn, u, *operands)` applies a function of a tile of token rows, fn(u[rows], *operands), to every tile,
 each tile of u read from HBM once. XLA:TPU's cost analysis counts the standardised router scores of a
@@ -18,11 +19,13 @@ per block (not again while consecutive blocks share an expert). Against a row ga
 matmuls (`routing.mix_grouped`), the gathered [slots, d_in] rows and the [slots, r] hidden values make no round
 trip through HBM. The kernel's cost estimate, which XLA's cost analysis reports for it, counts what it moves:
 each pair's row (a padding slot reads none), each slot's output, token and weight, and one A and B per run of
-blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs), A as TPU memory holds it
-([d_in, r] with its r lanes padded to 128).
+blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs). A is read as [r, d_in]
+(lane-dense; as [d_in, r] TPU memory pads its r lanes to 128).
+
+`combine`: out[t] = the sum of token t's k slot outputs, their rows DMA'd from `lora_blocks`' output.
 
 Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
-itself), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
+itself, and a gather-and-sum for `combine`), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
 """
 import jax
 import jax.numpy as jnp

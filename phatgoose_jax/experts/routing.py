@@ -17,6 +17,7 @@ Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights,
 All return `sum_{j<k} weights[..., j] * (B_{index_j} A_{index_j} u) * scale`: expert OUTPUTS are mixed,
 never their parameters.
 """
+import dataclasses
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -428,7 +429,18 @@ def candidates(layer: cost.LayerShape, platform: str) -> dict:
                         else ["blocks@128", "blocks@256"])
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
   names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
-  return {name: mixer(name) for name in names}
+  return {name: Candidate(name, layer.k) for name in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One path's routed update of a layer, `route(u, router, lora_a, lora_b)` with impl `name` (scale 1): what
+  `auto` costs (`cost.compiled_cost`)."""
+  name: str
+  top_k: int
+
+  def __call__(self, u, router, lora_a, lora_b):
+    return route(u, router, lora_a, lora_b, top_k=self.top_k, scale=1.0, impl=self.name)[0]
 
 
 def mixer(name: str):
