@@ -79,11 +79,12 @@ def test_widths_and_token_counts_the_kernels_refuse():
     kernels.rowwise(routing.phatgoose_scores, jnp.zeros((100, 128)), jnp.zeros((3, 128)), interpret=True)
 
 
-def test_fused_is_a_tpu_candidate_where_it_takes_the_widths():
+def test_fused_replaces_the_sorted_tpu_candidates_where_it_takes_the_widths():
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
-  assert "fused" in routing.candidates(layer, "tpu") and "fused" not in routing.candidates(layer, "gpu")
+  assert list(routing.candidates(layer, "tpu")) == ["fused"]
+  assert "fused" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
-    assert "fused" not in routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")
+    assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]
 
 
 @needs_libtpu

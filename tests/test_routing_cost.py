@@ -11,7 +11,7 @@ import pytest
 from phatgoose_jax.experts import cost, routing
 
 V5E = "TPU v5 lite"
-LAYER = cost.LayerShape(tokens=64, d_in=256, d_out=256, experts=4, rank=8, k=2, dtype="bfloat16")
+LAYER = cost.LayerShape(tokens=64, d_in=192, d_out=256, experts=4, rank=8, k=2, dtype="bfloat16")  # not fused
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
 
 
@@ -43,8 +43,8 @@ class FakeCost:
 
 
 def tpu_table():
-  # roofline ms on v5e: ragged 50.8 (least bytes), grouped 9.8 (least FLOPs), fused 7.6 (least max).
-  return {"ragged": (10e12, 1e9), "grouped": (1e12, 8e9), "fused": (1.5e12, 5e9), "dense": (3e12, 5e9),
+  # roofline ms on v5e: ragged 50.8 (least bytes), grouped 9.8 (least FLOPs), dense 7.6 (least max).
+  return {"ragged": (10e12, 1e9), "grouped": (1e12, 8e9), "dense": (1.5e12, 5e9),
           "blocks@128": (0.1e12, 0.1e9)}  # not a TPU candidate: never asked for
 
 
@@ -58,7 +58,7 @@ def test_roofline_is_the_larger_of_compute_and_memory_time():
 def test_auto_takes_the_least_roofline_time_not_the_least_flops_or_bytes(monkeypatch):
   fake = FakeCost(tpu_table())
   monkeypatch.setattr(cost, "compiled_cost", fake)
-  assert routing.resolve_impl("auto", layer=LAYER, device=FakeDevice("tpu", V5E)) == "fused"
+  assert routing.resolve_impl("auto", layer=LAYER, device=FakeDevice("tpu", V5E)) == "dense"
   assert {name for name, _ in fake.calls} == set(routing.candidates(LAYER, "tpu"))
 
 
@@ -73,7 +73,7 @@ def test_choice_is_cached_per_platform_kind_and_shape_and_logged_once(monkeypatc
     routing.resolve_impl("auto", layer=LAYER, device=tpu)
   assert len(fake.calls) == lowered  # one lowering per candidate per shape
   logged = [r.getMessage() for r in caplog.records if "auto takes" in r.getMessage()]
-  assert len(logged) == 1 and logged[0].startswith(f"routing: auto takes fused for {LAYER} on {V5E}")
+  assert len(logged) == 1 and logged[0].startswith(f"routing: auto takes dense for {LAYER} on {V5E}")
   routing.resolve_impl("auto", layer=dataclasses.replace(LAYER, tokens=128), device=tpu)
   routing.resolve_impl("auto", layer=LAYER, device=FakeDevice("tpu", "TPU v4"))
   assert len(fake.calls) == 3 * lowered
@@ -95,8 +95,15 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
   assert "dense" in routing.candidates(LAYER, "gpu")
   xl = cost.LayerShape(tokens=16384, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16")
   assert xl.tokens * xl.experts * xl.d_out * 2 > routing.DENSE_MAX_BYTES
-  assert "dense" not in routing.candidates(xl, "tpu") and "grouped" in routing.candidates(xl, "tpu")
+  assert list(routing.candidates(xl, "tpu")) == ["fused"]
   assert "grouped" not in routing.candidates(xl, "gpu")
+
+
+def test_a_single_candidate_is_taken_without_a_lowering(monkeypatch):
+  fake = FakeCost(tpu_table())
+  monkeypatch.setattr(cost, "compiled_cost", fake)
+  xl = cost.LayerShape(tokens=16384, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16")
+  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", V5E)) == "fused" and fake.calls == []
 
 
 def test_unknown_chip_and_no_shape_fail_with_the_fix(monkeypatch):

@@ -25,7 +25,6 @@ import re
 from typing import Callable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 from jax._src import config as jax_config
 from jax._src import mesh as mesh_lib
 
@@ -131,10 +130,12 @@ def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost
   """The candidate (a routed layer's update by one path) of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
 
   `cost(layer_fn, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
-  (ValueError) is left out.
+  (ValueError) is left out. A single candidate is taken without a lowering.
   """
   cost = cost or compiled_cost
   key = (device.platform, device.device_kind, layer)
+  if len(candidates) == 1:  # nothing to compare: no lowering
+    return next(iter(candidates))
   if key not in _CHOICES:
     roofline_seconds(0, 0, device.device_kind)  # an unknown chip fails here, before any lowering
     times = {}

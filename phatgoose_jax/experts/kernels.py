@@ -156,7 +156,7 @@ def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, 
   token <int32>[blocks, block], `tokens` for a padding slot (its weight must be 0); block_expert <int32>[blocks];
   weight <float32>[blocks, block]; `pairs` the number of slots that are not padding.
   """
-  (tokens, lanes, _), (num_experts, rank, d_out) = x_lanes.shape, lora_b.shape
+  (_, lanes, _), (num_experts, rank, d_out) = x_lanes.shape, lora_b.shape
   num_blocks, block = token.shape
   d_in, slots, itemsize = lanes * LANES, num_blocks * block, jnp.dtype(x_lanes.dtype).itemsize
   cost = pl.CostEstimate(flops=2 * slots * rank * (d_in + d_out), transcendentals=0,

@@ -3,7 +3,7 @@
 Each formula is written once here. Shapes: `u` <float>[..., d_in] token activations; `router`
 <float>[E, d_in] one vector per expert; `lora_a` <float>[E, d_in, r]; `lora_b` <float>[E, r, d_out].
 
-Four mixing implementations share one contract, `mix(u, lora_a, lora_b, weights, index, scale)`:
+Six mixing implementations share one contract, `mix(u, lora_a, lora_b, weights, index, scale)`:
   * `mix_dense`  computes every expert and masks: the numerical reference, memory O(tokens E d_out);
   * `mix_gather` gathers the chosen experts' weights per token, memory O(tokens k d_in r);
   * `mix_ragged` groups token-expert pairs by expert and runs `jax.lax.ragged_dot` (grouped matmul,
@@ -185,17 +185,14 @@ def inverse_permutation(order: jax.Array) -> jax.Array:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-LANES = 128
-
-
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
   """x[rows] for x <[n, d]>, gathered as [n, d / 128, 128] when 128 divides d: each row then spans whole
   (8, 128) TPU memory tiles, where a [n, d] row gather reads a tile of 8-16 rows per row (in XLA:TPU's cost
   analysis, 2048-wide bf16 rows: 537 MB in place of 1477 MB for 32768 rows). The same values on any platform."""
-  n, d = x.shape
-  if d % LANES:
+  d = x.shape[-1]
+  if not kernels.supports(d):
     return x[rows]
-  return x.reshape(n, d // LANES, LANES)[rows].reshape(*rows.shape, d)
+  return kernels.lane_rows(x)[rows].reshape(*rows.shape, d)
 
 
 def mix_ragged(u, lora_a, lora_b, weights, index, scale):
@@ -309,8 +306,8 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
 
     h = (x A_e) (w scale)   (float32 accumulation),   y = h B_e   (u's dtype, float32 accumulation),
 
-  and y scatter-added into its token's output (XLA:TPU's cost analysis counts a [pairs, d_out] scatter-add
-  at a fifteenth of the bytes of the same rows gathered back and summed). Differentiable (megablox's
+  and y scatter-added into its token's output (XLA:TPU's cost analysis counts that scatter-add erratically with
+  d_out, below its updates' bytes at 2048 and far above at 5120: see `kernels.combine`). Differentiable (megablox's
   custom VJP: `gmm` for the inputs, `tgmm` for the experts). Off TPU the kernel runs interpreted (exact,
   slow: for tests).
   """
@@ -418,15 +415,17 @@ DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
-  """The exact mixers `auto` compares for `layer`: on a TPU ragged, grouped and the fused kernel where it takes
-  the row width; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
+  """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths, else
+  ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
   intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few
-  pairs (at most GATHER_MAX_PAIRS). The blocks variants and grouped@256 were never the least on a TPU chip
-  (benchmarks/README.md: routed layers of 128-16,384 tokens, E = 36 and 166, v5e and v4), so a TPU compile
-  does not lower them: each candidate is one lowering per layer shape."""
-  fused = kernels.supports(layer.d_in) and kernels.supports(layer.d_out)
-  names = ["ragged"] + (["grouped"] + ["fused"] * fused if platform == "tpu"
-                        else ["blocks@128", "blocks@256"])
+  pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers
+  none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
+  fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
+  (benchmarks/README.md)."""
+  if platform == "tpu":
+    names = ["fused"] if kernels.supports(layer.d_in) and kernels.supports(layer.d_out) else ["ragged", "grouped"]
+  else:
+    names = ["ragged", "blocks@128", "blocks@256"]
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
   names += ["dense"] * (dense_bytes <= DENSE_MAX_BYTES) + ["gather"] * (layer.pairs <= GATHER_MAX_PAIRS)
   return {name: Candidate(name, layer.k) for name in names}
