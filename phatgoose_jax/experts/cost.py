@@ -76,6 +76,12 @@ def target_device():
   return jax.devices()[0]
 
 
+def targets_tpu() -> bool:
+  """Whether the program being traced is for a TPU (`target_device`): Pallas TPU kernels are compiled there and
+  interpreted elsewhere (exact, slow: for tests)."""
+  return target_device().platform == "tpu"
+
+
 LOOP_STATE_BYTES = 2 ** 20
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                "f64": 8, "s64": 8, "u64": 8}

@@ -27,6 +27,8 @@ blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E)
 Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
 itself, and a gather-and-sum for `combine`), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -56,6 +58,14 @@ def lane_rows(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1] // LANES, LANES)
 
 
+def with_reference_grad(kernel, reference):
+  """kernel(*args), differentiated as reference(*args): the same values by plain JAX ops (the kernels here are
+  forward only, so training through them takes the exact gradient of the formula they compute)."""
+  call = jax.custom_vjp(kernel)
+  call.defvjp(lambda *args: (kernel(*args), args), lambda args, cotangent: jax.vjp(reference, *args)[1](cotangent))
+  return call
+
+
 def rowwise(fn, u, *operands, lanes=False, interpret=False):
   """fn(u, *operands) for a row-wise `fn` (row i of its [tokens, n] result depends on u[i] alone), computed tile
   by tile: u <[tokens, d]> read once, `operands` whole in every step (fetched once). With `lanes`, also
@@ -68,13 +78,8 @@ def rowwise(fn, u, *operands, lanes=False, interpret=False):
   def reference(u, *operands):
     return (fn(u, *operands), lane_rows(u)) if lanes else fn(u, *operands)
 
-  @jax.custom_vjp
-  def call(u, *operands):
-    return _rowwise_call(fn, u, *operands, lanes=lanes, interpret=interpret)
-
-  call.defvjp(lambda u, *operands: (call(u, *operands), (u, operands)),
-              lambda residuals, cotangent: jax.vjp(reference, residuals[0], *residuals[1])[1](cotangent))
-  return call(u, *operands)
+  kernel = functools.partial(_rowwise_call, fn, lanes=lanes, interpret=interpret)
+  return with_reference_grad(kernel, reference)(u, *operands)
 
 
 def _rowwise_call(fn, u, *operands, lanes, interpret):
@@ -120,17 +125,20 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
   block, tokens = rows.shape[1], x_hbm.shape[0]
 
   def fetch(b, buffer, start):
-    for j in range(block):
+    def row(j, carry):  # a loop, not unrolled: one DMA per slot would be `block` copies of this body for Mosaic
       token = slot_token[b * block + j]
       copy = pltpu.make_async_copy(x_hbm.at[jnp.minimum(token, tokens - 1)], rows.at[buffer, j], sems.at[buffer])
       if not start:
         pl.when(token < tokens)(copy.wait)
-        continue
+        return carry
       pl.when(token < tokens)(copy.start)
 
       @pl.when(token >= tokens)
-      def _(j=j):
+      def _():
         rows[buffer, j] = jnp.zeros(rows.shape[2:], rows.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, block, row, 0)
 
   pl.when(step == 0)(lambda: fetch(0, 0, start=True))
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
@@ -192,10 +200,13 @@ def _combine_kernel(slot, y_hbm, out_ref, rows, sems):
   k = pairs // tile
 
   def fetch(i, buffer, start):
-    for p in range(pairs):  # pair p = (token t, choice j) lands in row j * tile + t
+    def pair(p, carry):  # pair p = (token t, choice j) lands in row j * tile + t
       copy = pltpu.make_async_copy(y_hbm.at[slot[i * pairs + p]], rows.at[buffer, p % k * tile + p // k],
                                    sems.at[buffer])
       copy.start() if start else copy.wait()
+      return carry
+
+    jax.lax.fori_loop(0, pairs, pair, 0)
 
   pl.when(step == 0)(lambda: fetch(0, 0, start=True))
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))

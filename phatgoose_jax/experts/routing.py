@@ -320,9 +320,8 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
   order, _ = sort_by_expert(flat, num_experts)
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   rows = -pairs % tile
-  interpret = cost.target_device().platform != "tpu"
   gmm = lambda lhs, rhs, out_type, tiling: megablox.gmm(  # noqa: E731
-      lhs, rhs, sizes, out_type, tiling, None, None, False, interpret)
+      lhs, rhs, sizes, out_type, tiling, None, None, False, not cost.targets_tpu())
   xs = jnp.pad(take_rows(x, order // k), ((0, rows), (0, 0)))
   hidden = gmm(xs, jnp.asarray(lora_a, x.dtype), jnp.float32, (tile, min(d_in, 512), rank))
   sorted_weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, inverse_permutation(order), pairs, 0)
@@ -334,31 +333,18 @@ def mix_grouped(u, lora_a, lora_b, weights, index, scale, *, tile=128):
   return mixed.reshape(*lead, d_out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, weight, expert, pairs):
+def _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, expert, weight, pairs):
   """`lora_of_blocks` of `x_lanes` (`kernels.lane_rows`) by the Pallas TPU kernel (`kernels.lora_blocks`), a token
   of x.shape[0] marking a padding slot (no row read, weight 0); its gradient is `lora_of_blocks`'."""
-  return kernels.lora_blocks(x_lanes, lora_a, lora_b, token, expert, weight, pairs=pairs,
-                             interpret=cost.target_device().platform != "tpu")
-
-
-def _lora_of_blocks_kernel_fwd(x_lanes, lora_a, lora_b, token, weight, expert, pairs):
-  outputs = _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, weight, expert, pairs)
-  return outputs, (x_lanes, lora_a, lora_b, token, weight, expert)
-
-
-def _lora_of_blocks_kernel_bwd(pairs, residuals, cotangent):
-  del pairs
-  x_lanes, lora_a, lora_b, token, weight, expert = residuals
   tokens = x_lanes.shape[0]
-  token = jnp.minimum(token, tokens - 1)  # padding: weight 0, no gradient
-  _, vjp = jax.vjp(lambda x, a, b, w: lora_of_blocks(x.reshape(tokens, -1), a, b, token, w, expert),
-                   x_lanes, lora_a, lora_b, weight)
-  dx, da, db, dw = vjp(cotangent.reshape(*token.shape, -1))
-  return dx, da, db, None, dw, None
 
+  def reference(x_lanes, lora_a, lora_b, token, expert, weight):
+    token = jnp.minimum(token, tokens - 1)  # padding: weight 0, no gradient
+    outputs = lora_of_blocks(x_lanes.reshape(tokens, -1), lora_a, lora_b, token, weight, expert)
+    return outputs.reshape(*token.shape, -1, kernels.LANES)
 
-_lora_of_blocks_kernel.defvjp(_lora_of_blocks_kernel_fwd, _lora_of_blocks_kernel_bwd)
+  kernel = functools.partial(kernels.lora_blocks, pairs=pairs, interpret=not cost.targets_tpu())
+  return kernels.with_reference_grad(kernel, reference)(x_lanes, lora_a, lora_b, token, expert, weight)
 
 
 def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=None):
@@ -380,26 +366,20 @@ def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=Non
   token = place(jnp.arange(tokens * k, dtype=jnp.int32) // k, slot, slots, tokens).reshape(-1, block)
   weight = place(jnp.ravel(weights).astype(jnp.float32) * scale, slot, slots, 0).reshape(-1, block)
   outputs = _lora_of_blocks_kernel(kernels.lane_rows(x) if lanes is None else lanes, jnp.asarray(lora_a, x.dtype),
-                                   jnp.asarray(lora_b, x.dtype), token, weight, block_expert, tokens * k)
+                                   jnp.asarray(lora_b, x.dtype), token, block_expert, weight, tokens * k)
   padded = -tokens % kernels.ROW_TILE  # tokens the combine adds up for nothing: dropped
   slot = jnp.pad(slot.reshape(tokens, k), ((0, padded), (0, 0))).reshape(-1)
   mixed = _combine(outputs.reshape(slots, *outputs.shape[2:]), slot, k)[:tokens]
   return mixed.reshape(*lead, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _combine(y_lanes, slot, k):
   """kernels.combine (each token's k slot rows summed); its gradient is that of the same gather-and-sum."""
-  return kernels.combine(y_lanes, slot, k, interpret=cost.target_device().platform != "tpu")
+  def reference(y_lanes, slot):
+    return jnp.sum(y_lanes.reshape(y_lanes.shape[0], -1)[slot].reshape(-1, k, math.prod(y_lanes.shape[1:])), axis=1)
 
-
-def _combine_reference(y_lanes, slot, k):
-  return jnp.sum(y_lanes.reshape(y_lanes.shape[0], -1)[slot].reshape(-1, k, math.prod(y_lanes.shape[1:])), axis=1)
-
-
-_combine.defvjp(lambda y_lanes, slot, k: (_combine(y_lanes, slot, k), (y_lanes, slot)),
-                lambda k, residuals, cotangent: (
-                    jax.vjp(lambda y: _combine_reference(y, residuals[1], k), residuals[0])[1](cotangent)[0], None))
+  kernel = functools.partial(kernels.combine, k=k, interpret=not cost.targets_tpu())
+  return kernels.with_reference_grad(kernel, reference)(y_lanes, slot)
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
@@ -483,42 +463,40 @@ def layer_shape(u, lora_b, top_k: int) -> cost.LayerShape:
                          jnp.dtype(u.dtype).name)
 
 
-def choose(u, router, *, top_k, score="standardized", rows=None) -> tuple[jax.Array, jax.Array]:
-  """The routing choice of one linear layer: scores -> top-k (weights [..., k], index [..., k]).
+def choose(u, router, *, top_k, score="standardized", rows=None, lanes=False):
+  """The routing choice of one linear layer: scores -> top-k. Returns (weights [..., k], index [..., k], u_lanes):
+  u_lanes is `kernels.lane_rows(u)` where `lanes` asks for it and the scores kernel wrote it (`router_scores`),
+  else None.
 
   With score 'per_row', `router` is `{score: vectors}` over ROW_SCORES and `rows` the batch's `RowRouting`
   (`row_scores`, each row's own top-k)."""
   if score == "per_row":
-    return top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None])
-  return top_k_weights(router_scores(u, router, score), top_k)
+    return (*top_k_weights(row_scores(u, router, rows), top_k, rows.top_k[:, None, None]), None)
+  scores, u_lanes = router_scores(u, router, score, lanes)
+  return (*top_k_weights(scores, top_k), u_lanes)
 
 
 def router_scores(u, router, score: str, lanes: bool = False):
-  """SCORES[score](u, router); for a TPU target, in one read of u (`kernels.rowwise`: the same function applied
-  to tiles of tokens) where the tokens fill whole tiles and the score is one dot per expert (SpectR's
-  [tile, E, r] projections exceed a kernel's VMEM). With `lanes` (the fused path's rows), returns (scores,
-  `kernels.lane_rows` of u written by the same kernel), or (scores, None) where the kernel does not apply."""
+  """(SCORES[score](u, router), u_lanes). For a TPU target the scores are made in one read of u
+  (`kernels.rowwise`: the same function applied to tiles of tokens) where the tokens fill whole tiles and the
+  score is one dot per expert (SpectR's [tile, E, r] projections exceed a kernel's VMEM); with `lanes` that
+  kernel also writes u_lanes = `kernels.lane_rows(u)` (the fused path's rows). Otherwise u_lanes is None."""
   lead, d_in = u.shape[:-1], u.shape[-1]
-  if (cost.target_device().platform != "tpu" or score not in ("standardized", "arrow")
-      or not kernels.rowwise_supports(math.prod(lead))):
-    scores = SCORES[score](u, router)
-    return (scores, None) if lanes else scores
+  if not cost.targets_tpu() or score not in ("standardized", "arrow") or not kernels.rowwise_supports(math.prod(lead)):
+    return SCORES[score](u, router), None
   out = kernels.rowwise(SCORES[score], u.reshape(-1, d_in), router, lanes=lanes)
-  scores, rows = out if lanes else (out, None)
-  scores = scores.reshape(*lead, -1)
-  return (scores, rows) if lanes else scores
+  scores, u_lanes = out if lanes else (out, None)
+  return scores.reshape(*lead, -1), u_lanes
 
 
 def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
-  """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed. The fused
-  path takes the token rows its kernel reads from the scores kernel (`router_scores` with `lanes`).
+  """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed. A mixer of
+  TAKES_LANES reads the token rows the scores kernel wrote (`choose` with `lanes`).
 
   Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
   """
   name = resolve_impl(impl, layer=layer_shape(u, lora_b, top_k))
-  if score == "per_row" or name not in TAKES_LANES:
-    weights, index = choose(u, router, top_k=top_k, score=score, rows=rows)
-    return mixer(name)(u, lora_a, lora_b, weights, index, scale), weights, index
-  scores, lanes = router_scores(u, router, score, lanes=True)
-  weights, index = top_k_weights(scores, top_k)
-  return mixer(name)(u, lora_a, lora_b, weights, index, scale, lanes=lanes), weights, index
+  lanes = name in TAKES_LANES
+  weights, index, u_lanes = choose(u, router, top_k=top_k, score=score, rows=rows, lanes=lanes)
+  mix = functools.partial(mixer(name), lanes=u_lanes) if lanes else mixer(name)
+  return mix(u, lora_a, lora_b, weights, index, scale), weights, index

@@ -152,7 +152,7 @@ def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl
                      f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
   if moves_experts(mesh, math.prod(u.shape[:-1]), num_experts, rank):
     return _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows)
-  weights, index = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
+  weights, index, _ = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
   return _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes), weights, index
 
 
