@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from phatgoose_jax import assembly
+from phatgoose_jax import utils
 from phatgoose_jax.checkpoints import names
 from phatgoose_jax.experts import routing
 from phatgoose_jax.experts.config import ExpertConfig
@@ -80,7 +80,7 @@ def model_case(size: str, num_experts: int, batch: int, length: int, seed: int) 
   tokens = {"encoder_input_tokens": rng.integers(2, config.vocab_size, (batch, length)).astype(np.int32),
             "decoder_input_tokens": shift_right(targets), "decoder_target_tokens": targets}
   full = route_indices(full_model, variables, tokens)
-  half = route_indices(half_model, assembly.in_compute_dtype(variables, "bfloat16"), tokens)
+  half = route_indices(half_model, utils.in_compute_dtype(variables, "bfloat16"), tokens)
   def pairs(indices):
     return np.concatenate([indices[k].reshape(-1, 2) for k in sorted(full)])
   return {"preset": size, "experts": num_experts, "modules": len(full), "tokens": batch * length,

@@ -62,16 +62,6 @@ def route(library: lib.ExpertLibrary, names: Sequence[str], params: Mapping, rou
   return routers.build(router, library, names, **kwargs)
 
 
-def in_compute_dtype(variables: Mapping, dtype: str) -> Mapping:
-  """The variables for a model computing in `dtype`: with 'bfloat16' every floating array in bfloat16, as the
-  official bf16 evaluation casts all frozen parameters (r-three/phatgoose src/models/manipulations/basic.py:54-59);
-  else unchanged. With the bf16 compute (`utils.model_config.dtype`) this is that evaluation (algorithm.md §4)."""
-  if dtype != "bfloat16":
-    return variables
-  return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                variables)
-
-
 def stored_as_frozen_base(params: Mapping) -> Mapping:
   """The base `params` in `utils.frozen_base_dtype()`, the dtype its experts were trained (and fingerprinted)
   on: a bf16-stored base (the XL/XXL model files) fingerprints as its bf16 values in every stage."""
@@ -106,7 +96,7 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   `config`: the configured architecture (dtype and dropout included) that the checkpoint must match; by
   default the checkpoint's architecture with dropout off, computing in `dtype` if given, else in the configured
   `utils.model_config.dtype` (a precision, `utils.precision_fields`): 'official' is the official bf16 evaluation
-  (bf16 parameters, `in_compute_dtype`, each op rounded as under torch.autocast, algorithm.md §2), 'bfloat16'
+  (bf16 parameters, `utils.in_compute_dtype`, each op rounded as under torch.autocast, algorithm.md §2), 'bfloat16'
   the same parameters and router math (`experts/routing.py`) with XLA's roundings elsewhere. `router_inputs`
   are extra builder arguments (e.g. `data` for average_activation, `examples` for retrieval, `label_to_expert`
   for oracle).
@@ -115,12 +105,12 @@ def load_model(base: str, library: Optional[str] = None, router: str = "phatgoos
   model_config = _model_config(loaded.config, config, dtype)
   if library is None:
     return LoadedModel(EncoderDecoderModel(model_config, loaded.experts, length_normalize),
-                       layout.for_model(in_compute_dtype(loaded.variables, model_config.dtype), model_config))
+                       layout.for_model(utils.in_compute_dtype(loaded.variables, model_config.dtype), model_config))
   _, params = routing_base(base, loaded)
   library_ = lib.ExpertLibrary(library)
   routing = route(library_, names or library_.names(), params, router, top_k, impl, router_inputs)
   model = EncoderDecoderModel(model_config, routing.expert_config, length_normalize)
-  variables = layout.for_model(in_compute_dtype(routing.variables(params), model_config.dtype), model_config)
+  variables = layout.for_model(utils.in_compute_dtype(routing.variables(params), model_config.dtype), model_config)
   return LoadedModel(model, variables, routing.expert_weights)
 
 

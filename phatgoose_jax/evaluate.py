@@ -7,7 +7,7 @@
 Every model comes from `assembly.load` (the configured model, routed over a library when one is given).
 """
 import os
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import gin
 

@@ -6,7 +6,8 @@
   evaluate / generate                            the encoder pass and one cached decoding step
 
 Variables are `jax.eval_shape` of the model's initialisation, laid out by the logical rules on the mesh of the
-target devices; the frozen base is in `utils.frozen_base_dtype`. Batches have the stage's feature lengths
+target devices; the frozen base is in `utils.frozen_base_dtype`, and an evaluation's variables all in its compute
+dtype (`utils.in_compute_dtype`, as assembly holds them). Batches have the stage's feature lengths
 (`data.feature_lengths`). Nothing here reads a checkpoint or allocates an array.
 
 FLOPs and bytes are the compiler's counts of loop-free twins (`loop_free_costs`): for layers under `nn.scan`
@@ -15,6 +16,7 @@ accumulated micro-batches A times the step on one micro-batch (its optimizer upd
 over the trainable collection, counted A times).
 """
 import dataclasses
+import functools
 from typing import Callable, List, Optional
 
 import gin
@@ -176,7 +178,8 @@ def eval_programs(config, mesh, rules, num_experts: int, top_k: int, generate: b
   """The routed model's `score_batch` and, with `generate`, its encoder pass and one decoding step;
   `counted`: with `loop_free_costs`."""
   model = utils.get_model(config, routed_experts(num_experts, top_k))
-  variables = _placed(abstract_variables(model), mesh, rules)
+  held = jax.eval_shape(functools.partial(utils.in_compute_dtype, dtype=config.dtype), abstract_variables(model))
+  variables = _placed(held, mesh, rules)  # as an evaluation holds them: in the compute dtype
   batch_size = batch_size or bound("evaluate.runner.batch_size", 64)
   lengths = lengths or data.feature_lengths()
   programs = [score_program(model, variables, batch_size, lengths, mesh, rules)]

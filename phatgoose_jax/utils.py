@@ -7,7 +7,7 @@ Without a model file (`size=None`) the checkpoint's architecture is used; dropou
 from the configuration.
 """
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -36,6 +36,16 @@ def precision_fields(precision: str) -> dict:
   if precision not in PRECISIONS:
     raise ValueError(f"model dtype (--precision) must be one of {', '.join(PRECISIONS)}, got {precision!r}")
   return dict(dtype="float32" if precision == "float32" else "bfloat16", autocast=precision == "official")
+
+
+def in_compute_dtype(variables: Mapping, dtype: str) -> Mapping:
+  """The variables for a model computing in `dtype`: with 'bfloat16' every floating array in bfloat16, as the
+  official bf16 evaluation casts all frozen parameters (r-three/phatgoose src/models/manipulations/basic.py:54-59);
+  else unchanged. With the bf16 compute (`model_config.dtype`) this is that evaluation (algorithm.md §4)."""
+  if dtype != "bfloat16":
+    return variables
+  return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                variables)
 
 
 @gin.configurable

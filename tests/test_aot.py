@@ -5,6 +5,7 @@ import sys
 
 import gin
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -103,6 +104,22 @@ def test_score_batch_argument_bytes_are_the_eval_shape_arithmetic():
       assert report.argument == expected
     else:
       assert expected <= report.argument <= _tile_padded_bound(model, mesh, rules) + 3 * 8 * 128 * 4
+
+
+def test_evaluation_programs_hold_every_variable_in_the_compute_dtype():
+  """A bf16 evaluation holds the experts and the router vectors in bf16, as assembly loads them
+  (`utils.in_compute_dtype`), so the compiled program reads them as the real run does (not float32 cast per
+  call); float32 compute keeps them float32."""
+  main.parse(["models/t5_1_1_tiny.gin", "runs/evaluate.gin"], SMALL[1::2] +
+             ["evaluate.runner.batch_size = 8"], require=False)
+  mesh, rules = partitioning.make_mesh(devices=jax.devices()[:1]), partitioning.standard_logical_axis_rules()
+  for dtype in ("bfloat16", "float32"):
+    config = utils.model_config().replace(dtype=dtype)
+    program = stage_programs.eval_programs(config, mesh, rules, num_experts=3, top_k=2, generate=False,
+                                           counted=False)[0]
+    experts = jax.tree.leaves(program.args[0]["experts"])
+    assert experts and {x.dtype for x in experts} == {jnp.dtype(dtype)}
+    assert {x.dtype for x in jax.tree.leaves(program.args[0]["params"])} == {jnp.dtype(dtype)}
 
 
 def _tile_padded_bound(model, mesh, rules) -> int:

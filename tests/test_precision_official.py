@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from phatgoose_jax import assembly, utils
-from phatgoose_jax.experts import routing
 from phatgoose_jax.experts.config import ExpertConfig
 from phatgoose_jax.experts.lora import ExpertDense
 from phatgoose_jax.t5 import layers

@@ -1,7 +1,6 @@
 """Stacks under nn.scan (`T5Config.scan_layers`): the same function as the unrolled network on the stacked
 variables, the per-layer layout on disk and in the library, and one layer body compiled per stack."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -68,7 +68,7 @@ class LiveLibrary:
     self._in_flight = np.zeros(capacity, np.int64)
     self._lock = threading.Lock()
     self._mesh = utils.sharding()
-    params = layout.for_model(assembly.in_compute_dtype({"params": self._base_params}, self.config.dtype),
+    params = layout.for_model(utils.in_compute_dtype({"params": self._base_params}, self.config.dtype),
                               self.config)
     self.params = utils.place(self.model, params, *self._mesh)["params"]
     for name in names:
@@ -98,7 +98,7 @@ class LiveLibrary:
     self.slots[slot], self.gated[slot] = name, bool(expert.gates)
 
   def _place(self) -> None:
-    collection = assembly.in_compute_dtype({"experts": ckpt_names.unflatten(dict(self._host))}, self.config.dtype)
+    collection = utils.in_compute_dtype({"experts": ckpt_names.unflatten(dict(self._host))}, self.config.dtype)
     experts = utils.place(self.model, layout.for_model(collection, self.config), *self._mesh)["experts"]
     self.variables = {"params": self.params, "experts": experts}
 

@@ -5,7 +5,6 @@ of jitted functions. `ALL_TARGETS` names every linear layer of the stack (the mo
 """
 import dataclasses
 import json
-from typing import Optional
 
 # Every linear layer of the T5 v1.1 stack, by the name of its module in the parameter tree.
 ATTENTION_MODULES = ("query", "key", "value", "out")
