@@ -55,17 +55,19 @@ def test_rowwise_scores_equal_the_function_and_write_the_row_layout():
   rng = np.random.default_rng(2)
   u = jnp.asarray(rng.normal(size=(256, 384)) + 0.5, jnp.bfloat16)
   router = jnp.asarray(rng.normal(size=(7, 384)), jnp.bfloat16)
-  scores, lanes = kernels.rowwise(routing.phatgoose_scores, u, router, lanes=True, interpret=True)
+  per_tile = lambda u, router: kernels.rowwise(  # noqa: E731  # as router_scores makes them on a TPU
+      routing.standardized_scores, u, *routing.phatgoose_router(router, u.dtype), interpret=True)
+  scores, lanes = kernels.rowwise(routing.standardized_scores, u, *routing.phatgoose_router(router, u.dtype),
+                                  lanes=True, interpret=True)
   assert scores.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(scores, np.float32),
                                 np.asarray(routing.phatgoose_scores(u, router), np.float32))
   np.testing.assert_array_equal(np.asarray(lanes), np.asarray(u).reshape(256, 3, 128))
   u32, router32 = u.astype(jnp.float32), router.astype(jnp.float32)
-  np.testing.assert_allclose(np.asarray(kernels.rowwise(routing.phatgoose_scores, u32, router32, interpret=True)),
+  np.testing.assert_allclose(np.asarray(per_tile(u32, router32)),
                              np.asarray(routing.phatgoose_scores(u32, router32)), rtol=0, atol=2e-6)
   loss = lambda f: lambda u, r: jnp.sum(jnp.sin(f(u, r)))  # noqa: E731
-  got = jax.grad(loss(lambda u, r: kernels.rowwise(routing.phatgoose_scores, u, r, interpret=True)), (0, 1))(
-      u32, router32)
+  got = jax.grad(loss(per_tile), (0, 1))(u32, router32)
   want = jax.grad(loss(routing.phatgoose_scores), (0, 1))(u32, router32)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
@@ -107,3 +109,19 @@ def test_fused_route_compiles_for_a_tpu_and_moves_fewer_bytes_than_the_grouped_m
     figures[impl] = compiled.cost_analysis()
   assert figures["fused"]["bytes accessed"] < figures["grouped"]["bytes accessed"]
   assert figures["fused"]["flops"] < 1.15 * figures["grouped"]["flops"]  # + padding slots, router per tile
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(topology, dtype):
+  """Mosaic compiles the three kernels of a routed layer (scores, blocks, combine) for v4 and v5e chips in float32
+  and bf16. The standardized router is made outside the scores kernel: a reduction over it inside does not compile
+  for a v4 ("sublane gather not supported by this TPU generation")."""
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))  # noqa: E731
+  fn = jax.jit(lambda u, r, a, b: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="fused")[0])
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384)).compile()
+  assert compiled.as_text().count("tpu_custom_call") >= 3

@@ -51,26 +51,42 @@ def standardize(x: jax.Array) -> jax.Array:
 
 
 def phatgoose_scores(u: jax.Array, router: jax.Array) -> jax.Array:
-  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (algorithm.md §4). Returns <float32>[..., E].
+  """s_e = LN(u) . LN(v_e) / sqrt(d_in)  (algorithm.md §4). Returns <float32>[..., E] (<bfloat16> for a bf16 u):
+  `standardized_scores` of the router standardized once (`phatgoose_router`)."""
+  return standardized_scores(u, *phatgoose_router(router, u.dtype))
+
+
+def phatgoose_router(router: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """The router side of `phatgoose_scores` for activations of `dtype`, the same for every token:
+  (LN(v_e) <[E, d_in]>, sum_i LN(v_e)_i <float32>[1, E]). For bfloat16, LN of the bf16 router in float32 rounded
+  to bf16, as the official bf16 evaluation (src/models/addons/moe.py:406-420)."""
+  if dtype == jnp.bfloat16:
+    v = standardize(router.astype(jnp.bfloat16)).astype(jnp.bfloat16)
+  else:
+    v = standardize(router)
+  return v, jnp.sum(v.astype(jnp.float32), axis=-1)[None, :]
+
+
+def standardized_scores(u: jax.Array, v: jax.Array, v_sum: jax.Array) -> jax.Array:
+  """s_e = LN(u) . v_e / sqrt(d_in) for the standardized router v = LN(router) and its sums v_sum
+  (`phatgoose_router`); row-wise in u.
 
   In float32 without materialising LN(u): since LN(u) = (u - mean(u)) rsqrt(var(u) + 1e-5),
-    s_e = (u . LN(v_e) - mean(u) sum_i LN(v_e)_i) rsqrt(var(u) + 1e-5) / sqrt(d_in),
-  one [tokens, E] matmul on the raw activation plus per-token mean and variance (sum_i LN(v_e)_i is 0 up to
+    s_e = (u . v_e - mean(u) sum_i v_ei) rsqrt(var(u) + 1e-5) / sqrt(d_in),
+  one [tokens, E] matmul on the raw activation plus per-token mean and variance (sum_i v_ei is 0 up to
   rounding; it is kept so the identity is exact).
 
   For bfloat16 `u`, the official bf16 evaluation (torch.autocast over bf16 parameters,
-  src/models/addons/moe.py:406-420): LN in float32 of the bf16 activation and router vector, the dot
-  product of their bf16 roundings (float32 accumulation) rounded to bf16, then scaled by sqrt(1/d_in) in
-  bf16. Returns <bfloat16>[..., E] then.
+  src/models/addons/moe.py:406-420): LN in float32 of the bf16 activation, the dot product with the bf16 v
+  (float32 accumulation) rounded to bf16, then scaled by sqrt(1/d_in) in bf16. Returns <bfloat16>[..., E] then.
   """
   d_in = u.shape[-1]
   if u.dtype != jnp.bfloat16:
-    v, (mean, inv_std) = standardize(router), moments(u)
-    dots = jnp.einsum("...i,ei->...e", u.astype(jnp.float32), v) - mean * jnp.sum(v, axis=-1)
+    mean, inv_std = moments(u)
+    dots = jnp.einsum("...i,ei->...e", u.astype(jnp.float32), v) - mean * v_sum
     return dots * inv_std / math.sqrt(d_in)
   bf16 = jnp.bfloat16
-  dots = jnp.einsum("...i,ei->...e", standardize(u).astype(bf16), standardize(router.astype(bf16)).astype(bf16),
-                    preferred_element_type=jnp.float32).astype(bf16)
+  dots = jnp.einsum("...i,ei->...e", standardize(u).astype(bf16), v, preferred_element_type=jnp.float32).astype(bf16)
   return (dots.astype(jnp.float32) * math.sqrt(1 / d_in)).astype(bf16)
 
 
@@ -95,6 +111,11 @@ def spectr_scores(u: jax.Array, bases: jax.Array) -> jax.Array:
 
 
 SCORES = {"standardized": phatgoose_scores, "arrow": arrow_scores, "spectr": spectr_scores}
+# The scores `router_scores` makes tile by tile in a TPU kernel: (the router side, made once per layer; the
+# row-wise rest, applied to each tile). Reductions over the router inside the kernel do not compile for every TPU
+# generation (v4: "sublane gather not supported"), and would be repeated per tile.
+ROWWISE_SCORES = {"standardized": (phatgoose_router, standardized_scores),
+                  "arrow": (lambda router, dtype: (router,), arrow_scores)}
 # The scores a served library routes by, per row (`RowRouting.scorer` indexes this tuple), and the name of each
 # one's router variable in the `experts` collection (ExpertConfig.score 'per_row').
 ROW_SCORES = ("standardized", "arrow", "spectr")
@@ -482,9 +503,10 @@ def router_scores(u, router, score: str, lanes: bool = False):
   score is one dot per expert (SpectR's [tile, E, r] projections exceed a kernel's VMEM); with `lanes` that
   kernel also writes u_lanes = `kernels.lane_rows(u)` (the fused path's rows). Otherwise u_lanes is None."""
   lead, d_in = u.shape[:-1], u.shape[-1]
-  if not cost.targets_tpu() or score not in ("standardized", "arrow") or not kernels.rowwise_supports(math.prod(lead)):
+  if not cost.targets_tpu() or score not in ROWWISE_SCORES or not kernels.rowwise_supports(math.prod(lead)):
     return SCORES[score](u, router), None
-  out = kernels.rowwise(SCORES[score], u.reshape(-1, d_in), router, lanes=lanes)
+  prepare, per_token = ROWWISE_SCORES[score]
+  out = kernels.rowwise(per_token, u.reshape(-1, d_in), *prepare(router, u.dtype), lanes=lanes)
   scores, u_lanes = out if lanes else (out, None)
   return scores.reshape(*lead, -1), u_lanes
 
