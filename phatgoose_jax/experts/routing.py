@@ -498,9 +498,9 @@ def choose(u, router, *, top_k, score="standardized", rows=None, lanes=False):
 
 
 def router_scores(u, router, score: str, lanes: bool = False):
-  """(SCORES[score](u, router), u_lanes). For a TPU target the scores are made in one read of u
-  (`kernels.rowwise`: the same function applied to tiles of tokens) where the tokens fill whole tiles and the
-  score is one dot per expert (SpectR's [tile, E, r] projections exceed a kernel's VMEM); with `lanes` that
+  """(SCORES[score](u, router), u_lanes). For a TPU target the scores are made in one read of u where the tokens
+  fill whole tiles and the score is in ROWWISE_SCORES (SpectR's [tile, E, r] projections exceed a kernel's VMEM):
+  the router side once, then `kernels.rowwise` applies the row-wise rest to each tile of tokens; with `lanes` that
   kernel also writes u_lanes = `kernels.lane_rows(u)` (the fused path's rows). Otherwise u_lanes is None."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   if not cost.targets_tpu() or score not in ROWWISE_SCORES or not kernels.rowwise_supports(math.prod(lead)):
