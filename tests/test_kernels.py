@@ -120,7 +120,8 @@ def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(top
   for a v4 ("sublane gather not supported by this TPU generation")."""
   from jax.experimental import topologies
   device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))  # noqa: E731
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
   fn = jax.jit(lambda u, r, a, b: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="fused")[0])
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
     compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384)).compile()

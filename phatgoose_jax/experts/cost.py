@@ -133,15 +133,16 @@ _CHOICES: dict = {}
 
 
 def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost: Optional[Callable] = None) -> str:
-  """The candidate (a routed layer's update by one path) of least roofline time for `layer` on `device`, cached per (platform, kind, layer).
+  """The candidate (a routed layer's update by one path) of least roofline time for `layer` on `device`, cached
+  per (platform, kind, layer).
 
   `cost(layer_fn, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
   (ValueError) is left out. A single candidate is taken without a lowering.
   """
-  cost = cost or compiled_cost
-  key = (device.platform, device.device_kind, layer)
   if len(candidates) == 1:  # nothing to compare: no lowering
     return next(iter(candidates))
+  cost = cost or compiled_cost
+  key = (device.platform, device.device_kind, layer)
   if key not in _CHOICES:
     roofline_seconds(0, 0, device.device_kind)  # an unknown chip fails here, before any lowering
     times = {}

@@ -25,7 +25,8 @@ blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E)
 `combine`: out[t] = the sum of token t's k slot outputs, their rows DMA'd from `lora_blocks`' output.
 
 Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
-itself, and a gather-and-sum for `combine`), so training through them is exact. Off TPU the kernels run interpreted (exact, slow: for tests).
+itself, and a gather-and-sum for `combine`: `with_reference_grad`), so training through them is exact. Off TPU
+the kernels run interpreted (exact, slow: for tests).
 """
 import functools
 
@@ -157,8 +158,8 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
 
 
 def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, interpret=False):
-  """y <x_lanes.dtype>[blocks, block, d_out / 128, 128] (`lane_rows` per slot, for `combine`): slot (b, t)'s LoRA output ((x[token[b, t]] A_e) weight[b, t]) B_e, with
-  e = block_expert[b].
+  """y <x_lanes.dtype>[blocks, block, d_out / 128, 128] (`lane_rows` per slot, for `combine`): slot (b, t)'s LoRA
+  output ((x[token[b, t]] A_e) weight[b, t]) B_e, with e = block_expert[b].
 
   x_lanes <[tokens, d_in / 128, 128]> (`lane_rows`); lora_a <[E, d_in, r]>, lora_b <[E, r, d_out]> in x's dtype;
   token <int32>[blocks, block], `tokens` for a padding slot (its weight must be 0); block_expert <int32>[blocks];

@@ -372,11 +372,12 @@ def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=Non
   """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`kernels.lora_blocks`): each block's
   token rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
   accumulation), so neither the gathered rows nor the hidden values pass through HBM; each token's k outputs are
-  then summed by a second kernel that DMAs them (`kernels.combine`). `block` defaults to `block_size` (at least 16 rows, a bf16 sublane tile), so a few tokens
-  over many experts are not padded to 128 rows an expert. The kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the
-  scores kernel write it beside the scores; else it is relaid out here). Needs d_in a multiple of 128
-  and d_out multiples of 128 (`kernels.supports`). Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted
-  (exact, slow: for tests)."""
+  then summed by a second kernel that DMAs them (`kernels.combine`). `block` defaults to `block_size` (at least
+  16 rows, a bf16 sublane tile), so a few tokens over many experts are not padded to 128 rows an expert. The
+  kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the scores kernel write it beside
+  the scores; else it is relaid out here). Needs d_in and d_out multiples of 128 (`kernels.supports`).
+  Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted (exact, slow: for
+  tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, k = lora_a.shape[0], index.shape[-1]
   x = jnp.asarray(u).reshape(-1, d_in)
