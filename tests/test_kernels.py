@@ -48,6 +48,49 @@ def test_combine_sums_each_tokens_pair_rows():
     kernels.combine(kernels.lane_rows(jnp.asarray(y)), jnp.asarray(slot[:200]), k, interpret=True)
 
 
+def test_combine_with_the_plain_layer_adds_u_w_in_one_kernel_over_any_column_tiling():
+  """out = u W + each token's pair rows, over one column tile or two (a VMEM budget that holds half of W): the
+  same values, float32 accumulation; the tile is the widest that divides d_out and fits, none where none fits."""
+  rng = np.random.default_rng(3)
+  tokens, k, slots, d_in, d_out = 256, 2, 600, 128, 2048
+  y = rng.normal(size=(slots, d_out)).astype(np.float32)
+  slot = rng.permutation(slots)[:tokens * k].astype(np.int32)
+  u, w = rng.normal(size=(tokens, d_in)).astype(np.float32), rng.normal(size=(d_in, d_out)).astype(np.float32)
+  want = y[slot].reshape(tokens, k, d_out).sum(1) + u.astype(np.float64) @ w
+  assert kernels.column_tile(d_in, d_out, k, 4, 16 << 20) == 2048
+  assert kernels.column_tile(d_in, d_out, k, 4, 6 << 20) == 1024
+  assert kernels.column_tile(d_in, d_out, k, 4, 1 << 20) is None
+  for vmem in [16 << 20, 6 << 20]:
+    got = kernels.combine(kernels.lane_rows(jnp.asarray(y)), jnp.asarray(slot), k, u=jnp.asarray(u),
+                          kernel=jnp.asarray(w), vmem_bytes=vmem, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  # XL widths: W's columns whole on a v5e, split on a v4 where they do not fit its 16 MiB
+  v4, v5e = kernels.vmem_bytes("TPU v4"), kernels.vmem_bytes("TPU v5 lite")
+  assert (v4, v5e) == (16 << 20, 128 << 20)
+  assert kernels.column_tile(2048, 2048, 2, 2, v5e) == kernels.column_tile(5120, 2048, 2, 2, v5e) == 2048
+  assert kernels.column_tile(5120, 2048, 2, 2, v4) is None  # u W beside the kernels there (XLA's)
+
+
+@pytest.mark.parametrize("impl", ["fused", "blocks"])
+def test_a_route_given_the_plain_kernel_returns_the_layers_output_with_its_gradient(impl):
+  """route(..., kernel=W) is u W + route(...): formed in the fused path's combine kernel, or added beside a path
+  that does not fuse it; its gradients (u, W and the experts) are those of the sum."""
+  rng = np.random.default_rng(4)
+  u = jnp.asarray(rng.normal(size=(2, 100, 256)), jnp.float32)
+  router = jnp.asarray(rng.normal(size=(4, 256)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(256, 384)) / 16, jnp.float32)
+  a = jnp.asarray(rng.normal(size=(4, 256, 8)) / 16, jnp.float32)
+  b = jnp.asarray(rng.normal(size=(4, 8, 384)) / 4, jnp.float32)
+  fused = lambda u, w, a, b: routing.route(u, router, a, b, top_k=2, scale=0.5, impl=impl, kernel=w)[0]  # noqa: E731
+  apart = lambda u, w, a, b: u @ w + routing.route(u, router, a, b, top_k=2, scale=0.5, impl="dense")[0]  # noqa: E731
+  np.testing.assert_allclose(np.asarray(fused(u, w, a, b)), np.asarray(apart(u, w, a, b)), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))  # noqa: E731
+  got = jax.grad(loss(fused), (0, 1, 2, 3))(u, w, a, b)
+  want = jax.grad(loss(apart), (0, 1, 2, 3))(u, w, a, b)
+  for g, x in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=1e-4, atol=1e-5)
+
+
 def test_rowwise_scores_equal_the_function_and_write_the_row_layout():
   """The standardized scores tile by tile are bit-identical to the whole-array function in bf16 (the official
   bf16 rounding) and equal to float32 rounding in float32; the row layout is u's; the gradient is the
@@ -84,7 +127,9 @@ def test_widths_and_token_counts_the_kernels_refuse():
 def test_fused_replaces_the_sorted_tpu_candidates_where_it_takes_the_widths():
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   assert list(routing.candidates(layer, "tpu")) == ["fused"]
-  assert "fused" not in routing.candidates(layer, "gpu")
+  with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the combine kernel, or XLA's beside
+  assert list(routing.candidates(with_plain, "tpu")) == ["fused", "fused@dot"]
+  assert "fused" not in routing.candidates(layer, "gpu") and "fused@dot" not in routing.candidates(with_plain, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
     assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]
 
@@ -115,14 +160,15 @@ def test_fused_route_compiles_for_a_tpu_and_moves_fewer_bytes_than_the_grouped_m
 @pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(topology, dtype):
-  """Mosaic compiles the three kernels of a routed layer (scores, blocks, combine) for v4 and v5e chips in float32
-  and bf16. The standardized router is made outside the scores kernel: a reduction over it inside does not compile
-  for a v4 ("sublane gather not supported by this TPU generation")."""
+  """Mosaic compiles the three kernels of a routed layer (scores, blocks, combine with the plain matmul) for v4 and
+  v5e chips in float32 and bf16. The standardized router is made outside the scores kernel: a reduction over it
+  inside does not compile for a v4 ("sublane gather not supported by this TPU generation")."""
   from jax.experimental import topologies
   device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  fn = jax.jit(lambda u, r, a, b: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="fused")[0])
+  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="fused", kernel=w)[0])
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
-    compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384)).compile()
+    compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384), spec(256, 384)).compile()
   assert compiled.as_text().count("tpu_custom_call") >= 3
+  assert compiled.cost_analysis()["flops"] >= 2 * 256 * 256 * 384  # u W inside the kernels' count

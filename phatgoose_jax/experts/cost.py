@@ -1,7 +1,8 @@
 """The routed layer's implementation chosen from the compiler's cost, for the device the program is compiled FOR.
 
 For a TPU or GPU target each candidate path's routed update (scores, top-k and the mix: the fused path also
-changes how the scores are made) is lowered and compiled for one device of the target (`compiled_cost`) and
+changes how the scores are made; for a layer given with its plain matmul, the layer's whole output, which the
+fused path forms in its own kernel) is lowered and compiled for one device of the target (`compiled_cost`) and
 the least roofline time is taken:
 
   t = max(flops / peak FLOP/s, bytes accessed / HBM bandwidth)         (`roofline_seconds`, chip table `aot.CHIPS`)
@@ -32,7 +33,8 @@ from phatgoose_jax import aot
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-  """One routed layer's sizes: `tokens` rows of width `d_in` -> `d_out`, E `experts` of rank r, top `k`."""
+  """One routed layer's sizes: `tokens` rows of width `d_in` -> `d_out`, E `experts` of rank r, top `k`; `plain`:
+  costed with the layer's plain matmul (the layer's output, not only its routed update)."""
   tokens: int
   d_in: int
   d_out: int
@@ -40,17 +42,18 @@ class LayerShape:
   rank: int
   k: int
   dtype: str
+  plain: bool = False
 
   @property
   def pairs(self) -> int:
     return self.tokens * self.k
 
   def arguments(self, device) -> tuple:
-    """Abstract (u, router, lora_a, lora_b) of a routed layer of this shape, placed on `device`."""
+    """Abstract (u, router, lora_a, lora_b[, kernel]) of a routed layer of this shape, placed on `device`."""
     sharding = jax.sharding.SingleDeviceSharding(device)
     spec = lambda shape: jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding)  # noqa: E731
     return (spec((self.tokens, self.d_in)), spec((self.experts, self.d_in)), spec((self.experts, self.d_in, self.rank)),
-            spec((self.experts, self.rank, self.d_out)))
+            spec((self.experts, self.rank, self.d_out))) + ((spec((self.d_in, self.d_out)),) if self.plain else ())
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, device_kind: str) -> float:
@@ -112,8 +115,9 @@ def _without_context_mesh():
 
 
 def compiled_cost(layer_fn: Callable, layer: LayerShape, device) -> tuple[float, float]:
-  """(flops, bytes accessed) of `layer_fn(u, router, lora_a, lora_b)`, one candidate's routed update (scores,
-  top-k and mix: a path may change how the scores are made), for `layer`, compiled for `device`
+  """(flops, bytes accessed) of `layer_fn(u, router, lora_a, lora_b[, kernel])`, one candidate's routed update
+  (scores, top-k and mix: a path may change how the scores are made; with `layer.plain`, plus the plain matmul,
+  which a path may form in its own kernel), for `layer`, compiled for `device`
   (`target_device()` is `device` while it is traced)."""
   token = _COSTED_FOR.set(device)
   try:

@@ -29,15 +29,19 @@ itself, and a gather-and-sum for `combine`: `with_reference_grad`), so training 
 the kernels run interpreted (exact, slow: for tests).
 """
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax._src.pallas.mosaic import tpu_info
 
 
 ROW_TILE = 128
 LANES = 128
+SPLIT_LANES = 8
+VMEM_BYTES = 16 << 20  # a TensorCore's VMEM where the chip is not known: v4's
 
 
 def supports(d_in: int) -> bool:
@@ -48,6 +52,13 @@ def supports(d_in: int) -> bool:
 def rowwise_supports(tokens: int) -> bool:
   """Whether `rowwise` takes `tokens` rows: whole tiles of ROW_TILE rows."""
   return tokens % ROW_TILE == 0
+
+
+def vmem_bytes(device_kind: str) -> int:
+  """A TensorCore's VMEM on a chip of `device_kind` (16 MiB on v4, 128 MiB on v5e), VMEM_BYTES for a chip Pallas
+  does not know (or not a TPU)."""
+  version = tpu_info.chip_version_from_device_kind(device_kind)
+  return VMEM_BYTES if version is None else tpu_info.get_tpu_info_for_chip(version, 1).vmem_capacity_bytes
 
 
 def lane_rows(x: jax.Array) -> jax.Array:
@@ -192,18 +203,23 @@ def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, 
   return call(token.reshape(-1), block_expert, x_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, None, :])
 
 
-def _combine_kernel(slot, y_hbm, out_ref, rows, sems):
-  """One tile of tokens: wait for its k slot rows each (started by the previous step, or now for the first),
-  start the next tile's, then out = the sum of each token's k rows (float32)."""
-  step, steps = pl.program_id(0), pl.num_programs(0)
-  pairs = rows.shape[1]
+def _combine_kernel(slot, y_hbm, *refs):
+  """One (column tile j, token tile i): wait for its tokens' k slot rows each, columns of tile j (started by the
+  previous step, or now for the first), start the next step's, then out = (u W) + the sum of each token's k rows
+  (float32; `u W` where the plain layer is given)."""
+  u_ref, w_ref = refs[:-3] if len(refs) == 5 else (None, None)
+  out_ref, rows, sems = refs[-3:]
+  tiles = pl.num_programs(1)  # step s is column tile s // tiles, token tile s % tiles
+  step, steps = pl.program_id(0) * tiles + pl.program_id(1), pl.num_programs(0) * tiles
+  pairs, lanes = rows.shape[1], rows.shape[2]
   tile = out_ref.shape[0]
   k = pairs // tile
 
-  def fetch(i, buffer, start):
+  def fetch(s, buffer, start):
     def pair(p, carry):  # pair p = (token t, choice j) lands in row j * tile + t
-      copy = pltpu.make_async_copy(y_hbm.at[slot[i * pairs + p]], rows.at[buffer, p % k * tile + p // k],
-                                   sems.at[buffer])
+      row = y_hbm.at[slot[s % tiles * pairs + p]]
+      source = row if lanes == y_hbm.shape[1] else row.at[pl.ds(pl.multiple_of(s // tiles * lanes, SPLIT_LANES), lanes)]
+      copy = pltpu.make_async_copy(source, rows.at[buffer, p % k * tile + p // k], sems.at[buffer])
       copy.start() if start else copy.wait()
       return carry
 
@@ -213,14 +229,34 @@ def _combine_kernel(slot, y_hbm, out_ref, rows, sems):
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
   fetch(step, step % 2, start=False)
   buffer = step % 2
-  for c in range(rows.shape[2]):
+  plain = None if u_ref is None else jnp.dot(u_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+  for c in range(lanes):
     total = sum(rows[buffer, j * tile:(j + 1) * tile, c, :].astype(jnp.float32) for j in range(k))
+    if plain is not None:
+      total = total + plain[:, c * LANES:(c + 1) * LANES]
     out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
 
 
-def combine(y_lanes, slot, k: int, *, interpret=False):
+def column_tile(d_in: int, d_out: int, k: int, itemsize: int, vmem_bytes: int) -> Optional[int]:
+  """The widest column tile (d_out, or a multiple of SPLIT_LANES x 128 that divides it: a DMA offset into the pair
+  rows' lanes must be whole memory tiles) whose `combine` step with the plain layer fits 7/8 of `vmem_bytes` (the
+  rest for the compiler's own), or None. A step holds W's [d_in, tile] columns (one buffer: they change once per
+  column tile) and, double-buffered, u's [ROW_TILE, d_in] rows, the output tile and the k ROW_TILE pair rows,
+  and the float32 product. Each further column tile reads u once more."""
+  def step_bytes(n):
+    return itemsize * (d_in * n + 2 * ROW_TILE * (d_in + n * (1 + k))) + 4 * ROW_TILE * n
+
+  widths = [d_out] + list(range(SPLIT_LANES * LANES, d_out, SPLIT_LANES * LANES))
+  return max((n for n in widths if d_out % n == 0 and step_bytes(n) <= vmem_bytes * 7 // 8), default=None)
+
+
+def combine(y_lanes, slot, k: int, *, u=None, kernel=None, vmem_bytes=VMEM_BYTES, interpret=False):
   """out <[tokens, d_out]>: out[t] = sum_j y[slot[t k + j]], each token's k pair outputs summed (float32), the rows
-  DMA'd from y_lanes <[slots, d_out / 128, 128]> (`lora_blocks`' output) tile by tile of ROW_TILE tokens.
+  DMA'd from y_lanes <[slots, d_out / 128, 128]> (`lora_blocks`' output) tile by tile of ROW_TILE tokens. With the
+  plain layer's u <[tokens, d_in]> and kernel <[d_in, d_out]>, out[t] = u[t] W + that sum, the product formed in
+  the same kernel (float32 accumulation, one rounding): the routed layer's output, the plain matmul reading u
+  once per column tile (`column_tile` within `vmem_bytes`, the chip's VMEM) and W once, and the pair outputs
+  never added in HBM.
 
   slot <int32>[tokens k], tokens a multiple of ROW_TILE. In place of an XLA scatter-add of the slots into the
   tokens, which XLA:TPU's cost analysis counts erratically with the width (a [37248, d] scatter-add into 16,384
@@ -232,17 +268,30 @@ def combine(y_lanes, slot, k: int, *, interpret=False):
   if not rowwise_supports(tokens):
     raise ValueError(f"combine needs a token count that {ROW_TILE} divides, got {tokens}")
   d_out = lanes * LANES
+  plain = kernel is not None
+  d_in = u.shape[1] if plain else 0
+  width = column_tile(d_in, d_out, k, itemsize, vmem_bytes) if plain else d_out
+  if width is None:
+    raise ValueError(f"no column tile of a [{d_in}, {d_out}] kernel fits {vmem_bytes} bytes of VMEM")
+  columns = d_out // width
+  flops = tokens * (k - 1 + plain) * d_out + 2 * tokens * d_in * d_out
+  nbytes = (tokens * (k + 1) * d_out + columns * tokens * d_in + d_in * d_out) * itemsize + tokens * k * 4
+  in_specs = [pl.BlockSpec(memory_space=pl.ANY)]
+  if plain:
+    in_specs += [pl.BlockSpec((ROW_TILE, d_in), lambda j, i, slot: (i, 0)),
+                 pl.BlockSpec((d_in, width), lambda j, i, slot: (0, j), pipeline_mode=pl.Buffered(1))]
   return pl.pallas_call(
       _combine_kernel,
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), y_lanes.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(tokens // ROW_TILE,),
-          in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=pl.BlockSpec((ROW_TILE, d_out), lambda i, slot: (i, 0)),
-          scratch_shapes=[pltpu.VMEM((2, k * ROW_TILE, lanes, LANES), y_lanes.dtype), pltpu.SemaphoreType.DMA((2,))]),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+          grid=(columns, tokens // ROW_TILE),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((ROW_TILE, width), lambda j, i, slot: (i, j)),
+          scratch_shapes=[pltpu.VMEM((2, k * ROW_TILE, width // LANES, LANES), y_lanes.dtype),
+                          pltpu.SemaphoreType.DMA((2,))]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary"),
+                                           vmem_limit_bytes=vmem_bytes if plain else None),
       interpret=interpret,
-      cost_estimate=pl.CostEstimate(flops=tokens * (k - 1) * d_out, transcendentals=0,
-                                    bytes_accessed=tokens * (k + 1) * d_out * itemsize + tokens * k * 4),
-  )(slot, y_lanes)
+      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+  )(slot, y_lanes, *((u, kernel.astype(u.dtype)) if plain else ()))

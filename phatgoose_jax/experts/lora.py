@@ -103,9 +103,9 @@ class ExpertDense(nn.Module):
     mode = self.experts.mode
     if mode == "lora" and self.autocast:
       return u @ autocast_merged_kernel(kernel, *self._lora("lora", d_in), scale, self.dtype)
-    y = u @ kernel.astype(self.dtype)
     if mode == "routed":
-      return y + self._routed(u, expert_weights, scale).astype(self.dtype)
+      return self._routed(u, kernel.astype(self.dtype), expert_weights, scale)
+    y = u @ kernel.astype(self.dtype)
     lora = self._lora("lora", d_in)
     if mode == "lora":
       return y + lora_update(u, *lora, scale)
@@ -126,15 +126,16 @@ class ExpertDense(nn.Module):
       return {s: vector(routing.ROW_VECTORS[s], s == "spectr") for s in routing.ROW_SCORES}
     return vector("router", score == "spectr")
 
-  def _routed(self, u, expert_weights, scale):
+  def _routed(self, u, kernel, expert_weights, scale):
+    """The layer's output u W + its routed update (`routing.route`, which may form both in one kernel)."""
     num = self.experts.num_experts
     lora_a, lora_b = self._lora("experts", u.shape[-1], (num,), ("expert",))
     router = self._router(u.shape[-1])
     per_row = self.experts.score == "per_row"
     if expert_weights is not None and not per_row:
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
-      return routing.mix_dense(u, lora_a, lora_b, weights, jnp.broadcast_to(jnp.arange(num), weights.shape),
-                               scale)
+      index = jnp.broadcast_to(jnp.arange(num), weights.shape)
+      return u @ kernel + routing.mix_dense(u, lora_a, lora_b, weights, index, scale).astype(u.dtype)
     if per_row and expert_weights is None:  # initialisation: every row the standardized score over every slot
       b = u.shape[0]
       expert_weights = routing.RowRouting(jnp.zeros(b, jnp.int32), jnp.ones((b, num), bool),
@@ -142,9 +143,9 @@ class ExpertDense(nn.Module):
     route = routing.route
     if sharded.context_mesh() is not None:  # on a mesh: each device mixes its own tokens
       route = functools.partial(sharded.route, kernel_axes=self.kernel_axes)
-    update, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
-                                   score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl,
-                                   rows=expert_weights if per_row else None)
+    y, weights, index = route(u, router, lora_a, lora_b, top_k=self.experts.top_k, scale=scale,
+                              score=self.experts.score, impl="ragged" if self.autocast else self.experts.impl,
+                              rows=expert_weights if per_row else None, kernel=kernel)
     self.sow("intermediates", "route_index", index)
     self.sow("intermediates", "route_weights", weights)
-    return update
+    return y

@@ -368,16 +368,17 @@ def _lora_of_blocks_kernel(x_lanes, lora_a, lora_b, token, expert, weight, pairs
   return kernels.with_reference_grad(kernel, reference)(x_lanes, lora_a, lora_b, token, expert, weight)
 
 
-def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=None):
+def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=None, kernel=None):
   """The blocks layout (`expert_blocks`) computed by one Pallas TPU kernel (`kernels.lora_blocks`): each block's
   token rows are DMA'd from HBM inside the kernel and y = ((x A_e) (w scale)) B_e is formed there (float32
   accumulation), so neither the gathered rows nor the hidden values pass through HBM; each token's k outputs are
-  then summed by a second kernel that DMAs them (`kernels.combine`). `block` defaults to `block_size` (at least
-  16 rows, a bf16 sublane tile), so a few tokens over many experts are not padded to 128 rows an expert. The
-  kernel reads rows from `lanes`, u laid out by `kernels.lane_rows` (`route` has the scores kernel write it beside
-  the scores; else it is relaid out here). Needs d_in and d_out multiples of 128 (`kernels.supports`).
-  Differentiable (the gradient of `lora_of_blocks`). Off TPU the kernel runs interpreted (exact, slow: for
-  tests)."""
+  then summed by a second kernel that DMAs them (`kernels.combine`). With the plain layer's `kernel` W, that
+  kernel also forms u W and returns the routed layer's output u W + update (one rounding), so neither the update
+  nor u W makes a round trip through HBM. `block` defaults to `block_size` (at least 16 rows, a bf16 sublane
+  tile), so a few tokens over many experts are not padded to 128 rows an expert. The kernel reads rows from
+  `lanes`, u laid out by `kernels.lane_rows` (`route` has the scores kernel write it beside the scores; else it is
+  relaid out here). Needs d_in and d_out multiples of 128 (`kernels.supports`). Differentiable (the gradient of
+  `lora_of_blocks`, and of the matmul). Off TPU the kernels run interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, k = lora_a.shape[0], index.shape[-1]
   x = jnp.asarray(u).reshape(-1, d_in)
@@ -391,41 +392,58 @@ def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=Non
                                    jnp.asarray(lora_b, x.dtype), token, block_expert, weight, tokens * k)
   padded = -tokens % kernels.ROW_TILE  # tokens the combine adds up for nothing: dropped
   slot = jnp.pad(slot.reshape(tokens, k), ((0, padded), (0, 0))).reshape(-1)
-  mixed = _combine(outputs.reshape(slots, *outputs.shape[2:]), slot, k)[:tokens]
+  vmem = kernels.vmem_bytes(cost.target_device().device_kind)
+  fits = kernel is not None and kernels.column_tile(d_in, kernel.shape[1], k, x.dtype.itemsize, vmem) is not None
+  plain = (jnp.pad(x, ((0, padded), (0, 0))), jnp.asarray(kernel, x.dtype)) if fits else ()
+  mixed = _combine(outputs.reshape(slots, *outputs.shape[2:]), slot, k, *plain, vmem=vmem)[:tokens]
+  if kernel is not None and not fits:  # no column of W fits the chip's VMEM: XLA's u W beside the update
+    mixed = x @ jnp.asarray(kernel, x.dtype) + mixed
   return mixed.reshape(*lead, -1)
 
 
-def _combine(y_lanes, slot, k):
-  """kernels.combine (each token's k slot rows summed); its gradient is that of the same gather-and-sum."""
-  def reference(y_lanes, slot):
-    return jnp.sum(y_lanes.reshape(y_lanes.shape[0], -1)[slot].reshape(-1, k, math.prod(y_lanes.shape[1:])), axis=1)
+def _combine(y_lanes, slot, k, u=None, kernel=None, *, vmem):
+  """kernels.combine (each token's k slot rows summed, plus u W where given); its gradient is that of the same
+  gather-and-sum (and matmul)."""
+  def reference(y_lanes, slot, *plain):
+    rows = y_lanes.reshape(y_lanes.shape[0], -1)[slot].reshape(-1, k, math.prod(y_lanes.shape[1:]))
+    total = jnp.sum(rows.astype(jnp.float32), axis=1)
+    if plain:
+      total = total + jnp.dot(plain[0], plain[1], preferred_element_type=jnp.float32)
+    return total.astype(y_lanes.dtype)
 
-  kernel = functools.partial(kernels.combine, k=k, interpret=not cost.targets_tpu())
-  return kernels.with_reference_grad(kernel, reference)(y_lanes, slot)
+  call = functools.partial(kernels.combine, k=k, vmem_bytes=vmem, interpret=not cost.targets_tpu())
+  kernel_fn = (lambda y_lanes, slot, u, w: call(y_lanes, slot, u=u, kernel=w)) if kernel is not None else call
+  return kernels.with_reference_grad(kernel_fn, reference)(y_lanes, slot, *(() if kernel is None else (u, kernel)))
 
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
           "grouped": mix_grouped, "fused": mix_fused}
 # Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
-# 128 and 256 row blocks and tiles.
+# 128 and 256 row blocks and tiles; and the fused path beside XLA's plain matmul (its u W not in its kernel).
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256)}
-TAKES_LANES = ("fused",)  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
+            "grouped@256": functools.partial(mix_grouped, tile=256),
+            "fused@dot": mix_fused}
+TAKES_LANES = ("fused", "fused@dot")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
+FUSES_PLAIN = ("fused",)  # mixers that form the plain layer's u W in their own kernel (their `kernel` argument)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
-  """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths, else
-  ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
+  """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths (for a
+  layer with its plain matmul, with that matmul in the kernel or beside it: the kernel reads u once per column
+  tile that fits VMEM, which on v4 can cost more than XLA's own matmul), else ragged and grouped; on a GPU
+  ragged and the blocks variants; on both dense while its [tokens, E, d_out]
   intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few
   pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers
   none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
   fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
   (benchmarks/README.md)."""
-  if platform == "tpu":
-    names = ["fused"] if kernels.supports(layer.d_in) and kernels.supports(layer.d_out) else ["ragged", "grouped"]
+  if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
+    names = ["fused"] + ["fused@dot"] * layer.plain
+  elif platform == "tpu":
+    names = ["ragged", "grouped"]
   else:
     names = ["ragged", "blocks@128", "blocks@256"]
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
@@ -435,13 +453,13 @@ def candidates(layer: cost.LayerShape, platform: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One path's routed update of a layer, `route(u, router, lora_a, lora_b)` with impl `name` (scale 1): what
-  `auto` costs (`cost.compiled_cost`)."""
+  """One path's routed layer, `route(u, router, lora_a, lora_b, kernel=kernel)` with impl `name` (scale 1): the
+  update, or with the plain layer's kernel the layer's output; what `auto` costs (`cost.compiled_cost`)."""
   name: str
   top_k: int
 
-  def __call__(self, u, router, lora_a, lora_b):
-    return route(u, router, lora_a, lora_b, top_k=self.top_k, scale=1.0, impl=self.name)[0]
+  def __call__(self, u, router, lora_a, lora_b, kernel=None):
+    return route(u, router, lora_a, lora_b, top_k=self.top_k, scale=1.0, impl=self.name, kernel=kernel)[0]
 
 
 def mixer(name: str):
@@ -478,11 +496,12 @@ def resolve_impl(impl: str, pairs: Optional[int] = None, layer: Optional[cost.La
   return cost.cheapest(candidates(layer, device.platform), layer, device)
 
 
-def layer_shape(u, lora_b, top_k: int) -> cost.LayerShape:
-  """The `cost.LayerShape` of a routed layer's activations `u` and experts' `lora_b`."""
+def layer_shape(u, lora_b, top_k: int, plain: bool = False) -> cost.LayerShape:
+  """The `cost.LayerShape` of a routed layer's activations `u` and experts' `lora_b` (`plain`: with its plain
+  matmul)."""
   num_experts, rank, d_out = lora_b.shape
   return cost.LayerShape(math.prod(u.shape[:-1]), u.shape[-1], d_out, num_experts, rank, top_k,
-                         jnp.dtype(u.dtype).name)
+                         jnp.dtype(u.dtype).name, plain)
 
 
 def choose(u, router, *, top_k, score="standardized", rows=None, lanes=False):
@@ -512,14 +531,22 @@ def router_scores(u, router, score: str, lanes: bool = False):
   return scores.reshape(*lead, -1), u_lanes
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None):
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None, kernel=None):
   """The routed LoRA update of one linear layer: `choose`, then the chosen experts' outputs mixed. A mixer of
-  TAKES_LANES reads the token rows the scores kernel wrote (`choose` with `lanes`).
+  TAKES_LANES reads the token rows the scores kernel wrote (`choose` with `lanes`). With the plain layer's
+  `kernel` W <[d_in, d_out]>, the first result is the layer's output u W + update (u's dtype): a mixer of
+  FUSES_PLAIN forms it in its own kernel, else it is XLA's u W plus the update.
 
-  Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
+  Returns (update <u.dtype>[..., d_out] (or u W + update), weights [..., k], index [..., k]).
   """
-  name = resolve_impl(impl, layer=layer_shape(u, lora_b, top_k))
+  plain = kernel is not None
+  name = resolve_impl(impl, layer=layer_shape(u, lora_b, top_k, plain))
   lanes = name in TAKES_LANES
   weights, index, u_lanes = choose(u, router, top_k=top_k, score=score, rows=rows, lanes=lanes)
   mix = functools.partial(mixer(name), lanes=u_lanes) if lanes else mixer(name)
-  return mix(u, lora_a, lora_b, weights, index, scale), weights, index
+  if plain and name in FUSES_PLAIN:
+    return mix(u, lora_a, lora_b, weights, index, scale, kernel=kernel), weights, index
+  update = mix(u, lora_a, lora_b, weights, index, scale)
+  if plain:
+    update = u @ jnp.asarray(kernel, u.dtype) + update.astype(u.dtype)
+  return update, weights, index

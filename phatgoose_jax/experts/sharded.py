@@ -137,23 +137,33 @@ def moves_experts(mesh, tokens: int, num_experts: int, rank: int) -> bool:
   return num_experts * rank < tokens // mesh.shape.get(DATA_AXIS, 1)
 
 
-def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None,
+def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl="auto", rows=None, kernel=None,
           kernel_axes=None):
   """`routing.route` on the context mesh (see the module docstring): the same arguments and results, equal to
   the unsharded layer's up to float summation order and the mixer `auto` takes for one device's share.
-  `kernel_axes` are the layer kernel's logical (input, output) names.
+  `kernel_axes` are the layer kernel's logical (input, output) names. The plain layer's `kernel` goes into each
+  device's route (for a path that forms u W in its own kernel) where the tokens are split over every device, so
+  each holds the whole kernel; else u W is XLA's partitioned matmul beside the update.
 
-  Returns (update <u.dtype>[..., d_out], weights [..., k], index [..., k]).
+  Returns (update <u.dtype>[..., d_out] (or u W + update), weights [..., k], index [..., k]).
   """
   mesh = context_mesh()
   num_experts, rank = lora_b.shape[:2]
   if num_experts % mesh.shape.get(EXPERT_AXIS, 1):
     raise ValueError(f"{num_experts} experts cannot be split over an 'expert' mesh axis of size "
                      f"{mesh.shape[EXPERT_AXIS]}; choose an expert axis size that divides the expert count")
-  if moves_experts(mesh, math.prod(u.shape[:-1]), num_experts, rank):
-    return _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows)
-  weights, index, _ = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
-  return _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes), weights, index
+  tokens = math.prod(u.shape[:-1])
+  stay = moves_experts(mesh, tokens, num_experts, rank)
+  if stay and kernel is not None and _axes_size(mesh, token_axes(mesh, tokens)) == mesh.size:
+    return _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows, kernel)
+  if stay:
+    update, weights, index = _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows)
+  else:
+    weights, index, _ = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
+    update = _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes)
+  if kernel is not None:
+    update = u @ jnp.asarray(kernel, u.dtype) + update.astype(u.dtype)
+  return update, weights, index
 
 
 def _layer(tokens, u, lora_b, top_k, **shares) -> cost.LayerShape:
@@ -162,25 +172,27 @@ def _layer(tokens, u, lora_b, top_k, **shares) -> cost.LayerShape:
   return dataclasses.replace(layer, **shares)
 
 
-def _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows):
+def _route_tokens_stay(mesh, u, router, lora_a, lora_b, top_k, scale, score, impl, rows, kernel=None):
   lead, d_in = u.shape[:-1], u.shape[-1]
   tokens = math.prod(lead)
   tok = token_axes(mesh, tokens)
-  name = routing.resolve_impl(impl, layer=_layer(tokens // _axes_size(mesh, tok), u, lora_b, top_k))
+  name = routing.resolve_impl(impl, layer=_layer(tokens // _axes_size(mesh, tok), u, lora_b, top_k,
+                                                 plain=kernel is not None))
   if rows is not None:  # each token carries its row's routing (a row's tokens are contiguous)
     rows = routing.RowRouting(*(jnp.repeat(x, tokens // x.shape[0], axis=0) for x in rows))
 
-  def local(u, router, lora_a, lora_b, rows):
+  def local(u, router, lora_a, lora_b, rows, kernel):
     update, weights, index = routing.route(u[:, None], router, lora_a, lora_b, top_k=top_k, scale=scale, score=score,
-                                           impl=name, rows=rows)
+                                           impl=name, rows=rows, kernel=kernel)
     return update[:, 0], weights[:, 0], index[:, 0]
 
   split, whole = PartitionSpec(tok), PartitionSpec()
   update, weights, index = jax.shard_map(
       local, mesh=mesh, check_vma=False, out_specs=(split, split, split),
       in_specs=(split, jax.tree.map(lambda _: whole, router), whole, whole,
-                None if rows is None else routing.RowRouting(split, split, split)),
-  )(u.reshape(tokens, d_in), router, lora_a.astype(u.dtype), lora_b.astype(u.dtype), rows)
+                None if rows is None else routing.RowRouting(split, split, split), None if kernel is None else whole),
+  )(u.reshape(tokens, d_in), router, lora_a.astype(u.dtype), lora_b.astype(u.dtype), rows,
+    None if kernel is None else kernel.astype(u.dtype))
   return update.reshape(*lead, -1), weights.reshape(*lead, top_k), index.reshape(*lead, top_k)
 
 
