@@ -77,8 +77,9 @@ def measure(experts, d_in, d_out, args):
 
 
 def routed_layer(impl, top_k, rank):
-  """u W + route(u): the plain layer plus the routed LoRA update by `impl`."""
-  return lambda u, w, r, a, b: u @ w + routing.route(u, r, a, b, top_k=top_k, scale=1 / rank, impl=impl)[0]
+  """u W + route(u): the plain layer plus the routed LoRA update by `impl` (`route` given W: the fused path forms
+  both in its combine kernel)."""
+  return lambda u, w, r, a, b: routing.route(u, r, a, b, top_k=top_k, scale=1 / rank, impl=impl, kernel=w)[0]
 
 
 def compiled_figures(fn, args, device_kind):

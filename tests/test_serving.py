@@ -68,7 +68,7 @@ class Server:
     while not self.server.started:
       assert time.monotonic() < deadline, "the server did not start"
       time.sleep(0.05)
-    self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=600)
 
   def stop(self):
     self.server.should_exit = True
@@ -77,8 +77,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(base_dir, libraries):
+  # Requests wait behind the first compilation of each program they need, minutes on a loaded 2-core machine:
+  # these tests are about answers, not latency, so the server's timeout (and the client's) is generous.
   engine = engine_lib.Engine(base_dir, libraries[0], top_k=1, max_top_k=2, batch_size=4, max_queue=64,
-                             max_tokens=64)
+                             max_tokens=64, timeout_s=600)
   running = Server(engine)
   yield running
   running.stop()
