@@ -99,6 +99,24 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
   assert "grouped" not in routing.candidates(xl, "gpu")
 
 
+def test_a_layer_with_its_plain_matmul_chooses_where_that_matmul_runs_and_skips_what_does_not_compile(monkeypatch):
+  """With the plain matmul in the costed layer, the fused path with u W in its kernel and the fused path beside
+  XLA's matmul are both costed; the cheaper is taken, and a candidate that does not compile for the chip is
+  left out (logged), not fatal."""
+  xl = cost.LayerShape(tokens=16384, d_in=5120, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16", plain=True)
+  fake = FakeCost({"fused": (4e11, 4e9), "fused@dot": (4e11, 1e9)})  # on v4: u re-read per column tile
+  monkeypatch.setattr(cost, "compiled_cost", fake)
+  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", "TPU v4")) == "fused@dot"
+  assert sorted(name for name, _ in fake.calls) == ["fused", "fused@dot"]
+
+  def no_vmem(candidate, layer, device):
+    if candidate.name == "fused":
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: scoped VMEM")
+    return (4e11, 2e9)
+  monkeypatch.setattr(cost, "compiled_cost", no_vmem)
+  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", V5E)) == "fused@dot"
+
+
 def test_a_single_candidate_is_taken_without_a_lowering(monkeypatch):
   fake = FakeCost(tpu_table())
   monkeypatch.setattr(cost, "compiled_cost", fake)

@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Optional
 import jax
 from jax._src import config as jax_config
 from jax._src import mesh as mesh_lib
+from jax._src.pallas.mosaic import error_handling
 
 from phatgoose_jax import aot
 
@@ -141,7 +142,8 @@ def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost
   per (platform, kind, layer).
 
   `cost(layer_fn, layer, device) -> (flops, bytes)`, default `compiled_cost`; a candidate it refuses
-  (ValueError) is left out. A single candidate is taken without a lowering.
+  (ValueError) or that does not compile for the device (a Pallas kernel Mosaic rejects, e.g. for its VMEM) is
+  left out. A single candidate is taken without a lowering.
   """
   if len(candidates) == 1:  # nothing to compare: no lowering
     return next(iter(candidates))
@@ -153,7 +155,7 @@ def cheapest(candidates: Mapping[str, Callable], layer: LayerShape, device, cost
     for name, layer_fn in candidates.items():
       try:
         times[name] = roofline_seconds(*cost(layer_fn, layer, device), device.device_kind)
-      except ValueError as e:
+      except (ValueError, jax.errors.JaxRuntimeError, error_handling.MosaicError) as e:
         logging.info("routing: %s left out for %s: %s", name, layer, e)
     if not times:
       raise ValueError(f"no routing implementation could be costed for {layer} on {device.device_kind}; "
