@@ -160,22 +160,32 @@ def test_compiled_cost_on_cpu_refuses_a_loop_over_large_state():
 @needs_libtpu
 def test_aot_topology_mesh_targets_the_tpu_and_costs_real_candidates(monkeypatch):
   """Under a context mesh of v5e topology devices on this CPU host, `auto` is costed for the TPU (one real
-  lowering per candidate, then cached) and the program compiles for it."""
+  lowering per candidate, then cached: every candidate is costed, the Pallas kernels lowered for the chip, not
+  for this host) and the program compiles for it."""
   from jax.experimental import topologies
   devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
   counted = []
   real = cost.compiled_cost
-  monkeypatch.setattr(cost, "compiled_cost", lambda *a: counted.append(a[0]) or real(*a))
-  layer = cost.LayerShape(tokens=256, d_in=256, d_out=256, experts=4, rank=8, k=2, dtype="bfloat16")
+  costed = []
+
+  def counting(*args):
+    counted.append(args[0])
+    figures = real(*args)
+    costed.append(args[0].name)
+    return figures
+  monkeypatch.setattr(cost, "compiled_cost", counting)
+  layer = cost.LayerShape(tokens=256, d_in=256, d_out=256, experts=4, rank=8, k=2, dtype="bfloat16", plain=True)
   mesh = jax.sharding.Mesh(np.array(devices[:1]), ("data",))
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   u = jax.ShapeDtypeStruct((layer.tokens, layer.d_in), jnp.bfloat16, sharding=sharding)
   router = jax.ShapeDtypeStruct((layer.experts, layer.d_in), jnp.bfloat16, sharding=sharding)
   a = jax.ShapeDtypeStruct((layer.experts, layer.d_in, layer.rank), jnp.bfloat16, sharding=sharding)
   b = jax.ShapeDtypeStruct((layer.experts, layer.rank, layer.d_out), jnp.bfloat16, sharding=sharding)
-  fn = jax.jit(lambda u, r, a, b: routing.route(u, r, a, b, top_k=2, scale=0.5)[0])
+  w = jax.ShapeDtypeStruct((layer.d_in, layer.d_out), jnp.bfloat16, sharding=sharding)
+  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=0.5, kernel=w)[0])
   with jax.set_mesh(mesh):
-    fn.lower(u, router, a, b).compile()
+    fn.lower(u, router, a, b, w).compile()
+    assert sorted(costed) == sorted(routing.candidates(layer, "tpu")) == ["dense", "fused", "fused@dot"]
     assert len(counted) == len(routing.candidates(layer, "tpu"))
     choice = routing.resolve_impl("auto", layer=layer)
   assert choice in routing.candidates(layer, "tpu") and len(counted) == len(routing.candidates(layer, "tpu"))

@@ -26,6 +26,7 @@ import re
 from typing import Callable, Mapping, Optional
 
 import jax
+import numpy as np
 from jax._src import config as jax_config
 from jax._src import mesh as mesh_lib
 from jax._src.pallas.mosaic import error_handling
@@ -101,11 +102,13 @@ def loop_state_bytes(hlo_text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def _without_context_mesh():
-  """No context mesh, also inside a trace (`jax.set_mesh` refuses to run there): the candidates' programs are
-  lowered while the routed layer of a program on a mesh is being traced."""
-  abstract = jax_config.abstract_mesh_context_manager.swap_local(mesh_lib.empty_abstract_mesh)
-  concrete = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+def _on_one_device(device):
+  """A context mesh of `device` alone, also inside a trace (`jax.set_mesh` refuses to run there): the candidates'
+  programs are lowered while the routed layer of a program on a mesh is being traced. Pallas reads the chip it
+  lowers a kernel for from the context mesh (else from the default backend: this host's CPU)."""
+  mesh = mesh_lib.Mesh(np.array([device]), ("data",))
+  abstract = jax_config.abstract_mesh_context_manager.swap_local(mesh.abstract_mesh)
+  concrete = jax_config.device_context.swap_local(mesh)
   resources, mesh_lib.thread_resources.env = mesh_lib.thread_resources.env, mesh_lib.EMPTY_ENV
   try:
     yield
@@ -122,7 +125,7 @@ def compiled_cost(layer_fn: Callable, layer: LayerShape, device) -> tuple[float,
   (`target_device()` is `device` while it is traced)."""
   token = _COSTED_FOR.set(device)
   try:
-    with _without_context_mesh():  # the candidate is compiled for one device, not for the caller's mesh
+    with _on_one_device(device):  # the candidate is compiled for one device, not for the caller's mesh
       compiled = jax.jit(layer_fn).lower(*layer.arguments(device)).compile()
   finally:
     _COSTED_FOR.reset(token)
