@@ -127,9 +127,9 @@ def test_widths_and_token_counts_the_kernels_refuse():
 def test_fused_replaces_the_sorted_tpu_candidates_where_it_takes_the_widths():
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   assert list(routing.candidates(layer, "tpu")) == ["fused"]
-  with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the combine kernel, or XLA's beside
-  assert list(routing.candidates(with_plain, "tpu")) == ["fused", "fused@dot"]
-  assert "fused" not in routing.candidates(layer, "gpu") and "fused@dot" not in routing.candidates(with_plain, "gpu")
+  with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the combine kernel
+  assert list(routing.candidates(with_plain, "tpu")) == ["fused"]
+  assert "fused" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
     assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]
 

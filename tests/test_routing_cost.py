@@ -99,22 +99,17 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
   assert "grouped" not in routing.candidates(xl, "gpu")
 
 
-def test_a_layer_with_its_plain_matmul_chooses_where_that_matmul_runs_and_skips_what_does_not_compile(monkeypatch):
-  """With the plain matmul in the costed layer, the fused path with u W in its kernel and the fused path beside
-  XLA's matmul are both costed; the cheaper is taken, and a candidate that does not compile for the chip is
-  left out (logged), not fatal."""
-  xl = cost.LayerShape(tokens=16384, d_in=5120, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16", plain=True)
-  fake = FakeCost({"fused": (4e11, 4e9), "fused@dot": (4e11, 1e9)})  # on v4: u re-read per column tile
-  monkeypatch.setattr(cost, "compiled_cost", fake)
-  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", "TPU v4")) == "fused@dot"
-  assert sorted(name for name, _ in fake.calls) == ["fused", "fused@dot"]
+def test_a_candidate_that_does_not_compile_for_the_chip_is_left_out(monkeypatch):
+  """A candidate whose kernel Mosaic rejects for the chip (e.g. for its VMEM) is left out (logged), not fatal."""
+  layer = cost.LayerShape(tokens=1024, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16", plain=True)
+  assert list(routing.candidates(layer, "tpu")) == ["fused", "dense"]
 
   def no_vmem(candidate, layer, device):
     if candidate.name == "fused":
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: scoped VMEM")
     return (4e11, 2e9)
   monkeypatch.setattr(cost, "compiled_cost", no_vmem)
-  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", V5E)) == "fused@dot"
+  assert routing.resolve_impl("auto", layer=layer, device=FakeDevice("tpu", V5E)) == "dense"
 
 
 def test_a_single_candidate_is_taken_without_a_lowering(monkeypatch):
@@ -185,7 +180,7 @@ def test_aot_topology_mesh_targets_the_tpu_and_costs_real_candidates(monkeypatch
   fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=0.5, kernel=w)[0])
   with jax.set_mesh(mesh):
     fn.lower(u, router, a, b, w).compile()
-    assert sorted(costed) == sorted(routing.candidates(layer, "tpu")) == ["dense", "fused", "fused@dot"]
+    assert sorted(costed) == sorted(routing.candidates(layer, "tpu")) == ["dense", "fused"]
     assert len(counted) == len(routing.candidates(layer, "tpu"))
     choice = routing.resolve_impl("auto", layer=layer)
   assert choice in routing.candidates(layer, "tpu") and len(counted) == len(routing.candidates(layer, "tpu"))

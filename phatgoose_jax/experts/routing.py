@@ -419,7 +419,8 @@ def _combine(y_lanes, slot, k, u=None, kernel=None, *, vmem):
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
           "grouped": mix_grouped, "fused": mix_fused}
 # Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
-# 128 and 256 row blocks and tiles; and the fused path beside XLA's plain matmul (its u W not in its kernel).
+# 128 and 256 row blocks and tiles; and the fused path beside XLA's plain matmul (its u W not in its kernel:
+# named only, benchmarks/README.md).
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
             "grouped@256": functools.partial(mix_grouped, tile=256),
@@ -432,18 +433,16 @@ DENSE_MAX_BYTES = 2 ** 30
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
   """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths (for a
-  layer with its plain matmul, with that matmul in the kernel or beside it: the kernel reads u once per column
-  tile that fits VMEM, which on v4 can cost more than XLA's own matmul), else ragged and grouped; on a GPU
-  ragged and the blocks variants; on both dense while its [tokens, E, d_out]
+  layer with its plain matmul, that matmul in their combine kernel where a column tile of W fits VMEM, else
+  beside it: fused@dot, the fused kernels beside XLA's matmul, was costlier in every XL case measured on v5e and
+  v4, so it is not lowered), else ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
   intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few
   pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers
   none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
   fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
   (benchmarks/README.md)."""
-  if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    names = ["fused"] + ["fused@dot"] * layer.plain
-  elif platform == "tpu":
-    names = ["ragged", "grouped"]
+  if platform == "tpu":
+    names = ["fused"] if kernels.supports(layer.d_in) and kernels.supports(layer.d_out) else ["ragged", "grouped"]
   else:
     names = ["ragged", "blocks@128", "blocks@256"]
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
