@@ -32,6 +32,7 @@ from jax._src import mesh as mesh_lib
 from jax._src.pallas.mosaic import error_handling
 
 from phatgoose_jax import aot
+from phatgoose_jax.experts import kernels
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
@@ -121,11 +122,13 @@ def _on_one_device(device):
 def compiled_cost(layer_fn: Callable, layer: LayerShape, device) -> tuple[float, float]:
   """(flops, bytes accessed) of `layer_fn(u, router, lora_a, lora_b[, kernel])`, one candidate's routed update
   (scores, top-k and mix: a path may change how the scores are made; with `layer.plain`, plus the plain matmul,
-  which a path may form in its own kernel), for `layer`, compiled for `device`
+  which a path may form in its own kernel), for `layer`, its Pallas kernels compiled as `kernels.stand_ins` (the
+  same figures: XLA counts a kernel by its cost estimate), compiled for `device`
   (`target_device()` is `device` while it is traced)."""
   token = _COSTED_FOR.set(device)
   try:
-    with _on_one_device(device):  # the candidate is compiled for one device, not for the caller's mesh
+    # compiled for one device, not for the caller's mesh; Pallas kernels as stand-ins of the same cost estimate
+    with _on_one_device(device), kernels.stand_ins():
       compiled = jax.jit(layer_fn).lower(*layer.arguments(device)).compile()
   finally:
     _COSTED_FOR.reset(token)
