@@ -22,7 +22,8 @@ each pair's row (a padding slot reads none), each slot's output, token and weigh
 blocks of one expert (the blocks are sorted by expert, so at most min(blocks, E) runs). A is read as [r, d_in]
 (lane-dense; as [d_in, r] TPU memory pads its r lanes to 128).
 
-`combine`: out[t] = the sum of token t's k slot outputs, their rows DMA'd from `lora_blocks`' output.
+`combine`: out[t] = the sum of token t's k slot outputs, their rows DMA'd from `lora_blocks`' output, plus u[t] W
+where the layer's plain matmul is given (the routed layer's whole output from one kernel).
 
 Forward only: the gradients are those of the same formulas in plain JAX (`routing.lora_of_blocks`, and `fn`
 itself, and a gather-and-sum for `combine`: `with_reference_grad`), so training through them is exact. Off TPU
@@ -240,7 +241,8 @@ def _combine_kernel(slot, y_hbm, *refs):
   def fetch(s, buffer, start):
     def pair(p, carry):  # pair p = (token t, choice j) lands in row j * tile + t
       row = y_hbm.at[slot[s % tiles * pairs + p]]
-      source = row if lanes == y_hbm.shape[1] else row.at[pl.ds(pl.multiple_of(s // tiles * lanes, SPLIT_LANES), lanes)]
+      columns = pl.ds(pl.multiple_of(s // tiles * lanes, SPLIT_LANES), lanes)
+      source = row if lanes == y_hbm.shape[1] else row.at[columns]
       copy = pltpu.make_async_copy(source, rows.at[buffer, p % k * tile + p // k], sems.at[buffer])
       copy.start() if start else copy.wait()
       return carry
