@@ -433,12 +433,12 @@ DENSE_MAX_BYTES = 2 ** 30
 
 def candidates(layer: cost.LayerShape, platform: str) -> dict:
   """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths (for a
-  layer with its plain matmul, that matmul in their combine kernel where a column tile of W fits VMEM, else
-  beside it: fused@dot, the fused kernels beside XLA's matmul, was costlier in every XL case measured on v5e and
-  v4, so it is not lowered), else ragged and grouped; on a GPU ragged and the blocks variants; on both dense
-  while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather
-  for a decoding step's few pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers
-  none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
+  layer with its plain matmul, that matmul in their combine kernel where a column tile of W fits VMEM, else beside
+  it: fused@dot, the fused kernels beside XLA's matmul, was costlier in every XL case measured on v5e and v4, so
+  it is not lowered), else ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its
+  [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding
+  step's few pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile
+  lowers none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
   fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
   (benchmarks/README.md)."""
   if platform == "tpu":
