@@ -135,7 +135,7 @@ class ExpertDense(nn.Module):
     if expert_weights is not None and not per_row:
       weights = jnp.broadcast_to(expert_weights[:, None, :], (*u.shape[:-1], num))
       index = jnp.broadcast_to(jnp.arange(num), weights.shape)
-      return u @ kernel + routing.mix_dense(u, lora_a, lora_b, weights, index, scale).astype(u.dtype)
+      return routing.plus_plain(u, kernel, routing.mix_dense(u, lora_a, lora_b, weights, index, scale))
     if per_row and expert_weights is None:  # initialisation: every row the standardized score over every slot
       b = u.shape[0]
       expert_weights = routing.RowRouting(jnp.zeros(b, jnp.int32), jnp.ones((b, num), bool),

@@ -397,8 +397,14 @@ def mix_fused(u, lora_a, lora_b, weights, index, scale, *, block=None, lanes=Non
   plain = (jnp.pad(x, ((0, padded), (0, 0))), jnp.asarray(kernel, x.dtype)) if fits else ()
   mixed = _combine(outputs.reshape(slots, *outputs.shape[2:]), slot, k, *plain, vmem=vmem)[:tokens]
   if kernel is not None and not fits:  # no column of W fits the chip's VMEM: XLA's u W beside the update
-    mixed = x @ jnp.asarray(kernel, x.dtype) + mixed
+    mixed = plus_plain(x, kernel, mixed)
   return mixed.reshape(*lead, -1)
+
+
+def plus_plain(u, kernel, update):
+  """u W + update in u's dtype: the routed layer's output where its plain matmul is XLA's (not in a mixer's kernel,
+  FUSES_PLAIN)."""
+  return u @ jnp.asarray(kernel, u.dtype) + update.astype(u.dtype)
 
 
 def _combine(y_lanes, slot, k, u=None, kernel=None, *, vmem):
@@ -547,5 +553,5 @@ def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl
     return mix(u, lora_a, lora_b, weights, index, scale, kernel=kernel), weights, index
   update = mix(u, lora_a, lora_b, weights, index, scale)
   if plain:
-    update = u @ jnp.asarray(kernel, u.dtype) + update.astype(u.dtype)
+    update = plus_plain(u, kernel, update)
   return update, weights, index

@@ -162,7 +162,7 @@ def route(u, router, lora_a, lora_b, *, top_k, scale, score="standardized", impl
     weights, index, _ = routing.choose(u, router, top_k=top_k, score=score, rows=rows)
     update = _mix_experts_stay(mesh, u, lora_a, lora_b, weights, index, scale, impl, kernel_axes)
   if kernel is not None:
-    update = u @ jnp.asarray(kernel, u.dtype) + update.astype(u.dtype)
+    update = routing.plus_plain(u, kernel, update)
   return update, weights, index
 
 
