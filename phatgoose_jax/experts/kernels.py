@@ -32,6 +32,7 @@ the kernels run interpreted (exact, slow: for tests).
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -178,17 +179,24 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
   pl.when(step == 0)(lambda: fetch(0, 0, start=True))
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
   fetch(step, step % 2, start=False)
-  buffer = step % 2
-  hidden = sum(jax.lax.dot_general(rows[buffer, :, c, :], a_ref[:, c * LANES:(c + 1) * LANES],
-                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-               for c in range(rows.shape[2]))
+  outputs = _lora(rows.at[step % 2], a_ref[...], w_ref[...], b_ref[...])
+  for c in range(out_ref.shape[1]):
+    out_ref[:, c, :] = outputs[:, c * LANES:(c + 1) * LANES].astype(out_ref.dtype)
+
+
+def _lora(rows, a, weight, b):
+  """((rows A_e) w) B_e <float32>[block, d_out] for a block's rows <ref [block, d_in / 128, 128]>, a = A_e^T
+  <[r, d_in]>, its slots' weights w <float32>[1, block] and b = B_e <[r, d_out]> (float32 accumulation, the
+  weighted hidden values rounded to B's dtype)."""
+  block = rows.shape[0]
+  hidden = sum(jax.lax.dot_general(rows[:, c, :], a[:, c * LANES:(c + 1) * LANES], (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+               for c in range(rows.shape[1]))
   # The [1, block] weights as a [block, 1] column: the diagonal matrix diag(w) summed over its rows (exact).
   diagonal = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0) == jax.lax.broadcasted_iota(
       jnp.int32, (block, block), 1)
-  weight = jnp.sum(jnp.where(diagonal, jnp.broadcast_to(w_ref[...], (block, block)), 0.0), axis=1, keepdims=True)
-  outputs = jnp.dot((hidden * weight).astype(b_ref.dtype), b_ref[...], preferred_element_type=jnp.float32)
-  for c in range(out_ref.shape[1]):
-    out_ref[:, c, :] = outputs[:, c * LANES:(c + 1) * LANES].astype(out_ref.dtype)
+  column = jnp.sum(jnp.where(diagonal, jnp.broadcast_to(weight, (block, block)), 0.0), axis=1, keepdims=True)
+  return jnp.dot((hidden * column).astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
 def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, interpret=False):
@@ -319,3 +327,108 @@ def combine(y_lanes, slot, k: int, *, u=None, kernel=None, vmem_bytes=VMEM_BYTES
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
   )(slot, y_lanes, *((u, kernel.astype(u.dtype)) if plain else ()))
+
+
+TILE_MAX = 2048
+
+
+def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
+  """One token tile: acc = each of its expert-sorted blocks' LoRA outputs, added row by row into its slots' tokens
+  (float32), the blocks' rows gathered from the tile in VMEM; then out = u W + acc (`u W` where the plain layer is
+  given). A padding slot is token 0 of its tile with weight 0: it adds zeros."""
+  kernel_ref = refs[0] if len(refs) == 5 else None
+  out_ref, acc, rows, outputs = refs[-4:]
+  tile, num_blocks, block = pl.program_id(0), w_ref.shape[0], rows.shape[0]
+  acc[...] = jnp.zeros(acc.shape, acc.dtype)
+
+  def one_block(b, carry):
+    first, expert = (tile * num_blocks + b) * block, block_expert[tile * num_blocks + b]
+
+    def gather(j, carry):
+      rows[j] = u_ref[token[first + j]]
+      return carry
+
+    def add(j, carry):
+      acc[token[first + j]] += outputs[j]
+      return carry
+
+    jax.lax.fori_loop(0, block, gather, 0)
+    y = _lora(rows, a_ref[expert], w_ref[b], b_ref[expert])
+    for c in range(outputs.shape[1]):
+      outputs[:, c, :] = y[:, c * LANES:(c + 1) * LANES]
+    jax.lax.fori_loop(0, block, add, 0)
+    return carry
+
+  jax.lax.fori_loop(0, num_blocks, one_block, 0)
+  plain = None if kernel_ref is None else sum(
+      jnp.dot(u_ref[:, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :], preferred_element_type=jnp.float32)
+      for c in range(u_ref.shape[1]))
+  for c in range(acc.shape[1]):
+    total = acc[:, c, :] if plain is None else acc[:, c, :] + plain[:, c * LANES:(c + 1) * LANES]
+    out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+
+
+def padded_row(width: int, itemsize: int) -> int:
+  """Elements a `lane_rows` row of `width` takes in TPU memory: its width / 128 lane rows padded to a whole memory
+  tile of (32 / 8 itemsize) x 8 rows."""
+  lanes, sublanes = math.ceil(width / LANES), 8 * 4 // itemsize
+  return math.ceil(lanes / sublanes) * sublanes * LANES
+
+
+def tiles_bytes(tile: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int, itemsize: int,
+                plain: bool) -> int:
+  """VMEM that a `routed_tiles` step of `tile` tokens holds: the experts' A and B and W whole (fetched once);
+  double-buffered, the tile's u rows, output and slot weights (a block's row pads to 8 x 128 floats); the float32
+  sums, the plain product and one block's rows and outputs."""
+  blocks = (tile * k + experts * (block - 1)) // block + 1
+  resident = itemsize * (experts * rank * (d_in + d_out) + plain * d_in * d_out)
+  per_tile = 2 * (itemsize * tile * (padded_row(d_in, itemsize) + d_out) + blocks * 8 * max(block, LANES) * 4)
+  sums = 4 * (tile + block) * padded_row(d_out, 4) + 4 * plain * tile * d_out
+  return resident + per_tile + sums + block * itemsize * padded_row(d_in, itemsize)
+
+
+def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel=None, vmem_bytes=VMEM_BYTES,
+                 interpret=False):
+  """out <u.dtype>[tokens, d_out]: the routed layer one token tile at a time, everything of a tile in VMEM:
+
+    out[t] = u[t] W + sum over the tile's slots s of token t of ((u[t] A_e) w_s) B_e     (e the slot's expert)
+
+  (u W where the plain layer's kernel <[d_in, d_out]> is given; float32 accumulation, one rounding). The tile's
+  pairs are sorted by expert into blocks (`routing.tile_blocks`): token <int32>[tiles, slots] the token of each
+  slot within its tile (0 for padding), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks,
+  block] (0 for padding). u_lanes <[tokens, d_in / 128, 128]> (`lane_rows`, the rows a block gathers from VMEM);
+  lora_a <[E, d_in, r]>, lora_b <[E, r, d_out]>.
+
+  Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own (once), and no slot output
+  makes a round trip through HBM, for the experts and W held whole in VMEM (`token_tile`: a v5e's 128 MiB holds
+  them at XL widths, a v4's 16 MiB does not).
+  """
+  tokens, lanes_in, _ = u_lanes.shape
+  num_experts, rank, d_out = lora_b.shape
+  tiles, num_blocks, block = weight.shape
+  tile, d_in, itemsize = tokens // tiles, lanes_in * LANES, jnp.dtype(u_lanes.dtype).itemsize
+  plain, slots = kernel is not None, tiles * num_blocks * block
+  flops = 2 * slots * rank * (d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
+  nbytes = (itemsize * (tokens * (padded_row(d_in, itemsize) + d_out) + num_experts * rank * (d_in + d_out)
+                        + plain * d_in * d_out) + slots * 8 + tiles * num_blocks * 4)
+  whole = lambda *shape: pl.BlockSpec(shape, lambda i, token, expert: (0,) * len(shape),  # noqa: E731
+                                      pipeline_mode=pl.Buffered(1))
+  in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda i, token, expert: (i, 0, 0)),
+              whole(num_experts, rank, d_in), whole(num_experts, rank, d_out),
+              pl.BlockSpec((None, num_blocks, 1, block), lambda i, token, expert: (i, 0, 0, 0))]
+  return pl.pallas_call(
+      body(_tiles_kernel),
+      out_shape=jax.ShapeDtypeStruct((tokens, d_out), u_lanes.dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(tiles,),
+          in_specs=in_specs + [whole(d_in, d_out)] * plain,
+          out_specs=pl.BlockSpec((tile, d_out), lambda i, token, expert: (i, 0)),
+          scratch_shapes=[pltpu.VMEM((tile, d_out // LANES, LANES), jnp.float32),
+                          pltpu.VMEM((block, lanes_in, LANES), u_lanes.dtype),
+                          pltpu.VMEM((block, d_out // LANES, LANES), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_bytes),
+      interpret=interpret,
+      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+  )(token.reshape(-1), block_expert.reshape(-1), u_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, :, None, :],
+    *((kernel.astype(u_lanes.dtype),) if plain else ()))

@@ -422,8 +422,90 @@ def _combine(y_lanes, slot, k, u=None, kernel=None, *, vmem):
   return kernels.with_reference_grad(kernel_fn, reference)(y_lanes, slot, *(() if kernel is None else (u, kernel)))
 
 
+def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
+  """`expert_blocks` within each tile of `tile` tokens: (token <int32>[tiles, slots] each slot's token within its
+  tile (0 for a padding slot), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks, block] each
+  slot's routing weight times `scale` (0 for padding)) for index, weights <[tokens, k]>."""
+  k = index.shape[-1]
+  slot, block_expert = jax.vmap(lambda ix: expert_blocks(ix, num_experts, block))(index.reshape(-1, tile, k))
+  slots = block_expert.shape[1] * block
+  token = jax.vmap(lambda s: place(jnp.arange(tile * k, dtype=jnp.int32) // k, s, slots, 0))(slot)
+  weight = jax.vmap(lambda w, s: place(w, s, slots, 0.0))(weights.reshape(slot.shape).astype(jnp.float32) * scale,
+                                                          slot)
+  return token, block_expert, weight.reshape(*block_expert.shape, block)
+
+
+def tiling(layer: cost.LayerShape, vmem_bytes: int) -> tuple[Optional[int], Optional[int]]:
+  """(tile, block) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the largest token tile (128 x a power of
+  two up to `kernels.TILE_MAX` that divides the tokens, padded to whole 128s) whose step fits 3/4 of the VMEM
+  (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries), its pairs in blocks of `block_size` rows (at
+  least 16, a bf16 sublane tile); (None, None) if none fits."""
+  tokens = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE
+  for tile in (kernels.TILE_MAX >> i for i in range(int(math.log2(kernels.TILE_MAX // kernels.ROW_TILE)) + 1)):
+    block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
+    if tokens % tile == 0 and kernels.tiles_bytes(tile, layer.d_in, layer.d_out, layer.experts, layer.rank, layer.k,
+                                                  block, jnp.dtype(layer.dtype).itemsize,
+                                                  layer.plain) <= vmem_bytes * 3 // 4:
+      return tile, block
+  return None, None
+
+
+def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=None):
+  """The routed layer one token tile at a time in one Pallas TPU kernel (`kernels.routed_tiles`): each tile's pairs
+  sorted by expert into blocks (`tile_blocks`), each block's rows gathered from the tile in VMEM, its outputs
+  y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
+  u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
+  row is read from HBM once and each output row written once; the experts (and W) are held whole in VMEM
+  (`tiling`; where W does not fit beside the experts, XLA's u W is added beside the kernel; a ValueError where the
+  experts alone do not fit). Reads the rows from `lanes`
+  (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out multiples of
+  128. Differentiable (the gradient of the same formula in plain JAX). Off TPU the kernel runs interpreted
+  (exact, slow: for tests)."""
+  lead, d_in = u.shape[:-1], u.shape[-1]
+  num_experts, rank, d_out = lora_b.shape
+  x = jnp.asarray(u).reshape(-1, d_in)
+  tokens, k = x.shape[0], index.shape[-1]
+  padded = -tokens % kernels.ROW_TILE  # rows routed with weight 0 and dropped
+  x_lanes = kernels.lane_rows(x) if lanes is None else lanes
+  if padded:
+    x_lanes = jnp.pad(x_lanes, ((0, padded), (0, 0), (0, 0)))
+    index, weights = (jnp.pad(a.reshape(tokens, k), ((0, padded), (0, 0))) for a in (index, weights))
+  vmem = kernels.vmem_bytes(cost.target_device().device_kind)
+  shape = cost.LayerShape(tokens + padded, d_in, d_out, num_experts, rank, k, x.dtype.name, kernel is not None)
+  (tile, block), plain = tiling(shape, vmem), shape.plain
+  if tile is None and plain:  # W does not fit beside the experts: XLA's u W beside the kernel
+    (tile, block), plain = tiling(dataclasses.replace(shape, plain=False), vmem), False
+  if tile is None:
+    raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
+                     "VMEM (the experts are held whole)")
+  layout = tile_blocks(index, weights, scale, tile, block, num_experts)
+  args = (x_lanes, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), *layout,
+          *((jnp.asarray(kernel, x.dtype),) if plain else ()))
+
+  def reference(x_lanes, lora_a, lora_b, token, block_expert, weight, *plain):
+    rows = x_lanes.reshape(x_lanes.shape[0], -1)
+    token = token + tile * jnp.arange(token.shape[0], dtype=token.dtype)[:, None]
+    outputs = lora_of_blocks(rows, lora_a, lora_b, token.reshape(-1, weight.shape[-1]),
+                             weight.reshape(-1, weight.shape[-1]), block_expert.reshape(-1))
+    total = jnp.zeros((rows.shape[0], d_out), jnp.float32).at[token.reshape(-1)].add(
+        outputs.reshape(-1, d_out).astype(jnp.float32))
+    if plain:
+      total = total + jnp.dot(rows, plain[0], preferred_element_type=jnp.float32)
+    return total.astype(rows.dtype)
+
+  def call(x_lanes, lora_a, lora_b, token, block_expert, weight, *plain):
+    return kernels.routed_tiles(x_lanes, lora_a, lora_b, token, block_expert, weight,
+                                kernel=plain[0] if plain else None, vmem_bytes=vmem,
+                                interpret=not cost.targets_tpu())
+
+  mixed = kernels.with_reference_grad(call, reference)(*args)[:tokens]
+  if kernel is not None and not plain:
+    mixed = plus_plain(x, kernel, mixed)
+  return mixed.reshape(*lead, d_out)
+
+
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
-          "grouped": mix_grouped, "fused": mix_fused}
+          "grouped": mix_grouped, "fused": mix_fused, "tiles": mix_tiles}
 # Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
 # 128 and 256 row blocks and tiles; and the fused path beside XLA's plain matmul (its u W not in its kernel:
 # named only, benchmarks/README.md).
@@ -431,13 +513,13 @@ VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=No
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
             "grouped@256": functools.partial(mix_grouped, tile=256),
             "fused@dot": mix_fused}
-TAKES_LANES = ("fused", "fused@dot")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
-FUSES_PLAIN = ("fused",)  # mixers that form the plain layer's u W in their own kernel (their `kernel` argument)
+TAKES_LANES = ("fused", "fused@dot", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
+FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (their `kernel` argument)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
 
-def candidates(layer: cost.LayerShape, platform: str) -> dict:
+def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> dict:
   """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths (for a
   layer with its plain matmul, that matmul in their combine kernel where a column tile of W fits VMEM, else beside
   it: fused@dot, the fused kernels beside XLA's matmul, was costlier in every XL case measured on v5e and v4, so
@@ -447,8 +529,11 @@ def candidates(layer: cost.LayerShape, platform: str) -> dict:
   lowers none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
   fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
   (benchmarks/README.md)."""
-  if platform == "tpu":
-    names = ["fused"] if kernels.supports(layer.d_in) and kernels.supports(layer.d_out) else ["ragged", "grouped"]
+  if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
+    vmem = kernels.vmem_bytes(device_kind)
+    names = ["tiles"] * (tiling(dataclasses.replace(layer, plain=False), vmem)[0] is not None) + ["fused"]
+  elif platform == "tpu":
+    names = ["ragged", "grouped"]
   else:
     names = ["ragged", "blocks@128", "blocks@256"]
   dense_bytes = layer.tokens * layer.experts * layer.d_out * jnp.dtype(layer.dtype).itemsize
@@ -498,7 +583,7 @@ def resolve_impl(impl: str, pairs: Optional[int] = None, layer: Optional[cost.La
     return "gather" if pairs is not None and pairs <= GATHER_MAX_PAIRS else "blocks"
   if layer is None:
     raise ValueError(f"choosing a routing implementation for {device.device_kind} needs the layer's shape")
-  return cost.cheapest(candidates(layer, device.platform), layer, device)
+  return cost.cheapest(candidates(layer, device.platform, device.device_kind), layer, device)
 
 
 def layer_shape(u, lora_b, top_k: int, plain: bool = False) -> cost.LayerShape:
