@@ -167,12 +167,18 @@ def test_widths_and_token_counts_the_kernels_refuse():
     kernels.rowwise(routing.phatgoose_scores, jnp.zeros((100, 128)), jnp.zeros((3, 128)), interpret=True)
 
 
-def test_fused_replaces_the_sorted_tpu_candidates_where_it_takes_the_widths():
+def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
+  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: 2048 -> 2048 at E=36),
+  the fused kernels where it does not, ragged and grouped where the widths are not whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
-  assert list(routing.candidates(layer, "tpu")) == ["fused"]
-  with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the combine kernel
-  assert list(routing.candidates(with_plain, "tpu")) == ["fused"]
-  assert "fused" not in routing.candidates(layer, "gpu")
+  with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
+  for shape in [layer, with_plain]:
+    assert list(routing.candidates(shape, "tpu", "TPU v4")) == ["fused"]
+    assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]
+  square = cost.LayerShape(**{**layer.__dict__, "d_out": 2048})
+  assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles"]
+  assert list(routing.candidates(cost.LayerShape(**{**square.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
+  assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
     assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]
 
@@ -206,27 +212,30 @@ def test_candidates_are_costed_with_stand_in_kernels_of_the_same_figures():
   from jax.experimental import topologies
   device = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices[0]
   layer = cost.LayerShape(tokens=512, d_in=512, d_out=1024, experts=8, rank=16, k=2, dtype="bfloat16", plain=True)
-  stand_in = cost.compiled_cost(routing.Candidate("fused", 2), layer, device)
-  fn = jax.jit(lambda *args: routing.Candidate("fused", 2)(*args))  # its own trace, with the real kernels
-  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
-    compiled = fn.lower(*layer.arguments(device)).compile()
-  real = compiled.cost_analysis()
-  assert stand_in == (real["flops"], real["bytes accessed"]) and stand_in[0] > 2 * 512 * 512 * 1024
+  for name in ["fused", "tiles"]:
+    stand_in = cost.compiled_cost(routing.Candidate(name, 2), layer, device)
+    fn = jax.jit(lambda *args: routing.Candidate(name, 2)(*args))  # its own trace, with the real kernels
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+      compiled = fn.lower(*layer.arguments(device)).compile()
+    real = compiled.cost_analysis()
+    assert stand_in == (real["flops"], real["bytes accessed"]) and stand_in[0] > 2 * 512 * 512 * 1024
 
 
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(topology, dtype):
-  """Mosaic compiles the three kernels of a routed layer (scores, blocks, combine with the plain matmul) for v4 and
-  v5e chips in float32 and bf16. The standardized router is made outside the scores kernel: a reduction over it
-  inside does not compile for a v4 ("sublane gather not supported by this TPU generation")."""
+@pytest.mark.parametrize("impl", ["fused", "tiles"])
+def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(topology, dtype, impl):
+  """Mosaic compiles the kernels of a routed layer (scores, then blocks and combine with the plain matmul, or the
+  tiles kernel with it) for v4 and v5e chips in float32 and bf16. The standardized router is made outside the
+  scores kernel: a reduction over it inside does not compile for a v4 ("sublane gather not supported by this TPU
+  generation")."""
   from jax.experimental import topologies
   device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="fused", kernel=w)[0])
+  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl=impl, kernel=w)[0])
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
     compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384), spec(256, 384)).compile()
-  assert compiled.as_text().count("tpu_custom_call") >= 3
+  assert compiled.as_text().count("tpu_custom_call") >= {"fused": 3, "tiles": 2}[impl]
   assert compiled.cost_analysis()["flops"] >= 2 * 256 * 256 * 384  # u W inside the kernels' count

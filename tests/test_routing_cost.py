@@ -95,17 +95,17 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
   assert "dense" in routing.candidates(LAYER, "gpu")
   xl = cost.LayerShape(tokens=16384, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16")
   assert xl.tokens * xl.experts * xl.d_out * 2 > routing.DENSE_MAX_BYTES
-  assert list(routing.candidates(xl, "tpu")) == ["fused"]
+  assert list(routing.candidates(xl, "tpu")) == ["tiles"]
   assert "grouped" not in routing.candidates(xl, "gpu")
 
 
 def test_a_candidate_that_does_not_compile_for_the_chip_is_left_out(monkeypatch):
   """A candidate whose kernel Mosaic rejects for the chip (e.g. for its VMEM) is left out (logged), not fatal."""
   layer = cost.LayerShape(tokens=1024, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16", plain=True)
-  assert list(routing.candidates(layer, "tpu")) == ["fused", "dense"]
+  assert list(routing.candidates(layer, "tpu")) == ["tiles", "dense"]
 
   def no_vmem(candidate, layer, device):
-    if candidate.name == "fused":
+    if candidate.name == "tiles":
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: scoped VMEM")
     return (4e11, 2e9)
   monkeypatch.setattr(cost, "compiled_cost", no_vmem)
@@ -116,7 +116,7 @@ def test_a_single_candidate_is_taken_without_a_lowering(monkeypatch):
   fake = FakeCost(tpu_table())
   monkeypatch.setattr(cost, "compiled_cost", fake)
   xl = cost.LayerShape(tokens=16384, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16")
-  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", V5E)) == "fused" and fake.calls == []
+  assert routing.resolve_impl("auto", layer=xl, device=FakeDevice("tpu", V5E)) == "tiles" and fake.calls == []
 
 
 def test_unknown_chip_and_no_shape_fail_with_the_fix(monkeypatch):
@@ -180,14 +180,14 @@ def test_aot_topology_mesh_targets_the_tpu_and_costs_real_candidates(monkeypatch
   fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=0.5, kernel=w)[0])
   with jax.set_mesh(mesh):
     fn.lower(u, router, a, b, w).compile()
-    assert sorted(costed) == sorted(routing.candidates(layer, "tpu")) == ["dense", "fused"]
+    assert sorted(costed) == sorted(routing.candidates(layer, "tpu")) == ["dense", "tiles"]
     assert len(counted) == len(routing.candidates(layer, "tpu"))
     choice = routing.resolve_impl("auto", layer=layer)
   assert choice in routing.candidates(layer, "tpu") and len(counted) == len(routing.candidates(layer, "tpu"))
   assert routing.resolve_impl("auto", layer=layer) == "blocks"  # no mesh: this CPU host's own table
 
 
-@pytest.mark.parametrize("name", ["grouped", "grouped@256", "blocks@128", "blocks@256", "fused"])
+@pytest.mark.parametrize("name", ["grouped", "grouped@256", "blocks@128", "blocks@256", "fused", "tiles"])
 def test_loop_free_and_grouped_paths_equal_the_dense_reference_with_gradients(name):
   """Exact against the dense reference, values and gradients (the Pallas kernels interpreted on this CPU; 39
   tokens over 5 experts leave padding slots in every blocked layout; the fused combine pads them to 128)."""

@@ -359,13 +359,18 @@ def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
     jax.lax.fori_loop(0, block, add, 0)
     return carry
 
+  def finish(r, carry):  # ROW_TILE rows at a time: a smaller body for Mosaic to unroll than the whole tile
+    rows = pl.ds(pl.multiple_of(r * ROW_TILE, ROW_TILE), ROW_TILE)
+    plain = None if kernel_ref is None else sum(
+        jnp.dot(u_ref[rows, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :], preferred_element_type=jnp.float32)
+        for c in range(u_ref.shape[1]))
+    for c in range(acc.shape[1]):
+      total = acc[rows, c, :] if plain is None else acc[rows, c, :] + plain[:, c * LANES:(c + 1) * LANES]
+      out_ref[rows, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+    return carry
+
   jax.lax.fori_loop(0, num_blocks, one_block, 0)
-  plain = None if kernel_ref is None else sum(
-      jnp.dot(u_ref[:, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :], preferred_element_type=jnp.float32)
-      for c in range(u_ref.shape[1]))
-  for c in range(acc.shape[1]):
-    total = acc[:, c, :] if plain is None else acc[:, c, :] + plain[:, c * LANES:(c + 1) * LANES]
-    out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+  jax.lax.fori_loop(0, acc.shape[0] // ROW_TILE, finish, 0)
 
 
 def padded_row(width: int, itemsize: int) -> int:
@@ -379,11 +384,11 @@ def tiles_bytes(tile: int, d_in: int, d_out: int, experts: int, rank: int, k: in
                 plain: bool) -> int:
   """VMEM that a `routed_tiles` step of `tile` tokens holds: the experts' A and B and W whole (fetched once);
   double-buffered, the tile's u rows, output and slot weights (a block's row pads to 8 x 128 floats); the float32
-  sums, the plain product and one block's rows and outputs."""
+  sums, the plain product of ROW_TILE rows and one block's rows and outputs."""
   blocks = (tile * k + experts * (block - 1)) // block + 1
   resident = itemsize * (experts * rank * (d_in + d_out) + plain * d_in * d_out)
   per_tile = 2 * (itemsize * tile * (padded_row(d_in, itemsize) + d_out) + blocks * 8 * max(block, LANES) * 4)
-  sums = 4 * (tile + block) * padded_row(d_out, 4) + 4 * plain * tile * d_out
+  sums = 4 * (tile + block) * padded_row(d_out, 4) + 4 * plain * ROW_TILE * d_out
   return resident + per_tile + sums + block * itemsize * padded_row(d_in, itemsize)
 
 

@@ -520,18 +520,17 @@ DENSE_MAX_BYTES = 2 ** 30
 
 
 def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> dict:
-  """The exact paths `auto` compares for `layer`: on a TPU the fused kernels where they take the widths (for a
-  layer with its plain matmul, that matmul in their combine kernel where a column tile of W fits VMEM, else beside
-  it: fused@dot, the fused kernels beside XLA's matmul, was costlier in every XL case measured on v5e and v4, so
-  it is not lowered), else ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its
-  [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding
-  step's few pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile
-  lowers none that never won there: on v5e and v4, over routed layers of 128-16,384 tokens with E = 36 and 166,
-  fused was the least of the sorted paths in every case and the blocks variants and grouped@256 in none
-  (benchmarks/README.md)."""
+  """The exact paths `auto` compares for `layer`: on a TPU (of `device_kind`, for its VMEM) where the kernels take
+  the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), else the fused kernels, else
+  ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
+  intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few pairs
+  (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers none that
+  never won there (benchmarks/README.md, XL widths, E = 36 and 166, 128-16,384 tokens): tiles was the least in
+  every case it fits (v5e: all; v4: 2048 -> 2048), fused the least of the rest where tiles does not fit, and
+  the blocks variants, grouped@256 and fused@dot (the fused kernels beside XLA's u W) in none."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    vmem = kernels.vmem_bytes(device_kind)
-    names = ["tiles"] * (tiling(dataclasses.replace(layer, plain=False), vmem)[0] is not None) + ["fused"]
+    fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind))[0] is not None
+    names = ["tiles" if fits else "fused"]
   elif platform == "tpu":
     names = ["ragged", "grouped"]
   else:
