@@ -524,10 +524,12 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), else the fused kernels, else
   ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
   intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few pairs
-  (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers none that
-  never won there (benchmarks/README.md, XL widths, E = 36 and 166, 128-16,384 tokens): tiles was the least in
-  every case it fits (v5e: all; v4: 2048 -> 2048), fused the least of the rest where tiles does not fit, and
-  the blocks variants, grouped@256 and fused@dot (the fused kernels beside XLA's u W) in none."""
+  (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers one sorted
+  path (benchmarks/README.md, XL widths, E = 36 and 166): tiles was the least at 128 and 1024 tokens (a chip's
+  share in the routed T5-XL) and at 16,384 tokens at 2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's
+  1.40 / 1.59 on v5e), and within 0.05 of fused at 16,384 tokens of the 5120-wide layers (its blocks are padded
+  per tile); fused was the least of the rest where tiles does not fit (v4's 16 MiB: all but 2048 -> 2048 at
+  E = 36); the blocks variants, grouped@256 and fused@dot (the fused kernels beside XLA's u W) never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
     fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind))[0] is not None
     names = ["tiles" if fits else "fused"]
