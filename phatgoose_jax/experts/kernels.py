@@ -329,7 +329,7 @@ def combine(y_lanes, slot, k: int, *, u=None, kernel=None, vmem_bytes=VMEM_BYTES
   )(slot, y_lanes, *((u, kernel.astype(u.dtype)) if plain else ()))
 
 
-TILE_MAX = 2048
+TOKEN_TILES = (2048, 1024, 512, 256, 128)  # the token tiles of `routed_tiles`, largest first: ROW_TILE x 2^n
 
 
 def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):

@@ -436,12 +436,12 @@ def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
 
 
 def tiling(layer: cost.LayerShape, vmem_bytes: int) -> tuple[Optional[int], Optional[int]]:
-  """(tile, block) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the largest token tile (128 x a power of
-  two up to `kernels.TILE_MAX` that divides the tokens, padded to whole 128s) whose step fits 3/4 of the VMEM
+  """(tile, block) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the largest token tile of
+  `kernels.TOKEN_TILES` that divides the tokens (padded to whole 128s) whose step fits 3/4 of the VMEM
   (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries), its pairs in blocks of `block_size` rows (at
   least 16, a bf16 sublane tile); (None, None) if none fits."""
   tokens = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE
-  for tile in (kernels.TILE_MAX >> i for i in range(int(math.log2(kernels.TILE_MAX // kernels.ROW_TILE)) + 1)):
+  for tile in kernels.TOKEN_TILES:
     block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
     if tokens % tile == 0 and kernels.tiles_bytes(tile, layer.d_in, layer.d_out, layer.experts, layer.rank, layer.k,
                                                   block, jnp.dtype(layer.dtype).itemsize,
@@ -456,11 +456,10 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
   u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
   row is read from HBM once and each output row written once; the experts (and W) are held whole in VMEM
-  (`tiling`; where W does not fit beside the experts, XLA's u W is added beside the kernel; a ValueError where the
-  experts alone do not fit). Reads the rows from `lanes`
-  (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out multiples of
-  128. Differentiable (the gradient of the same formula in plain JAX). Off TPU the kernel runs interpreted
-  (exact, slow: for tests)."""
+  (`tiling`; where W does not fit beside the experts, XLA's u W is added beside the kernel; a ValueError where
+  the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
+  writes it), else relays u. Needs d_in and d_out multiples of 128. Differentiable (the gradient of the same
+  formula in plain JAX). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, rank, d_out = lora_b.shape
   x = jnp.asarray(u).reshape(-1, d_in)
@@ -513,8 +512,8 @@ VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=No
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
             "grouped@256": functools.partial(mix_grouped, tile=256),
             "fused@dot": mix_fused}
-TAKES_LANES = ("fused", "fused@dot", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (their `lanes` argument)
-FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (their `kernel` argument)
+TAKES_LANES = ("fused", "fused@dot", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
+FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (`kernel`)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
 
