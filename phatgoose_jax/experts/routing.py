@@ -505,14 +505,12 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
 
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
           "grouped": mix_grouped, "fused": mix_fused, "tiles": mix_tiles}
-# Variants costed for TPU and GPU targets: one chunk (a loop's cost is counted once, see cost.py), MXU-sized
-# 128 and 256 row blocks and tiles; and the fused path beside XLA's plain matmul (its u W not in its kernel:
-# named only, benchmarks/README.md).
+# Variants: the blocks path in one chunk (a loop's cost is counted once, see cost.py) with MXU-sized 128 and 256
+# row blocks (costed for GPU targets), and the grouped matmul's 256-row tiles (named only, benchmarks/README.md).
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256),
-            "fused@dot": mix_fused}
-TAKES_LANES = ("fused", "fused@dot", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
+            "grouped@256": functools.partial(mix_grouped, tile=256)}
+TAKES_LANES = ("fused", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
 FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (`kernel`)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
@@ -528,7 +526,7 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   share in the routed T5-XL) and at 16,384 tokens at 2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's
   1.40 / 1.59 on v5e), and within 0.05 of fused at 16,384 tokens of the 5120-wide layers (its blocks are padded
   per tile); fused was the least of the rest where tiles does not fit (v4's 16 MiB: all but 2048 -> 2048 at
-  E = 36); the blocks variants, grouped@256 and fused@dot (the fused kernels beside XLA's u W) never."""
+  E = 36); the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
     fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind))[0] is not None
     names = ["tiles" if fits else "fused"]
