@@ -4,6 +4,7 @@ while one computes, padding slots that read no row), the combine of each token's
 scores applied tile by tile (with the kernel's row layout written beside them); their gradients; and, with libtpu,
 that Mosaic compiles them for a TPU chip from this host."""
 import importlib.util
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ def test_combine_with_the_plain_layer_adds_u_w_in_one_kernel_over_any_column_til
 def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_layer():
   """Each tile's pairs sorted into blocks within the tile (`routing.tile_blocks`, padding slots of weight 0), the
   blocks' rows gathered in VMEM and their outputs added into their tokens' rows: out = u W + sum over each token's
-  pairs of ((u A_e) w) B_e, in float32, over 3 tiles of 128 tokens."""
+  pairs of ((u A_e) w) B_e, in float32, over 3 tiles of 128 tokens, in one group of columns or three."""
   rng = np.random.default_rng(5)
   tokens, k, d_in, d_out, experts, rank, block, tile = 384, 2, 256, 384, 5, 8, 16, 128
   u = rng.normal(size=(tokens, d_in)).astype(np.float32)
@@ -89,28 +90,36 @@ def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_
   assert float(jnp.sum(weight)) == pytest.approx(0.5 * weights.sum(), rel=1e-5)  # every pair once, padding 0
   hidden = np.einsum("ti,tkir->tkr", u.astype(np.float64), a[index]) * (0.5 * weights)[..., None]
   update = np.einsum("tkr,tkro->to", hidden, b[index])
-  for kernel, want in [(None, update), (w, update + u.astype(np.float64) @ w)]:
+  for (kernel, want), columns in itertools.product([(None, update), (w, update + u.astype(np.float64) @ w)], [1, 3]):
     got = kernels.routed_tiles(kernels.lane_rows(jnp.asarray(u)), jnp.asarray(a), jnp.asarray(b), token,
                                block_expert, weight, kernel=None if kernel is None else jnp.asarray(kernel),
-                               interpret=True)
+                               columns=columns, interpret=True)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="multiple of 128 columns, got 2 of 384"):
+    kernels.routed_tiles(kernels.lane_rows(jnp.asarray(u)), jnp.asarray(a), jnp.asarray(b), token, block_expert,
+                         weight, columns=2, interpret=True)
 
 
-def test_token_tiles_hold_the_experts_and_w_of_xl_layers_in_a_v5e_and_the_experts_of_one_in_a_v4():
-  """The largest tile of 128 x 2^n tokens dividing the count whose step fits 3/4 of VMEM, its blocks sized for its
-  pairs; at T5-XL widths a v5e's 128 MiB holds W and 36 or 166 experts whole, a v4's 16 MiB only the 36 experts of
-  a 2048 -> 2048 layer (u W then beside the kernel), and no 5120-wide layer (the fused path serves those)."""
+def test_token_tiles_hold_the_experts_of_xl_layers_in_a_v5e_whole_and_in_a_v4_in_column_groups():
+  """The fewest column groups, then the largest tile of 128 x 2^n tokens dividing the count, whose step fits 3/4 of
+  VMEM, its blocks sized for its pairs. At T5-XL widths a v5e's 128 MiB holds W and 36 or 166 experts whole; a
+  v4's 16 MiB holds 36 experts in 1-5 groups of columns (W beside them in XLA where its columns would need more
+  groups than that costs), and not 166 (the fused path serves those)."""
   v4, v5e = kernels.vmem_bytes("TPU v4"), kernels.vmem_bytes("TPU v5 lite")
-  tile = lambda tokens, d_in, d_out, experts, vmem, plain=True: routing.tiling(  # noqa: E731
-      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), vmem)[0]
-  assert tile(16384, 2048, 2048, 36, v5e) == 2048 and tile(1024, 2048, 2048, 166, v5e) == 1024
-  assert tile(16384, 5120, 2048, 166, v5e) in (512, 1024) and tile(16384, 2048, 5120, 166, v5e) in (256, 512)
-  assert tile(384, 2048, 2048, 36, v5e) == 128  # 3 x 128: the largest power-of-two tile that divides it
-  assert tile(100, 256, 256, 4, v5e) == 128  # padded to 128 tokens
-  assert tile(16384, 2048, 2048, 36, v4) is None and tile(16384, 2048, 2048, 36, v4, plain=False) == 256
-  assert tile(16384, 5120, 2048, 36, v4, plain=False) is None
-  assert routing.tiling(cost.LayerShape(2048, 2048, 2048, 36, 16, 2, "bfloat16"), v5e) == (2048, 32)
-  assert routing.tiling(cost.LayerShape(128, 2048, 2048, 36, 16, 2, "bfloat16"), v5e) == (128, 16)
+  fit = lambda tokens, d_in, d_out, experts, vmem, plain=True: routing.tiling(  # noqa: E731
+      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), vmem)
+  plan = lambda tokens, d_in, d_out, experts, vmem: routing.tiles_plan(  # noqa: E731
+      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", True), vmem)
+  assert fit(16384, 2048, 2048, 36, v5e) == (2048, 32, 1) and fit(1024, 2048, 2048, 166, v5e) == (1024, 16, 1)
+  assert fit(16384, 5120, 2048, 166, v5e)[::2] == (512, 1) and fit(16384, 2048, 5120, 166, v5e)[::2] == (512, 1)
+  assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1)  # 3 x 128: the largest power-of-two tile that divides it
+  assert fit(100, 256, 256, 4, v5e)[0] == 128  # padded to 128 tokens
+  assert fit(16384, 2048, 2048, 36, v4) == (128, 16, 2) and fit(16384, 2048, 2048, 36, v4, plain=False)[::2] == (256, 1)
+  assert plan(16384, 2048, 2048, 36, v4) == ((128, 16, 2), True)
+  assert plan(16384, 2048, 5120, 36, v4) == ((128, 16, 5), True)
+  assert fit(16384, 5120, 2048, 36, v4)[2] == 16 and plan(16384, 5120, 2048, 36, v4) == ((128, 16, 2), False)
+  assert plan(16384, 5120, 2048, 36, v5e) == ((1024, 16, 1), True)
+  assert fit(16384, 2048, 2048, 166, v4, plain=False) is None and plan(16384, 2048, 2048, 166, v4) == (None, False)
   assert kernels.padded_row(5120, 2) == 48 * 128 and kernels.padded_row(384, 4) == 8 * 128
 
 
@@ -168,16 +177,14 @@ def test_widths_and_token_counts_the_kernels_refuse():
 
 
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
-  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: 2048 -> 2048 at E=36),
-  the fused kernels where it does not, ragged and grouped where the widths are not whole 128-lane rows."""
+  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), the
+  fused kernels where it does not, ragged and grouped where the widths are not whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
   for shape in [layer, with_plain]:
-    assert list(routing.candidates(shape, "tpu", "TPU v4")) == ["fused"]
+    assert list(routing.candidates(shape, "tpu", "TPU v4")) == list(routing.candidates(shape, "tpu", "TPU v5 lite"))
     assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]
-  square = cost.LayerShape(**{**layer.__dict__, "d_out": 2048})
-  assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles"]
-  assert list(routing.candidates(cost.LayerShape(**{**square.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
+  assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
   assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
     assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]

@@ -333,12 +333,13 @@ TOKEN_TILES = (2048, 1024, 512, 256, 128)  # the token tiles of `routed_tiles`, 
 
 
 def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
-  """One token tile: acc = each of its expert-sorted blocks' LoRA outputs, added row by row into its slots' tokens
-  (float32), the blocks' rows gathered from the tile in VMEM; then out = u W + acc (`u W` where the plain layer is
-  given). A padding slot is token 0 of its tile with weight 0: it adds zeros."""
+  """One (column group, token tile): acc = each of the tile's expert-sorted blocks' LoRA outputs in the group's
+  columns, added row by row into its slots' tokens (float32), the blocks' rows gathered from the tile in VMEM;
+  then out = u W + acc (`u W` where the plain layer is given). A padding slot is token 0 of its tile with weight
+  0: it adds zeros."""
   kernel_ref = refs[0] if len(refs) == 5 else None
   out_ref, acc, rows, outputs = refs[-4:]
-  tile, num_blocks, block = pl.program_id(0), w_ref.shape[0], rows.shape[0]
+  tile, num_blocks, block = pl.program_id(1), w_ref.shape[0], rows.shape[0]
   acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
   def one_block(b, carry):
@@ -381,58 +382,68 @@ def padded_row(width: int, itemsize: int) -> int:
 
 
 def tiles_bytes(tile: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int, itemsize: int,
-                plain: bool) -> int:
-  """VMEM that a `routed_tiles` step of `tile` tokens holds: the experts' A and B and W whole (fetched once);
-  double-buffered, the tile's u rows, output and slot weights (a block's row pads to 8 x 128 floats); the float32
-  sums, the plain product of ROW_TILE rows and one block's rows and outputs."""
+                plain: bool, columns: int = 1) -> int:
+  """VMEM that a `routed_tiles` step of `tile` tokens and d_out / `columns` columns holds: the experts' A whole and
+  their B and W in the step's columns (each fetched once per column group); double-buffered, the tile's u rows,
+  output and slot weights (a block's row pads to 8 x 128 floats); the float32 sums, the plain product of ROW_TILE
+  rows and one block's rows and outputs."""
+  width = d_out // columns
   blocks = (tile * k + experts * (block - 1)) // block + 1
-  resident = itemsize * (experts * rank * (d_in + d_out) + plain * d_in * d_out)
-  per_tile = 2 * (itemsize * tile * (padded_row(d_in, itemsize) + d_out) + blocks * 8 * max(block, LANES) * 4)
-  sums = 4 * (tile + block) * padded_row(d_out, 4) + 4 * plain * ROW_TILE * d_out
+  resident = itemsize * (experts * rank * (d_in + width) + plain * d_in * width)
+  per_tile = 2 * (itemsize * tile * (padded_row(d_in, itemsize) + width) + blocks * 8 * max(block, LANES) * 4)
+  sums = 4 * (tile + block) * padded_row(width, 4) + 4 * plain * ROW_TILE * width
   return resident + per_tile + sums + block * itemsize * padded_row(d_in, itemsize)
 
 
-def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel=None, vmem_bytes=VMEM_BYTES,
-                 interpret=False):
+def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel=None, columns: int = 1,
+                 vmem_bytes=VMEM_BYTES, interpret=False):
   """out <u.dtype>[tokens, d_out]: the routed layer one token tile at a time, everything of a tile in VMEM:
 
     out[t] = u[t] W + sum over the tile's slots s of token t of ((u[t] A_e) w_s) B_e     (e the slot's expert)
 
-  (u W where the plain layer's kernel <[d_in, d_out]> is given; float32 accumulation, one rounding). The tile's
-  pairs are sorted by expert into blocks (`routing.tile_blocks`): token <int32>[tiles, slots] the token of each
-  slot within its tile (0 for padding), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks,
-  block] (0 for padding). u_lanes <[tokens, d_in / 128, 128]> (`lane_rows`, the rows a block gathers from VMEM);
-  lora_a <[E, d_in, r]>, lora_b <[E, r, d_out]>.
+  (u W where the plain layer's kernel <[d_in, d_out]> is given; float32 accumulation, one rounding), in `columns`
+  groups of d_out / columns columns (a multiple of 128), each group a pass over the tiles. The tile's pairs are
+  sorted by expert into blocks (`routing.tile_blocks`): token <int32>[tiles, slots] the token of each slot within
+  its tile (0 for padding), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks, block] (0 for
+  padding). u_lanes <[tokens, d_in / 128, 128]> (`lane_rows`, the rows a block gathers from VMEM); lora_a
+  <[E, d_in, r]>, lora_b <[E, r, d_out]>.
 
-  Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own (once), and no slot output
-  makes a round trip through HBM, for the experts and W held whole in VMEM (`token_tile`: a v5e's 128 MiB holds
-  them at XL widths, a v4's 16 MiB does not).
+  Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own (once per column group), and
+  no slot output makes a round trip through HBM, for the experts' A, and their B and W in a group's columns, held
+  whole in VMEM (`tiles_bytes`: a v5e's 128 MiB holds them at XL widths in one group, a v4's 16 MiB the 36 experts
+  of an XL layer in 1-5 groups). Each further group reads u once more and repeats the blocks' (x A_e) products.
   """
   tokens, lanes_in, _ = u_lanes.shape
   num_experts, rank, d_out = lora_b.shape
   tiles, num_blocks, block = weight.shape
   tile, d_in, itemsize = tokens // tiles, lanes_in * LANES, jnp.dtype(u_lanes.dtype).itemsize
-  plain, slots = kernel is not None, tiles * num_blocks * block
-  flops = 2 * slots * rank * (d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
-  nbytes = (itemsize * (tokens * (padded_row(d_in, itemsize) + d_out) + num_experts * rank * (d_in + d_out)
-                        + plain * d_in * d_out) + slots * 8 + tiles * num_blocks * 4)
-  whole = lambda *shape: pl.BlockSpec(shape, lambda i, token, expert: (0,) * len(shape),  # noqa: E731
-                                      pipeline_mode=pl.Buffered(1))
-  in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda i, token, expert: (i, 0, 0)),
-              whole(num_experts, rank, d_in), whole(num_experts, rank, d_out),
-              pl.BlockSpec((None, num_blocks, 1, block), lambda i, token, expert: (i, 0, 0, 0))]
+  plain, slots, width = kernel is not None, tiles * num_blocks * block, d_out // columns
+  if width * columns != d_out or width % LANES:
+    raise ValueError(f"routed_tiles needs column groups of a multiple of {LANES} columns, got {columns} of {d_out}")
+  flops = 2 * slots * rank * (columns * d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
+  nbytes = (itemsize * (columns * tokens * padded_row(d_in, itemsize) + tokens * d_out
+                        + num_experts * rank * (d_in + d_out) + plain * d_in * d_out)
+            + columns * (slots * 8 + tiles * num_blocks * 4))
+  once = dict(pipeline_mode=pl.Buffered(1))  # fetched once, or once per column group
+  in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda j, i, token, expert: (i, 0, 0)),
+              pl.BlockSpec((num_experts, rank, d_in), lambda j, i, token, expert: (0, 0, 0), **once),
+              pl.BlockSpec((num_experts, rank, width), lambda j, i, token, expert: (0, 0, j), **once),
+              pl.BlockSpec((None, num_blocks, 1, block), lambda j, i, token, expert: (i, 0, 0, 0))]
+  if plain:
+    in_specs.append(pl.BlockSpec((d_in, width), lambda j, i, token, expert: (0, j), **once))
   return pl.pallas_call(
       body(_tiles_kernel),
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), u_lanes.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(tiles,),
-          in_specs=in_specs + [whole(d_in, d_out)] * plain,
-          out_specs=pl.BlockSpec((tile, d_out), lambda i, token, expert: (i, 0)),
-          scratch_shapes=[pltpu.VMEM((tile, d_out // LANES, LANES), jnp.float32),
+          grid=(columns, tiles),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((tile, width), lambda j, i, token, expert: (i, j)),
+          scratch_shapes=[pltpu.VMEM((tile, width // LANES, LANES), jnp.float32),
                           pltpu.VMEM((block, lanes_in, LANES), u_lanes.dtype),
-                          pltpu.VMEM((block, d_out // LANES, LANES), jnp.float32)]),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_bytes),
+                          pltpu.VMEM((block, width // LANES, LANES), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "parallel"),
+                                           vmem_limit_bytes=vmem_bytes),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
   )(token.reshape(-1), block_expert.reshape(-1), u_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, :, None, :],

@@ -435,19 +435,33 @@ def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
   return token, block_expert, weight.reshape(*block_expert.shape, block)
 
 
-def tiling(layer: cost.LayerShape, vmem_bytes: int) -> tuple[Optional[int], Optional[int]]:
-  """(tile, block) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the largest token tile of
-  `kernels.TOKEN_TILES` that divides the tokens (padded to whole 128s) whose step fits 3/4 of the VMEM
-  (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries), its pairs in blocks of `block_size` rows (at
-  least 16, a bf16 sublane tile); (None, None) if none fits."""
-  tokens = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE
-  for tile in kernels.TOKEN_TILES:
-    block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
-    if tokens % tile == 0 and kernels.tiles_bytes(tile, layer.d_in, layer.d_out, layer.experts, layer.rank, layer.k,
-                                                  block, jnp.dtype(layer.dtype).itemsize,
-                                                  layer.plain) <= vmem_bytes * 3 // 4:
-      return tile, block
-  return None, None
+def tiling(layer: cost.LayerShape, vmem_bytes: int) -> Optional[tuple[int, int, int]]:
+  """(tile, block, columns) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the fewest column groups (each
+  reads u once more), then the largest token tile of `kernels.TOKEN_TILES` that divides the tokens (padded to
+  whole 128s), whose step fits 3/4 of the VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries),
+  its pairs in blocks of `block_size` rows (at least 16, a bf16 sublane tile); None if none fits."""
+  tokens, lanes = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE, layer.d_out // kernels.LANES
+  for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
+    for tile in kernels.TOKEN_TILES:
+      block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
+      if tokens % tile == 0 and kernels.tiles_bytes(tile, layer.d_in, layer.d_out, layer.experts, layer.rank,
+                                                    layer.k, block, jnp.dtype(layer.dtype).itemsize, layer.plain,
+                                                    columns) <= vmem_bytes * 3 // 4:
+        return tile, block, columns
+  return None
+
+
+def tiles_plan(layer: cost.LayerShape, vmem_bytes: int) -> tuple[Optional[tuple[int, int, int]], bool]:
+  """(`tiling`, whether the kernel forms u W) for `layer`: with the plain layer, u W in the kernel unless the
+  column groups that W needs read u more often than XLA's u W beside the kernel costs (a read of u, its output
+  written, and the update's write and read: d_in + 3 d_out values a token); else, or where no columns of W fit
+  beside the experts, XLA's u W beside it."""
+  alone = tiling(dataclasses.replace(layer, plain=False), vmem_bytes)
+  together = tiling(layer, vmem_bytes) if layer.plain else None
+  if together is None or alone is None:
+    return (together, True) if together is not None else (alone, False)
+  beside = alone[2] * layer.d_in + layer.d_in + 3 * layer.d_out
+  return (together, True) if together[2] * layer.d_in <= beside else (alone, False)
 
 
 def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=None):
@@ -455,9 +469,9 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   sorted by expert into blocks (`tile_blocks`), each block's rows gathered from the tile in VMEM, its outputs
   y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
   u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
-  row is read from HBM once and each output row written once; the experts (and W) are held whole in VMEM
-  (`tiling`; where W does not fit beside the experts, XLA's u W is added beside the kernel; a ValueError where
-  the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
+  row is read from HBM once (once per column group) and each output row written once; the experts' A, and their
+  B and W in a group's columns, are held whole in VMEM (`tiling`; where no columns of W fit beside the experts,
+  XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
   writes it), else relays u. Needs d_in and d_out multiples of 128. Differentiable (the gradient of the same
   formula in plain JAX). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
@@ -471,12 +485,11 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
     index, weights = (jnp.pad(a.reshape(tokens, k), ((0, padded), (0, 0))) for a in (index, weights))
   vmem = kernels.vmem_bytes(cost.target_device().device_kind)
   shape = cost.LayerShape(tokens + padded, d_in, d_out, num_experts, rank, k, x.dtype.name, kernel is not None)
-  (tile, block), plain = tiling(shape, vmem), shape.plain
-  if tile is None and plain:  # W does not fit beside the experts: XLA's u W beside the kernel
-    (tile, block), plain = tiling(dataclasses.replace(shape, plain=False), vmem), False
-  if tile is None:
+  fit, plain = tiles_plan(shape, vmem)
+  if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
-                     "VMEM (the experts are held whole)")
+                     "VMEM (the experts' A are held whole)")
+  tile, block, columns = fit
   layout = tile_blocks(index, weights, scale, tile, block, num_experts)
   args = (x_lanes, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), *layout,
           *((jnp.asarray(kernel, x.dtype),) if plain else ()))
@@ -494,7 +507,7 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
 
   def call(x_lanes, lora_a, lora_b, token, block_expert, weight, *plain):
     return kernels.routed_tiles(x_lanes, lora_a, lora_b, token, block_expert, weight,
-                                kernel=plain[0] if plain else None, vmem_bytes=vmem,
+                                kernel=plain[0] if plain else None, columns=columns, vmem_bytes=vmem,
                                 interpret=not cost.targets_tpu())
 
   mixed = kernels.with_reference_grad(call, reference)(*args)[:tokens]
@@ -528,7 +541,7 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   per tile); fused was the least of the rest where tiles does not fit (v4's 16 MiB: all but 2048 -> 2048 at
   E = 36); the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind))[0] is not None
+    fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind)) is not None
     names = ["tiles" if fits else "fused"]
   elif platform == "tpu":
     names = ["ragged", "grouped"]
