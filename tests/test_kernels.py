@@ -103,23 +103,20 @@ def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_
 def test_token_tiles_hold_the_experts_of_xl_layers_in_a_v5e_whole_and_in_a_v4_in_column_groups():
   """The fewest column groups, then the largest tile of 128 x 2^n tokens dividing the count, whose step fits 3/4 of
   VMEM, its blocks sized for its pairs. At T5-XL widths a v5e's 128 MiB holds W and 36 or 166 experts whole; a
-  v4's 16 MiB holds 36 experts in 1-5 groups of columns (W beside them in XLA where its columns would need more
-  groups than that costs), and not 166 (the fused path serves those)."""
+  v4's 16 MiB holds 36 experts in 1-2 groups of columns (2-16 with W's columns), and not 166 (the fused path
+  serves those)."""
   v4, v5e = kernels.vmem_bytes("TPU v4"), kernels.vmem_bytes("TPU v5 lite")
   fit = lambda tokens, d_in, d_out, experts, vmem, plain=True: routing.tiling(  # noqa: E731
       cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), vmem)
-  plan = lambda tokens, d_in, d_out, experts, vmem: routing.tiles_plan(  # noqa: E731
-      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", True), vmem)
   assert fit(16384, 2048, 2048, 36, v5e) == (2048, 32, 1) and fit(1024, 2048, 2048, 166, v5e) == (1024, 16, 1)
   assert fit(16384, 5120, 2048, 166, v5e)[::2] == (512, 1) and fit(16384, 2048, 5120, 166, v5e)[::2] == (512, 1)
   assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1)  # 3 x 128: the largest power-of-two tile that divides it
   assert fit(100, 256, 256, 4, v5e)[0] == 128  # padded to 128 tokens
   assert fit(16384, 2048, 2048, 36, v4) == (128, 16, 2) and fit(16384, 2048, 2048, 36, v4, plain=False)[::2] == (256, 1)
-  assert plan(16384, 2048, 2048, 36, v4) == ((128, 16, 2), True)
-  assert plan(16384, 2048, 5120, 36, v4) == ((128, 16, 5), True)
-  assert fit(16384, 5120, 2048, 36, v4)[2] == 16 and plan(16384, 5120, 2048, 36, v4) == ((128, 16, 2), False)
-  assert plan(16384, 5120, 2048, 36, v5e) == ((1024, 16, 1), True)
-  assert fit(16384, 2048, 2048, 166, v4, plain=False) is None and plan(16384, 2048, 2048, 166, v4) == (None, False)
+  assert fit(16384, 2048, 5120, 36, v4) == (128, 16, 5) and fit(16384, 5120, 2048, 36, v4)[2] == 16
+  assert fit(16384, 5120, 2048, 36, v4, plain=False) == (128, 16, 2)
+  assert fit(16384, 5120, 2048, 36, v5e) == (1024, 16, 1)
+  assert fit(16384, 2048, 2048, 166, v4, plain=False) is None
   assert kernels.padded_row(5120, 2) == 48 * 128 and kernels.padded_row(384, 4) == 8 * 128
 
 
@@ -177,13 +174,15 @@ def test_widths_and_token_counts_the_kernels_refuse():
 
 
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
-  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), the
-  fused kernels where it does not, ragged and grouped where the widths are not whole 128-lane rows."""
+  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), and
+  beside XLA's u W (tiles@dot) where W's columns need more column groups than the experts alone; the fused kernels
+  where the experts do not fit, ragged and grouped where the widths are not whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
   for shape in [layer, with_plain]:
-    assert list(routing.candidates(shape, "tpu", "TPU v4")) == list(routing.candidates(shape, "tpu", "TPU v5 lite"))
-    assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]
+    assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]  # one group of columns, W or not
+  assert list(routing.candidates(layer, "tpu", "TPU v4")) == ["tiles"]
+  assert list(routing.candidates(with_plain, "tpu", "TPU v4")) == ["tiles", "tiles@dot"]  # W's columns: more groups
   assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
   assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:

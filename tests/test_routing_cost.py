@@ -102,7 +102,7 @@ def test_decoding_steps_and_few_experts_add_gather_and_dense_candidates():
 def test_a_candidate_that_does_not_compile_for_the_chip_is_left_out(monkeypatch):
   """A candidate whose kernel Mosaic rejects for the chip (e.g. for its VMEM) is left out (logged), not fatal."""
   layer = cost.LayerShape(tokens=1024, d_in=2048, d_out=2048, experts=36, rank=16, k=2, dtype="bfloat16", plain=True)
-  assert list(routing.candidates(layer, "tpu")) == ["tiles", "dense"]
+  assert list(routing.candidates(layer, "tpu", V5E)) == ["tiles", "dense"]
 
   def no_vmem(candidate, layer, device):
     if candidate.name == "tiles":

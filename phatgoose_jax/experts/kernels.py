@@ -1,6 +1,7 @@
 """The routed layer's Pallas TPU kernels: the router scores in one read of the activations (`rowwise`), the
 LoRA outputs of expert-sorted blocks with their token rows gathered inside the kernel (`lora_blocks`), and each
-token's k outputs summed (`combine`).
+token's k outputs summed (`combine`); or, in place of the last two, the whole routed layer one token tile at a
+time in VMEM (`routed_tiles`).
 
 `rowwise(fn, u, *operands)` applies a function of a tile of token rows, fn(u[rows], *operands), to every tile,
 each tile of u read from HBM once. XLA:TPU's cost analysis counts the standardised router scores of a

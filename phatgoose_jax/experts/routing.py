@@ -451,27 +451,15 @@ def tiling(layer: cost.LayerShape, vmem_bytes: int) -> Optional[tuple[int, int, 
   return None
 
 
-def tiles_plan(layer: cost.LayerShape, vmem_bytes: int) -> tuple[Optional[tuple[int, int, int]], bool]:
-  """(`tiling`, whether the kernel forms u W) for `layer`: with the plain layer, u W in the kernel unless the
-  column groups that W needs read u more often than XLA's u W beside the kernel costs (a read of u, its output
-  written, and the update's write and read: d_in + 3 d_out values a token); else, or where no columns of W fit
-  beside the experts, XLA's u W beside it."""
-  alone = tiling(dataclasses.replace(layer, plain=False), vmem_bytes)
-  together = tiling(layer, vmem_bytes) if layer.plain else None
-  if together is None or alone is None:
-    return (together, True) if together is not None else (alone, False)
-  beside = alone[2] * layer.d_in + layer.d_in + 3 * layer.d_out
-  return (together, True) if together[2] * layer.d_in <= beside else (alone, False)
-
-
 def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=None):
   """The routed layer one token tile at a time in one Pallas TPU kernel (`kernels.routed_tiles`): each tile's pairs
   sorted by expert into blocks (`tile_blocks`), each block's rows gathered from the tile in VMEM, its outputs
   y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
   u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
   row is read from HBM once (once per column group) and each output row written once; the experts' A, and their
-  B and W in a group's columns, are held whole in VMEM (`tiling`; where no columns of W fit beside the experts,
-  XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
+  B and W in a group's columns, are held whole in VMEM (`tiling`: W's columns may need more groups than the
+  experts alone, whose cost `auto` weighs against tiles@dot, this kernel beside XLA's u W; where no columns of W
+  fit, XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
   writes it), else relays u. Needs d_in and d_out multiples of 128. Differentiable (the gradient of the same
   formula in plain JAX). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
@@ -485,7 +473,9 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
     index, weights = (jnp.pad(a.reshape(tokens, k), ((0, padded), (0, 0))) for a in (index, weights))
   vmem = kernels.vmem_bytes(cost.target_device().device_kind)
   shape = cost.LayerShape(tokens + padded, d_in, d_out, num_experts, rank, k, x.dtype.name, kernel is not None)
-  fit, plain = tiles_plan(shape, vmem)
+  fit, plain = tiling(shape, vmem), shape.plain
+  if fit is None and plain:  # no columns of W fit beside the experts: XLA's u W beside the kernel
+    fit, plain = tiling(dataclasses.replace(shape, plain=False), vmem), False
   if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
                      "VMEM (the experts' A are held whole)")
@@ -519,11 +509,13 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
           "grouped": mix_grouped, "fused": mix_fused, "tiles": mix_tiles}
 # Variants: the blocks path in one chunk (a loop's cost is counted once, see cost.py) with MXU-sized 128 and 256
-# row blocks (costed for GPU targets), and the grouped matmul's 256-row tiles (named only, benchmarks/README.md).
+# row blocks (costed for GPU targets); the grouped matmul's 256-row tiles (named only, benchmarks/README.md); and
+# the tiles kernel beside XLA's u W (costed for a TPU where W's columns would need more groups than the experts).
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256)}
-TAKES_LANES = ("fused", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
+            "grouped@256": functools.partial(mix_grouped, tile=256),
+            "tiles@dot": mix_tiles}
+TAKES_LANES = ("fused", "tiles", "tiles@dot")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
 FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (`kernel`)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
@@ -541,8 +533,9 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   per tile); fused was the least of the rest where tiles does not fit (v4's 16 MiB: all but 2048 -> 2048 at
   E = 36); the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    fits = tiling(dataclasses.replace(layer, plain=False), kernels.vmem_bytes(device_kind)) is not None
-    names = ["tiles" if fits else "fused"]
+    vmem, alone = kernels.vmem_bytes(device_kind), dataclasses.replace(layer, plain=False)
+    names = ["tiles"] if tiling(alone, vmem) is not None else ["fused"]
+    names += ["tiles@dot"] * (names == ["tiles"] and layer.plain and tiling(layer, vmem) != tiling(alone, vmem))
   elif platform == "tpu":
     names = ["ragged", "grouped"]
   else:
