@@ -176,13 +176,16 @@ def test_widths_and_token_counts_the_kernels_refuse():
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
   """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), and
   beside XLA's u W (tiles@dot) where W's columns need more column groups than the experts alone; the fused kernels
-  where the experts do not fit, ragged and grouped where the widths are not whole 128-lane rows."""
+  where the experts do not fit in one group; ragged and grouped where the widths are not whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
   for shape in [layer, with_plain]:
     assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]  # one group of columns, W or not
-  assert list(routing.candidates(layer, "tpu", "TPU v4")) == ["tiles"]
-  assert list(routing.candidates(with_plain, "tpu", "TPU v4")) == ["tiles", "tiles@dot"]  # W's columns: more groups
+  # v4: the experts in 2 groups of columns, W's columns in 5: tiles@dot and fused are costed too
+  assert list(routing.candidates(layer, "tpu", "TPU v4")) == ["tiles", "fused"]
+  assert list(routing.candidates(with_plain, "tpu", "TPU v4")) == ["tiles", "tiles@dot", "fused"]
+  square = cost.LayerShape(**{**with_plain.__dict__, "d_out": 2048})  # the experts in one group, W's in 2
+  assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles", "tiles@dot"]
   assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
   assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:

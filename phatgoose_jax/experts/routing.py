@@ -523,19 +523,21 @@ DENSE_MAX_BYTES = 2 ** 30
 
 def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> dict:
   """The exact paths `auto` compares for `layer`: on a TPU (of `device_kind`, for its VMEM) where the kernels take
-  the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), else the fused kernels, else
-  ragged and grouped; on a GPU ragged and the blocks variants; on both dense while its [tokens, E, d_out]
-  intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather for a decoding step's few pairs
-  (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so a TPU compile lowers one sorted
-  path (benchmarks/README.md, XL widths, E = 36 and 166): tiles was the least at 128 and 1024 tokens (a chip's
+  the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), with tiles@dot (the kernel beside
+  XLA's u W) where W's columns need more column groups than the experts alone, and the fused kernels where the
+  experts do not fit in one group; else ragged and grouped; on a GPU ragged and the blocks variants; on both
+  dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather
+  for a decoding step's few pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so
+  a TPU compile lowers no path that never won there (benchmarks/README.md, XL widths, E = 36 and 166): on v5e,
+  where every XL layer's experts and W fit in one group, tiles was the least at 128 and 1024 tokens (a chip's
   share in the routed T5-XL) and at 16,384 tokens at 2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's
-  1.40 / 1.59 on v5e), and within 0.05 of fused at 16,384 tokens of the 5120-wide layers (its blocks are padded
-  per tile); fused was the least of the rest where tiles does not fit (v4's 16 MiB: all but 2048 -> 2048 at
-  E = 36); the blocks variants and grouped@256 never."""
+  1.40 / 1.59), and within 0.05 of fused at 16,384 tokens of the 5120-wide layers (its blocks are padded per
+  tile); the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    vmem, alone = kernels.vmem_bytes(device_kind), dataclasses.replace(layer, plain=False)
-    names = ["tiles"] if tiling(alone, vmem) is not None else ["fused"]
-    names += ["tiles@dot"] * (names == ["tiles"] and layer.plain and tiling(layer, vmem) != tiling(alone, vmem))
+    vmem = kernels.vmem_bytes(device_kind)
+    alone, together = tiling(dataclasses.replace(layer, plain=False), vmem), tiling(layer, vmem)
+    names = [] if alone is None else ["tiles"] + ["tiles@dot"] * (together is None or together[2] > alone[2])
+    names += ["fused"] * (alone is None or alone[2] > 1)
   elif platform == "tpu":
     names = ["ragged", "grouped"]
   else:
