@@ -461,9 +461,10 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   row is read from HBM once (once per column group) and each output row written once; the experts' A, and their
   B and W in a group's columns, are held whole in VMEM (`tiling`: W's columns may need more groups than the
   experts alone, whose cost `auto` weighs against tiles@dot, this kernel beside XLA's u W; where no columns of W
-  fit, XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows from `lanes` (`kernels.lane_rows` of u, as the scores kernel
-  writes it), else relays u. Needs d_in and d_out multiples of 128. Differentiable (the gradient of the same
-  formula in plain JAX). Off TPU the kernel runs interpreted (exact, slow: for tests)."""
+  fit, XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows
+  from `lanes` (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out
+  multiples of 128. Differentiable (the gradient of the same formula in plain JAX). Off TPU the kernel runs
+  interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
   num_experts, rank, d_out = lora_b.shape
   x = jnp.asarray(u).reshape(-1, d_in)
