@@ -412,7 +412,7 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
   Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own (once per column group), and
   no slot output makes a round trip through HBM, for the experts' A, and their B and W in a group's columns, held
   whole in VMEM (`tiles_bytes`: a v5e's 128 MiB holds them at XL widths in one group, a v4's 16 MiB the 36 experts
-  of an XL layer in 1-5 groups). Each further group reads u once more and repeats the blocks' (x A_e) products.
+  of an XL layer in 1-16 groups). Each further group reads u once more and repeats the blocks' (x A_e) products.
   """
   tokens, lanes_in, _ = u_lanes.shape
   num_experts, rank, d_out = lora_b.shape
