@@ -100,23 +100,26 @@ def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_
                          weight, columns=2, interpret=True)
 
 
-def test_token_tiles_hold_the_experts_of_xl_layers_in_a_v5e_whole_and_in_a_v4_in_column_groups():
-  """The fewest column groups, then the largest tile of 128 x 2^n tokens dividing the count, whose step fits 5/8 of
-  VMEM, its blocks sized for its pairs. At T5-XL widths a v5e's 128 MiB holds W and 36 or 166 experts whole; a
-  v4's 16 MiB holds 36 experts in 1-16 groups of columns (4-8 with W's columns, none at 5120 -> 2048), and not
-  166 (the fused path serves those)."""
-  v4, v5e = kernels.vmem_bytes("TPU v4"), kernels.vmem_bytes("TPU v5 lite")
-  fit = lambda tokens, d_in, d_out, experts, vmem, plain=True: routing.tiling(  # noqa: E731
-      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), vmem)
-  assert fit(16384, 2048, 2048, 36, v5e) == (2048, 32, 1) and fit(1024, 2048, 2048, 166, v5e) == (1024, 16, 1)
-  assert fit(16384, 5120, 2048, 166, v5e)[::2] == (512, 1) and fit(16384, 2048, 5120, 166, v5e)[::2] == (256, 1)
+def test_token_tiles_hold_the_experts_of_xl_layers_in_a_v5e_whole_and_in_a_v4_beside_w_in_column_groups():
+  """Of the tiles of 128 x 2^n tokens dividing the count and the column groups whose step fits 5/8 of VMEM, the
+  least roofline time of the kernel's own cost (a smaller tile pads more blocks; several groups read W once per
+  tile), its blocks sized for its pairs. At T5-XL widths a v5e's 128 MiB holds 36 or 166 experts and W's columns
+  in 1-4 groups; a v4's 16 MiB holds 36 experts beside W in 16-40 groups (none at 5120 -> 2048, where d_in is
+  wide), a chip's 1024-token share of the model in one tile, and not 166 experts (the fused path serves those)."""
+  v4, v5e = "TPU v4", "TPU v5 lite"
+  fit = lambda tokens, d_in, d_out, experts, kind, plain=True: routing.tiling(  # noqa: E731
+      cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), kind)
+  assert fit(16384, 2048, 2048, 36, v5e) == (1024, 16, 1) and fit(1024, 2048, 2048, 166, v5e) == (1024, 16, 1)
+  assert fit(16384, 5120, 2048, 166, v5e) == (1024, 16, 4) and fit(16384, 2048, 5120, 166, v5e) == (2048, 16, 4)
+  assert fit(16384, 5120, 2048, 36, v5e) == (1024, 16, 1)
   assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1)  # 3 x 128: the largest power-of-two tile that divides it
   assert fit(100, 256, 256, 4, v5e)[0] == 128  # padded to 128 tokens
-  assert fit(16384, 2048, 2048, 36, v4) == (256, 16, 4) and fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1)
-  assert fit(16384, 2048, 5120, 36, v4) == (128, 16, 8) and fit(16384, 5120, 2048, 36, v4) is None
+  assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 16) and fit(1024, 2048, 2048, 36, v4) == (1024, 16, 16)
+  assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1)
+  assert fit(16384, 2048, 5120, 36, v4) == (512, 16, 40) and fit(16384, 5120, 2048, 36, v4) is None
   assert fit(16384, 5120, 2048, 36, v4, plain=False) == (128, 16, 16)
-  assert fit(16384, 5120, 2048, 36, v5e) == (1024, 16, 1)
   assert fit(16384, 2048, 2048, 166, v4, plain=False) is None
+  assert fit(1024, 2048, 2048, 36, "cpu") == fit(1024, 2048, 2048, 36, v4)  # an unknown chip: a v4
   assert kernels.padded_row(5120, 2) == 48 * 128 and kernels.padded_row(384, 4) == 8 * 128
 
 
@@ -174,18 +177,16 @@ def test_widths_and_token_counts_the_kernels_refuse():
 
 
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
-  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), and
-  beside XLA's u W (tiles@dot) where W's columns need more column groups than the experts alone; the fused kernels
-  where the experts do not fit in one group; ragged and grouped where the widths are not whole 128-lane rows."""
+  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), the
+  fused kernels where the experts do not fit in one group of columns; ragged and grouped where the widths are not
+  whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
   for shape in [layer, with_plain]:
     assert list(routing.candidates(shape, "tpu", "TPU v5 lite")) == ["tiles"]  # one group of columns, W or not
-  # v4: the experts in 2 groups of columns, W's columns in 8: tiles@dot and fused are costed too
-  assert list(routing.candidates(layer, "tpu", "TPU v4")) == ["tiles", "fused"]
-  assert list(routing.candidates(with_plain, "tpu", "TPU v4")) == ["tiles", "tiles@dot", "fused"]
-  square = cost.LayerShape(**{**with_plain.__dict__, "d_out": 2048})  # the experts in one group, W's in 4
-  assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles", "tiles@dot"]
+    assert list(routing.candidates(shape, "tpu", "TPU v4")) == ["tiles", "fused"]  # v4: the experts in 20 groups
+  square = cost.LayerShape(**{**with_plain.__dict__, "d_out": 2048})  # the experts in one group
+  assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles"]
   assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
   assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:

@@ -185,10 +185,9 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
     out_ref[:, c, :] = outputs[:, c * LANES:(c + 1) * LANES].astype(out_ref.dtype)
 
 
-def _lora(rows, a, weight, b):
-  """((rows A_e) w) B_e <float32>[block, d_out] for a block's rows <ref [block, d_in / 128, 128]>, a = A_e^T
-  <[r, d_in]>, its slots' weights w <float32>[1, block] and b = B_e <[r, d_out]> (float32 accumulation, the
-  weighted hidden values rounded to B's dtype)."""
+def _hidden(rows, a, weight, dtype):
+  """(rows A_e) w <dtype>[block, r] for a block's rows <ref [block, d_in / 128, 128]>, a = A_e^T <[r, d_in]> and its
+  slots' weights w <float32>[1, block] (float32 accumulation, rounded to `dtype`, B's)."""
   block = rows.shape[0]
   hidden = sum(jax.lax.dot_general(rows[:, c, :], a[:, c * LANES:(c + 1) * LANES], (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
@@ -197,7 +196,12 @@ def _lora(rows, a, weight, b):
   diagonal = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0) == jax.lax.broadcasted_iota(
       jnp.int32, (block, block), 1)
   column = jnp.sum(jnp.where(diagonal, jnp.broadcast_to(weight, (block, block)), 0.0), axis=1, keepdims=True)
-  return jnp.dot((hidden * column).astype(b.dtype), b, preferred_element_type=jnp.float32)
+  return (hidden * column).astype(dtype)
+
+
+def _lora(rows, a, weight, b):
+  """((rows A_e) w) B_e <float32>[block, d_out] (`_hidden`, then float32 accumulation) for b = B_e <[r, d_out]>."""
+  return jnp.dot(_hidden(rows, a, weight, b.dtype), b, preferred_element_type=jnp.float32)
 
 
 def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, interpret=False):
@@ -333,31 +337,42 @@ def combine(y_lanes, slot, k: int, *, u=None, kernel=None, vmem_bytes=VMEM_BYTES
 TOKEN_TILES = (2048, 1024, 512, 256, 128)  # the token tiles of `routed_tiles`, largest first: ROW_TILE x 2^n
 
 
+
+
 def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
-  """One (column group, token tile): acc = each of the tile's expert-sorted blocks' LoRA outputs in the group's
-  columns, added row by row into its slots' tokens (float32), the blocks' rows gathered from the tile in VMEM;
-  then out = u W + acc (`u W` where the plain layer is given). A padding slot is token 0 of its tile with weight
-  0: it adds zeros."""
-  kernel_ref = refs[0] if len(refs) == 5 else None
-  out_ref, acc, rows, outputs = refs[-4:]
-  tile, num_blocks, block = pl.program_id(1), w_ref.shape[0], rows.shape[0]
+  """One (token tile, column group). At the tile's first group: each of its expert-sorted blocks' weighted hidden
+  values h = (rows A_e) w, the block's rows gathered from the tile in VMEM, kept for the tile's other groups. In
+  every group: acc = each block's h B_e in the group's columns added row by row into its slots' tokens (float32),
+  then out = u W + acc (`u W` where the plain layer is given). A padding slot is token 0 of its tile with weight 0:
+  it adds zeros."""
+  kernel_ref = refs[0] if len(refs) == 6 else None
+  out_ref, acc, rows, outputs, hidden = refs[-5:]
+  tile, num_blocks, block = pl.program_id(0), w_ref.shape[0], rows.shape[0]
+  first = lambda b: (tile * num_blocks + b) * block  # noqa: E731  (the block's first slot)
+  expert = lambda b: block_expert[tile * num_blocks + b]  # noqa: E731
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    def one_block(b, carry):
+      def gather(j, carry):
+        rows[j] = u_ref[token[first(b) + j]]
+        return carry
+
+      jax.lax.fori_loop(0, block, gather, 0)
+      hidden[b] = _hidden(rows, a_ref[expert(b)], w_ref[b], hidden.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, num_blocks, one_block, 0)
+
   acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
   def one_block(b, carry):
-    first, expert = (tile * num_blocks + b) * block, block_expert[tile * num_blocks + b]
-
-    def gather(j, carry):
-      rows[j] = u_ref[token[first + j]]
-      return carry
-
     def add(j, carry):
-      acc[token[first + j]] += outputs[j]
+      row = pl.ds(token[first(b) + j], 1)
+      acc[row, :] += outputs[pl.ds(j, 1), :]
       return carry
 
-    jax.lax.fori_loop(0, block, gather, 0)
-    y = _lora(rows, a_ref[expert], w_ref[b], b_ref[expert])
-    for c in range(outputs.shape[1]):
-      outputs[:, c, :] = y[:, c * LANES:(c + 1) * LANES]
+    outputs[...] = jnp.dot(hidden[b], b_ref[expert(b)], preferred_element_type=jnp.float32)
     jax.lax.fori_loop(0, block, add, 0)
     return carry
 
@@ -366,9 +381,7 @@ def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
     plain = None if kernel_ref is None else sum(
         jnp.dot(u_ref[rows, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :], preferred_element_type=jnp.float32)
         for c in range(u_ref.shape[1]))
-    for c in range(acc.shape[1]):
-      total = acc[rows, c, :] if plain is None else acc[rows, c, :] + plain[:, c * LANES:(c + 1) * LANES]
-      out_ref[rows, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+    out_ref[rows, :] = (acc[rows, :] if plain is None else acc[rows, :] + plain).astype(out_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, num_blocks, one_block, 0)
@@ -382,18 +395,40 @@ def padded_row(width: int, itemsize: int) -> int:
   return math.ceil(lanes / sublanes) * sublanes * LANES
 
 
-def tiles_bytes(tile: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int, itemsize: int,
-                plain: bool, columns: int = 1) -> int:
-  """VMEM that a `routed_tiles` step of `tile` tokens and d_out / `columns` columns holds: the experts' A whole and
-  their B and W in the step's columns (each fetched once per column group); double-buffered, the tile's u rows,
-  output and slot weights (a block's row pads to 8 x 128 floats); the float32 sums, the plain product of ROW_TILE
-  rows and one block's rows and outputs."""
-  width = d_out // columns
-  blocks = (tile * k + experts * (block - 1)) // block + 1
-  resident = itemsize * (experts * rank * (d_in + width) + plain * d_in * width)
-  per_tile = 2 * (itemsize * tile * (padded_row(d_in, itemsize) + width) + blocks * 8 * max(block, LANES) * 4)
-  sums = 4 * (tile + block) * padded_row(width, 4) + 4 * plain * ROW_TILE * width
-  return resident + per_tile + sums + block * itemsize * padded_row(d_in, itemsize)
+def tile_block_count(tile: int, k: int, experts: int, block: int) -> int:
+  """Blocks of `block` slots that a tile's tile x k pairs, sorted by expert, can need (each expert's last block
+  partly padding), plus one."""
+  return (tile * k + experts * (block - 1)) // block + 1
+
+
+def tiles_bytes(tile: int, tokens: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int,
+                itemsize: int, plain: bool, columns: int = 1) -> int:
+  """VMEM that a `routed_tiles` step of `tile` of `tokens` tokens and d_out / `columns` columns holds: the experts'
+  A whole; the tile's u rows and slot weights, B's and W's columns of the group, each double-buffered where it
+  changes during the grid; the output (double-buffered); the float32 sums, the plain product of ROW_TILE rows,
+  one block's rows and outputs, and the tile's hidden values (r padded to 128 lanes; a block's weights to 8 x
+  128 floats)."""
+  width, blocks = d_out // columns, tile_block_count(tile, k, experts, block)
+  per_tile, per_group = 1 + (tile < tokens), 1 + (columns > 1)
+  u_and_weights = per_tile * (itemsize * tile * padded_row(d_in, itemsize) + blocks * 8 * max(block, LANES) * 4)
+  experts_and_w = itemsize * (experts * rank * d_in + per_group * (experts * rank + plain * d_in) * width)
+  sums = 4 * (tile + block + plain * ROW_TILE) * width
+  return (u_and_weights + experts_and_w + 2 * itemsize * tile * width + sums
+          + itemsize * (block * padded_row(d_in, itemsize) + blocks * block * max(rank, LANES)))
+
+
+def tiles_cost(tokens: int, tile: int, d_in: int, d_out: int, experts: int, rank: int, block: int, slots: int,
+               itemsize: int, plain: bool, columns: int) -> tuple[int, int]:
+  """(FLOPs, HBM bytes) of `routed_tiles`: each of `slots` slots' (x A_e) w and its B_e product and sum, plus u W;
+  u read once (in its `lane_rows` layout) and the output written once, the experts' A once, their B and W once
+  (once per tile where there are several column groups), each slot's token and weight once."""
+  tiles = tokens // tile
+  flops = 2 * slots * rank * (d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
+  per_tile = tiles if columns > 1 else 1
+  nbytes = (itemsize * (tokens * padded_row(d_in, itemsize) + tokens * d_out + experts * rank * d_in
+                        + per_tile * (experts * rank + plain * d_in) * d_out)
+            + slots * 8 + tiles * (slots // tiles // block) * 4)
+  return flops, nbytes
 
 
 def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel=None, columns: int = 1,
@@ -402,48 +437,49 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
 
     out[t] = u[t] W + sum over the tile's slots s of token t of ((u[t] A_e) w_s) B_e     (e the slot's expert)
 
-  (u W where the plain layer's kernel <[d_in, d_out]> is given; float32 accumulation, one rounding), in `columns`
-  groups of d_out / columns columns (a multiple of 128), each group a pass over the tiles. The tile's pairs are
-  sorted by expert into blocks (`routing.tile_blocks`): token <int32>[tiles, slots] the token of each slot within
-  its tile (0 for padding), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks, block] (0 for
-  padding). u_lanes <[tokens, d_in / 128, 128]> (`lane_rows`, the rows a block gathers from VMEM); lora_a
-  <[E, d_in, r]>, lora_b <[E, r, d_out]>.
+  (u W where the plain layer's kernel <[d_in, d_out]> is given; float32 accumulation, one rounding), each tile in
+  `columns` groups of d_out / columns columns (a multiple of 128). The tile's pairs are sorted by expert into
+  blocks (`routing.tile_blocks`): token <int32>[tiles, slots] the token of each slot within its tile (0 for
+  padding), block_expert <int32>[tiles, blocks], weight <float32>[tiles, blocks, block] (0 for padding). u_lanes
+  <[tokens, d_in / 128, 128]> (`lane_rows`, the rows a block gathers from VMEM); lora_a <[E, d_in, r]>, lora_b
+  <[E, r, d_out]>.
 
-  Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own (once per column group), and
-  no slot output makes a round trip through HBM, for the experts' A, and their B and W in a group's columns, held
-  whole in VMEM (`tiles_bytes`: a v5e's 128 MiB holds them at XL widths in one group, a v4's 16 MiB the 36 experts
-  of an XL layer in 1-16 groups). Each further group reads u once more and repeats the blocks' (x A_e) products.
+  Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own, once, and no slot output
+  makes a round trip through HBM, for the experts' A held whole in VMEM (`tiles_bytes`: a v5e's 128 MiB holds
+  them and W at XL widths in one group, a v4's 16 MiB 36 XL experts with W in groups of columns). The blocks'
+  hidden values (x A_e) w are formed once per tile and kept for its groups; with several groups, B's and W's
+  columns are read once per tile.
   """
   tokens, lanes_in, _ = u_lanes.shape
   num_experts, rank, d_out = lora_b.shape
   tiles, num_blocks, block = weight.shape
   tile, d_in, itemsize = tokens // tiles, lanes_in * LANES, jnp.dtype(u_lanes.dtype).itemsize
-  plain, slots, width = kernel is not None, tiles * num_blocks * block, d_out // columns
+  plain, width = kernel is not None, d_out // columns
   if width * columns != d_out or width % LANES:
     raise ValueError(f"routed_tiles needs column groups of a multiple of {LANES} columns, got {columns} of {d_out}")
-  flops = 2 * slots * rank * (columns * d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
-  nbytes = (itemsize * (columns * tokens * padded_row(d_in, itemsize) + tokens * d_out
-                        + num_experts * rank * (d_in + d_out) + plain * d_in * d_out)
-            + columns * (slots * 8 + tiles * num_blocks * 4))
-  once = dict(pipeline_mode=pl.Buffered(1))  # fetched once, or once per column group
-  in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda j, i, token, expert: (i, 0, 0)),
-              pl.BlockSpec((num_experts, rank, d_in), lambda j, i, token, expert: (0, 0, 0), **once),
-              pl.BlockSpec((num_experts, rank, width), lambda j, i, token, expert: (0, 0, j), **once),
-              pl.BlockSpec((None, num_blocks, 1, block), lambda j, i, token, expert: (i, 0, 0, 0))]
+  flops, nbytes = tiles_cost(tokens, tile, d_in, d_out, num_experts, rank, block, tiles * num_blocks * block,
+                             itemsize, plain, columns)
+  once = dict(pipeline_mode=pl.Buffered(1))  # blocks whose index never changes in the grid: one buffer
+  per_tile, per_group = (once if tiles == 1 else {}), (once if columns == 1 else {})
+  in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda i, j, token, expert: (i, 0, 0), **per_tile),
+              pl.BlockSpec((num_experts, rank, d_in), lambda i, j, token, expert: (0, 0, 0), **once),
+              pl.BlockSpec((num_experts, rank, width), lambda i, j, token, expert: (0, 0, j), **per_group),
+              pl.BlockSpec((None, num_blocks, 1, block), lambda i, j, token, expert: (i, 0, 0, 0), **per_tile)]
   if plain:
-    in_specs.append(pl.BlockSpec((d_in, width), lambda j, i, token, expert: (0, j), **once))
+    in_specs.append(pl.BlockSpec((d_in, width), lambda i, j, token, expert: (0, j), **per_group))
   return pl.pallas_call(
       body(_tiles_kernel),
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), u_lanes.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(columns, tiles),
+          grid=(tiles, columns),
           in_specs=in_specs,
-          out_specs=pl.BlockSpec((tile, width), lambda j, i, token, expert: (i, j)),
-          scratch_shapes=[pltpu.VMEM((tile, width // LANES, LANES), jnp.float32),
+          out_specs=pl.BlockSpec((tile, width), lambda i, j, token, expert: (i, j)),
+          scratch_shapes=[pltpu.VMEM((tile, width), jnp.float32),
                           pltpu.VMEM((block, lanes_in, LANES), u_lanes.dtype),
-                          pltpu.VMEM((block, width // LANES, LANES), jnp.float32)]),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "parallel"),
+                          pltpu.VMEM((block, width), jnp.float32),
+                          pltpu.VMEM((num_blocks, block, rank), lora_b.dtype)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=vmem_bytes),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
+from phatgoose_jax import aot
 from phatgoose_jax.experts import cost, kernels
 
 STANDARDIZE_EPS = 1e-5
@@ -435,22 +436,32 @@ def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
   return token, block_expert, weight.reshape(*block_expert.shape, block)
 
 
-def tiling(layer: cost.LayerShape, vmem_bytes: int) -> Optional[tuple[int, int, int]]:
-  """(tile, block, columns) of `mix_tiles` for `layer` on a chip of `vmem_bytes`: the fewest column groups (each
-  reads u once more), then the largest token tile of `kernels.TOKEN_TILES` that divides the tokens (padded to
-  whole 128s), whose step fits 5/8 of the VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries and
-  what XLA holds in VMEM around the kernel: in the routed XXL program a step estimated at 94 of v5e's 128 MiB did
-  not compile, CompileTimeScopedVmemOom, though it did alone), its pairs in blocks of `block_size` rows (at least
-  16, a bf16 sublane tile); None if none fits."""
+def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[tuple[int, int, int]]:
+  """(tile, block, columns) of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
+  `kernels.TOKEN_TILES` that divide the tokens (padded to whole 128s) and the column groups that divide d_out in
+  whole 128s, whose step fits 5/8 of the chip's VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own
+  temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step estimated at 94 of
+  v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
+  kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W once per tile), then
+  the least sum of its FLOP and byte times, the fewest groups and the largest tile; its pairs in blocks of `block_size` rows (at least 16, a bf16 sublane
+  tile). None if none fits. A chip without known figures is taken as a v4 (`kernels.VMEM_BYTES`)."""
+  kind = device_kind if device_kind in aot.CHIPS else "TPU v4"
+  vmem, itemsize = kernels.vmem_bytes(kind), jnp.dtype(layer.dtype).itemsize
   tokens, lanes = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE, layer.d_out // kernels.LANES
-  for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
-    for tile in kernels.TOKEN_TILES:
-      block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
-      if tokens % tile == 0 and kernels.tiles_bytes(tile, layer.d_in, layer.d_out, layer.experts, layer.rank,
-                                                    layer.k, block, jnp.dtype(layer.dtype).itemsize, layer.plain,
-                                                    columns) <= vmem_bytes * 5 // 8:
-        return tile, block, columns
-  return None
+  fits = {}
+  for tile in (t for t in kernels.TOKEN_TILES if tokens % t == 0):
+    block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
+    slots = tokens // tile * kernels.tile_block_count(tile, layer.k, layer.experts, block) * block
+    for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
+      if kernels.tiles_bytes(tile, tokens, layer.d_in, layer.d_out, layer.experts, layer.rank, layer.k, block,
+                             itemsize, layer.plain, columns) <= vmem * 5 // 8:
+        flops, nbytes = kernels.tiles_cost(tokens, tile, layer.d_in, layer.d_out, layer.experts, layer.rank, block,
+                                           slots, itemsize, layer.plain, columns)
+        chip = aot.CHIPS[kind]
+        fits[tile, block, columns] = (cost.roofline_seconds(flops, nbytes, kind),
+                                      flops / chip.peak_flops + nbytes / chip.bandwidth, columns, -tile)
+        break  # more groups of the same tile cost more
+  return min(fits, key=fits.get, default=None)
 
 
 def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=None):
@@ -458,10 +469,9 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   sorted by expert into blocks (`tile_blocks`), each block's rows gathered from the tile in VMEM, its outputs
   y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
   u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
-  row is read from HBM once (once per column group) and each output row written once; the experts' A, and their
-  B and W in a group's columns, are held whole in VMEM (`tiling`: W's columns may need more groups than the
-  experts alone, whose cost `auto` weighs against tiles@dot, this kernel beside XLA's u W; where no columns of W
-  fit, XLA's u W is added beside the kernel; a ValueError where the experts alone do not fit). Reads the rows
+  row is read from HBM once and each output row written once; the experts' A are held whole in VMEM, their B and
+  W a group of columns at a time (`tiling`; where no columns of W fit, XLA's u W is added beside the kernel; a
+  ValueError where the experts alone do not fit). Reads the rows
   from `lanes` (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out
   multiples of 128. Differentiable (the gradient of the same formula in plain JAX). Off TPU the kernel runs
   interpreted (exact, slow: for tests)."""
@@ -474,11 +484,12 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   if padded:
     x_lanes = jnp.pad(x_lanes, ((0, padded), (0, 0), (0, 0)))
     index, weights = (jnp.pad(a.reshape(tokens, k), ((0, padded), (0, 0))) for a in (index, weights))
-  vmem = kernels.vmem_bytes(cost.target_device().device_kind)
+  kind = cost.target_device().device_kind
+  vmem = kernels.vmem_bytes(kind)
   shape = cost.LayerShape(tokens + padded, d_in, d_out, num_experts, rank, k, x.dtype.name, kernel is not None)
-  fit, plain = tiling(shape, vmem), shape.plain
+  fit, plain = tiling(shape, kind), shape.plain
   if fit is None and plain:  # no columns of W fit beside the experts: XLA's u W beside the kernel
-    fit, plain = tiling(dataclasses.replace(shape, plain=False), vmem), False
+    fit, plain = tiling(dataclasses.replace(shape, plain=False), kind), False
   if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
                      "VMEM (the experts' A are held whole)")
@@ -512,13 +523,11 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
 MIXERS = {"dense": mix_dense, "gather": mix_gather, "ragged": mix_ragged, "blocks": mix_blocks,
           "grouped": mix_grouped, "fused": mix_fused, "tiles": mix_tiles}
 # Variants: the blocks path in one chunk (a loop's cost is counted once, see cost.py) with MXU-sized 128 and 256
-# row blocks (costed for GPU targets); the grouped matmul's 256-row tiles (named only, benchmarks/README.md); and
-# the tiles kernel beside XLA's u W (costed for a TPU where W's columns would need more groups than the experts).
+# row blocks (costed for GPU targets); the grouped matmul's 256-row tiles (named only, benchmarks/README.md).
 VARIANTS = {"blocks@128": functools.partial(mix_blocks, block=128, chunk_rows=None),
             "blocks@256": functools.partial(mix_blocks, block=256, chunk_rows=None),
-            "grouped@256": functools.partial(mix_grouped, tile=256),
-            "tiles@dot": mix_tiles}
-TAKES_LANES = ("fused", "tiles", "tiles@dot")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
+            "grouped@256": functools.partial(mix_grouped, tile=256)}
+TAKES_LANES = ("fused", "tiles")  # mixers that read u laid out by `kernels.lane_rows` (`lanes`)
 FUSES_PLAIN = ("fused", "tiles")  # mixers that form the plain layer's u W in their own kernel (`kernel`)
 GATHER_MAX_PAIRS = 64
 DENSE_MAX_BYTES = 2 ** 30
@@ -526,21 +535,19 @@ DENSE_MAX_BYTES = 2 ** 30
 
 def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> dict:
   """The exact paths `auto` compares for `layer`: on a TPU (of `device_kind`, for its VMEM) where the kernels take
-  the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), with tiles@dot (the kernel beside
-  XLA's u W) where W's columns need more column groups than the experts alone, and the fused kernels where the
-  experts do not fit in one group; else ragged and grouped; on a GPU ragged and the blocks variants; on both
+  the widths, the tiles kernel where its experts fit the chip's VMEM (`tiling`), and the fused kernels where the
+  experts do not fit in one group of columns; else ragged and grouped; on a GPU ragged and the blocks variants; on both
   dense while its [tokens, E, d_out] intermediate is at most DENSE_MAX_BYTES (few experts or few tokens) and gather
   for a decoding step's few pairs (at most GATHER_MAX_PAIRS). Each candidate is one lowering per layer shape, so
-  a TPU compile lowers no path that never won there (benchmarks/README.md, XL widths, E = 36 and 166): on v5e,
-  where every XL layer's experts and W fit in one group, tiles was the least at 128 and 1024 tokens (a chip's
-  share in the routed T5-XL) and at 16,384 tokens at 2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's
-  1.40 / 1.59), and within 0.05 of fused at 16,384 tokens of the 5120-wide layers (its blocks are padded per
-  tile); the blocks variants and grouped@256 never."""
+  a TPU compile lowers no path that never won there (benchmarks/README.md, XL widths, E = 36 and 166): on v5e
+  tiles was the least at 128 and 1024 tokens (a chip's share in the routed T5-XL) and at 16,384 tokens at
+  2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's 1.40 / 1.59), and within 0.05 of fused at 16,384
+  tokens of the 5120-wide layers (its blocks are padded per tile); on v4 fused won only where the experts alone
+  needed several groups (5120 -> 2048 at E=36, 1.04 against 1.09); the kernel beside XLA's u W never won where
+  the kernel forms it too; the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
-    vmem = kernels.vmem_bytes(device_kind)
-    alone, together = tiling(dataclasses.replace(layer, plain=False), vmem), tiling(layer, vmem)
-    names = [] if alone is None else ["tiles"] + ["tiles@dot"] * (together is None or together[2] > alone[2])
-    names += ["fused"] * (alone is None or alone[2] > 1)
+    alone = tiling(dataclasses.replace(layer, plain=False), device_kind)
+    names = ["tiles"] * (alone is not None) + ["fused"] * (alone is None or alone[2] > 1)
   elif platform == "tpu":
     names = ["ragged", "grouped"]
   else:
