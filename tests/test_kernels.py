@@ -75,7 +75,8 @@ def test_combine_with_the_plain_layer_adds_u_w_in_one_kernel_over_any_column_til
 def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_layer():
   """Each tile's pairs sorted into blocks within the tile (`routing.tile_blocks`, padding slots of weight 0), the
   blocks' rows gathered in VMEM and their outputs added into their tokens' rows: out = u W + sum over each token's
-  pairs of ((u A_e) w) B_e, in float32, over 3 tiles of 128 tokens, in one group of columns or three."""
+  pairs of ((u A_e) w) B_e, in float32, over 3 tiles of 128 tokens, in one group of columns or three, the experts'
+  A held whole or streamed per run of blocks."""
   rng = np.random.default_rng(5)
   tokens, k, d_in, d_out, experts, rank, block, tile = 384, 2, 256, 384, 5, 8, 16, 128
   u = rng.normal(size=(tokens, d_in)).astype(np.float32)
@@ -90,35 +91,36 @@ def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_
   assert float(jnp.sum(weight)) == pytest.approx(0.5 * weights.sum(), rel=1e-5)  # every pair once, padding 0
   hidden = np.einsum("ti,tkir->tkr", u.astype(np.float64), a[index]) * (0.5 * weights)[..., None]
   update = np.einsum("tkr,tkro->to", hidden, b[index])
-  for (kernel, want), columns in itertools.product([(None, update), (w, update + u.astype(np.float64) @ w)], [1, 3]):
+  for (kernel, want), columns, stream in itertools.product([(None, update), (w, update + u.astype(np.float64) @ w)],
+                                                          [1, 3], [False, True]):
     got = kernels.routed_tiles(kernels.lane_rows(jnp.asarray(u)), jnp.asarray(a), jnp.asarray(b), token,
                                block_expert, weight, kernel=None if kernel is None else jnp.asarray(kernel),
-                               columns=columns, interpret=True)
+                               columns=columns, stream=stream, interpret=True)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="multiple of 128 columns, got 2 of 384"):
     kernels.routed_tiles(kernels.lane_rows(jnp.asarray(u)), jnp.asarray(a), jnp.asarray(b), token, block_expert,
                          weight, columns=2, interpret=True)
 
 
-def test_token_tiles_hold_the_experts_of_xl_layers_in_a_v5e_whole_and_in_a_v4_beside_w_in_column_groups():
-  """Of the tiles of 128 x 2^n tokens dividing the count and the column groups whose step fits 5/8 of VMEM, the
-  least roofline time of the kernel's own cost (a smaller tile pads more blocks; several groups read W once per
-  tile), its blocks sized for its pairs. At T5-XL widths a v5e's 128 MiB holds 36 or 166 experts and W's columns
-  in 1-4 groups; a v4's 16 MiB holds 36 experts beside W in 16-40 groups (none at 5120 -> 2048, where d_in is
-  wide), a chip's 1024-token share of the model in one tile, and not 166 experts (the fused path serves those)."""
+def test_token_tiles_hold_xl_experts_in_a_v5e_and_stream_them_in_a_v4_where_they_do_not_fit():
+  """Of the tiles of 128 x 2^n tokens dividing the count, the column groups and A held whole or streamed, whose
+  step fits 5/8 of VMEM, the least roofline time of the kernel's own cost (a smaller tile pads more blocks; several
+  groups read W once per tile; streaming reads A once per tile), its blocks sized for its pairs. At T5-XL widths a
+  v5e's 128 MiB holds 36 or 166 experts and W's columns in 1-4 groups; a v4's 16 MiB holds 36 experts beside W in
+  16-40 groups and a chip's 1024-token share of the model in one tile, and streams A where d_in is 5120 or E 166."""
   v4, v5e = "TPU v4", "TPU v5 lite"
   fit = lambda tokens, d_in, d_out, experts, kind, plain=True: routing.tiling(  # noqa: E731
       cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), kind)
-  assert fit(16384, 2048, 2048, 36, v5e) == (1024, 16, 1) and fit(1024, 2048, 2048, 166, v5e) == (1024, 16, 1)
-  assert fit(16384, 5120, 2048, 166, v5e) == (1024, 16, 4) and fit(16384, 2048, 5120, 166, v5e) == (2048, 16, 4)
-  assert fit(16384, 5120, 2048, 36, v5e) == (1024, 16, 1)
-  assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1)  # 3 x 128: the largest power-of-two tile that divides it
+  assert fit(16384, 2048, 2048, 36, v5e) == (1024, 16, 1, False) == fit(1024, 2048, 2048, 166, v5e)
+  assert fit(16384, 2048, 2048, 36, v5e, plain=False) == (2048, 32, 1, False)
+  assert fit(16384, 2048, 5120, 166, v5e) == (2048, 16, 4, False)
+  assert fit(16384, 5120, 2048, 166, v5e) == (2048, 16, 4, True)  # A per tile costs less than W per tile
+  assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1, False)  # 3 x 128: the largest power-of-two tile dividing it
   assert fit(100, 256, 256, 4, v5e)[0] == 128  # padded to 128 tokens
-  assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 16) and fit(1024, 2048, 2048, 36, v4) == (1024, 16, 16)
-  assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1)
-  assert fit(16384, 2048, 5120, 36, v4) == (512, 16, 40) and fit(16384, 5120, 2048, 36, v4) is None
-  assert fit(16384, 5120, 2048, 36, v4, plain=False) == (128, 16, 16)
-  assert fit(16384, 2048, 2048, 166, v4, plain=False) is None
+  assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 16, False) and fit(1024, 2048, 2048, 36, v4)[:3] == (1024, 16, 16)
+  assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1, False)
+  assert fit(16384, 2048, 5120, 36, v4) == (512, 16, 40, False)
+  assert fit(16384, 5120, 2048, 36, v4) == (128, 16, 16, True) and fit(16384, 2048, 2048, 166, v4)[3]
   assert fit(1024, 2048, 2048, 36, "cpu") == fit(1024, 2048, 2048, 36, v4)  # an unknown chip: a v4
   assert kernels.padded_row(5120, 2) == 48 * 128 and kernels.padded_row(384, 4) == 8 * 128
 
@@ -177,8 +179,8 @@ def test_widths_and_token_counts_the_kernels_refuse():
 
 
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
-  """The tiles kernel where the chip's VMEM holds the experts (a v5e: every XL layer; a v4: those of E=36), the
-  fused kernels where the experts do not fit in one group of columns; ragged and grouped where the widths are not
+  """The tiles kernel where a step fits the chip's VMEM (a v5e: every XL layer; a v4: every XL layer, 166 experts'
+  A streamed per tile), the fused kernels where the experts need several groups of columns; ragged and grouped where the widths are not
   whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
@@ -187,7 +189,8 @@ def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_
     assert list(routing.candidates(shape, "tpu", "TPU v4")) == ["tiles", "fused"]  # v4: the experts in 20 groups
   square = cost.LayerShape(**{**with_plain.__dict__, "d_out": 2048})  # the experts in one group
   assert list(routing.candidates(square, "tpu", "TPU v4")) == ["tiles"]
-  assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, "experts": 166}), "tpu", "TPU v4")) == ["fused"]
+  many = cost.LayerShape(**{**layer.__dict__, "experts": 166})  # v4: A streamed per tile, in 20 groups
+  assert list(routing.candidates(many, "tpu", "TPU v4")) == ["tiles", "fused"]
   assert "fused" not in routing.candidates(layer, "gpu") and "tiles" not in routing.candidates(layer, "gpu")
   for odd in [dict(d_in=2048 + 64), dict(d_out=5120 + 64)]:
     assert list(routing.candidates(cost.LayerShape(**{**layer.__dict__, **odd}), "tpu")) == ["ragged", "grouped"]
@@ -249,3 +252,24 @@ def test_the_routed_layer_compiles_for_each_tpu_generation_in_each_precision(top
     compiled = fn.lower(spec(256, 256), spec(36, 256), spec(36, 256, 16), spec(36, 16, 384), spec(256, 384)).compile()
   assert compiled.as_text().count("tpu_custom_call") >= {"fused": 3, "tiles": 2}[impl]
   assert compiled.cost_analysis()["flops"] >= 2 * 256 * 256 * 384  # u W inside the kernels' count
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_tiles_kernel_streaming_the_experts_a_compiles_for_each_tpu_generation(topology, dtype):
+  """Mosaic compiles the tiles kernel with the experts' A in HBM, DMA'd per run of blocks into two buffers, over
+  two tiles in three column groups with W, for v4 and v5e chips in float32 and bf16."""
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda *shape, dtype=dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+
+  def layer(u, a, b, w, index, weights):
+    layout = routing.tile_blocks(index, weights, 0.5, 128, 16, 36)
+    return kernels.routed_tiles(kernels.lane_rows(u), a, b, *layout, kernel=w, columns=3, stream=True)
+
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    compiled = jax.jit(layer).lower(spec(256, 256), spec(36, 256, 16), spec(36, 16, 384), spec(256, 384),
+                                    spec(256, 2, dtype=jnp.int32), spec(256, 2, dtype=jnp.float32)).compile()
+  assert compiled.as_text().count("tpu_custom_call") == 1

@@ -339,30 +339,47 @@ TOKEN_TILES = (2048, 1024, 512, 256, 128)  # the token tiles of `routed_tiles`, 
 
 
 
-def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
+def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs, plain: bool, stream: bool):
   """One (token tile, column group). At the tile's first group: each of its expert-sorted blocks' weighted hidden
   values h = (rows A_e) w, the block's rows gathered from the tile in VMEM, kept for the tile's other groups. In
   every group: acc = each block's h B_e in the group's columns added row by row into its slots' tokens (float32),
   then out = u W + acc (`u W` where the plain layer is given). A padding slot is token 0 of its tile with weight 0:
-  it adds zeros."""
-  kernel_ref = refs[0] if len(refs) == 6 else None
-  out_ref, acc, rows, outputs, hidden = refs[-5:]
+  it adds zeros. With `stream`, A is in HBM and each run of blocks of one expert DMAs its A_e into one of two
+  buffers, the next run's started during the current run's last block."""
+  kernel_ref, refs = (refs[0], refs[1:]) if plain else (None, refs)
+  out_ref, acc, rows, outputs, hidden = refs[:5]
   tile, num_blocks, block = pl.program_id(0), w_ref.shape[0], rows.shape[0]
   first = lambda b: (tile * num_blocks + b) * block  # noqa: E731  (the block's first slot)
   expert = lambda b: block_expert[tile * num_blocks + b]  # noqa: E731
 
+  def a_of(b, buffer):
+    """A_e^T of block b: resident, or (`stream`) its run's buffer, waited for at the run's first block."""
+    if not stream:
+      return a_ref[expert(b)]
+    a_buffers, sems = refs[5:]
+    copy = lambda b, buffer: pltpu.make_async_copy(a_ref.at[expert(b)], a_buffers.at[buffer], sems.at[buffer])  # noqa: E731
+    pl.when((b == 0) | (expert(b) != expert(jnp.maximum(b - 1, 0))))(lambda: copy(b, buffer).wait())
+    pl.when((b + 1 < num_blocks) & (expert(jnp.minimum(b + 1, num_blocks - 1)) != expert(b)))(
+        lambda: copy(b + 1, 1 - buffer).start())
+    return a_buffers[buffer]
+
   @pl.when(pl.program_id(1) == 0)
   def _():
-    def one_block(b, carry):
+    def one_block(b, buffer):
       def gather(j, carry):
         rows[j] = u_ref[token[first(b) + j]]
         return carry
 
+      if stream:  # a new run of blocks: the other buffer
+        buffer = jnp.where((b > 0) & (expert(b) != expert(jnp.maximum(b - 1, 0))), 1 - buffer, buffer)
       jax.lax.fori_loop(0, block, gather, 0)
-      hidden[b] = _hidden(rows, a_ref[expert(b)], w_ref[b], hidden.dtype)
-      return carry
+      hidden[b] = _hidden(rows, a_of(b, buffer), w_ref[b], hidden.dtype)
+      return buffer
 
-    jax.lax.fori_loop(0, num_blocks, one_block, 0)
+    if stream:
+      a_buffers, sems = refs[5:]
+      pltpu.make_async_copy(a_ref.at[expert(0)], a_buffers.at[0], sems.at[0]).start()
+    jax.lax.fori_loop(0, num_blocks, one_block, jnp.int32(0))
 
   acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
@@ -378,10 +395,11 @@ def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs):
 
   def finish(r, carry):  # ROW_TILE rows at a time: a smaller body for Mosaic to unroll than the whole tile
     rows = pl.ds(pl.multiple_of(r * ROW_TILE, ROW_TILE), ROW_TILE)
-    plain = None if kernel_ref is None else sum(
-        jnp.dot(u_ref[rows, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :], preferred_element_type=jnp.float32)
-        for c in range(u_ref.shape[1]))
-    out_ref[rows, :] = (acc[rows, :] if plain is None else acc[rows, :] + plain).astype(out_ref.dtype)
+    total = acc[rows, :]
+    if plain:
+      total += sum(jnp.dot(u_ref[rows, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :],
+                           preferred_element_type=jnp.float32) for c in range(u_ref.shape[1]))
+    out_ref[rows, :] = total.astype(out_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, num_blocks, one_block, 0)
@@ -402,37 +420,40 @@ def tile_block_count(tile: int, k: int, experts: int, block: int) -> int:
 
 
 def tiles_bytes(tile: int, tokens: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int,
-                itemsize: int, plain: bool, columns: int = 1) -> int:
+                itemsize: int, plain: bool, columns: int = 1, stream: bool = False) -> int:
   """VMEM that a `routed_tiles` step of `tile` of `tokens` tokens and d_out / `columns` columns holds: the experts'
-  A whole; the tile's u rows and slot weights, B's and W's columns of the group, each double-buffered where it
+  A whole (with `stream`, two experts' A); the tile's u rows and slot weights, B's and W's columns of the group, each double-buffered where it
   changes during the grid; the output (double-buffered); the float32 sums, the plain product of ROW_TILE rows,
   one block's rows and outputs, and the tile's hidden values (r padded to 128 lanes; a block's weights to 8 x
   128 floats)."""
   width, blocks = d_out // columns, tile_block_count(tile, k, experts, block)
   per_tile, per_group = 1 + (tile < tokens), 1 + (columns > 1)
   u_and_weights = per_tile * (itemsize * tile * padded_row(d_in, itemsize) + blocks * 8 * max(block, LANES) * 4)
-  experts_and_w = itemsize * (experts * rank * d_in + per_group * (experts * rank + plain * d_in) * width)
+  experts_and_w = itemsize * ((2 if stream else experts) * rank * d_in
+                              + per_group * (experts * rank + plain * d_in) * width)
   sums = 4 * (tile + block + plain * ROW_TILE) * width
   return (u_and_weights + experts_and_w + 2 * itemsize * tile * width + sums
           + itemsize * (block * padded_row(d_in, itemsize) + blocks * block * max(rank, LANES)))
 
 
 def tiles_cost(tokens: int, tile: int, d_in: int, d_out: int, experts: int, rank: int, block: int, slots: int,
-               itemsize: int, plain: bool, columns: int) -> tuple[int, int]:
+               itemsize: int, plain: bool, columns: int, stream: bool = False) -> tuple[int, int]:
   """(FLOPs, HBM bytes) of `routed_tiles`: each of `slots` slots' (x A_e) w and its B_e product and sum, plus u W;
-  u read once (in its `lane_rows` layout) and the output written once, the experts' A once, their B and W once
-  (once per tile where there are several column groups), each slot's token and weight once."""
-  tiles = tokens // tile
+  u read once (in its `lane_rows` layout) and the output written once, the experts' A once (with `stream`, once
+  per tile per run of blocks of one expert: at most min(blocks, E)), their B and W once (once per tile where there
+  are several column groups), each slot's token and weight once."""
+  tiles, blocks = tokens // tile, slots // (tokens // tile) // block
   flops = 2 * slots * rank * (d_in + d_out) + slots * d_out + plain * 2 * tokens * d_in * d_out
   per_tile = tiles if columns > 1 else 1
-  nbytes = (itemsize * (tokens * padded_row(d_in, itemsize) + tokens * d_out + experts * rank * d_in
+  a_reads = tiles * min(blocks, experts) if stream else experts
+  nbytes = (itemsize * (tokens * padded_row(d_in, itemsize) + tokens * d_out + a_reads * rank * d_in
                         + per_tile * (experts * rank + plain * d_in) * d_out)
-            + slots * 8 + tiles * (slots // tiles // block) * 4)
+            + slots * 8 + tiles * blocks * 4)
   return flops, nbytes
 
 
 def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel=None, columns: int = 1,
-                 vmem_bytes=VMEM_BYTES, interpret=False):
+                 stream: bool = False, vmem_bytes=VMEM_BYTES, interpret=False):
   """out <u.dtype>[tokens, d_out]: the routed layer one token tile at a time, everything of a tile in VMEM:
 
     out[t] = u[t] W + sum over the tile's slots s of token t of ((u[t] A_e) w_s) B_e     (e the slot's expert)
@@ -446,9 +467,10 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
 
   Against `lora_blocks` + `combine`: no token row is read from HBM but the tile's own, once, and no slot output
   makes a round trip through HBM, for the experts' A held whole in VMEM (`tiles_bytes`: a v5e's 128 MiB holds
-  them and W at XL widths in one group, a v4's 16 MiB 36 XL experts with W in groups of columns). The blocks'
-  hidden values (x A_e) w are formed once per tile and kept for its groups; with several groups, B's and W's
-  columns are read once per tile.
+  them and W at XL widths in one group, a v4's 16 MiB 36 XL experts with W in groups of columns), or with
+  `stream` fetched per tile, once per run of blocks of one expert (166 XL experts on a v4). The blocks' hidden
+  values (x A_e) w are formed once per tile and kept for its groups; with several groups, B's and W's columns are
+  read once per tile.
   """
   tokens, lanes_in, _ = u_lanes.shape
   num_experts, rank, d_out = lora_b.shape
@@ -458,17 +480,18 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
   if width * columns != d_out or width % LANES:
     raise ValueError(f"routed_tiles needs column groups of a multiple of {LANES} columns, got {columns} of {d_out}")
   flops, nbytes = tiles_cost(tokens, tile, d_in, d_out, num_experts, rank, block, tiles * num_blocks * block,
-                             itemsize, plain, columns)
+                             itemsize, plain, columns, stream)
   once = dict(pipeline_mode=pl.Buffered(1))  # blocks whose index never changes in the grid: one buffer
   per_tile, per_group = (once if tiles == 1 else {}), (once if columns == 1 else {})
   in_specs = [pl.BlockSpec((tile, lanes_in, LANES), lambda i, j, token, expert: (i, 0, 0), **per_tile),
+              pl.BlockSpec(memory_space=pl.ANY) if stream else
               pl.BlockSpec((num_experts, rank, d_in), lambda i, j, token, expert: (0, 0, 0), **once),
               pl.BlockSpec((num_experts, rank, width), lambda i, j, token, expert: (0, 0, j), **per_group),
               pl.BlockSpec((None, num_blocks, 1, block), lambda i, j, token, expert: (i, 0, 0, 0), **per_tile)]
   if plain:
     in_specs.append(pl.BlockSpec((d_in, width), lambda i, j, token, expert: (0, j), **per_group))
   return pl.pallas_call(
-      body(_tiles_kernel),
+      body(functools.partial(_tiles_kernel, plain=plain, stream=stream)),
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), u_lanes.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
@@ -478,7 +501,8 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
           scratch_shapes=[pltpu.VMEM((tile, width), jnp.float32),
                           pltpu.VMEM((block, lanes_in, LANES), u_lanes.dtype),
                           pltpu.VMEM((block, width), jnp.float32),
-                          pltpu.VMEM((num_blocks, block, rank), lora_b.dtype)]),
+                          pltpu.VMEM((num_blocks, block, rank), lora_b.dtype)]
+          + [pltpu.VMEM((2, rank, d_in), u_lanes.dtype), pltpu.SemaphoreType.DMA((2,))] * stream),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=vmem_bytes),
       interpret=interpret,

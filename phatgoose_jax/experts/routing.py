@@ -19,6 +19,7 @@ never their parameters.
 """
 import dataclasses
 import functools
+import itertools
 import math
 from typing import NamedTuple, Optional
 
@@ -436,30 +437,31 @@ def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
   return token, block_expert, weight.reshape(*block_expert.shape, block)
 
 
-def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[tuple[int, int, int]]:
-  """(tile, block, columns) of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
-  `kernels.TOKEN_TILES` that divide the tokens (padded to whole 128s) and the column groups that divide d_out in
-  whole 128s, whose step fits 5/8 of the chip's VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own
-  temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step estimated at 94 of
-  v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
-  kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W once per tile), then
-  the least sum of its FLOP and byte times, the fewest groups and the largest tile; its pairs in blocks of `block_size` rows (at least 16, a bf16 sublane
-  tile). None if none fits. A chip without known figures is taken as a v4 (`kernels.VMEM_BYTES`)."""
+def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[tuple[int, int, int, bool]]:
+  """(tile, block, columns, stream) of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
+  `kernels.TOKEN_TILES` that divide the tokens (padded to whole 128s), the column groups that divide d_out in
+  whole 128s, and the experts' A held whole or streamed per tile, whose step fits 5/8 of the chip's VMEM
+  (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries and what XLA holds in VMEM around the kernel: in
+  the routed XXL program a step estimated at 94 of v5e's 128 MiB did not compile, CompileTimeScopedVmemOom,
+  though it did alone), the least roofline time of the kernel's cost (`kernels.tiles_cost`: a smaller tile pads
+  more blocks, more groups read W once per tile, streaming reads A once per tile), then the least sum of its FLOP
+  and byte times, A whole, the fewest groups and the largest tile; its pairs in blocks of `block_size` rows (at
+  least 16, a bf16 sublane tile). None if none fits. A chip without known figures is taken as a v4
+  (`kernels.VMEM_BYTES`)."""
   kind = device_kind if device_kind in aot.CHIPS else "TPU v4"
-  vmem, itemsize = kernels.vmem_bytes(kind), jnp.dtype(layer.dtype).itemsize
+  chip, vmem, itemsize = aot.CHIPS[kind], kernels.vmem_bytes(kind), jnp.dtype(layer.dtype).itemsize
   tokens, lanes = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE, layer.d_out // kernels.LANES
   fits = {}
-  for tile in (t for t in kernels.TOKEN_TILES if tokens % t == 0):
+  for tile, stream in itertools.product((t for t in kernels.TOKEN_TILES if tokens % t == 0), (False, True)):
     block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
     slots = tokens // tile * kernels.tile_block_count(tile, layer.k, layer.experts, block) * block
+    sizes = (layer.d_in, layer.d_out, layer.experts, layer.rank)
     for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
-      if kernels.tiles_bytes(tile, tokens, layer.d_in, layer.d_out, layer.experts, layer.rank, layer.k, block,
-                             itemsize, layer.plain, columns) <= vmem * 5 // 8:
-        flops, nbytes = kernels.tiles_cost(tokens, tile, layer.d_in, layer.d_out, layer.experts, layer.rank, block,
-                                           slots, itemsize, layer.plain, columns)
-        chip = aot.CHIPS[kind]
-        fits[tile, block, columns] = (cost.roofline_seconds(flops, nbytes, kind),
-                                      flops / chip.peak_flops + nbytes / chip.bandwidth, columns, -tile)
+      if kernels.tiles_bytes(tile, tokens, *sizes, layer.k, block, itemsize, layer.plain, columns,
+                             stream) <= vmem * 5 // 8:
+        flops, nbytes = kernels.tiles_cost(tokens, tile, *sizes, block, slots, itemsize, layer.plain, columns, stream)
+        fits[tile, block, columns, stream] = (cost.roofline_seconds(flops, nbytes, kind), flops / chip.peak_flops
+                                              + nbytes / chip.bandwidth, stream, columns, -tile)
         break  # more groups of the same tile cost more
   return min(fits, key=fits.get, default=None)
 
@@ -492,8 +494,8 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
     fit, plain = tiling(dataclasses.replace(shape, plain=False), kind), False
   if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
-                     "VMEM (the experts' A are held whole)")
-  tile, block, columns = fit
+                     "VMEM")
+  tile, block, columns, stream = fit
   layout = tile_blocks(index, weights, scale, tile, block, num_experts)
   args = (x_lanes, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), *layout,
           *((jnp.asarray(kernel, x.dtype),) if plain else ()))
@@ -511,7 +513,7 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
 
   def call(x_lanes, lora_a, lora_b, token, block_expert, weight, *plain):
     return kernels.routed_tiles(x_lanes, lora_a, lora_b, token, block_expert, weight,
-                                kernel=plain[0] if plain else None, columns=columns, vmem_bytes=vmem,
+                                kernel=plain[0] if plain else None, columns=columns, stream=stream, vmem_bytes=vmem,
                                 interpret=not cost.targets_tpu())
 
   mixed = kernels.with_reference_grad(call, reference)(*args)[:tokens]
