@@ -103,26 +103,27 @@ def test_routed_tiles_equal_numpy_over_several_tiles_with_and_without_the_plain_
 
 
 def test_token_tiles_hold_xl_experts_in_a_v5e_and_stream_them_in_a_v4_where_they_do_not_fit():
-  """Of the tiles of 128 x 2^n tokens dividing the count, the column groups and A held whole or streamed, whose
-  step fits 5/8 of VMEM, the least roofline time of the kernel's own cost (a smaller tile pads more blocks; several
-  groups read W once per tile; streaming reads A once per tile), its blocks sized for its pairs. At T5-XL widths a
-  v5e's 128 MiB holds 36 or 166 experts and W's columns in 1-4 groups; a v4's 16 MiB holds 36 experts beside W in
-  16-40 groups and a chip's 1024-token share of the model in one tile, and streams A where d_in is 5120 or E 166."""
+  """Of the tiles of 128 x 2^n tokens dividing the count, the column groups, A held whole or streamed and u W in the
+  kernel or XLA's beside it, whose step fits 5/8 of VMEM, the least roofline time of the kernel's own cost (a
+  smaller tile pads more blocks; several groups read W once per tile; streaming reads A once per tile), its blocks
+  sized for its pairs. At T5-XL widths a v5e's 128 MiB holds 36 or 166 experts and W's columns in 1-4 groups; a
+  v4's 16 MiB holds 36 experts and a chip's 1024-token share of the model in one tile beside W's columns in 16-40
+  groups, streams A where d_in is 5120 or E 166, and leaves u W to XLA at 16,384 tokens (W read per tile)."""
   v4, v5e = "TPU v4", "TPU v5 lite"
   fit = lambda tokens, d_in, d_out, experts, kind, plain=True: routing.tiling(  # noqa: E731
       cost.LayerShape(tokens, d_in, d_out, experts, 16, 2, "bfloat16", plain), kind)
-  assert fit(16384, 2048, 2048, 36, v5e) == (1024, 16, 1, False) == fit(1024, 2048, 2048, 166, v5e)
-  assert fit(16384, 2048, 2048, 36, v5e, plain=False) == (2048, 32, 1, False)
-  assert fit(16384, 2048, 5120, 166, v5e) == (2048, 16, 4, False)
-  assert fit(16384, 5120, 2048, 166, v5e) == (2048, 16, 4, True)  # A per tile costs less than W per tile
-  assert fit(384, 2048, 2048, 36, v5e) == (128, 16, 1, False)  # 3 x 128: the largest power-of-two tile dividing it
-  assert fit(100, 256, 256, 4, v5e)[0] == 128  # padded to 128 tokens
-  assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 16, False) and fit(1024, 2048, 2048, 36, v4)[:3] == (1024, 16, 16)
-  assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1, False)
-  assert fit(16384, 2048, 5120, 36, v4) == (512, 16, 40, False)
-  assert fit(16384, 5120, 2048, 36, v4) == (128, 16, 16, True) and fit(16384, 2048, 2048, 166, v4)[3]
+  assert fit(16384, 2048, 2048, 36, v5e) == (1024, 16, 1, False, True) == fit(1024, 2048, 2048, 166, v5e)
+  assert fit(16384, 2048, 2048, 36, v5e, plain=False) == (2048, 32, 1, False, False)
+  assert fit(16384, 2048, 5120, 166, v5e) == (2048, 16, 4, False, True)
+  assert fit(16384, 5120, 2048, 166, v5e) == (2048, 16, 4, True, True)  # A per tile costs less than W per tile
+  assert fit(384, 2048, 2048, 36, v5e)[:3] == (128, 16, 1)  # 3 x 128: the largest power-of-two tile dividing it
+  assert fit(100, 256, 256, 4, v5e).tile == 128  # padded to 128 tokens
+  assert fit(1024, 2048, 2048, 36, v4) == (1024, 16, 16, False, True)
+  assert fit(1024, 5120, 2048, 36, v4) == (256, 16, 4, True, False)
+  assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 8, False, False)
+  assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1, False, False)
+  assert fit(16384, 2048, 2048, 166, v4) == (512, 16, 16, True, False)
   assert fit(1024, 2048, 2048, 36, "cpu") == fit(1024, 2048, 2048, 36, v4)  # an unknown chip: a v4
-  assert kernels.padded_row(5120, 2) == 48 * 128 and kernels.padded_row(384, 4) == 8 * 128
 
 
 @pytest.mark.parametrize("impl", ["fused", "tiles", "blocks"])

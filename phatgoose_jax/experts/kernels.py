@@ -134,8 +134,8 @@ def _rowwise_call(fn, u, *operands, lanes, interpret):
   def kernel(u_ref, *refs):
     operand_refs, out_refs = refs[:len(operands)], refs[len(operands):]
     out_refs[0][...] = fn(u_ref[...], *(r[...] for r in operand_refs)).astype(out_refs[0].dtype)
-    for c in range(d // LANES if lanes else 0):
-      out_refs[1][:, c, :] = u_ref[:, c * LANES:(c + 1) * LANES]
+    if lanes:
+      out_refs[1][...] = u_ref[...].reshape(out_refs[1].shape)
 
   results = pl.pallas_call(
       body(kernel),
@@ -181,17 +181,15 @@ def _kernel(slot_token, block_expert, x_hbm, a_ref, b_ref, w_ref, out_ref, rows,
   pl.when(step + 1 < steps)(lambda: fetch(step + 1, (step + 1) % 2, start=True))
   fetch(step, step % 2, start=False)
   outputs = _lora(rows.at[step % 2], a_ref[...], w_ref[...], b_ref[...])
-  for c in range(out_ref.shape[1]):
-    out_ref[:, c, :] = outputs[:, c * LANES:(c + 1) * LANES].astype(out_ref.dtype)
+  out_ref[...] = outputs.reshape(out_ref.shape).astype(out_ref.dtype)
 
 
 def _hidden(rows, a, weight, dtype):
   """(rows A_e) w <dtype>[block, r] for a block's rows <ref [block, d_in / 128, 128]>, a = A_e^T <[r, d_in]> and its
   slots' weights w <float32>[1, block] (float32 accumulation, rounded to `dtype`, B's)."""
   block = rows.shape[0]
-  hidden = sum(jax.lax.dot_general(rows[:, c, :], a[:, c * LANES:(c + 1) * LANES], (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-               for c in range(rows.shape[1]))
+  hidden = jax.lax.dot_general(rows[...].reshape(block, -1), a, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
   # The [1, block] weights as a [block, 1] column: the diagonal matrix diag(w) summed over its rows (exact).
   diagonal = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0) == jax.lax.broadcasted_iota(
       jnp.int32, (block, block), 1)
@@ -267,11 +265,8 @@ def _combine_kernel(slot, y_hbm, *refs):
   fetch(step, step % 2, start=False)
   buffer = step % 2
   plain = None if u_ref is None else jnp.dot(u_ref[...], w_ref[...], preferred_element_type=jnp.float32)
-  for c in range(lanes):
-    total = sum(rows[buffer, j * tile:(j + 1) * tile, c, :].astype(jnp.float32) for j in range(k))
-    if plain is not None:
-      total = total + plain[:, c * LANES:(c + 1) * LANES]
-    out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
+  total = sum(rows[buffer, j * tile:(j + 1) * tile].astype(jnp.float32).reshape(tile, -1) for j in range(k))
+  out_ref[...] = (total if plain is None else total + plain).astype(out_ref.dtype)
 
 
 def column_tile(d_in: int, d_out: int, k: int, itemsize: int, vmem_bytes: int) -> Optional[int]:
@@ -397,8 +392,7 @@ def _tiles_kernel(token, block_expert, u_ref, a_ref, b_ref, w_ref, *refs, plain:
     rows = pl.ds(pl.multiple_of(r * ROW_TILE, ROW_TILE), ROW_TILE)
     total = acc[rows, :]
     if plain:
-      total += sum(jnp.dot(u_ref[rows, c, :], kernel_ref[c * LANES:(c + 1) * LANES, :],
-                           preferred_element_type=jnp.float32) for c in range(u_ref.shape[1]))
+      total += jnp.dot(u_ref[rows].reshape(ROW_TILE, -1), kernel_ref[...], preferred_element_type=jnp.float32)
     out_ref[rows, :] = total.astype(out_ref.dtype)
     return carry
 

@@ -437,31 +437,48 @@ def tile_blocks(index, weights, scale, tile: int, block: int, num_experts: int):
   return token, block_expert, weight.reshape(*block_expert.shape, block)
 
 
-def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[tuple[int, int, int, bool]]:
-  """(tile, block, columns, stream) of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
+class Tiling(NamedTuple):
+  """How `kernels.routed_tiles` runs a layer: token tiles of `tile` in expert-sorted blocks of `block` slots,
+  `columns` column groups, the experts' A streamed per tile (`stream`) or held whole, and the plain layer's u W
+  formed in the kernel (`plain`) or by XLA beside it."""
+  tile: int
+  block: int
+  columns: int
+  stream: bool
+  plain: bool
+
+
+def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[Tiling]:
+  """The `Tiling` of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
   `kernels.TOKEN_TILES` that divide the tokens (padded to whole 128s), the column groups that divide d_out in
-  whole 128s, and the experts' A held whole or streamed per tile, whose step fits 5/8 of the chip's VMEM
-  (`kernels.tiles_bytes`; the rest for Mosaic's own temporaries and what XLA holds in VMEM around the kernel: in
-  the routed XXL program a step estimated at 94 of v5e's 128 MiB did not compile, CompileTimeScopedVmemOom,
-  though it did alone), the least roofline time of the kernel's cost (`kernels.tiles_cost`: a smaller tile pads
-  more blocks, more groups read W once per tile, streaming reads A once per tile), then the least sum of its FLOP
-  and byte times, A whole, the fewest groups and the largest tile; its pairs in blocks of `block_size` rows (at
-  least 16, a bf16 sublane tile). None if none fits. A chip without known figures is taken as a v4
-  (`kernels.VMEM_BYTES`)."""
+  whole 128s, the experts' A held whole or streamed and (for a layer with its plain matmul) u W in the kernel or
+  XLA's beside it, whose step fits 5/8 of the chip's VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own
+  temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step estimated at 94 of
+  v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
+  kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W once per tile,
+  streaming reads A once per tile; plus XLA's u W and its sum with the kernel's output where it is beside it),
+  then the least sum of its FLOP and byte times, A whole, the fewest groups and the largest tile; its pairs in
+  blocks of `block_size` rows (at least 16, a bf16 sublane tile). None if none fits. A chip without known figures
+  is taken as a v4 (`kernels.VMEM_BYTES`)."""
   kind = device_kind if device_kind in aot.CHIPS else "TPU v4"
   chip, vmem, itemsize = aot.CHIPS[kind], kernels.vmem_bytes(kind), jnp.dtype(layer.dtype).itemsize
   tokens, lanes = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE, layer.d_out // kernels.LANES
+  sizes = (layer.d_in, layer.d_out, layer.experts, layer.rank)
+  beside = (2 * tokens * layer.d_in * layer.d_out,  # XLA's u W + the kernel's output: u, W and the output read,
+            itemsize * (tokens * layer.d_in + layer.d_in * layer.d_out + 2 * tokens * layer.d_out))  # the sum written
   fits = {}
-  for tile, stream in itertools.product((t for t in kernels.TOKEN_TILES if tokens % t == 0), (False, True)):
+  for plain, tile, stream in itertools.product(sorted({layer.plain, False}, reverse=True),
+                                               (t for t in kernels.TOKEN_TILES if tokens % t == 0), (False, True)):
     block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
     slots = tokens // tile * kernels.tile_block_count(tile, layer.k, layer.experts, block) * block
-    sizes = (layer.d_in, layer.d_out, layer.experts, layer.rank)
     for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
-      if kernels.tiles_bytes(tile, tokens, *sizes, layer.k, block, itemsize, layer.plain, columns,
-                             stream) <= vmem * 5 // 8:
-        flops, nbytes = kernels.tiles_cost(tokens, tile, *sizes, block, slots, itemsize, layer.plain, columns, stream)
-        fits[tile, block, columns, stream] = (cost.roofline_seconds(flops, nbytes, kind), flops / chip.peak_flops
-                                              + nbytes / chip.bandwidth, stream, columns, -tile)
+      if kernels.tiles_bytes(tile, tokens, *sizes, layer.k, block, itemsize, plain, columns, stream) <= vmem * 5 // 8:
+        flops, nbytes = kernels.tiles_cost(tokens, tile, *sizes, block, slots, itemsize, plain, columns, stream)
+        if layer.plain and not plain:
+          flops, nbytes = flops + beside[0], nbytes + beside[1]
+        fits[Tiling(tile, block, columns, stream, plain)] = (
+            cost.roofline_seconds(flops, nbytes, kind), flops / chip.peak_flops + nbytes / chip.bandwidth, stream,
+            columns, -tile)
         break  # more groups of the same tile cost more
   return min(fits, key=fits.get, default=None)
 
@@ -471,10 +488,10 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   sorted by expert into blocks (`tile_blocks`), each block's rows gathered from the tile in VMEM, its outputs
   y = ((x A_e) (w scale)) B_e added into their tokens' rows there; with the plain layer's `kernel` W the tile's
   u W too, so the kernel returns the layer's output u W + update (float32 accumulation, one rounding). Each token
-  row is read from HBM once and each output row written once; the experts' A are held whole in VMEM, their B and
-  W a group of columns at a time (`tiling`; where no columns of W fit, XLA's u W is added beside the kernel; a
-  ValueError where the experts alone do not fit). Reads the rows
-  from `lanes` (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out
+  row is read from HBM once and each output row written once; the experts' A are held whole in VMEM or streamed
+  per tile, their B and W a group of columns at a time (`tiling`, which also takes XLA's u W beside the kernel
+  where that costs less or no columns of W fit; a ValueError where no step fits). Reads the rows from `lanes`
+  (`kernels.lane_rows` of u, as the scores kernel writes it), else relays u. Needs d_in and d_out
   multiples of 128. Differentiable (the gradient of the same formula in plain JAX). Off TPU the kernel runs
   interpreted (exact, slow: for tests)."""
   lead, d_in = u.shape[:-1], u.shape[-1]
@@ -489,13 +506,11 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   kind = cost.target_device().device_kind
   vmem = kernels.vmem_bytes(kind)
   shape = cost.LayerShape(tokens + padded, d_in, d_out, num_experts, rank, k, x.dtype.name, kernel is not None)
-  fit, plain = tiling(shape, kind), shape.plain
-  if fit is None and plain:  # no columns of W fit beside the experts: XLA's u W beside the kernel
-    fit, plain = tiling(dataclasses.replace(shape, plain=False), kind), False
+  fit = tiling(shape, kind)
   if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
                      "VMEM")
-  tile, block, columns, stream = fit
+  tile, block, columns, stream, plain = fit
   layout = tile_blocks(index, weights, scale, tile, block, num_experts)
   args = (x_lanes, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), *layout,
           *((jnp.asarray(kernel, x.dtype),) if plain else ()))
@@ -549,7 +564,7 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   the kernel forms it too; the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
     alone = tiling(dataclasses.replace(layer, plain=False), device_kind)
-    names = ["tiles"] * (alone is not None) + ["fused"] * (alone is None or alone[2] > 1)
+    names = ["tiles"] * (alone is not None) + ["fused"] * (alone is None or alone.columns > 1)
   elif platform == "tpu":
     names = ["ragged", "grouped"]
   else:
