@@ -181,8 +181,8 @@ def test_widths_and_token_counts_the_kernels_refuse():
 
 def test_tiles_or_else_fused_replaces_the_sorted_tpu_candidates_where_they_take_the_widths():
   """The tiles kernel where a step fits the chip's VMEM (a v5e: every XL layer; a v4: every XL layer, 166 experts'
-  A streamed per tile), the fused kernels where the experts need several groups of columns; ragged and grouped where the widths are not
-  whole 128-lane rows."""
+  A streamed per tile), the fused kernels where the experts need several groups of columns; ragged and grouped
+  where the widths are not whole 128-lane rows."""
   layer = cost.LayerShape(tokens=16384, d_in=2048, d_out=5120, experts=36, rank=16, k=2, dtype="bfloat16")
   with_plain = cost.LayerShape(**{**layer.__dict__, "plain": True})  # u W in the tiles or combine kernel
   for shape in [layer, with_plain]:

@@ -95,6 +95,14 @@ def lane_rows(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1] // LANES, LANES)
 
 
+def in_hbm(*arrays, interpret: bool) -> tuple:
+  """The arrays a kernel reads through its own pipeline (or DMAs), constrained to HBM in a TPU program (not
+  `interpret`): XLA for a v4 otherwise stages such operands through the chip's CMEM before the kernel (copies its
+  cost analysis counts: 50 of the 87 MB of a routed 1024-token 2048 -> 2048 layer), which the kernel's own
+  pipelining makes redundant."""
+  return arrays if interpret else tuple(pltpu.with_memory_space_constraint(x, pltpu.HBM) for x in arrays)
+
+
 def with_reference_grad(kernel, reference):
   """kernel(*args), differentiated as reference(*args): the same values by plain JAX ops (the kernels here are
   forward only, so training through them takes the exact gradient of the formula they compute)."""
@@ -149,7 +157,7 @@ def _rowwise_call(fn, u, *operands, lanes, interpret):
                                     transcendentals=tokens // ROW_TILE * per_tile.transcendentals,
                                     bytes_accessed=nbytes(u) * (1 + lanes) + sum(map(nbytes, operands))
                                     + tokens * out.shape[1] * jnp.dtype(out.dtype).itemsize),
-  )(u, *operands)
+  )(*in_hbm(u, *operands, interpret=interpret))
   return tuple(results) if lanes else results[0]
 
 
@@ -234,7 +242,8 @@ def lora_blocks(x_lanes, lora_a, lora_b, token, block_expert, weight, *, pairs, 
       interpret=interpret,
       cost_estimate=cost,
   )
-  return call(token.reshape(-1), block_expert, x_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, None, :])
+  operands = in_hbm(x_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, interpret=interpret)
+  return call(token.reshape(-1), block_expert, *operands, weight[:, None, :])
 
 
 def _combine_kernel(slot, y_hbm, *refs):
@@ -326,7 +335,7 @@ def combine(y_lanes, slot, k: int, *, u=None, kernel=None, vmem_bytes=VMEM_BYTES
                                            vmem_limit_bytes=vmem_bytes if plain else None),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-  )(slot, y_lanes, *((u, kernel.astype(u.dtype)) if plain else ()))
+  )(slot, *in_hbm(y_lanes, *((u, kernel.astype(u.dtype)) if plain else ()), interpret=interpret))
 
 
 TOKEN_TILES = (2048, 1024, 512, 256, 128)  # the token tiles of `routed_tiles`, largest first: ROW_TILE x 2^n
@@ -416,10 +425,10 @@ def tile_block_count(tile: int, k: int, experts: int, block: int) -> int:
 def tiles_bytes(tile: int, tokens: int, d_in: int, d_out: int, experts: int, rank: int, k: int, block: int,
                 itemsize: int, plain: bool, columns: int = 1, stream: bool = False) -> int:
   """VMEM that a `routed_tiles` step of `tile` of `tokens` tokens and d_out / `columns` columns holds: the experts'
-  A whole (with `stream`, two experts' A); the tile's u rows and slot weights, B's and W's columns of the group, each double-buffered where it
-  changes during the grid; the output (double-buffered); the float32 sums, the plain product of ROW_TILE rows,
-  one block's rows and outputs, and the tile's hidden values (r padded to 128 lanes; a block's weights to 8 x
-  128 floats)."""
+  A whole (with `stream`, two experts' A); the tile's u rows and slot weights, B's and W's columns of the group,
+  each double-buffered where it changes during the grid; the output (double-buffered); the float32 sums, the
+  plain product of ROW_TILE rows, one block's rows and outputs, and the tile's hidden values (r padded to 128
+  lanes; a block's weights to 8 x 128 floats)."""
   width, blocks = d_out // columns, tile_block_count(tile, k, experts, block)
   per_tile, per_group = 1 + (tile < tokens), 1 + (columns > 1)
   u_and_weights = per_tile * (itemsize * tile * padded_row(d_in, itemsize) + blocks * 8 * max(block, LANES) * 4)
@@ -501,5 +510,6 @@ def routed_tiles(u_lanes, lora_a, lora_b, token, block_expert, weight, *, kernel
                                            vmem_limit_bytes=vmem_bytes),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-  )(token.reshape(-1), block_expert.reshape(-1), u_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, weight[:, :, None, :],
-    *((kernel.astype(u_lanes.dtype),) if plain else ()))
+  )(token.reshape(-1), block_expert.reshape(-1),
+    *in_hbm(u_lanes, jnp.swapaxes(lora_a, 1, 2), lora_b, interpret=interpret), weight[:, :, None, :],
+    *in_hbm(*((kernel.astype(u_lanes.dtype),) if plain else ()), interpret=interpret))
