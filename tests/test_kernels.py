@@ -274,3 +274,17 @@ def test_the_tiles_kernel_streaming_the_experts_a_compiles_for_each_tpu_generati
     compiled = jax.jit(layer).lower(spec(256, 256), spec(36, 256, 16), spec(36, 16, 384), spec(256, 384),
                                     spec(256, 2, dtype=jnp.int32), spec(256, 2, dtype=jnp.float32)).compile()
   assert compiled.as_text().count("tpu_custom_call") == 1
+
+
+@needs_libtpu
+@pytest.mark.parametrize("impl", ["fused", "tiles"])
+def test_the_routed_xl_layer_compiles_for_a_v4_within_its_vmem(impl):
+  """At T5-XL widths and 16,384 tokens the real kernels (not the stand-ins `auto` costs) fit a v4's 16 MiB of VMEM:
+  the combine kernel's float32 sums beside `u W` once exceeded it by 1.7 MB."""
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices[0]
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16,  # noqa: E731
+                                             sharding=jax.sharding.SingleDeviceSharding(device))
+  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl=impl, kernel=w)[0])
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    fn.lower(spec(16384, 2048), spec(36, 2048), spec(36, 2048, 16), spec(36, 16, 2048), spec(2048, 2048)).compile()

@@ -274,8 +274,11 @@ def _combine_kernel(slot, y_hbm, *refs):
   fetch(step, step % 2, start=False)
   buffer = step % 2
   plain = None if u_ref is None else jnp.dot(u_ref[...], w_ref[...], preferred_element_type=jnp.float32)
-  total = sum(rows[buffer, j * tile:(j + 1) * tile].astype(jnp.float32).reshape(tile, -1) for j in range(k))
-  out_ref[...] = (total if plain is None else total + plain).astype(out_ref.dtype)
+  for c in range(lanes):  # per 128 lanes: a whole [tile, width] float32 sum beside `plain` may exceed v4's VMEM
+    total = sum(rows[buffer, j * tile:(j + 1) * tile, c, :].astype(jnp.float32) for j in range(k))
+    if plain is not None:
+      total = total + plain[:, c * LANES:(c + 1) * LANES]
+    out_ref[:, c * LANES:(c + 1) * LANES] = total.astype(out_ref.dtype)
 
 
 def column_tile(d_in: int, d_out: int, k: int, itemsize: int, vmem_bytes: int) -> Optional[int]:
