@@ -123,6 +123,7 @@ def test_token_tiles_hold_xl_experts_in_a_v5e_and_stream_them_in_a_v4_where_they
   assert fit(16384, 2048, 2048, 36, v4) == (512, 16, 8, False, False)
   assert fit(16384, 2048, 2048, 36, v4, plain=False) == (128, 16, 1, False, False)
   assert fit(16384, 2048, 2048, 166, v4) == (512, 16, 16, True, False)
+  assert fit(16384, 5120, 2048, 166, v4) is None  # 128-token tiles' tables: 1.4 MB, over half of its 1 MiB SMEM
   assert fit(1024, 2048, 2048, 36, "cpu") == fit(1024, 2048, 2048, 36, v4)  # an unknown chip: a v4
 
 
@@ -288,3 +289,20 @@ def test_the_routed_xl_layer_compiles_for_a_v4_within_its_vmem(impl):
   fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl=impl, kernel=w)[0])
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
     fn.lower(spec(16384, 2048), spec(36, 2048), spec(36, 2048, 16), spec(36, 16, 2048), spec(2048, 2048)).compile()
+
+
+@needs_libtpu
+def test_the_tiles_tables_fit_smem_where_tiling_takes_them():
+  """`routing.tiling` keeps the scalar-prefetched token and expert tables within half the chip's 1 MiB SMEM: at
+  16,384 tokens of a 5120 -> 2048 layer with 166 experts on a v4, 128-token tiles would need 1.4 MB (Mosaic:
+  "would exceed memory ... prefetched SMEM operand"), so no tiling is offered there and 2048 -> 2048, which takes
+  512-token tiles, compiles."""
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices[0]
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16,  # noqa: E731
+                                             sharding=jax.sharding.SingleDeviceSharding(device))
+  fn = jax.jit(lambda u, r, a, b, w: routing.route(u, r, a, b, top_k=2, scale=1 / 16, impl="tiles", kernel=w)[0])
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    fn.lower(spec(16384, 2048), spec(166, 2048), spec(166, 2048, 16), spec(166, 16, 2048), spec(2048, 2048)).compile()
+    with pytest.raises(ValueError, match="no token tile"):
+      fn.lower(spec(16384, 5120), spec(166, 5120), spec(166, 5120, 16), spec(166, 16, 2048), spec(5120, 2048))

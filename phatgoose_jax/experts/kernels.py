@@ -47,6 +47,7 @@ ROW_TILE = 128
 LANES = 128
 SPLIT_LANES = 8
 VMEM_BYTES = 16 << 20  # a TensorCore's VMEM where the chip is not known: v4's
+SMEM_BYTES = 1 << 20  # and its SMEM: v4's
 
 
 _STAND_INS = contextvars.ContextVar("stand_ins", default=False)
@@ -84,6 +85,13 @@ def vmem_bytes(device_kind: str) -> int:
   does not know (or not a TPU)."""
   version = tpu_info.chip_version_from_device_kind(device_kind)
   return VMEM_BYTES if version is None else tpu_info.get_tpu_info_for_chip(version, 1).vmem_capacity_bytes
+
+
+def smem_bytes(device_kind: str) -> int:
+  """A TensorCore's SMEM on a chip of `device_kind` (1 MiB on v4 and v5e), SMEM_BYTES for a chip Pallas does not
+  know: where a kernel's scalar-prefetched operands (token and expert tables) live."""
+  version = tpu_info.chip_version_from_device_kind(device_kind)
+  return SMEM_BYTES if version is None else tpu_info.get_tpu_info_for_chip(version, 1).smem_capacity_bytes
 
 
 def lane_rows(x: jax.Array) -> jax.Array:

@@ -452,16 +452,18 @@ def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[Tiling]:
   """The `Tiling` of `mix_tiles` for `layer` on a chip of `device_kind`: of the token tiles of
   `kernels.TOKEN_TILES` that divide the tokens (padded to whole 128s), the column groups that divide d_out in
   whole 128s, the experts' A held whole or streamed and (for a layer with its plain matmul) u W in the kernel or
-  XLA's beside it, whose step fits 5/8 of the chip's VMEM (`kernels.tiles_bytes`; the rest for Mosaic's own
-  temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step estimated at 94 of
-  v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
+  XLA's beside it, whose token and expert tables fit half the chip's SMEM (1 MiB on v4 and v5e: 16,384 tokens of
+  128-token tiles with 166 experts need 1.4 MB) and whose step fits 5/8 of its VMEM (`kernels.tiles_bytes`; the
+  rest for Mosaic's own temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step
+  estimated at 94 of v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
   kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W once per tile,
   streaming reads A once per tile; plus XLA's u W and its sum with the kernel's output where it is beside it),
   then the least sum of its FLOP and byte times, A whole, the fewest groups and the largest tile; its pairs in
   blocks of `block_size` rows (at least 16, a bf16 sublane tile). None if none fits. A chip without known figures
   is taken as a v4 (`kernels.VMEM_BYTES`)."""
   kind = device_kind if device_kind in aot.CHIPS else "TPU v4"
-  chip, vmem, itemsize = aot.CHIPS[kind], kernels.vmem_bytes(kind), jnp.dtype(layer.dtype).itemsize
+  chip, vmem, smem = aot.CHIPS[kind], kernels.vmem_bytes(kind), kernels.smem_bytes(kind)
+  itemsize = jnp.dtype(layer.dtype).itemsize
   tokens, lanes = -(-layer.tokens // kernels.ROW_TILE) * kernels.ROW_TILE, layer.d_out // kernels.LANES
   sizes = (layer.d_in, layer.d_out, layer.experts, layer.rank)
   beside = (2 * tokens * layer.d_in * layer.d_out,  # XLA's u W + the kernel's output: u, W and the output read,
@@ -471,6 +473,8 @@ def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[Tiling]:
                                                (t for t in kernels.TOKEN_TILES if tokens % t == 0), (False, True)):
     block = max(16, block_size(tile * layer.k, layer.experts, layer.rank))
     slots = tokens // tile * kernels.tile_block_count(tile, layer.k, layer.experts, block) * block
+    if 4 * (slots + slots // block) > smem // 2:  # the token and expert tables, scalar-prefetched into SMEM
+      continue
     for columns in (c for c in range(1, lanes + 1) if lanes % c == 0):
       if kernels.tiles_bytes(tile, tokens, *sizes, layer.k, block, itemsize, plain, columns, stream) <= vmem * 5 // 8:
         flops, nbytes = kernels.tiles_cost(tokens, tile, *sizes, block, slots, itemsize, plain, columns, stream)
@@ -559,9 +563,10 @@ def candidates(layer: cost.LayerShape, platform: str, device_kind: str = "") -> 
   a TPU compile lowers no path that never won there (benchmarks/README.md, XL widths, E = 36 and 166): on v5e
   tiles was the least at 128 and 1024 tokens (a chip's share in the routed T5-XL) and at 16,384 tokens at
   2048 -> 2048 (1.06 / 1.13 of the plain layer against fused's 1.40 / 1.59), and within 0.05 of fused at 16,384
-  tokens of the 5120-wide layers (its blocks are padded per tile); on v4 fused won only where the experts alone
-  needed several groups (5120 -> 2048 at E=36, 1.04 against 1.09); the kernel beside XLA's u W never won where
-  the kernel forms it too; the blocks variants and grouped@256 never."""
+  tokens of the 5120-wide layers (its blocks are padded per tile); on v4, where the experts alone need several
+  groups at every XL width, fused won at 16,384 tokens of the 5120-wide layers by 0.01-0.03 and at 2048 -> 2048
+  with E=166 (1.37 against 2.51: streamed A and W read per 512-token tile), tiles at 2048 -> 2048 with E=36 (1.12
+  against 1.28); the blocks variants and grouped@256 never."""
   if platform == "tpu" and kernels.supports(layer.d_in) and kernels.supports(layer.d_out):
     alone = tiling(dataclasses.replace(layer, plain=False), device_kind)
     names = ["tiles"] * (alone is not None) + ["fused"] * (alone is None or alone.columns > 1)
