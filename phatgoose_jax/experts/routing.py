@@ -455,12 +455,12 @@ def tiling(layer: cost.LayerShape, device_kind: str) -> Optional[Tiling]:
   XLA's beside it, whose token and expert tables fit half the chip's SMEM (1 MiB on v4 and v5e: 16,384 tokens of
   128-token tiles with 166 experts need 1.4 MB) and whose step fits 5/8 of its VMEM (`kernels.tiles_bytes`; the
   rest for Mosaic's own temporaries and what XLA holds in VMEM around the kernel: in the routed XXL program a step
-  estimated at 94 of v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least roofline time of the
-  kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W once per tile,
-  streaming reads A once per tile; plus XLA's u W and its sum with the kernel's output where it is beside it),
-  then the least sum of its FLOP and byte times, A whole, the fewest groups and the largest tile; its pairs in
-  blocks of `block_size` rows (at least 16, a bf16 sublane tile). None if none fits. A chip without known figures
-  is taken as a v4 (`kernels.VMEM_BYTES`)."""
+  estimated at 94 of v5e's 128 MiB did not compile, CompileTimeScopedVmemOom, though it did alone), the least
+  roofline time of the kernel's cost (`kernels.tiles_cost`: a smaller tile pads more blocks, more groups read W
+  once per tile, streaming reads A once per tile; plus XLA's u W and its sum with the kernel's output where it is
+  beside it), then the least sum of its FLOP and byte times, A whole, the fewest groups and the largest tile; its
+  pairs in blocks of `block_size` rows (at least 16, a bf16 sublane tile). None if none fits. A chip without known
+  figures is taken as a v4 (`kernels.VMEM_BYTES`, `kernels.SMEM_BYTES`)."""
   kind = device_kind if device_kind in aot.CHIPS else "TPU v4"
   chip, vmem, smem = aot.CHIPS[kind], kernels.vmem_bytes(kind), kernels.smem_bytes(kind)
   itemsize = jnp.dtype(layer.dtype).itemsize
