@@ -513,7 +513,7 @@ def mix_tiles(u, lora_a, lora_b, weights, index, scale, *, lanes=None, kernel=No
   fit = tiling(shape, kind)
   if fit is None:
     raise ValueError(f"no token tile of a [{d_in}, {d_out}] layer with {num_experts} experts fits {vmem} bytes of "
-                     "VMEM")
+                     f"VMEM with its tables in half of {kernels.smem_bytes(kind)} bytes of SMEM")
   tile, block, columns, stream, plain = fit
   layout = tile_blocks(index, weights, scale, tile, block, num_experts)
   args = (x_lanes, jnp.asarray(lora_a, x.dtype), jnp.asarray(lora_b, x.dtype), *layout,
